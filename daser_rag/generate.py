@@ -1,0 +1,401 @@
+"""CacheAwareGenerator: (chunks, question) -> answer, reusing stored chunk KV.
+
+Per request: resolve the context into chunks, fetch each chunk's KV from the store
+(computing and storing any that are missing, without giving up reuse for the rest), fuse
+them behind the exact system prefix, selectively recompute, and decode.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from daser_rag.blend.fusion import BlendConfig, FusionResult, fuse
+from daser_rag.chunking import split_text
+from daser_rag.errors import ContextTooLongError, InvalidInputError
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.keys import chunk_key, prefix_key, text_digest
+from daser_rag.kv.store import KVStore, default_cache_dir
+from daser_rag.model.loader import LoadedModel, load_model
+from daser_rag.model.runner import LayerRunner
+from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
+from daser_rag.sampling import sample_next
+from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
+
+ContextItem = Union[str, ChunkRef, Document]
+
+
+@dataclass
+class IngestReport:
+    documents: int = 0
+    changed_documents: int = 0
+    chunks: int = 0
+    computed_chunks: int = 0
+    reused_chunks: int = 0
+    tokens: int = 0
+    dropped_chunks: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Piece:
+    text: str
+    doc_id: str | None
+    ids: list[int]
+    key: str
+
+
+class TokenStream:
+    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
+
+    def __init__(self, gen: Iterator[str], holder: dict[str, GenerationResult]) -> None:
+        self._gen = gen
+        self._holder = holder
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._gen
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._holder.get("result")
+
+
+class CacheAwareGenerator:
+    def __init__(
+        self,
+        model: LoadedModel | str | Path | None = None,
+        store: KVStore | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        recompute_ratio: float = 0.15,
+        check_layer: int = 1,
+        chunk_tokens: int = 512,
+        codec: str = "fp16",
+        host_bytes: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+        self.runner = LayerRunner(self.lm)
+        if store is None:
+            kwargs: dict[str, Any] = {"codec": codec}
+            if host_bytes is not None:
+                kwargs["host_bytes"] = host_bytes
+            store = KVStore(cache_dir if cache_dir is not None else default_cache_dir(), **kwargs)
+        self.store = store
+        self.prompt = PromptFormat(self.lm.tokenizer, system_prompt)
+        self.blend = BlendConfig(recompute_ratio=recompute_ratio, check_layer=check_layer)
+        self.chunk_tokens = chunk_tokens
+        self._prefix_cache: dict[str, ChunkKV] = {}
+        self._lock = threading.RLock()
+        tok = self.lm.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            tid = tok.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+                eos.add(tid)
+        self.eos_ids = eos
+
+    # -- identity & keys ---------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    def chunk_key_for(self, text: str, tenant: str = "") -> str:
+        return chunk_key(self.fingerprint, self.prompt.prefix_ids, self.prompt.chunk_ids(text), tenant)
+
+    # -- KV computation ----------------------------------------------------------------------
+    def _prefix_kv(self, tenant: str) -> ChunkKV:
+        key = prefix_key(self.fingerprint, self.prompt.prefix_ids, tenant)
+        kv = self._prefix_cache.get(key)
+        if kv is None:
+            ids = torch.tensor(self.prompt.prefix_ids, dtype=torch.long)
+            cache = self.runner.new_cache(len(ids))
+            self.runner.forward(ids, 0, cache)
+            kv = self._extract(cache, key, ids, 0)
+            self._prefix_cache[key] = kv
+        return kv
+
+    def _extract(self, cache: Any, key: str, ids: torch.Tensor, start: int) -> ChunkKV:
+        end = start + ids.shape[0]
+        keys = torch.stack([cache.keys[i][:, start:end] for i in range(self.runner.spec.num_layers)])
+        values = torch.stack([cache.values[i][:, start:end] for i in range(self.runner.spec.num_layers)])
+        return ChunkKV(key=key, token_ids=ids.cpu(), start_pos=start, keys=keys, values=values,
+                       meta={"fingerprint": self.fingerprint})
+
+    def compute_chunk(self, ids: list[int], key: str, tenant: str = "") -> ChunkKV:
+        """Chunk KV computed right after the system prefix: the layout it is stored in."""
+        prefix = self._prefix_kv(tenant)
+        p = prefix.num_tokens
+        t = torch.tensor(ids, dtype=torch.long)
+        cache = self.runner.new_cache(p + len(ids))
+        for i in range(self.runner.spec.num_layers):
+            cache.write(i, 0, prefix.keys[i], prefix.values[i])
+        cache.length = p
+        self.runner.forward(t, p, cache)
+        return self._extract(cache, key, t, p)
+
+    def _get_or_compute(self, piece: _Piece, tenant: str, timings: Timings) -> tuple[ChunkKV, bool]:
+        t0 = time.perf_counter()
+        kv = self.store.get(piece.key, dtype=self.runner.dtype, device=self.runner.device)
+        timings.fetch_s += time.perf_counter() - t0
+        if kv is not None:
+            return kv, True
+        t0 = time.perf_counter()
+        kv = self.compute_chunk(piece.ids, piece.key, tenant)
+        self.store.put(kv)
+        timings.precompute_s += time.perf_counter() - t0
+        return kv, False
+
+    # -- ingestion ---------------------------------------------------------------------------
+    def split(self, text: str) -> list[str]:
+        return split_text(self.tokenizer, text, self.chunk_tokens)
+
+    def add_documents(
+        self,
+        documents: Iterable[Document],
+        *,
+        tenant: str = "",
+        progress: bool | Callable[[int], None] = False,
+        precompute: bool = True,
+    ) -> IngestReport:
+        """Chunk, precompute and register documents. Re-adding an edited document drops the
+        KV of its old chunks (unless another document still uses them); an unchanged one
+        costs nothing."""
+        docs = list(documents)
+        for d in docs:
+            if not isinstance(d, Document):
+                raise InvalidInputError(f"add_documents expects Document objects, got {type(d).__name__}")
+            if not d.doc_id:
+                raise InvalidInputError("document id must be a non-empty string")
+        report = IngestReport(documents=len(docs))
+        t_start = time.perf_counter()
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(docs), desc="precomputing chunk KV", unit="doc")
+        with self._lock:
+            for d in docs:
+                chunks = self.split(d.text)
+                report.changed_documents += int(
+                    self.store.index.set_document(d.doc_id, chunks, text_digest(d.text), tenant)
+                )
+                keys = []
+                for text in chunks:
+                    ids = self.prompt.chunk_ids(text)
+                    key = chunk_key(self.fingerprint, self.prompt.prefix_ids, ids, tenant)
+                    keys.append(key)
+                    report.chunks += 1
+                    report.tokens += len(ids)
+                    if not precompute:
+                        continue
+                    if self.store.contains(key):
+                        report.reused_chunks += 1
+                    else:
+                        self.store.put(self.compute_chunk(ids, key, tenant))
+                        report.computed_chunks += 1
+                report.dropped_chunks += len(self.store.replace_document_refs(d.doc_id, keys, tenant))
+                if bar is not None:
+                    bar.update(1)
+                elif callable(progress):
+                    progress(1)
+        if bar is not None:
+            bar.close()
+        report.seconds = time.perf_counter() - t_start
+        return report
+
+    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+        with self._lock:
+            return self.store.invalidate(doc_id, tenant)
+
+    # -- request assembly --------------------------------------------------------------------
+    def _resolve(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[_Piece]:
+        pieces: list[_Piece] = []
+        for item in contexts or []:
+            if isinstance(item, str):
+                texts: list[tuple[str, str | None]] = [(item, None)]
+            elif isinstance(item, Document):
+                if self.store.index.info(item.doc_id, tenant) is None or \
+                        self.store.index.info(item.doc_id, tenant).content_digest != text_digest(item.text):
+                    self.add_documents([item], tenant=tenant, precompute=False)
+                texts = [(t, item.doc_id) for t in self.store.index.chunk_texts(item.doc_id, tenant)]
+            elif isinstance(item, ChunkRef):
+                if item.text is None:
+                    if not item.doc_id:
+                        raise InvalidInputError("a ChunkRef needs text, doc_id, or both")
+                    texts = [(t, item.doc_id) for t in self.store.index.chunk_texts(item.doc_id, tenant)]
+                else:
+                    texts = [(item.text, item.doc_id)]
+            else:
+                raise InvalidInputError(
+                    f"context items must be str, ChunkRef or Document, got {type(item).__name__}")
+            for text, doc_id in texts:
+                if not text.strip():
+                    raise InvalidInputError("a context chunk is empty")
+                ids = self.prompt.chunk_ids(text)
+                pieces.append(_Piece(text, doc_id, ids,
+                                     chunk_key(self.fingerprint, self.prompt.prefix_ids, ids, tenant)))
+        return pieces
+
+    def prompt_ids(self, question: str, contexts: Sequence[ContextItem] | None = None, tenant: str = "") -> list[int]:
+        """The exact token sequence full prefill would see (for baselines and tests)."""
+        pieces = self._resolve(contexts, tenant)
+        ids = list(self.prompt.prefix_ids)
+        for p in pieces:
+            ids.extend(p.ids)
+        return ids + self.prompt.query_ids(question)
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None, **kwargs: Any) -> GenerationResult:
+        it = self._run(question, contexts, **kwargs)
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None, **kwargs: Any) -> TokenStream:
+        holder: dict[str, GenerationResult] = {}
+
+        def gen() -> Iterator[str]:
+            holder["result"] = yield from self._run(question, contexts, **kwargs)
+
+        return TokenStream(gen(), holder)
+
+    def prefill(
+        self,
+        question: str,
+        contexts: Sequence[ContextItem] | None = None,
+        *,
+        use_cache: bool = True,
+        recompute_ratio: float | None = None,
+        tenant: str = "",
+        extra_capacity: int = 0,
+        timings: Timings | None = None,
+    ) -> tuple[FusionResult, dict[str, Any]]:
+        """Build the prompt's KV (fused or full) and return it with the next-token logits."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        timings = timings or Timings()
+        with self._lock:
+            pieces = self._resolve(contexts, tenant)
+            q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
+            ctx_len = len(self.prompt.prefix_ids) + sum(len(p.ids) for p in pieces)
+            needed = ctx_len + len(q_ids)
+            if needed + extra_capacity > self.runner.max_positions:
+                raise ContextTooLongError(needed + extra_capacity, self.runner.max_positions)
+            info: dict[str, Any] = {"hits": 0, "misses": 0, "keys": [p.key for p in pieces]}
+            if not use_cache:
+                ids = torch.tensor(self.prompt.prefix_ids + [i for p in pieces for i in p.ids], dtype=torch.long)
+                all_ids = torch.cat([ids, q_ids])
+                cache = self.runner.new_cache(needed + extra_capacity)
+                t0 = time.perf_counter()
+                logits = self.runner.forward(all_ids, 0, cache)
+                timings.fuse_s = time.perf_counter() - t0
+                return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
+            segments = [self._prefix_kv(tenant)]
+            for p in pieces:
+                kv, hit = self._get_or_compute(p, tenant, timings)
+                info["hits" if hit else "misses"] += 1
+                if p.doc_id is not None:
+                    self.store.index.add_refs(p.doc_id, [p.key], tenant)
+                segments.append(kv)
+            exact = segments[0].num_tokens
+            if len(segments) > 1 and segments[1].start_pos == exact:
+                exact += segments[1].num_tokens  # computed right after this very prefix
+            cfg = self.blend if recompute_ratio is None else BlendConfig(recompute_ratio, self.blend.check_layer)
+            t0 = time.perf_counter()
+            fused = fuse(self.runner, segments, q_ids, exact_len=exact, config=cfg, extra_capacity=extra_capacity)
+            timings.fuse_s = time.perf_counter() - t0
+            return fused, info
+
+    def _run(
+        self,
+        question: str,
+        contexts: Sequence[ContextItem] | None = None,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        recompute_ratio: float | None = None,
+        use_cache: bool = True,
+        tenant: str = "",
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise InvalidInputError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if recompute_ratio is not None and not 0 <= recompute_ratio <= 1:
+            raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {recompute_ratio}")
+        timings = Timings()
+        t_start = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with self._lock:
+            fused, info = self.prefill(question, contexts, use_cache=use_cache, recompute_ratio=recompute_ratio,
+                                       tenant=tenant, extra_capacity=max_new_tokens, timings=timings)
+            cache = fused.cache
+            logits = fused.logits[-1]
+            out: list[int] = []
+            emitted = ""
+            finish = "length"
+            t_dec = None
+            for step in range(max_new_tokens):
+                tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                if step == 0:
+                    timings.ttft_s = time.perf_counter() - t_start
+                    t_dec = time.perf_counter()
+                if tok in self.eos_ids:
+                    finish = "stop"
+                    break
+                out.append(tok)
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if stop:
+                    hit = next((s for s in stop if s and s in text), None)
+                    if hit is not None:
+                        text = text[: text.index(hit)]
+                        if len(text) > len(emitted):
+                            yield text[len(emitted):]
+                        emitted = text
+                        finish = "stop"
+                        break
+                if not text.endswith("\ufffd") and len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+                if step + 1 < max_new_tokens:
+                    logits = self.runner.forward(torch.tensor([tok]), cache.length, cache)[-1]
+            if t_dec is not None:
+                timings.decode_s = time.perf_counter() - t_dec
+        timings.total_s = time.perf_counter() - t_start
+        final = emitted if finish == "stop" and stop else self.tokenizer.decode(out, skip_special_tokens=True)
+        return GenerationResult(
+            text=final,
+            token_ids=out,
+            prompt_tokens=fused.context_tokens + fused.query_tokens,
+            context_tokens=fused.context_tokens,
+            query_tokens=fused.query_tokens,
+            exact_tokens=fused.exact_tokens,
+            reused_tokens=fused.reused_tokens,
+            recomputed_tokens=fused.recomputed_tokens,
+            cache_hits=info["hits"],
+            cache_misses=info["misses"],
+            mode="full" if not use_cache else "blend",
+            recompute_ratio=(recompute_ratio if recompute_ratio is not None else self.blend.recompute_ratio)
+            if use_cache else 1.0,
+            finish_reason=finish,
+            timings=timings,
+            chunk_keys=info["keys"],
+        )

@@ -1,0 +1,176 @@
+"""Document id -> chunk keys, with reference counting, in SQLite.
+
+Two documents can share a chunk (same text, same prefix), so a chunk's KV may only be dropped
+when no document references it any more. SQLite gives atomic updates and lets several
+processes on one machine share the index.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from daser_rag.errors import UnknownDocumentError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS doc_chunks (
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, chunk_key TEXT NOT NULL,
+    PRIMARY KEY (tenant, doc_id, chunk_key)
+);
+CREATE INDEX IF NOT EXISTS doc_chunks_key ON doc_chunks(chunk_key);
+CREATE TABLE IF NOT EXISTS doc_texts (
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, ord INTEGER NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (tenant, doc_id, ord)
+);
+CREATE TABLE IF NOT EXISTS doc_meta (
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, content_digest TEXT NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (tenant, doc_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class DocInfo:
+    doc_id: str
+    content_digest: str
+    version: int
+    num_chunks: int
+
+
+class DocIndex:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self._path = str(path) if path is not None else ":memory:"
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self._path, check_same_thread=False, timeout=30.0, isolation_level=None)
+        if path is not None:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.executescript(_SCHEMA)
+
+    # -- writes ----------------------------------------------------------------------------
+    def set_document(
+        self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = ""
+    ) -> bool:
+        """Record a document's chunk texts. Returns True if the content changed (or is new)."""
+        with self._lock:
+            cur = self._conn.execute(
+                "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
+            ).fetchone()
+            if cur is not None and cur[0] == content_digest:
+                return False
+            version = (cur[1] + 1) if cur else 1
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                self._conn.executemany(
+                    "INSERT INTO doc_texts VALUES (?,?,?,?)",
+                    [(tenant, doc_id, i, t) for i, t in enumerate(chunk_texts)],
+                )
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO doc_meta VALUES (?,?,?,?)", (tenant, doc_id, content_digest, version)
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return True
+
+    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> None:
+        with self._lock:
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in chunk_keys]
+            )
+
+    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> list[str]:
+        """Make `chunk_keys` the doc's only refs; return keys that became unreferenced."""
+        new = set(chunk_keys)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = {r[0] for r in self._conn.execute(
+                    "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))}
+                gone = old - new
+                self._conn.executemany(
+                    "DELETE FROM doc_chunks WHERE tenant=? AND doc_id=? AND chunk_key=?",
+                    [(tenant, doc_id, k) for k in gone])
+                self._conn.executemany(
+                    "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in new - old])
+                orphans = [k for k in gone if self._refcount(k) == 0]
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return orphans
+
+    def remove_document(self, doc_id: str, tenant: str = "") -> list[str] | None:
+        """Forget a document. Returns the chunk keys nobody references any more, or None if unknown."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                keys = [r[0] for r in self._conn.execute(
+                    "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))]
+                known = self._conn.execute(
+                    "SELECT 1 FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
+                if not keys and not known:
+                    self._conn.execute("COMMIT")
+                    return None
+                for table in ("doc_chunks", "doc_texts", "doc_meta"):
+                    self._conn.execute(f"DELETE FROM {table} WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                orphans = [k for k in keys if self._refcount(k) == 0]
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return orphans
+
+    def clear(self) -> None:
+        with self._lock:
+            for table in ("doc_chunks", "doc_texts", "doc_meta"):
+                self._conn.execute(f"DELETE FROM {table}")
+
+    # -- reads -----------------------------------------------------------------------------
+    def _refcount(self, key: str) -> int:
+        return self._conn.execute("SELECT COUNT(*) FROM doc_chunks WHERE chunk_key=?", (key,)).fetchone()[0]
+
+    def refcount(self, key: str) -> int:
+        with self._lock:
+            return self._refcount(key)
+
+    def chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute(
+                "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))]
+
+    def chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT text FROM doc_texts WHERE tenant=? AND doc_id=? ORDER BY ord", (tenant, doc_id)).fetchall()
+        if not rows:
+            raise UnknownDocumentError(doc_id)
+        return [r[0] for r in rows]
+
+    def info(self, doc_id: str, tenant: str = "") -> DocInfo | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
+            ).fetchone()
+            if row is None:
+                return None
+            n = self._conn.execute(
+                "SELECT COUNT(*) FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()[0]
+        return DocInfo(doc_id, row[0], row[1], n)
+
+    def documents(self, tenant: str = "") -> list[str]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT doc_id FROM doc_meta WHERE tenant=? UNION SELECT doc_id FROM doc_chunks WHERE tenant=? "
+                "ORDER BY 1", (tenant, tenant)).fetchall()
+        return [r[0] for r in rows]
+
+    def referenced_keys(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT DISTINCT chunk_key FROM doc_chunks")}

@@ -1,0 +1,197 @@
+"""The tiered KV store: host RAM -> local disk -> shared remote, plus the document index.
+
+Reads go top-down and promote on hit; writes go to RAM and through to disk (so a restart
+keeps the cache) and to the remote tier when one is configured. Invalidation removes
+entries from every tier, so no stale KV survives anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.codecs import CODECS, EncodedKV, decode, encode
+from daser_rag.kv.doc_index import DocIndex
+from daser_rag.kv.policies import EvictionPolicy
+from daser_rag.kv.tiers.base import Tier
+from daser_rag.kv.tiers.disk import DiskTier
+from daser_rag.kv.tiers.host import HostTier
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST_BYTES = 2 << 30
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DASER_RAG_CACHE_DIR", Path.home() / ".cache" / "daser-rag"))
+
+
+class KVStore:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        host_bytes: int = DEFAULT_HOST_BYTES,
+        disk_bytes: int | None = None,
+        codec: str = "fp16",
+        remote: Tier | None = None,
+        policy: EvictionPolicy | None = None,
+    ) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"unknown KV codec {codec!r}; choose one of {CODECS}")
+        self.codec = codec
+        self.root = Path(root) if root is not None else None
+        self._protected: Counter[str] = Counter()
+        self.host = HostTier(host_bytes, policy, is_protected=self.is_protected)
+        self.disk = DiskTier(self.root / "kv", disk_bytes) if self.root is not None else None
+        self.remote = remote
+        self.index = DocIndex(self.root / "index.sqlite" if self.root is not None else None)
+        self._lock = threading.RLock()
+        self.counters: Counter[str] = Counter()
+
+    # -- tiers -----------------------------------------------------------------------------
+    @property
+    def tiers(self) -> list[Tier]:
+        return [t for t in (self.host, self.disk, self.remote) if t is not None]
+
+    def get_encoded(self, key: str) -> EncodedKV | None:
+        enc = self.host.get(key)
+        if enc is not None:
+            self.counters["hit_host"] += 1
+            return enc
+        for tier in (self.disk, self.remote):
+            if tier is None:
+                continue
+            try:
+                enc = tier.get(key)
+            except Exception as exc:  # a remote outage degrades to a miss, never an error
+                self.counters[f"error_{tier.name}"] += 1
+                log.warning("tier %s unavailable on get: %s", tier.name, exc)
+                continue
+            if enc is not None:
+                self.counters[f"hit_{tier.name}"] += 1
+                self.host.put(enc)
+                if tier is self.remote and self.disk is not None:
+                    self.disk.put(enc)
+                return enc
+        self.counters["miss"] += 1
+        return None
+
+    def get(self, key: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> ChunkKV | None:
+        enc = self.get_encoded(key)
+        return None if enc is None else decode(enc, dtype=dtype, device=device)
+
+    def put(self, kv: ChunkKV, *, codec: str | None = None) -> EncodedKV:
+        enc = encode(kv, codec or self.codec)
+        self.put_encoded(enc)
+        return enc
+
+    def put_encoded(self, enc: EncodedKV) -> None:
+        self.counters["put"] += 1
+        self.host.put(enc)
+        if self.disk is not None:
+            self.disk.put(enc)
+        if self.remote is not None:
+            try:
+                self.remote.put(enc)
+            except Exception as exc:
+                self.counters[f"error_{self.remote.name}"] += 1
+                log.warning("tier %s unavailable on put: %s", self.remote.name, exc)
+
+    def contains(self, key: str) -> bool:
+        return any(self._safe_contains(t, key) for t in self.tiers)
+
+    @staticmethod
+    def _safe_contains(tier: Tier, key: str) -> bool:
+        try:
+            return tier.contains(key)
+        except Exception:
+            return False
+
+    def delete(self, key: str) -> bool:
+        dropped = False
+        for tier in self.tiers:
+            try:
+                dropped = tier.delete(key) or dropped
+            except Exception as exc:
+                log.warning("tier %s unavailable on delete: %s", tier.name, exc)
+        return dropped
+
+    # -- protection (look-ahead) --------------------------------------------------------------
+    def protect(self, keys: list[str]) -> None:
+        with self._lock:
+            self._protected.update(keys)
+
+    def unprotect(self, keys: list[str]) -> None:
+        with self._lock:
+            self._protected.subtract(keys)
+            for k in keys:
+                if self._protected[k] <= 0:
+                    del self._protected[k]
+
+    def is_protected(self, key: str) -> bool:
+        return self._protected.get(key, 0) > 0
+
+    # -- documents ---------------------------------------------------------------------------
+    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+        """Drop a document and exactly the chunk KV no other document uses. Idempotent."""
+        orphans = self.index.remove_document(doc_id, tenant)
+        if orphans is None:
+            return []
+        for key in orphans:
+            self.delete(key)
+        self.counters["invalidations"] += 1
+        self.counters["invalidated_chunks"] += len(orphans)
+        return orphans
+
+    def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> list[str]:
+        orphans = self.index.replace_refs(doc_id, keys, tenant)
+        for key in orphans:
+            self.delete(key)
+        if orphans:
+            self.counters["invalidated_chunks"] += len(orphans)
+        return orphans
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "codec": self.codec,
+            "documents": len(self.index.documents()),
+            "bytes": {t.name: self._safe_nbytes(t) for t in self.tiers},
+            "entries": {t.name: self._safe_len(t) for t in self.tiers},
+            "host_capacity_bytes": self.host.capacity_bytes,
+            "evictions_host": self.host.evictions,
+            "corrupt_dropped": self.disk.corrupt_dropped if self.disk else 0,
+        }
+        out.update(self.counters)
+        hits = sum(v for k, v in self.counters.items() if k.startswith("hit_"))
+        total = hits + self.counters["miss"]
+        out["hit_rate"] = hits / total if total else 0.0
+        return out
+
+    @staticmethod
+    def _safe_nbytes(tier: Tier) -> int:
+        try:
+            return tier.nbytes()
+        except Exception:
+            return -1
+
+    @staticmethod
+    def _safe_len(tier: Tier) -> int:
+        try:
+            return len(list(tier.keys()))
+        except Exception:
+            return -1
+
+    def clear(self) -> None:
+        for tier in self.tiers:
+            tier.clear()
+        self.index.clear()
+        self.counters.clear()

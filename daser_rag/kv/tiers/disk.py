@@ -1,0 +1,112 @@
+"""Local-disk tier: one file per entry, written atomically (tmp + fsync + rename) and
+checksummed, so a crash mid-write leaves at worst a stray temp file, never a servable
+torn entry. A file that fails verification is deleted and reported as a miss."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from daser_rag.errors import CorruptEntryError
+from daser_rag.kv.codecs import EncodedKV, from_bytes, to_bytes
+
+log = logging.getLogger(__name__)
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(self, root: str | os.PathLike[str], capacity_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        self._lock = threading.RLock()
+        self.corrupt_dropped = 0
+        for stray in self.root.glob("*/.tmp-*"):  # leftovers of a crash mid-write
+            stray.unlink(missing_ok=True)
+
+    def _path(self, key: str) -> Path:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"invalid cache key {key!r}")
+        return self.root / key[1:3] / f"{key}.kv"
+
+    def get(self, key: str) -> EncodedKV | None:
+        path = self._path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            enc = from_bytes(blob, expect_key=key)
+        except CorruptEntryError as exc:
+            log.warning("dropping corrupt disk entry %s: %s", path, exc)
+            self.corrupt_dropped += 1
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            os.utime(path)  # recency for LRU trimming
+        except OSError:
+            pass
+        return enc
+
+    def put(self, enc: EncodedKV) -> None:
+        path = self._path(enc.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = to_bytes(enc)
+        tmp = path.parent / f".tmp-{enc.key}-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.capacity_bytes is not None:
+            self._trim()
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.root.glob("*/*.kv")]
+
+    def _trim(self) -> None:
+        with self._lock:
+            files = []
+            for p in self._files():
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, p))
+            total = sum(s for _, s, _ in files)
+            for _, size, p in sorted(files):
+                if total <= (self.capacity_bytes or 0):
+                    break
+                p.unlink(missing_ok=True)
+                total -= size
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def contains(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def keys(self) -> Iterable[str]:
+        return [p.stem for p in self._files()]
+
+    def nbytes(self) -> int:
+        total = 0
+        for p in self._files():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
+
+    def clear(self) -> None:
+        for p in self._files():
+            p.unlink(missing_ok=True)

