@@ -1,0 +1,49 @@
+"""daser-rag: RAG-native KV-cache middleware.
+
+Precompute each chunk's KV once, fuse stored chunk KV at query time (RoPE re-rotation +
+CacheBlend selective recompute), and invalidate exactly what a knowledge-base change touches.
+"""
+
+from daser_rag.errors import (
+    ContextTooLongError,
+    CorruptEntryError,
+    DaserError,
+    InvalidInputError,
+    ModelLoadError,
+    UnknownDocumentError,
+)
+from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheAwareGenerator",
+    "KVStore",
+    "ChunkRef",
+    "Document",
+    "GenerationResult",
+    "Timings",
+    "load_model",
+    "DaserError",
+    "InvalidInputError",
+    "UnknownDocumentError",
+    "ContextTooLongError",
+    "ModelLoadError",
+    "CorruptEntryError",
+]
+
+
+def __getattr__(name: str):  # lazy: importing the package must not import torch eagerly
+    if name == "CacheAwareGenerator":
+        from daser_rag.generate import CacheAwareGenerator
+
+        return CacheAwareGenerator
+    if name == "KVStore":
+        from daser_rag.kv.store import KVStore
+
+        return KVStore
+    if name == "load_model":
+        from daser_rag.model.loader import load_model
+
+        return load_model
+    raise AttributeError(name)

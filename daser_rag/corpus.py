@@ -1,0 +1,54 @@
+"""A real corpus every Python has: the Language Reference topics in `pydoc_data.topics`.
+
+Used by the demo, the benchmarks and the tests, so nothing is downloaded. Topic texts vary a
+little across Python versions; the QA set below asks about facts stable across 3.10-3.13.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from daser_rag.types import Document
+
+DEMO_TOPICS = (
+    "pass", "break", "continue", "del", "return", "global", "nonlocal", "assert",
+    "if", "while", "lambda", "yield", "else", "truth", "bltin-null-object", "bltin-ellipsis-object",
+)
+
+
+def python_reference_corpus(topics: tuple[str, ...] | list[str] | None = None) -> list[Document]:
+    import pydoc_data.topics as t
+
+    names = sorted(t.topics) if topics is None else list(topics)
+    missing = [n for n in names if n not in t.topics]
+    if missing:
+        raise KeyError(f"unknown pydoc topics: {missing}")
+    return [Document(doc_id=f"pyref:{n}", text=t.topics[n].strip(), metadata={"topic": n, "source": "pydoc_data"})
+            for n in names]
+
+
+@dataclass(frozen=True)
+class QAItem:
+    question: str
+    doc_ids: tuple[str, ...]
+    answers: tuple[str, ...]  # any of these (case-insensitive substrings) counts as correct
+
+
+QA_SET: tuple[QAItem, ...] = (
+    QAItem("What happens when a pass statement is executed?",
+           ("pyref:break", "pyref:continue", "pyref:pass"), ("nothing",)),
+    QAItem("Which loop does a break statement terminate?",
+           ("pyref:continue", "pyref:while", "pyref:break"), ("nearest enclosing", "enclosing loop", "innermost")),
+    QAItem("What does deleting a name with del do?",
+           ("pyref:global", "pyref:pass", "pyref:del"), ("binding", "unbind", "removes")),
+    QAItem("What exception does a failing assert statement raise?",
+           ("pyref:if", "pyref:del", "pyref:assert"), ("AssertionError",)),
+    QAItem("What value does return give when no expression list is present?",
+           ("pyref:yield", "pyref:lambda", "pyref:return"), ("None",)),
+    QAItem("Which statement makes listed identifiers refer to variables in the nearest enclosing function scope?",
+           ("pyref:global", "pyref:del", "pyref:nonlocal"), ("nonlocal",)),
+    QAItem("What is the single object of type NoneType called?",
+           ("pyref:bltin-ellipsis-object", "pyref:truth", "pyref:bltin-null-object"), ("None",)),
+    QAItem("How is the Ellipsis object written as a literal?",
+           ("pyref:bltin-null-object", "pyref:pass", "pyref:bltin-ellipsis-object"), ("...", "Ellipsis")),
+)

@@ -1,0 +1,1 @@
+"""KV storage: ChunkKV, content keys, codecs, tiers, the store, eviction policies."""
