@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,13 @@ class KVStore:
         codec: str = "fp16",
         remote: Tier | None = None,
         policy: EvictionPolicy | None = None,
+        index: DocIndex | None = None,
+        validate: Callable[[str], bool] | None = None,
     ) -> None:
+        """`index` replaces the local SQLite document index (service mode shares one in Redis).
+        `validate(key)` is asked before a host/disk hit is served; False means the entry was
+        dropped elsewhere (another process invalidated it), so the local copy is deleted and the
+        read becomes a miss. It must not raise; it should return True when it cannot tell."""
         if codec not in CODECS:
             raise ValueError(f"unknown KV codec {codec!r}; choose one of {CODECS}")
         self.codec = codec
@@ -52,7 +59,9 @@ class KVStore:
         self.host = HostTier(host_bytes, policy, is_protected=self.is_protected)
         self.disk = DiskTier(self.root / "kv", disk_bytes) if self.root is not None else None
         self.remote = remote
-        self.index = DocIndex(self.root / "index.sqlite" if self.root is not None else None)
+        self.index = index if index is not None else DocIndex(
+            self.root / "index.sqlite" if self.root is not None else None)
+        self.validate = validate
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
 
@@ -61,9 +70,18 @@ class KVStore:
     def tiers(self) -> list[Tier]:
         return [t for t in (self.host, self.disk, self.remote) if t is not None]
 
+    def _local_valid(self, key: str) -> bool:
+        if self.validate is None or self.validate(key):
+            return True
+        self.counters["stale_dropped"] += 1
+        self.host.delete(key)
+        if self.disk is not None:
+            self.disk.delete(key)
+        return False
+
     def get_encoded(self, key: str) -> EncodedKV | None:
         enc = self.host.get(key)
-        if enc is not None:
+        if enc is not None and self._local_valid(key):
             self.counters["hit_host"] += 1
             return enc
         for tier in (self.disk, self.remote):
@@ -75,6 +93,8 @@ class KVStore:
                 self.counters[f"error_{tier.name}"] += 1
                 log.warning("tier %s unavailable on get: %s", tier.name, exc)
                 continue
+            if enc is not None and tier is self.disk and not self._local_valid(key):
+                enc = None
             if enc is not None:
                 self.counters[f"hit_{tier.name}"] += 1
                 self.host.put(enc)
@@ -106,7 +126,10 @@ class KVStore:
                 log.warning("tier %s unavailable on put: %s", self.remote.name, exc)
 
     def contains(self, key: str) -> bool:
-        return any(self._safe_contains(t, key) for t in self.tiers)
+        local = [t for t in (self.host, self.disk) if t is not None]
+        if any(self._safe_contains(t, key) for t in local) and self._local_valid(key):
+            return True
+        return self.remote is not None and self._safe_contains(self.remote, key)
 
     @staticmethod
     def _safe_contains(tier: Tier, key: str) -> bool:
