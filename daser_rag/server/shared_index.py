@@ -1,0 +1,258 @@
+"""The document index held in Redis, so every service process sees one registry.
+
+Same interface as `daser_rag.kv.doc_index.DocIndex` (the store and generator use it unchanged).
+Each write is one Lua script, so it is atomic with respect to every other process: removing a
+document drops its refs, finds the chunks nobody else references, and deletes their KV (bumping
+their generation, see `RedisTier`) in one step. When `remove_document` returns, no process can
+resolve the document or fetch its dropped KV from Redis any more.
+
+A local SQLite `DocIndex` is kept as a mirror: writes go to it too, reads refresh it, and while
+Redis is away reads come from it (degraded mode) and removals are queued for replay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from daser_rag.errors import UnknownDocumentError
+from daser_rag.kv.doc_index import DocIndex, DocInfo
+from daser_rag.kv.tiers.redis import RedisLink, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+_SET_DOC = """
+local cur = redis.call('HGET', KEYS[1], 'digest')
+if cur == ARGV[1] then return 0 end
+local v = redis.call('INCR', KEYS[2])
+redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'version', v, 'texts', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+
+# Shared helper: drop `member` from key k's users; if nobody is left, delete the KV and bump its
+# generation so that in-flight writers cannot put it back (see RedisTier).
+_RELEASE = """
+local function release(k, member, users, kvp, genp, orphans)
+  redis.call('SREM', users .. k, member)
+  if redis.call('SCARD', users .. k) == 0 then
+    table.insert(orphans, k)
+    redis.call('DEL', kvp .. k)
+    redis.call('INCR', genp .. k)
+  end
+end
+"""
+
+_REPLACE_REFS = _RELEASE + """
+local member, users, kvp, genp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local orphans = {}
+local new = {}
+for i = 5, #ARGV do new[ARGV[i]] = true end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  -- the document was removed while it was being added: the removal wins
+  for k, _ in pairs(new) do
+    if redis.call('SCARD', users .. k) == 0 then
+      table.insert(orphans, k); redis.call('DEL', kvp .. k); redis.call('INCR', genp .. k)
+    end
+  end
+  return orphans
+end
+for _, k in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not new[k] then
+    redis.call('SREM', KEYS[2], k)
+    release(k, member, users, kvp, genp, orphans)
+  end
+end
+for k, _ in pairs(new) do
+  redis.call('SADD', KEYS[2], k)
+  redis.call('SADD', users .. k, member)
+end
+return orphans
+"""
+
+_REMOVE_DOC = _RELEASE + """
+local member, users, kvp, genp, doc_id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local keys = redis.call('SMEMBERS', KEYS[2])
+if #keys == 0 and redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local orphans = {}
+for _, k in ipairs(keys) do release(k, member, users, kvp, genp, orphans) end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], doc_id)
+return orphans
+"""
+
+
+def _name(tenant: str, doc_id: str) -> str:
+    return json.dumps([tenant, doc_id], ensure_ascii=False, separators=(",", ":"))
+
+
+class RedisDocIndex:
+    """DocIndex semantics (ref-counted doc -> chunk keys) with Redis as the authority."""
+
+    def __init__(self, link: RedisLink, local: DocIndex | None = None) -> None:
+        self.link = link
+        self.local = local if local is not None else DocIndex(None)
+        c = link.client
+        self._set_doc = c.register_script(_SET_DOC)
+        self._replace = c.register_script(_REPLACE_REFS)
+        self._remove = c.register_script(_REMOVE_DOC)
+
+    # -- key names ---------------------------------------------------------------------------
+    def _doc(self, tenant: str, doc_id: str) -> str:
+        return self.link.key("idx", "doc", _name(tenant, doc_id))
+
+    def _refs(self, tenant: str, doc_id: str) -> str:
+        return self.link.key("idx", "refs", _name(tenant, doc_id))
+
+    def _ver(self, tenant: str, doc_id: str) -> str:
+        return self.link.key("idx", "ver", _name(tenant, doc_id))
+
+    def _docs(self, tenant: str) -> str:
+        return self.link.key("idx", "docs", json.dumps(tenant, ensure_ascii=False))
+
+    def _users_prefix(self) -> str:
+        return self.link.key("idx", "users", "")
+
+    def _script_args(self, tenant: str, doc_id: str) -> list[str]:
+        return [_name(tenant, doc_id), self._users_prefix(), self.link.key("kv", ""), self.link.key("gen", "")]
+
+    def _degraded(self, what: str, exc: RedisUnavailable) -> None:
+        log.debug("document index %s served locally: %s", what, exc)
+
+    # -- writes ------------------------------------------------------------------------------
+    def set_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "") -> bool:
+        texts = json.dumps(list(chunk_texts), ensure_ascii=False)
+        try:
+            changed = bool(self.link.run(lambda c: self._set_doc(
+                keys=[self._doc(tenant, doc_id), self._ver(tenant, doc_id), self._docs(tenant)],
+                args=[content_digest, texts, doc_id], client=c)))
+        except RedisUnavailable as exc:
+            self._degraded("set_document", exc)
+            return self.local.set_document(doc_id, chunk_texts, content_digest, tenant)
+        self.local.set_document(doc_id, chunk_texts, content_digest, tenant)
+        return changed
+
+    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> None:
+        keys = list(chunk_keys)
+        self.local.add_refs(doc_id, keys, tenant)
+        if not keys:
+            return
+        member, users = _name(tenant, doc_id), self._users_prefix()
+
+        def op(c: Any) -> None:
+            pipe = c.pipeline(transaction=True)
+            for k in keys:
+                pipe.sadd(self._refs(tenant, doc_id), k)
+                pipe.sadd(users + k, member)
+            pipe.sadd(self._docs(tenant), doc_id)
+            pipe.execute()
+
+        try:
+            self.link.run(op)
+        except RedisUnavailable as exc:
+            self._degraded("add_refs", exc)
+
+    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> list[str]:
+        keys = list(chunk_keys)
+        try:
+            orphans = self.link.run(lambda c: self._replace(
+                keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id)],
+                args=[*self._script_args(tenant, doc_id), *keys], client=c))
+        except RedisUnavailable as exc:
+            self._degraded("replace_refs", exc)
+            return self.local.replace_refs(doc_id, keys, tenant)
+        self.local.replace_refs(doc_id, keys, tenant)
+        return [k.decode() for k in orphans]
+
+    def remove_document(self, doc_id: str, tenant: str = "") -> list[str] | None:
+        def op(c: Any) -> Any:
+            return self._remove(keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._docs(tenant)],
+                                args=[*self._script_args(tenant, doc_id), doc_id], client=c)
+
+        local = self.local.remove_document(doc_id, tenant)
+        try:
+            res = self.link.run(op)
+        except RedisUnavailable:
+            self.link.defer(op)  # the removal reaches Redis, in order, when it returns
+            log.warning("Redis unavailable: invalidation of %r applied locally and queued for replay", doc_id)
+            return local
+        # Redis is the authority: the mirror may be stale, and its orphans could still be used
+        # by documents this process never saw. Local copies of Redis's orphans are dropped by
+        # the caller; any other local copy fails the store's liveness check on its next read.
+        return None if res is None else sorted(k.decode() for k in res)
+
+    def clear(self) -> None:
+        self.local.clear()
+
+        def op(c: Any) -> None:
+            names = list(c.scan_iter(match=self.link.key("idx", "*"), count=1000))
+            if names:
+                c.delete(*names)
+
+        self.link.run(op)
+
+    # -- reads -------------------------------------------------------------------------------
+    def _record(self, doc_id: str, tenant: str) -> tuple[str, int, list[str]] | None:
+        digest, version, texts = self.link.run(
+            lambda c: c.hmget(self._doc(tenant, doc_id), "digest", "version", "texts"))
+        if digest is None:
+            return None
+        return digest.decode(), int(version), json.loads(texts)
+
+    def _sync_local(self, doc_id: str, tenant: str, rec: tuple[str, int, list[str]] | None) -> None:
+        """Keep the mirror close to Redis so that degraded reads are as fresh as possible."""
+        try:
+            mine = self.local.info(doc_id, tenant)
+            if rec is None:
+                if mine is not None:
+                    self.local.remove_document(doc_id, tenant)
+            elif mine is None or mine.content_digest != rec[0]:
+                self.local.set_document(doc_id, rec[2], rec[0], tenant)
+        except Exception as exc:  # the mirror is best effort
+            log.debug("local index mirror not updated: %s", exc)
+
+    def info(self, doc_id: str, tenant: str = "") -> DocInfo | None:
+        try:
+            rec = self._record(doc_id, tenant)
+        except RedisUnavailable:
+            return self.local.info(doc_id, tenant)
+        self._sync_local(doc_id, tenant, rec)
+        return None if rec is None else DocInfo(doc_id, rec[0], rec[1], len(rec[2]))
+
+    def chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+        try:
+            rec = self._record(doc_id, tenant)
+        except RedisUnavailable:
+            return self.local.chunk_texts(doc_id, tenant)
+        self._sync_local(doc_id, tenant, rec)
+        if rec is None:
+            raise UnknownDocumentError(doc_id)
+        return rec[2]
+
+    def chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+        try:
+            return sorted(k.decode() for k in self.link.run(lambda c: c.smembers(self._refs(tenant, doc_id))))
+        except RedisUnavailable:
+            return self.local.chunk_keys(doc_id, tenant)
+
+    def refcount(self, key: str) -> int:
+        try:
+            return int(self.link.run(lambda c: c.scard(self._users_prefix() + key)))
+        except RedisUnavailable:
+            return self.local.refcount(key)
+
+    def documents(self, tenant: str = "") -> list[str]:
+        try:
+            return sorted(d.decode() for d in self.link.run(lambda c: c.smembers(self._docs(tenant))))
+        except RedisUnavailable:
+            return self.local.documents(tenant)
+
+    def referenced_keys(self) -> set[str]:
+        prefix = self._users_prefix()
+        try:
+            names = self.link.run(lambda c: list(c.scan_iter(match=prefix + "*", count=1000)))
+        except RedisUnavailable:
+            return self.local.referenced_keys()
+        return {n.decode()[len(prefix):] for n in names}
