@@ -1,0 +1,245 @@
+"""DaserClient: the remote service behind the same interface as the in-process generator.
+
+It satisfies `daser_rag.api.KVGenerator`, so the LlamaIndex and LangChain adapters switch from
+`CacheAwareGenerator(...)` to `DaserClient("http://host:port")` with one setting. Service errors
+come back as the library's own exception types (unknown document -> UnknownDocumentError, bad
+input -> InvalidInputError, ...), so callers handle both the same way. Needs httpx, not torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError, UnknownDocumentError
+from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
+
+
+class ServiceError(DaserError):
+    """The service answered with an error that is not the caller's input (5xx, 401, 429, ...)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(f"daser service error {status}: {message}")
+        self.status, self.message, self.code = status, message, code
+
+
+@dataclass
+class RemoteIngestReport:
+    documents: int = 0
+    changed_documents: int = 0
+    chunks: int = 0
+    computed_chunks: int = 0
+    reused_chunks: int = 0
+    tokens: int = 0
+    dropped_chunks: int = 0
+    seconds: float = 0.0
+    records: list[dict[str, Any]] | None = None  # per document: id, digest, version, chunk_keys
+
+
+_GEN_KWARGS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "recompute_ratio", "use_cache", "tenant",
+               "stop"}
+
+
+def _context_item(item: Any) -> Any:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, Document):
+        return {"id": item.doc_id, "text": item.text}
+    if isinstance(item, ChunkRef):
+        if item.text is None:
+            if not item.doc_id:
+                raise InvalidInputError("a ChunkRef needs text, doc_id, or both")
+            return {"id": item.doc_id}
+        return {"kind": "chunk", "text": item.text, **({"id": item.doc_id} if item.doc_id else {})}
+    raise InvalidInputError(f"context items must be str, ChunkRef or Document, got {type(item).__name__}")
+
+
+def _result(text: str, daser: dict[str, Any]) -> GenerationResult:
+    d = dict(daser)
+    d.pop("recompute_share", None)
+    d["timings"] = Timings(**d.get("timings", {}))
+    d["text"] = text
+    fields = GenerationResult.__dataclass_fields__
+    return GenerationResult(**{k: v for k, v in d.items() if k in fields})
+
+
+class RemoteTokenStream:
+    """Iterate for text deltas; `.result` holds the GenerationResult once the stream ended."""
+
+    def __init__(self, client: DaserClient, body: dict[str, Any]) -> None:
+        self._client, self._body = client, body
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        parts: list[str] = []
+        with self._client._http.stream("POST", "/v1/completions", json=self._body,
+                                       headers=self._client._headers()) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                self._client._raise(resp)
+            for line in resp.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    raise ServiceError(500, event["error"].get("message", "stream failed"))
+                delta = event["choices"][0].get("text") or ""
+                if delta:
+                    parts.append(delta)
+                    yield delta
+                if "daser" in event:
+                    self.result = _result("".join(parts), event["daser"])
+
+
+class DaserClient:
+    """HTTP client for `daser-rag serve` / `python -m daser_rag.server`."""
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        tenant: str = "",
+        timeout: float = 300.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.tenant = tenant
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    @staticmethod
+    def _raise(resp: httpx.Response) -> None:
+        try:
+            err = resp.json().get("error", {})
+            message, code = err.get("message", resp.text), err.get("code")
+        except ValueError:
+            message, code = resp.text, None
+        if resp.status_code == 404 and code == "unknown_document":
+            doc = message.split("'")[1] if message.count("'") >= 2 else message
+            raise UnknownDocumentError(doc)
+        if resp.status_code == 400 and code == "context_length_exceeded":
+            exc = ContextTooLongError(0, 0)
+            exc.args = (message,)
+            raise exc
+        if resp.status_code in (400, 413, 422):
+            raise InvalidInputError(message)
+        raise ServiceError(resp.status_code, message, code)
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        resp = self._http.request(method, path, headers=self._headers(), **kw)
+        if resp.status_code >= 400:
+            self._raise(resp)
+        return resp.json()
+
+    def _tenant(self, tenant: str | None) -> str:
+        return self.tenant if tenant is None else tenant
+
+    def _completion_body(self, question: str, contexts: Sequence[Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(kwargs) - _GEN_KWARGS
+        if unknown:
+            raise InvalidInputError(f"unsupported generation arguments: {sorted(unknown)}")
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        body: dict[str, Any] = {"prompt": question, "documents": [_context_item(c) for c in contexts or []]}
+        if "max_new_tokens" in kwargs:
+            body["max_tokens"] = kwargs.pop("max_new_tokens")
+        tenant = self._tenant(kwargs.pop("tenant", None))
+        if tenant:
+            body["tenant"] = tenant
+        body.update({k: v for k, v in kwargs.items() if v is not None})
+        return body
+
+    # -- KVGenerator ---------------------------------------------------------------------------
+    def generate(self, question: str, contexts: Sequence[Any] | None = None, **kwargs: Any) -> GenerationResult:
+        body = self._completion_body(question, contexts, dict(kwargs))
+        out = self._request("POST", "/v1/completions", json=body)
+        return _result(out["choices"][0]["text"], out["daser"])
+
+    def stream(self, question: str, contexts: Sequence[Any] | None = None, **kwargs: Any) -> RemoteTokenStream:
+        body = self._completion_body(question, contexts, dict(kwargs))
+        body["stream"] = True
+        return RemoteTokenStream(self, body)
+
+    def add_documents(self, documents: Iterable[Document], *, tenant: str | None = None, precompute: bool = True,
+                      progress: Any = False) -> RemoteIngestReport:
+        docs = list(documents)
+        for d in docs:
+            if not isinstance(d, Document):
+                raise InvalidInputError(f"add_documents expects Document objects, got {type(d).__name__}")
+        if not docs:
+            return RemoteIngestReport(records=[])
+        body: dict[str, Any] = {"documents": [{"id": d.doc_id, "text": d.text, "metadata": _jsonable(d.metadata)}
+                                              for d in docs], "precompute": precompute}
+        if self._tenant(tenant):
+            body["tenant"] = self._tenant(tenant)
+        out = self._request("POST", "/v1/documents", json=body)
+        return RemoteIngestReport(**out["report"], records=out["documents"])
+
+    def update_document(self, doc_id: str, text: str, *, tenant: str | None = None,
+                        precompute: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {"text": text, "precompute": precompute}
+        if self._tenant(tenant):
+            body["tenant"] = self._tenant(tenant)
+        return self._request("PUT", f"/v1/documents/{_quote(doc_id)}", json=body)
+
+    def invalidate(self, doc_id: str, tenant: str | None = None) -> list[str]:
+        params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
+        return self._request("DELETE", f"/v1/documents/{_quote(doc_id)}", params=params)["dropped_keys"]
+
+    def split(self, text: str) -> list[str]:
+        return self._request("POST", "/v1/split", json={"text": text})["chunks"]
+
+    # -- extras ----------------------------------------------------------------------------------
+    def list_documents(self, tenant: str | None = None) -> list[str]:
+        params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
+        return self._request("GET", "/v1/documents", params=params)["data"]
+
+    def document(self, doc_id: str, tenant: str | None = None) -> dict[str, Any]:
+        params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
+        return self._request("GET", f"/v1/documents/{_quote(doc_id)}", params=params)
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/health")
+
+    def metrics(self) -> str:
+        resp = self._http.get("/metrics")
+        resp.raise_for_status()
+        return resp.text
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> DaserClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _quote(doc_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(doc_id, safe="")
+
+
+def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in (meta or {}).items():
+        try:
+            json.dumps(v)
+            out[str(k)] = v
+        except (TypeError, ValueError):
+            out[str(k)] = str(v)
+    return out

@@ -1,0 +1,158 @@
+"""The Redis tier and the Redis-held document index against a real redis-server (no model)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+redis = pytest.importorskip("redis")
+
+from daser_rag.kv.chunk_kv import ChunkKV  # noqa: E402
+from daser_rag.kv.codecs import encode, to_bytes  # noqa: E402
+from daser_rag.kv.store import KVStore  # noqa: E402
+from daser_rag.kv.tiers.redis import RedisLink, RedisTier  # noqa: E402
+from daser_rag.server.shared_index import RedisDocIndex  # noqa: E402
+from daser_rag.server.testing import RedisServer, free_port, redis_server_path  # noqa: E402
+
+pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def link(redis_server, request):
+    ns = f"t{abs(hash(request.node.name)) % 10**8}"
+    return RedisLink(redis_server.url, namespace=ns)
+
+
+def _kv(key: str, n: int = 5, seed: int = 0) -> ChunkKV:
+    g = torch.Generator().manual_seed(seed)
+    return ChunkKV(key=key, token_ids=torch.arange(n), start_pos=7,
+                   keys=torch.randn(3, 2, n, 8, generator=g), values=torch.randn(3, 2, n, 8, generator=g))
+
+
+def test_roundtrip_is_checksum_verified(link):
+    tier = RedisTier(link)
+    kv = _kv("cabc")
+    assert tier.get("cabc") is None
+    tier.put(encode(kv, "fp32"))
+    got = tier.get("cabc")
+    assert got is not None and got.start_pos == 7
+    assert torch.equal(got.tensors["k"], kv.keys) and torch.equal(got.tensors["v"], kv.values)
+    assert tier.contains("cabc") and tier.is_live("cabc")
+    assert list(tier.keys()) == ["cabc"]
+    assert tier.nbytes() == len(to_bytes(encode(kv, "fp32")))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage", "wrong_key"])
+def test_corrupt_values_are_dropped_never_served(link, damage):
+    tier = RedisTier(link)
+    blob = bytearray(to_bytes(encode(_kv("cgood"), "fp16")))
+    if damage == "flip":
+        blob[-3] ^= 0x40
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "garbage":
+        blob = bytearray(b"not a kv entry")
+    else:
+        blob = bytearray(to_bytes(encode(_kv("cother"), "fp16")))
+    link.client.set(link.key("kv", "cgood"), bytes(blob))
+    assert tier.get("cgood") is None
+    assert tier.corrupt_dropped == 1
+    assert not link.client.exists(link.key("kv", "cgood"))  # deleted, so no one else reads it either
+
+
+def test_put_is_fenced_against_a_concurrent_invalidation(link):
+    writer, other = RedisTier(link), RedisTier(RedisLink(link.url, namespace=link.namespace))
+    assert writer.get("cx") is None  # writer sees a miss and starts computing
+    other.put(encode(_kv("cx"), "fp32"))
+    assert other.delete("cx")  # ... meanwhile another process stores and invalidates it
+    writer.put(encode(_kv("cx"), "fp32"))  # the late write must not resurrect it
+    assert writer.fenced_puts == 1
+    assert other.get("cx") is None
+    assert writer.get("cx") is None  # a fresh miss observes the new generation ...
+    writer.put(encode(_kv("cx"), "fp32"))
+    assert other.get("cx") is not None  # ... and the next write lands
+
+
+def test_doc_index_refcounts_and_removal(link):
+    idx, tier = RedisDocIndex(link), RedisTier(link)
+    for k in ("k1", "k2", "k3"):
+        tier.put(encode(_kv(k), "fp16"))
+    assert idx.set_document("a", ["t1", "t2"], "dA") is True
+    assert idx.set_document("a", ["t1", "t2"], "dA") is False
+    assert idx.replace_refs("a", ["k1", "k2"]) == []
+    assert idx.set_document("b", ["t2"], "dB")
+    assert idx.replace_refs("b", ["k2", "k3"]) == []
+    assert idx.refcount("k2") == 2 and idx.documents() == ["a", "b"]
+    assert idx.info("a").version == 1 and idx.chunk_texts("a") == ["t1", "t2"]
+    assert sorted(idx.remove_document("a")) == ["k1"]  # k2 still used by b
+    assert tier.get("k1") is None and tier.get("k2") is not None
+    assert idx.remove_document("a") is None  # idempotent
+    assert sorted(idx.replace_refs("b", ["k3"])) == ["k2"]
+    assert tier.get("k2") is None
+    assert idx.set_document("a", ["t9"], "dA2") and idx.info("a").version == 2  # versions never repeat
+    # tenants never see each other's documents
+    assert idx.documents("other") == [] and idx.info("b", "other") is None
+
+
+def test_removal_wins_over_a_concurrent_add(link):
+    idx, tier = RedisDocIndex(link), RedisTier(link)
+    idx.set_document("d", ["t"], "dig")
+    tier.put(encode(_kv("kd"), "fp16"))
+    assert idx.remove_document("d") == []  # removed while the adder was computing
+    assert idx.replace_refs("d", ["kd"]) == ["kd"]  # the adder's refs are orphans: dropped
+    assert tier.get("kd") is None and idx.info("d") is None and idx.documents() == []
+
+
+def test_two_stores_share_kv_and_see_each_others_invalidations(link, tmp_path):
+    def make(name):
+        l2 = RedisLink(link.url, namespace=link.namespace)
+        tier = RedisTier(l2)
+        return KVStore(tmp_path / name, codec="fp32", remote=tier, validate=tier.is_live,
+                       index=RedisDocIndex(l2))
+
+    a, b = make("a"), make("b")
+    a.index.set_document("doc", ["x"], "dx")
+    a.put(_kv("ck"))
+    a.replace_document_refs("doc", ["ck"])
+    assert b.get("ck") is not None and b.counters["hit_redis"] == 1
+    assert b.get("ck") is not None and b.counters["hit_host"] == 1  # now cached locally on b
+    assert a.invalidate("doc") == ["ck"]
+    assert b.get("ck") is None  # b's local copy is not served: Redis no longer holds it
+    assert b.counters["stale_dropped"] == 1
+    assert not b.contains("ck") and not list((tmp_path / "b" / "kv").rglob("ck.kv"))
+
+
+def test_outage_degrades_and_replays_invalidations(tmp_path, caplog):
+    srv = RedisServer(port=free_port(), workdir=tmp_path / "r", persistent=True).start()
+    try:
+        link = RedisLink(srv.url, namespace="outage", retry_s=0.2)
+        tier = RedisTier(link)
+        store = KVStore(tmp_path / "s", codec="fp32", remote=tier, validate=tier.is_live)
+        store.put(_kv("c1"))
+        store.put(_kv("c2"))
+        srv.kill()
+        with caplog.at_level(logging.WARNING):
+            assert store.get("c1") is not None  # local tiers keep serving
+            assert store.delete("c2")  # applied locally, queued for Redis
+            store.put(_kv("c3"))  # no error
+            assert store.get("c3") is not None
+        warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+        assert len(warnings) == 1, "one warning per outage, not one per call"
+        assert link.pending == 1 and not link.up
+        srv.start()
+        import time
+
+        time.sleep(0.25)
+        assert link.ping() and link.up and link.pending == 0
+        raw = redis.Redis.from_url(srv.url)
+        assert raw.exists(link.key("kv", "c1")) and not raw.exists(link.key("kv", "c2"))
+    finally:
+        srv.stop()
