@@ -1,0 +1,1 @@
+"""Framework adapters (LlamaIndex, LangChain), each following its host ecosystem's conventions."""

@@ -1,0 +1,222 @@
+"""ChatDaser: a LangChain chat model that answers over documents with their cached KV.
+
+Documents that reach it as separate pieces (`text-plain` blocks, or the `documents=` keyword)
+are fused from stored chunk KV instead of being prefilled; the answer's
+`response_metadata["daser"]` says how many chunks hit the cache and how many tokens were
+recomputed. Works against any `daser_rag.api.KVGenerator`: the in-process
+`CacheAwareGenerator` or a remote client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, field_validator
+
+from daser_rag.api import KVGenerator
+from daser_rag.errors import InvalidInputError
+from daser_rag.types import GenerationResult
+from integrations.langchain._convert import DaserRequest, messages_to_request
+
+_CALL_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "recompute_ratio", "use_cache", "tenant")
+_IGNORED_PARAMS = ("stream",)  # LangChain may forward these; they mean nothing here
+
+
+def result_metadata(result: GenerationResult) -> dict[str, Any]:
+    """The cache accounting of one answer, as plain JSON-able values."""
+    d = result.to_dict()
+    d.pop("text", None)
+    return d
+
+
+def _usage(result: GenerationResult) -> UsageMetadata:
+    usage = UsageMetadata(
+        input_tokens=result.prompt_tokens,
+        output_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+    if result.mode != "full" and result.cache_misses == 0:
+        # every context token's KV came from the store (exact prefix or fused chunk)
+        usage["input_token_details"] = {"cache_read": result.exact_tokens + result.reused_tokens}
+    return usage
+
+
+class ChatDaser(BaseChatModel):
+    """Chat model over a daser KV generator.
+
+    Example:
+        ```python
+        from daser_rag import CacheAwareGenerator
+        from integrations.langchain import ChatDaser
+
+        llm = ChatDaser(generator=CacheAwareGenerator())
+        llm.invoke("What is a KV cache?")
+        llm.invoke("What does pass do?", documents=retrieved_docs)  # fused from cached KV
+        ```
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    generator: Any = Field(exclude=True)
+    """Any object satisfying `daser_rag.api.KVGenerator`."""
+    model_name: str = "daser-rag"
+    max_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Share of context tokens recomputed (CacheBlend); None uses the generator's default, 1.0 equals full prefill."""
+    use_cache: bool = True
+    """False prefills everything from scratch (the baseline)."""
+    tenant: str = ""
+    stop: list[str] | None = None
+
+    @field_validator("generator")
+    @classmethod
+    def _check_generator(cls, value: Any) -> Any:
+        if not isinstance(value, KVGenerator):
+            raise TypeError(
+                f"generator must satisfy daser_rag.api.KVGenerator (generate, stream, add_documents, invalidate, "
+                f"split), got {type(value).__name__}"
+            )
+        return value
+
+    @property
+    def _llm_type(self) -> str:
+        return "daser-rag"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model_name": self.model_name,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "recompute_ratio": self.recompute_ratio,
+            "use_cache": self.use_cache,
+        }
+
+    # -- request building -------------------------------------------------------------------
+    def _prepare(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> tuple[DaserRequest, dict[str, Any]]:
+        kwargs = dict(kwargs)
+        documents: Sequence[Any] | None = kwargs.pop("documents", None)
+        unknown = sorted(k for k in kwargs if k not in _CALL_PARAMS and k not in _IGNORED_PARAMS
+                         and not k.startswith("ls_"))
+        if unknown:
+            raise InvalidInputError(
+                f"ChatDaser got unknown argument(s) {unknown}; it accepts documents= and {list(_CALL_PARAMS)}")
+        if documents is not None and not isinstance(documents, (list, tuple)):
+            raise InvalidInputError(f"documents= must be a list, got {type(documents).__name__}")
+        request = messages_to_request(messages, self.generator.split, documents)
+        params: dict[str, Any] = {
+            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "top_k": kwargs.get("top_k", self.top_k),
+            "use_cache": kwargs.get("use_cache", self.use_cache),
+        }
+        for name in ("seed", "recompute_ratio", "tenant"):
+            value = kwargs.get(name, getattr(self, name))
+            if value not in (None, ""):
+                params[name] = value
+        stops = [*(self.stop or []), *(stop or [])]
+        if stops:
+            params["stop"] = stops
+        return request, params
+
+    @staticmethod
+    def _message_fields(result: GenerationResult, model_name: str) -> dict[str, Any]:
+        return {
+            "response_metadata": {
+                "model_name": model_name,
+                "model_provider": "daser",
+                "finish_reason": result.finish_reason,
+                "daser": result_metadata(result),
+            },
+            "usage_metadata": _usage(result),
+        }
+
+    # -- LangChain hooks --------------------------------------------------------------------
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        request, params = self._prepare(messages, stop, kwargs)
+        result = self.generator.generate(request.question, request.contexts, **params)
+        message = AIMessage(content=result.text, **self._message_fields(result, self.model_name))
+        return ChatResult(generations=[ChatGeneration(message=message)], llm_output={"model_name": self.model_name})
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        request, params = self._prepare(messages, stop, kwargs)
+        stream = self.generator.stream(request.question, request.contexts, **params)
+        for delta in stream:
+            chunk = ChatGenerationChunk(message=AIMessageChunk(content=delta))
+            if run_manager is not None:
+                run_manager.on_llm_new_token(delta, chunk=chunk)
+            yield chunk
+        result = getattr(stream, "result", None)
+        if result is not None:
+            yield ChatGenerationChunk(message=AIMessageChunk(
+                content="", chunk_position="last", **self._message_fields(result, self.model_name)))
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        # The whole sync stream runs on ONE worker thread: the in-process generator holds a
+        # re-entrant lock across the stream, which must be released by the thread that took it
+        # (stepping the iterator from pool threads, as the default does, breaks that).
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def produce() -> None:
+            try:
+                for chunk in self._stream(messages, stop, None, **kwargs):
+                    if cancelled.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        worker = threading.Thread(target=produce, name="chatdaser-astream", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if run_manager is not None and item.text:
+                    await run_manager.on_llm_new_token(item.text, chunk=item)
+                yield item
+        finally:
+            cancelled.set()

@@ -1,0 +1,203 @@
+"""DaserVectorStore: a VectorStore wrapper that keeps chunk KV in step with the knowledge base.
+
+Every write and delete goes to the wrapped store AND to the KV generator:
+- `add_documents` registers each document under its vector-store id (mapped to a daser doc
+  id) and precomputes its chunk KV; re-adding an existing id with new text drops exactly the
+  chunks that changed.
+- `delete(ids)` invalidates those documents' KV on every tier.
+
+That makes `langchain_core.indexing.index()` keep the KV cache consistent: it adds changed
+documents under new content-hash ids and calls `delete(ids)` for the stale ones (incremental
+and full cleanup alike).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from langchain_core.documents import Document as LCDocument
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import InMemoryVectorStore, VectorStore
+
+from daser_rag.api import KVGenerator
+from daser_rag.errors import InvalidInputError
+from daser_rag.types import Document as DaserDocument
+from integrations.langchain._convert import DOC_ID_KEY
+
+
+class DaserVectorStore(VectorStore):
+    """Wraps any LangChain VectorStore (default: `InMemoryVectorStore(embedding)`).
+
+    Args:
+        generator: any `daser_rag.api.KVGenerator`.
+        vectorstore: the store that does the similarity search; built from `embedding` if omitted.
+        embedding: used only when `vectorstore` is omitted.
+        doc_id_prefix: daser doc id = prefix + vector-store id, so several stores can share
+            one KV cache without their ids colliding.
+        precompute: compute chunk KV at `add_documents` time (otherwise on first use).
+        tenant: KV namespace passed to the generator.
+    """
+
+    def __init__(
+        self,
+        generator: KVGenerator,
+        vectorstore: VectorStore | None = None,
+        *,
+        embedding: Embeddings | None = None,
+        doc_id_prefix: str = "",
+        precompute: bool = True,
+        tenant: str = "",
+    ) -> None:
+        if not isinstance(generator, KVGenerator):
+            raise TypeError(f"generator must satisfy daser_rag.api.KVGenerator, got {type(generator).__name__}")
+        if vectorstore is None:
+            if embedding is None:
+                raise InvalidInputError("DaserVectorStore needs a vectorstore to wrap or an embedding to build one")
+            vectorstore = InMemoryVectorStore(embedding)
+        if isinstance(vectorstore, DaserVectorStore):
+            raise InvalidInputError("DaserVectorStore cannot wrap another DaserVectorStore")
+        self.generator = generator
+        self.vectorstore = vectorstore
+        self.doc_id_prefix = doc_id_prefix
+        self.precompute = precompute
+        self.tenant = tenant
+        #: vector-store id -> chunk keys dropped by the last `delete` (for logs and tests)
+        self.last_dropped: dict[str, list[str]] = {}
+
+    # -- ids -----------------------------------------------------------------------------------
+    def kv_doc_id(self, vs_id: str) -> str:
+        """The daser document id that owns the KV of vector-store record `vs_id`."""
+        return f"{self.doc_id_prefix}{vs_id}"
+
+    def _tag(self, doc: LCDocument) -> LCDocument:
+        # copy: the wrapped store may hand out its own metadata dict
+        if not doc.id:
+            return doc
+        return LCDocument(id=doc.id, page_content=doc.page_content,
+                          metadata={**(doc.metadata or {}), DOC_ID_KEY: self.kv_doc_id(doc.id)})
+
+    def _gen_kwargs(self) -> dict[str, Any]:
+        return {"tenant": self.tenant} if self.tenant else {}
+
+    # -- writes --------------------------------------------------------------------------------
+    @property
+    def embeddings(self) -> Embeddings | None:
+        return self.vectorstore.embeddings
+
+    def add_documents(self, documents: list[LCDocument], **kwargs: Any) -> list[str]:
+        documents = list(documents)
+        ids: list[str | None] | None = kwargs.pop("ids", None)
+        if ids is not None and len(ids) != len(documents):
+            raise InvalidInputError(f"got {len(ids)} ids for {len(documents)} documents")
+        for i, doc in enumerate(documents):
+            if not isinstance(doc, LCDocument):
+                raise InvalidInputError(f"add_documents expects langchain Documents, item {i} is {type(doc).__name__}")
+            if not isinstance(doc.page_content, str) or not doc.page_content.strip():
+                raise InvalidInputError(f"document {i} ({doc.id or 'no id'}) has empty page_content")
+        final_ids = [(ids[i] if ids is not None and ids[i] else None) or doc.id or str(uuid.uuid4())
+                     for i, doc in enumerate(documents)]
+        if len(set(final_ids)) != len(final_ids):
+            raise InvalidInputError("duplicate ids in one add_documents call")
+        if not documents:
+            return []
+        stored = self.vectorstore.add_documents(documents, ids=final_ids, **kwargs)
+        if list(stored) != final_ids:
+            raise RuntimeError(f"{type(self.vectorstore).__name__} did not keep the given ids")
+        # After the vector store, so a failed vector write leaves no KV behind; KV is keyed
+        # by content, so even a failure here can never serve stale KV.
+        self.generator.add_documents(
+            [DaserDocument(self.kv_doc_id(i), d.page_content, dict(d.metadata or {}))
+             for i, d in zip(final_ids, documents)],
+            precompute=self.precompute,
+            **self._gen_kwargs(),
+        )
+        return final_ids
+
+    def add_texts(
+        self,
+        texts: Iterable[str],
+        metadatas: list[dict] | None = None,
+        *,
+        ids: list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[str]:
+        texts = list(texts)
+        if metadatas is not None and len(metadatas) != len(texts):
+            raise InvalidInputError(f"got {len(metadatas)} metadatas for {len(texts)} texts")
+        docs = [LCDocument(page_content=t, metadata=(metadatas[i] if metadatas else {}) or {})
+                for i, t in enumerate(texts)]
+        return self.add_documents(docs, ids=ids, **kwargs)
+
+    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
+        """Delete records and invalidate exactly their KV. `ids=None` deletes everything
+        (supported when the wrapped store can list its ids, like InMemoryVectorStore)."""
+        if ids is None:
+            store = getattr(self.vectorstore, "store", None)
+            if not isinstance(store, dict):
+                raise InvalidInputError(
+                    f"delete(ids=None) needs a store that can list its ids; pass ids for "
+                    f"{type(self.vectorstore).__name__}")
+            ids = list(store)
+        ids = list(ids)
+        if any(not isinstance(i, str) or not i for i in ids):
+            raise InvalidInputError("delete ids must be non-empty strings")
+        result = self.vectorstore.delete(ids, **kwargs)
+        if result is False:
+            return False
+        self.last_dropped = {i: self.generator.invalidate(self.kv_doc_id(i), **self._gen_kwargs()) for i in ids}
+        return True
+
+    # -- reads ---------------------------------------------------------------------------------
+    def get_by_ids(self, ids: Sequence[str], /) -> list[LCDocument]:
+        return [self._tag(d) for d in self.vectorstore.get_by_ids(ids)]
+
+    def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[LCDocument]:
+        return [self._tag(d) for d in self.vectorstore.similarity_search(query, k=k, **kwargs)]
+
+    def similarity_search_with_score(self, query: str, k: int = 4, **kwargs: Any) -> list[tuple[LCDocument, float]]:
+        return [(self._tag(d), s) for d, s in self.vectorstore.similarity_search_with_score(query, k=k, **kwargs)]
+
+    def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[LCDocument]:
+        return [self._tag(d) for d in self.vectorstore.similarity_search_by_vector(embedding, k=k, **kwargs)]
+
+    def _similarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[LCDocument, float]]:
+        pairs = self.vectorstore._similarity_search_with_relevance_scores(query, k=k, **kwargs)  # noqa: SLF001
+        return [(self._tag(d), s) for d, s in pairs]
+
+    def _select_relevance_score_fn(self) -> Callable[[float], float]:
+        return self.vectorstore._select_relevance_score_fn()  # noqa: SLF001
+
+    def max_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[LCDocument]:
+        docs = self.vectorstore.max_marginal_relevance_search(
+            query, k=k, fetch_k=fetch_k, lambda_mult=lambda_mult, **kwargs)
+        return [self._tag(d) for d in docs]
+
+    def max_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[LCDocument]:
+        docs = self.vectorstore.max_marginal_relevance_search_by_vector(
+            embedding, k=k, fetch_k=fetch_k, lambda_mult=lambda_mult, **kwargs)
+        return [self._tag(d) for d in docs]
+
+    @classmethod
+    def from_texts(
+        cls,
+        texts: list[str],
+        embedding: Embeddings,
+        metadatas: list[dict] | None = None,
+        *,
+        ids: list[str] | None = None,
+        generator: KVGenerator | None = None,
+        **kwargs: Any,
+    ) -> DaserVectorStore:
+        if generator is None:
+            raise InvalidInputError("DaserVectorStore.from_texts needs generator=<KVGenerator>")
+        store = cls(generator, embedding=embedding, **kwargs)
+        store.add_texts(texts, metadatas, ids=ids)
+        return store
