@@ -17,6 +17,8 @@ from typing import Any, Union
 import torch
 
 from daser_rag.blend.fusion import BlendConfig, FusionResult, fuse
+from daser_rag.blend.layer_loader import LayerLoader, source_token_ids
+from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.chunking import split_text
 from daser_rag.errors import ContextTooLongError, InvalidInputError
 from daser_rag.kv.chunk_kv import ChunkKV
@@ -304,21 +306,134 @@ class CacheAwareGenerator:
                 logits = self.runner.forward(all_ids, 0, cache)
                 timings.fuse_s = time.perf_counter() - t0
                 return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
-            segments = [self._prefix_kv(tenant)]
-            for p in pieces:
-                kv, hit = self._get_or_compute(p, tenant, timings)
-                info["hits" if hit else "misses"] += 1
-                if p.doc_id is not None:
-                    self.store.index.add_refs(p.doc_id, [p.key], tenant)
-                segments.append(kv)
-            exact = segments[0].num_tokens
-            if len(segments) > 1 and segments[1].start_pos == exact:
-                exact += segments[1].num_tokens  # computed right after this very prefix
+            segments, exact, loader = self._assemble_segments(pieces, tenant, timings, info)
             cfg = self.blend if recompute_ratio is None else BlendConfig(recompute_ratio, self.blend.check_layer)
             t0 = time.perf_counter()
-            fused = fuse(self.runner, segments, q_ids, exact_len=exact, config=cfg, extra_capacity=extra_capacity)
+            try:
+                fused = fuse(self.runner, segments, q_ids, exact_len=exact, config=cfg,
+                             extra_capacity=extra_capacity)
+            finally:
+                if loader is not None:
+                    loader.close()
             timings.fuse_s = time.perf_counter() - t0
             return fused, info
+
+    # -- segment assembly (prefix tree, layer-wise loading) ------------------------------------
+    prefix_tree: PrefixTree | None = None
+    """When set, repeated ordered chunk sequences reuse exact KV (see blend/prefix_tree.py)."""
+    layerwise: bool = False
+    """When true, stored KV is decoded/re-rotated/uploaded one layer ahead of compute."""
+
+    def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[str]:
+        """Store keys a request for `contexts` will read: what a scheduler protects and prefetches."""
+        pieces = self._resolve(contexts, tenant)
+        chunk_keys = [p.key for p in pieces]
+        if self.prefix_tree is None or not pieces:
+            return chunk_keys
+        pk = prefix_key(self.fingerprint, self.prompt.prefix_ids, tenant)
+        m = PrefixTree.longest_stored(pk, chunk_keys, self.store.contains)
+        return m.node_keys[: m.depth] + chunk_keys[m.depth:]
+
+    def _lookup(self, key: str, timings: Timings) -> Any:
+        """A stored entry, left encoded when layer-wise loading will decode it; None on a miss."""
+        t0 = time.perf_counter()
+        if self.layerwise:
+            got: Any = self.store.get_encoded(key)
+        else:
+            got = self.store.get(key, dtype=self.runner.dtype, device=self.runner.device)
+        timings.fetch_s += time.perf_counter() - t0
+        return got
+
+    def _fetch_chunk(self, p: _Piece, tenant: str, timings: Timings) -> tuple[Any, bool]:
+        got = self._lookup(p.key, timings)
+        if got is not None:
+            return got, True
+        pre = timings.precompute_s
+        kv, _ = self._get_or_compute(p, tenant, timings)
+        self.store.note_cost(p.key, timings.precompute_s - pre)
+        return kv, False
+
+    def _assemble_segments(
+        self, pieces: list[_Piece], tenant: str, timings: Timings, info: dict[str, Any]
+    ) -> tuple[list[Any], int, LayerLoader | None]:
+        prefix = self._prefix_kv(tenant)
+        segments: list[Any] = [prefix]
+        depth = min(1, len(pieces))
+        node_keys = [p.key for p in pieces]
+        if self.prefix_tree is not None and len(pieces) > 1:
+            pk = prefix_key(self.fingerprint, self.prompt.prefix_ids, tenant)
+            chunk_keys = [p.key for p in pieces]
+            count = self.prefix_tree.record(pk, chunk_keys)
+            match = PrefixTree.longest_stored(pk, chunk_keys, self.store.contains)
+            depth, node_keys = match.depth, match.node_keys
+            if self.prefix_tree.should_materialize(count, depth, len(pieces)):
+                t0 = time.perf_counter()
+                depth = self._materialize(prefix, pieces, node_keys, depth, tenant, timings)
+                timings.precompute_s += time.perf_counter() - t0
+                info["materialized"] = True
+        info["exact_chunks"] = depth
+        for j, p in enumerate(pieces):
+            kv = self._lookup(node_keys[j], timings) if 0 < j < depth else None
+            if kv is not None:
+                hit = True
+            else:
+                if 0 < j < depth:
+                    # the node vanished between lookup and fetch (evicted or invalidated); the
+                    # plain chunk was computed after the prefix only, so exactness ends here
+                    depth = j
+                    info["exact_chunks"] = depth
+                kv, hit = self._fetch_chunk(p, tenant, timings)
+            info["hits" if hit else "misses"] += 1
+            if p.doc_id is not None:
+                self.store.index.add_refs(p.doc_id, [p.key], tenant)
+            segments.append(kv)
+        if depth and segments[1].start_pos != prefix.num_tokens:
+            depth = 0  # not computed right after this prefix: nothing beyond the prefix is exact
+        info["exact_chunks"] = depth
+        exact = prefix.num_tokens + sum(len(p.ids) for p in pieces[:depth])
+        if not self.layerwise:
+            return segments, exact, None
+        placements, offset = [], 0
+        for seg in segments:
+            placements.append((seg, offset))
+            offset += int(source_token_ids(seg).shape[0])
+        loader = LayerLoader(placements, num_layers=self.runner.spec.num_layers, inv_freq=self.runner.inv_freq,
+                             device=self.runner.device, dtype=self.runner.dtype)
+        return loader.segments(), exact, loader
+
+    def _materialize(self, prefix: ChunkKV, pieces: list[_Piece], node_keys: list[str], depth: int,
+                     tenant: str, timings: Timings) -> int:
+        """Compute chunks depth.. exactly after the exact run and store them as tree nodes."""
+        runs = [prefix]
+        for j in range(depth):
+            if j == 0:
+                kv, _ = self._get_or_compute(pieces[0], tenant, timings)
+            else:
+                kv = self.store.get(node_keys[j], dtype=self.runner.dtype, device=self.runner.device)
+                if kv is None:  # gone since the lookup: extend from here instead
+                    depth = j
+                    break
+            runs.append(kv)
+        p0 = sum(r.num_tokens for r in runs)
+        rest = [i for p in pieces[depth:] for i in p.ids]
+        cache = self.runner.new_cache(p0 + len(rest))
+        off = 0
+        for r in runs:
+            for i in range(self.runner.spec.num_layers):
+                cache.write(i, off, r.keys[i].to(self.runner.device, self.runner.dtype),
+                            r.values[i].to(self.runner.device, self.runner.dtype))
+            off += r.num_tokens
+        cache.length = p0
+        self.runner.forward(torch.tensor(rest, dtype=torch.long), p0, cache)
+        start = p0
+        for j in range(depth, len(pieces)):
+            p = pieces[j]
+            kv = self._extract(cache, node_keys[j], torch.tensor(p.ids, dtype=torch.long), start)
+            self.store.put(kv)
+            start += len(p.ids)
+            doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
+            self.store.add_derived(doc_ids, node_keys[j], tenant)  # any of them dropped -> node dropped
+        return len(pieces)
 
     def _run(
         self,

@@ -54,7 +54,9 @@ class FusionResult:
 class _LayerFiller:
     """Writes one layer of every stored segment into the buffer, re-rotating keys on the way.
 
-    Called just before the layer is computed, so loading can later be overlapped with compute.
+    Called just before the layer is computed. Segments that come from a `LayerLoader`
+    (`StreamedSegment`, with `ready_layer`) were decoded and re-rotated in the background
+    while the previous layer computed; plain `ChunkKV`s are converted here.
     """
 
     def __init__(self, runner: LayerRunner, cache: PositionalKVCache, segments: Sequence[ChunkKV]) -> None:
@@ -71,8 +73,17 @@ class _LayerFiller:
         dev, dt = self.runner.device, self.runner.dtype
         inv_freq = self.runner.inv_freq
         for seg, offset in self.placements:
-            k = seg.keys[layer].to(device=dev, dtype=torch.float32)
-            k = rerotate_keys(k, offset - seg.start_pos, inv_freq).to(dt)
+            ready = getattr(seg, "ready_layer", None)
+            if ready is not None:
+                k, v = ready(layer, offset)
+                self.cache.write(layer, offset, k, v)
+                continue
+            delta = offset - seg.start_pos
+            if delta == 0:  # stored at its final position (prefix, exact tree node): no rotation
+                k = seg.keys[layer].to(device=dev, dtype=dt)
+            else:
+                k = seg.keys[layer].to(device=dev, dtype=torch.float32)
+                k = rerotate_keys(k, delta, inv_freq).to(dt)
             self.cache.write(layer, offset, k, seg.values[layer].to(device=dev, dtype=dt))
 
 

@@ -61,6 +61,8 @@ class KVStore:
         self.remote = remote
         self.index = index if index is not None else DocIndex(
             self.root / "index.sqlite" if self.root is not None else None)
+        # entries derived from several documents (prefix-tree nodes): dropped when ANY of them goes
+        self.derived = DocIndex(self.root / "derived.sqlite" if self.root is not None else None)
         self.validate = validate
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
@@ -162,12 +164,28 @@ class KVStore:
     def is_protected(self, key: str) -> bool:
         return self._protected.get(key, 0) > 0
 
+    def protected_keys(self) -> list[str]:
+        with self._lock:
+            return [k for k, n in self._protected.items() if n > 0]
+
+    def in_host(self, key: str) -> bool:
+        """True when a get() would be served from RAM (no disk or remote I/O)."""
+        return self.host.contains(key)
+
+    def note_cost(self, key: str, seconds: float) -> None:
+        """Tell a cost-aware host policy what a miss on `key` really costs (measured)."""
+        set_cost = getattr(self.host.policy, "set_cost", None)
+        if set_cost is not None:
+            set_cost(key, seconds)
+
     # -- documents ---------------------------------------------------------------------------
     def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
         """Drop a document and exactly the chunk KV no other document uses. Idempotent."""
         orphans = self.index.remove_document(doc_id, tenant)
+        derived = self._drop_derived(doc_id, tenant)
         if orphans is None:
-            return []
+            return derived
+        orphans = orphans + [k for k in derived if k not in orphans]
         for key in orphans:
             self.delete(key)
         self.counters["invalidations"] += 1
@@ -176,11 +194,26 @@ class KVStore:
 
     def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> list[str]:
         orphans = self.index.replace_refs(doc_id, keys, tenant)
+        if orphans:  # the document changed: entries derived from its old text are garbage
+            orphans = orphans + [k for k in self._drop_derived(doc_id, tenant) if k not in orphans]
         for key in orphans:
             self.delete(key)
         if orphans:
             self.counters["invalidated_chunks"] += len(orphans)
         return orphans
+
+    def add_derived(self, doc_ids: list[str], key: str, tenant: str = "") -> None:
+        """Register an entry built from several documents; invalidating any one drops it."""
+        for d in dict.fromkeys(doc_ids):
+            self.derived.add_refs(d, [key], tenant)
+
+    def _drop_derived(self, doc_id: str, tenant: str) -> list[str]:
+        keys = self.derived.chunk_keys(doc_id, tenant)
+        if keys:
+            self.derived.remove_document(doc_id, tenant)
+        for key in keys:
+            self.delete(key)
+        return keys
 
     # -- housekeeping -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -217,4 +250,5 @@ class KVStore:
         for tier in self.tiers:
             tier.clear()
         self.index.clear()
+        self.derived.clear()
         self.counters.clear()
