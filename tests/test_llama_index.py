@@ -264,3 +264,39 @@ def test_daser_llm_is_a_drop_in_llm(generator, llm):
         from llama_index.core.llms import MockLLM
 
         CacheAwareSynthesizer(MockLLM())
+
+
+def test_remote_client_generator_works_through_the_protocol_only(generator, embed, monkeypatch):
+    """The adapter over DaserClient (HTTP, real service app in-process): no store access, so KV is
+    built on first use and invalidation goes through the service's document API."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from daser_rag.server.app import create_app
+    from daser_rag.server.client import DaserClient
+
+    with TestClient(create_app(generator)) as http:
+        client = DaserClient("http://testserver")
+        client._http.close()
+        client._http = http  # TestClient is an httpx.Client that serves the app in-process
+        store = InvalidatingFaissVectorStore(generator=client)
+        assert store.kv is not None and not store.kv.precomputes
+        kv = KVPrecomputeTransform(client, show_progress=False)
+        IngestionPipeline(transformations=[splitter(generator), embed, kv], vector_store=store).run(
+            documents=documents())
+        assert kv.reports[0].deferred == kv.reports[0].nodes > 0
+        llm = DaserLLM(client, max_new_tokens=MAX_NEW)
+        monkeypatch.setattr(Settings, "_llm", llm)
+        qe = engine(store, embed, llm)
+        first = qe.query(CASTLE_Q)
+        n = len(first.source_nodes)
+        assert "4417" in str(first) and first.metadata[DASER_KEY]["cache_misses"] == n
+        second = qe.query(CASTLE_Q)
+        assert second.metadata[DASER_KEY]["cache_hits"] == n and str(second) == str(first)
+        castle = [k for k, node in zip(first.metadata[DASER_KEY]["chunk_keys"], first.source_nodes)
+                  if node.node.ref_doc_id == "notes:castle"]
+        others = [k for k in first.metadata[DASER_KEY]["chunk_keys"] if k not in castle]
+        assert castle and all(stored(generator, castle))
+        store.delete("notes:castle")
+        assert stored(generator, castle) == [False] * len(castle)
+        assert all(stored(generator, others))

@@ -211,6 +211,12 @@ class KVSync:
         report.seconds = time.perf_counter() - t0
         return report
 
+    def _invalidate(self, doc_id: str) -> list[str]:
+        # An empty tenant is left out so that a remote client's own default tenant applies.
+        dropped = self.generator.invalidate(doc_id, tenant=self.tenant) if self.tenant else \
+            self.generator.invalidate(doc_id)
+        return list(dropped)
+
     # -- KnowledgeBaseHook -----------------------------------------------------------------------
     def on_nodes_added(self, nodes: Sequence[BaseNode]) -> None:
         # Also covers an IngestionPipeline cache hit, which skips KVPrecomputeTransform.
@@ -222,11 +228,11 @@ class KVSync:
         for doc_id, nodes in current.items():
             texts = [t for t in (rendered_text(n) for n in nodes) if t.strip()]
             if not texts:
-                dropped[doc_id] = list(self.generator.invalidate(doc_id, tenant=self.tenant))
+                dropped[doc_id] = self._invalidate(doc_id)
             elif self._local is not None:
                 keys = [self._local.key(t, self.tenant) for t in texts]
                 dropped[doc_id] = self._local.replace_refs(doc_id, keys, self.tenant)
             else:
                 # No ref-level access: dropping the whole document is coarse but never stale.
-                dropped[doc_id] = list(self.generator.invalidate(doc_id, tenant=self.tenant))
+                dropped[doc_id] = self._invalidate(doc_id)
         return dropped

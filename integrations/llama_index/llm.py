@@ -112,8 +112,9 @@ class DaserLLM(CustomLLM):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "use_cache": self.use_cache,
-            "tenant": self.tenant,
         }
+        if self.tenant:  # left out when empty, so a remote client's own default tenant applies
+            gen["tenant"] = self.tenant
         if self.recompute_ratio is not None:
             gen["recompute_ratio"] = self.recompute_ratio
         gen.update({k: v for k, v in kwargs.items() if v is not None})
