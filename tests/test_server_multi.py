@@ -1,0 +1,146 @@
+"""Two real service processes sharing one real redis-server (separate cache dirs, so Redis is
+the only thing they share): precompute on one, hit on the other; invalidate or update on one,
+and the other can no longer serve the dropped KV; Redis going away degrades, not errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("redis")
+
+from daser_rag.errors import UnknownDocumentError  # noqa: E402
+from daser_rag.server.client import DaserClient  # noqa: E402
+from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path  # noqa: E402
+from daser_rag.types import ChunkRef, Document  # noqa: E402
+
+pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
+
+PASS_DOC = "The pass statement is a null operation; when it is executed, nothing happens."
+BREAK_DOC = "A break statement terminates the nearest enclosing loop, skipping the optional else clause."
+Q = "What happens when pass is executed?"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cluster")
+    redis = RedisServer(workdir=base / "redis").start()
+    a = ServiceProcess(base / "a", redis_url=redis.url).start()
+    b = ServiceProcess(base / "b", redis_url=redis.url).start()
+    try:
+        a.wait_healthy()
+        b.wait_healthy()
+        with DaserClient(a.url) as ca, DaserClient(b.url) as cb:
+            yield {"redis": redis, "a": a, "b": b, "ca": ca, "cb": cb}
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_precompute_on_one_hit_on_the_other(cluster):
+    ca, cb = cluster["ca"], cluster["cb"]
+    rep = ca.add_documents([Document("mp:pass", PASS_DOC)])
+    assert rep.computed_chunks == 1
+    keys = rep.records[0]["chunk_keys"]
+    assert "mp:pass" in cb.list_documents()  # one registry for both processes
+    rb = cb.generate(Q, [ChunkRef(doc_id="mp:pass")], max_new_tokens=6)
+    assert rb.cache_hits == 1 and rb.cache_misses == 0 and rb.chunk_keys == keys
+    assert "nothing" in rb.text.lower()
+    ra = ca.generate(Q, [ChunkRef(doc_id="mp:pass")], max_new_tokens=6)
+    assert ra.text == rb.text  # the same bytes served on both processes
+    assert _metric(cb.metrics(), 'daser_store_hits_total{tier="redis"}') >= 1
+
+
+def test_invalidate_on_one_no_stale_hit_on_the_other(cluster):
+    ca, cb = cluster["ca"], cluster["cb"]
+    ca.add_documents([Document("mp:inv", BREAK_DOC)])
+    first = cb.generate(Q, [ChunkRef(doc_id="mp:inv")], max_new_tokens=1)
+    assert first.cache_hits == 1  # b now also holds the entry in its own RAM and disk tiers
+    dropped = ca.invalidate("mp:inv")
+    assert dropped == first.chunk_keys
+    # the instant invalidate() returned on a, b can neither resolve the document ...
+    with pytest.raises(UnknownDocumentError):
+        cb.generate(Q, [ChunkRef(doc_id="mp:inv")], max_new_tokens=1)
+    # ... nor hit the dropped KV, even when the same text is sent again
+    again = cb.generate(Q, [Document("mp:inv", BREAK_DOC)], max_new_tokens=1)
+    assert again.cache_hits == 0 and again.cache_misses == 1
+    assert _metric(cb.metrics(), "daser_stale_local_dropped_total") >= 1
+
+
+def test_update_on_one_is_seen_by_the_other(cluster):
+    ca, cb = cluster["ca"], cluster["cb"]
+    v1 = ca.add_documents([Document("mp:upd", PASS_DOC)]).records[0]
+    assert cb.generate(Q, [ChunkRef(doc_id="mp:upd")], max_new_tokens=1).chunk_keys == v1["chunk_keys"]
+    v2 = ca.update_document("mp:upd", BREAK_DOC)["document"]
+    assert v2["version"] > v1["version"]
+    r = cb.generate(Q, [ChunkRef(doc_id="mp:upd")], max_new_tokens=1)
+    assert r.chunk_keys == v2["chunk_keys"] and r.cache_hits == 1  # a precomputed v2; b hits it
+    assert cb.document("mp:upd")["digest"] == v2["digest"]
+
+
+def test_tenant_isolation_across_processes(cluster):
+    ca, cb = cluster["ca"], cluster["cb"]
+    ca.add_documents([Document("mp:t", PASS_DOC)], tenant="acme")
+    assert cb.list_documents(tenant="acme") == ["mp:t"]
+    with pytest.raises(UnknownDocumentError):
+        cb.generate(Q, [ChunkRef(doc_id="mp:t")], max_new_tokens=1, tenant="globex")
+    r = cb.generate(Q, [PASS_DOC], max_new_tokens=1, tenant="globex")
+    assert r.cache_hits == 0
+
+
+def test_health_and_metrics_stay_responsive_during_generation(cluster):
+    ca = cluster["ca"]
+    ca.add_documents([Document("mp:busy", PASS_DOC)])
+    done = threading.Event()
+
+    def long_request():
+        try:
+            ca.generate(Q, [ChunkRef(doc_id="mp:busy")], max_new_tokens=48)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    time.sleep(0.5)
+    import httpx
+
+    lat = []
+    while not done.is_set() and len(lat) < 10:
+        t0 = time.perf_counter()
+        assert httpx.get(cluster["a"].url + "/health", timeout=10).status_code == 200
+        assert httpx.get(cluster["a"].url + "/metrics", timeout=10).status_code == 200
+        lat.append(time.perf_counter() - t0)
+    t.join()
+    assert lat and max(lat) < 3.0, lat
+
+
+def test_redis_outage_degrades_to_local_tiers(cluster):
+    ca, cb, redis = cluster["ca"], cluster["cb"], cluster["redis"]
+    ca.add_documents([Document("mp:out", PASS_DOC)])
+    assert cb.generate(Q, [ChunkRef(doc_id="mp:out")], max_new_tokens=1).cache_hits == 1
+    redis.kill()
+    try:
+        assert cb.health()["status"] == "degraded"
+        r = cb.generate(Q, [ChunkRef(doc_id="mp:out")], max_new_tokens=1)  # local mirror + local tiers
+        assert r.cache_hits == 1
+        r = cb.generate(Q, ["A continue statement skips to the next cycle of the nearest enclosing loop."],
+                        max_new_tokens=1)
+        assert r.cache_misses == 1  # computed locally; the failed write to Redis is not an error
+        assert "unavailable" in cluster["b"].log()
+    finally:
+        redis.start()
+    deadline = time.monotonic() + 10
+    while cb.health()["status"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert cb.health()["redis"] == "up"
