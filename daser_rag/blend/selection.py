@@ -20,8 +20,16 @@ def num_selected(num_candidates: int, ratio: float) -> int:
 
 def kv_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
     """Per-token squared L2 deviation of K and V, summed over heads: [kvH, T, D] -> [T]."""
+    import os
+    mode = os.environ.get("DASER_DEV", "kv")
     dk = (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
     dv = (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
+    if mode == "k":
+        return dk
+    if mode == "v":
+        return dv
+    if mode == "rel":
+        return dk / k_old.float().pow(2).sum(dim=(0, 2)).clamp_min(1e-6) + dv / v_old.float().pow(2).sum(dim=(0, 2)).clamp_min(1e-6)
     return dk + dv
 
 

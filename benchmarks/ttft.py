@@ -1,0 +1,106 @@
+"""TTFT: full prefill vs daser-rag blending (r=0.15 by default) vs full reuse (r=0).
+
+Workload (issue 2): N chunks x L tokens from the Python Language Reference + a ~32-token
+question. Chunk KV is precomputed first (that is index-time work, not counted). Modes are
+interleaved per repetition so machine noise hits all of them alike; the median is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from typing import Any
+
+from daser_rag.corpus import python_reference_corpus
+
+QUESTION = ("Based on the documents above, which statements can change the normal flow of control in a loop "
+            "or a function, and how do they differ from each other?")
+LONG_TOPICS = ("comparisons", "import", "try", "function", "class", "with", "raise", "exceptions",
+               "augassign", "for", "global", "booleans")
+
+
+def make_chunks(gen: Any, n_chunks: int, chunk_tokens: int) -> list[str]:
+    """n_chunks texts of about chunk_tokens tokens each, cut from long reference topics."""
+    docs = python_reference_corpus(LONG_TOPICS)
+    out: list[str] = []
+    tok = gen.tokenizer
+    for d in docs:
+        ids = tok(d.text, add_special_tokens=False)["input_ids"]
+        start = 0
+        while start + chunk_tokens <= len(ids) and len(out) < n_chunks:
+            out.append(tok.decode(ids[start:start + chunk_tokens]))
+            start += chunk_tokens
+        if len(out) >= n_chunks:
+            break
+    if len(out) < n_chunks:
+        raise ValueError(f"corpus too small for {n_chunks} chunks of {chunk_tokens} tokens")
+    return out
+
+
+def measure_modes(
+    gen: Any, chunks: list[str], question: str, ratios: list[float], repeats: int
+) -> dict[str, list[float]]:
+    modes: list[tuple[str, dict[str, Any]]] = [("full prefill", {"use_cache": False})]
+    modes += [(f"daser r={r:g}", {"recompute_ratio": r}) for r in ratios]
+    gen.generate(question, chunks, max_new_tokens=1)  # precompute + warm-up (not timed)
+    gen.generate(question, chunks, max_new_tokens=1, use_cache=False)
+    times: dict[str, list[float]] = {name: [] for name, _ in modes}
+    for _ in range(repeats):
+        for name, kw in modes:
+            res = gen.generate(question, chunks, max_new_tokens=1, **kw)
+            times[name].append(res.timings.ttft_s)
+    return times
+
+
+def run_ttft_benchmark(
+    gen: Any, *, n_chunks: int = 4, chunk_tokens: int = 512, ratios: list[float] | None = None,
+    repeats: int = 3, question: str = QUESTION,
+) -> dict[str, Any]:
+    ratios = ratios if ratios is not None else [0.15, 0.0]
+    chunks = make_chunks(gen, n_chunks, chunk_tokens)
+    q_tokens = len(gen.prompt.query_ids(question))
+    ctx_tokens = len(gen.prompt_ids(question, chunks)) - q_tokens
+    times = measure_modes(gen, chunks, question, ratios, repeats)
+    full = statistics.median(times["full prefill"])
+    rows = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"mode": name, "ttft_median_s": med, "ttft_min_s": min(ts), "speedup_vs_full": full / med})
+    return {"n_chunks": n_chunks, "chunk_tokens": chunk_tokens, "context_tokens": ctx_tokens,
+            "question_tokens": q_tokens, "repeats": repeats, "rows": rows}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"context {result['context_tokens']} tokens ({result['n_chunks']} chunks x ~{result['chunk_tokens']}), "
+             f"question {result['question_tokens']} tokens, median of {result['repeats']}",
+             f"{'mode':<16}{'TTFT (s)':>10}{'min (s)':>10}{'speed-up':>10}"]
+    for r in result["rows"]:
+        lines.append(f"{r['mode']:<16}{r['ttft_median_s']:>10.3f}{r['ttft_min_s']:>10.3f}{r['speedup_vs_full']:>9.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.kv.store import KVStore
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--chunk-tokens", type=int, default=512)
+    ap.add_argument("--ratios", default="0.15,0")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codec", default="fp16")
+    ap.add_argument("--json", default=None, help="also write the result here")
+    args = ap.parse_args(argv)
+    gen = CacheAwareGenerator(args.model, store=KVStore(None, codec=args.codec))
+    res = run_ttft_benchmark(gen, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens,
+                             ratios=[float(x) for x in args.ratios.split(",")], repeats=args.repeats)
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

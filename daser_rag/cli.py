@@ -1,0 +1,223 @@
+"""`daser-rag` command line: demo | ingest | ask | cache | bench | serve."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daser_rag.errors import DaserError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M)")
+    p.add_argument("--cache-dir", default=None, help="KV cache directory (default: $DASER_RAG_CACHE_DIR or ~/.cache/daser-rag)")
+    p.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"], help="KV storage codec")
+    p.add_argument("--tenant", default="", help="tenant id / cache salt")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="max tokens per chunk when splitting documents")
+
+
+def _generator(args: argparse.Namespace) -> Any:
+    from daser_rag.generate import CacheAwareGenerator
+
+    return CacheAwareGenerator(args.model, cache_dir=args.cache_dir, codec=args.codec, chunk_tokens=args.chunk_tokens)
+
+
+# -- demo ---------------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus
+    from daser_rag.types import ChunkRef
+
+    print("daser-rag demo: Python Language Reference (pydoc_data.topics) on the embedded SmolLM2-135M-Instruct")
+    t0 = time.perf_counter()
+    gen = _generator(args)
+    print(f"model loaded in {time.perf_counter() - t0:.1f}s  (fingerprint {gen.fingerprint[:12]}, "
+          f"device {gen.runner.device}, cache {gen.store.root})")
+    docs = python_reference_corpus(DEMO_TOPICS)
+    rep = gen.add_documents(docs, progress=True, tenant=args.tenant)
+    print(f"ingested {rep.documents} documents -> {rep.chunks} chunks, {rep.tokens} tokens: "
+          f"{rep.computed_chunks} chunk KVs computed, {rep.reused_chunks} already cached ({rep.seconds:.1f}s)\n")
+    speedups = []
+    items = QA_SET[: args.questions]
+    for i, qa in enumerate(items, 1):
+        refs = [ChunkRef(doc_id=d) for d in qa.doc_ids]
+        full = gen.generate(qa.question, refs, max_new_tokens=args.max_new_tokens, use_cache=False, tenant=args.tenant)
+        fast = gen.generate(qa.question, refs, max_new_tokens=args.max_new_tokens,
+                            recompute_ratio=args.ratio, tenant=args.tenant)
+        sp = full.timings.ttft_s / fast.timings.ttft_s
+        speedups.append(sp)
+        ok = any(a.lower() in fast.text.lower() for a in qa.answers)
+        print(f"[{i}/{len(items)}] Q: {qa.question}")
+        print(f"      documents: {', '.join(qa.doc_ids)}  ({fast.context_tokens} context tokens)")
+        print(f"      full prefill : {full.text.strip()!r}")
+        print(f"      daser-rag    : {fast.text.strip()!r}  [{'contains expected answer' if ok else 'expected answer not found'}]")
+        print(f"      TTFT full {full.timings.ttft_s * 1000:.0f} ms | daser-rag {fast.timings.ttft_s * 1000:.0f} ms "
+              f"(r={args.ratio}, recomputed {fast.recompute_share:.0%}, hits {fast.cache_hits}, "
+              f"misses {fast.cache_misses}) | speed-up {sp:.1f}x\n")
+    if speedups:
+        import statistics
+
+        print(f"median TTFT speed-up over {len(speedups)} questions: {statistics.median(speedups):.1f}x")
+    return 0
+
+
+# -- ingest / ask / cache -------------------------------------------------------------------
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from daser_rag.corpus import python_reference_corpus
+    from daser_rag.types import Document
+
+    docs: list[Document] = []
+    for f in args.files:
+        p = Path(f)
+        if not p.is_file():
+            raise DaserError(f"no such file: {p}")
+        docs.append(Document(doc_id=str(p), text=p.read_text(encoding="utf-8")))
+    if args.topics:
+        topics = None if args.topics == "all" else [t.strip() for t in args.topics.split(",") if t.strip()]
+        try:
+            docs.extend(python_reference_corpus(topics))
+        except KeyError as exc:
+            raise DaserError(str(exc)) from exc
+    if not docs:
+        raise DaserError("nothing to ingest: pass files and/or --topics")
+    gen = _generator(args)
+    rep = gen.add_documents(docs, progress=True, tenant=args.tenant)
+    print(json.dumps(rep.__dict__, indent=2))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from daser_rag.types import ChunkRef
+
+    gen = _generator(args)
+    contexts: list[Any] = [ChunkRef(doc_id=d) for d in args.doc] + [ChunkRef(text=t) for t in args.text]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+              use_cache=not args.full, tenant=args.tenant)
+    if args.ratio is not None:
+        kw["recompute_ratio"] = args.ratio
+    if args.stream:
+        stream = gen.stream(args.question, contexts, **kw)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        res = stream.result
+    else:
+        res = gen.generate(args.question, contexts, **kw)
+        print(res.text.strip())
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=2, default=str))
+    else:
+        print(f"-- TTFT {res.timings.ttft_s * 1000:.0f} ms, {res.prompt_tokens} prompt tokens, "
+              f"hits {res.cache_hits}, misses {res.cache_misses}, recomputed {res.recompute_share:.0%}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from daser_rag.kv.store import KVStore, default_cache_dir
+
+    store = KVStore(args.cache_dir or default_cache_dir())
+    if args.action == "stats":
+        print(json.dumps(store.stats(), indent=2))
+    elif args.action == "clear":
+        store.clear()
+        print("cache cleared")
+    elif args.action == "invalidate":
+        if not args.doc:
+            raise DaserError("cache invalidate needs --doc ID")
+        for d in args.doc:
+            dropped = store.invalidate(d, args.tenant)
+            print(f"{d}: dropped {len(dropped)} chunk KV entries")
+    return 0
+
+
+# -- bench / serve --------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    name = args.name.replace("-", "_")
+    try:
+        mod = importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as exc:
+        raise DaserError(f"unknown benchmark {args.name!r} ({exc})") from exc
+    mod.main(rest)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from daser_rag.server.app import serve
+    except ImportError as exc:
+        raise DaserError(f"service mode needs the server extra: pip install 'daser-rag[server]' ({exc})") from exc
+    serve(args.host, args.port, model=args.model, cache_dir=args.cache_dir, redis_url=args.redis_url,
+          api_keys=args.api_key or None, codec=args.codec)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="daser-rag", description="RAG-native KV-cache middleware")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="ingest a real corpus, answer multi-document questions, compare TTFT")
+    _add_common(p)
+    p.add_argument("--questions", type=int, default=4)
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+
+    p = sub.add_parser("ingest", help="precompute and store chunk KV for documents")
+    _add_common(p)
+    p.add_argument("files", nargs="*", help="text files (doc id = path)")
+    p.add_argument("--topics", default=None, help="pydoc topics: 'all' or comma-separated names")
+
+    p = sub.add_parser("ask", help="answer a question over stored documents and/or given texts")
+    _add_common(p)
+    p.add_argument("question")
+    p.add_argument("--doc", action="append", default=[], help="document id (repeatable)")
+    p.add_argument("--text", action="append", default=[], help="literal chunk text (repeatable)")
+    p.add_argument("--ratio", type=float, default=None, help="recompute ratio r (default 0.15)")
+    p.add_argument("--full", action="store_true", help="full prefill, no cache (baseline)")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+
+    p = sub.add_parser("cache", help="inspect or manage the KV cache")
+    p.add_argument("action", choices=["stats", "clear", "invalidate"])
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--doc", action="append", default=[])
+    p.add_argument("--tenant", default="")
+
+    p = sub.add_parser("bench", help="run a benchmark: ttft (default), fidelity, ... (extra args pass through)")
+    p.add_argument("name", nargs="?", default="ttft")
+
+    p = sub.add_parser("serve", help="run the HTTP service")
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--api-key", action="append", default=[])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    if rest and args.cmd != "bench":
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.cmd == "bench":
+            return cmd_bench(args, rest)
+        return {"demo": cmd_demo, "ingest": cmd_ingest, "ask": cmd_ask, "cache": cmd_cache, "serve": cmd_serve}[
+            args.cmd](args)
+    except DaserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

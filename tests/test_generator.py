@@ -1,0 +1,96 @@
+"""Generator behaviour: documents, refs, streaming, sampling, invalidation, bad input."""
+
+import pytest
+
+from daser_rag import ChunkRef, ContextTooLongError, Document, InvalidInputError, ModelLoadError, UnknownDocumentError
+
+
+def test_add_documents_then_ask_by_doc_id_hits(generator, corpus):
+    docs = [d for d in corpus if d.doc_id in ("pyref:pass", "pyref:break")]
+    rep = generator.add_documents(docs)
+    assert rep.documents == 2 and rep.computed_chunks == rep.chunks > 0
+    again = generator.add_documents(docs)
+    assert again.computed_chunks == 0 and again.changed_documents == 0
+    res = generator.generate("What does pass do?", [ChunkRef(doc_id="pyref:pass"), ChunkRef(doc_id="pyref:break")],
+                             max_new_tokens=8)
+    assert res.cache_misses == 0 and res.cache_hits == rep.chunks
+    assert res.timings.ttft_s > 0 and res.completion_tokens >= 1
+
+
+def test_edit_invalidates_only_changed_document(generator):
+    a = Document("a", "The capital of Atlantis is Poseidonia.")
+    b = Document("b", "The river of Atlantis is the Silverflow.")
+    generator.add_documents([a, b])
+    old_a = generator.store.index.chunk_keys("a")
+    b_keys = generator.store.index.chunk_keys("b")
+    rep = generator.add_documents([Document("a", "The capital of Atlantis is Coralhaven.")])
+    assert rep.changed_documents == 1 and rep.dropped_chunks == 1
+    assert not any(generator.store.contains(k) for k in old_a)
+    assert all(generator.store.contains(k) for k in b_keys)
+    res = generator.generate("What is the capital of Atlantis?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")],
+                             max_new_tokens=16)
+    assert res.cache_hits == 2
+    assert generator.invalidate("a") and generator.invalidate("a") == []
+    with pytest.raises(UnknownDocumentError, match="unknown document id 'a'"):
+        generator.generate("q?", [ChunkRef(doc_id="a")])
+
+
+def test_stream_matches_generate(generator):
+    chunks = ["The pass statement does nothing.", "The break statement ends the nearest enclosing loop."]
+    full = generator.generate("What does break do?", chunks, max_new_tokens=10)
+    stream = generator.stream("What does break do?", chunks, max_new_tokens=10)
+    pieces = list(stream)
+    assert "".join(pieces) == full.text
+    assert stream.result is not None and stream.result.token_ids == full.token_ids
+
+
+def test_sampling_is_seeded(generator):
+    chunks = ["The pass statement does nothing."]
+    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=123)
+    a = generator.generate("Tell me about pass.", chunks, **kw)
+    b = generator.generate("Tell me about pass.", chunks, **kw)
+    assert a.token_ids == b.token_ids
+
+
+def test_stop_strings(generator):
+    res = generator.generate("Count: one, two, three", ["Numbers: one, two, three, four."], max_new_tokens=24,
+                             stop=["\n"])
+    assert "\n" not in res.text
+
+
+@pytest.mark.parametrize("question", ["", "   ", None])
+def test_empty_question_rejected(generator, question):
+    with pytest.raises(InvalidInputError, match="question"):
+        generator.generate(question, ["x"])
+
+
+def test_bad_parameters_rejected(generator):
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        generator.generate("q?", ["x"], max_new_tokens=0)
+    with pytest.raises(InvalidInputError, match="recompute_ratio"):
+        generator.generate("q?", ["x"], recompute_ratio=1.5)
+    with pytest.raises(InvalidInputError, match="context items"):
+        generator.generate("q?", [42])
+    with pytest.raises(InvalidInputError, match="empty"):
+        generator.generate("q?", ["  "])
+
+
+def test_context_too_long(generator):
+    long_text = "word " * 9000
+    with pytest.raises(ContextTooLongError, match="context window is 8192"):
+        generator.generate("q?", [long_text])
+    assert generator.store.stats()["put"] == 0  # nothing half-stored
+
+
+def test_broken_model_path(tmp_path):
+    from daser_rag.model.loader import load_model
+
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nope")
+    bad = tmp_path / "m.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_model(bad)
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path / "dir")
