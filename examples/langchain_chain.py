@@ -21,12 +21,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.indexing import InMemoryRecordManager, index  # noqa: E402
+from langchain_core.documents import Document
+from langchain_core.indexing import InMemoryRecordManager, index
 
-from daser_rag import CacheAwareGenerator  # noqa: E402
-from daser_rag.corpus import python_reference_corpus  # noqa: E402
-from integrations.langchain import (  # noqa: E402
+from daser_rag import CacheAwareGenerator
+from daser_rag.corpus import python_reference_corpus
+from integrations.langchain import (
     ChatDaser,
     DaserRetriever,
     DaserVectorStore,

@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.documents import Document  # noqa: E402
-from langchain_core.indexing import InMemoryRecordManager, aindex, index  # noqa: E402
-from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
-from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
+from langchain_core.documents import Document
+from langchain_core.indexing import InMemoryRecordManager, aindex, index
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.vectorstores import InMemoryVectorStore
 
-from daser_rag.errors import InvalidInputError, UnknownDocumentError  # noqa: E402
-from integrations.langchain import (  # noqa: E402
+from daser_rag.errors import InvalidInputError, UnknownDocumentError
+from integrations.langchain import (
     DOC_ID_KEY,
     ChatDaser,
     DaserRetriever,
@@ -139,6 +139,12 @@ def test_async_invoke_and_stream(llm, generator, embedding):
     assert found[0].id == "ferry"
     # the stream released the generator's lock: a sync call right after works
     assert llm.invoke(FERRY_Q, documents=docs).content == sync.content
+
+    async def bad():
+        return [c async for c in llm.astream(FERRY_Q, bogus=1)]
+
+    with pytest.raises(InvalidInputError, match="unknown argument"):  # raised on the worker, re-raised here
+        asyncio.run(bad())
 
 
 def test_chat_rejects_bad_input_with_clear_errors(llm):

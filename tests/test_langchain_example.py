@@ -20,7 +20,7 @@ def test_langchain_example_runs_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "langchain_chain.py"), "--cache-dir", str(tmp_path / "kv"),
          "--max-tokens", "16"],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+        check=False, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert out.count("r=1.0 answer identical to full prefill: True") == 2

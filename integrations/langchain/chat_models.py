@@ -201,7 +201,7 @@ class ChatDaser(BaseChatModel):
                     if cancelled.is_set():
                         break
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
-            except BaseException as exc:  # handed to the consumer, re-raised there
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)

@@ -165,11 +165,11 @@ class DaserVectorStore(VectorStore):
     def _similarity_search_with_relevance_scores(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[LCDocument, float]]:
-        pairs = self.vectorstore._similarity_search_with_relevance_scores(query, k=k, **kwargs)  # noqa: SLF001
+        pairs = self.vectorstore._similarity_search_with_relevance_scores(query, k=k, **kwargs)
         return [(self._tag(d), s) for d, s in pairs]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
-        return self.vectorstore._select_relevance_score_fn()  # noqa: SLF001
+        return self.vectorstore._select_relevance_score_fn()
 
     def max_marginal_relevance_search(
         self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
