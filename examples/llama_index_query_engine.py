@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from llama_index.core import Document, Settings, VectorStoreIndex  # noqa: E402
 from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline  # noqa: E402
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
+from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.storage.docstore import SimpleDocumentStore  # noqa: E402
 
@@ -43,6 +44,20 @@ from integrations.llama_index import (  # noqa: E402
 
 EDIT_DOC = "pyref:pass"
 EDIT_FACT = "Team note: the pass statement was last reviewed by Alice Moreau."
+
+
+class MostRelevantLast(BaseNodePostprocessor):
+    """Put the best-scoring node next to the question: a 135M model reads mostly what came last.
+
+    Chunk KV does not care about order (it is re-positioned at query time), so this costs nothing.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "MostRelevantLast"
+
+    def _postprocess_nodes(self, nodes, query_bundle=None):  # type: ignore[override]
+        return sorted(nodes, key=lambda n: n.score or 0.0)
 
 
 def load_documents(all_topics: bool, edited: bool = False) -> list[Document]:
@@ -114,12 +129,21 @@ def main() -> None:
     ingest(edited=False)
     index = VectorStoreIndex.from_vector_store(store, embed_model=embed)
     engine = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=args.top_k),
-                                            response_synthesizer=CacheAwareSynthesizer(llm))
+                                            response_synthesizer=CacheAwareSynthesizer(llm),
+                                            node_postprocessors=[MostRelevantLast()])
+
+    tally = {"questions": 0, "daser": 0, "full": 0, "ttft_daser": 0.0, "ttft_full": 0.0}
+
+    def correct(text: str, expect: tuple[str, ...]) -> bool:
+        return any(e.lower() in text.lower() for e in expect)
 
     def ask(question: str, expect: tuple[str, ...] = ()) -> None:
         resp = engine.query(question)
         info = resp.metadata[DASER_KEY]
-        ok = "" if not expect else ("  [ok]" if any(e.lower() in str(resp).lower() for e in expect) else "  [miss]")
+        ok = "" if not expect else ("  [ok]" if correct(str(resp), expect) else "  [miss]")
+        tally["questions"] += 1
+        tally["daser"] += int(correct(str(resp), expect))
+        tally["ttft_daser"] += info["ttft_s"]
         print(f"\nQ: {question}\nA: {str(resp).strip()}{ok}")
         print(f"   sources: {[n.node.ref_doc_id for n in resp.source_nodes]}  cache hits {info['cache_hits']}/"
               f"{info['cache_hits'] + info['cache_misses']}  TTFT {info['ttft_s'] * 1000:.0f} ms  "
@@ -128,6 +152,8 @@ def main() -> None:
             full = generator.generate(question, [node_chunk_ref(n) for n in resp.source_nodes],
                                       use_cache=False, max_new_tokens=args.max_new_tokens)
             same = "same answer" if full.text == str(resp) else f"full prefill says: {full.text.strip()!r}"
+            tally["full"] += int(correct(full.text, expect))
+            tally["ttft_full"] += full.timings.ttft_s
             print(f"   full prefill TTFT {full.timings.ttft_s * 1000:.0f} ms ({same})")
 
     if args.question:
@@ -136,6 +162,11 @@ def main() -> None:
     else:
         for item in QA_SET:
             ask(item.question, item.answers)
+        n = tally["questions"]
+        line = f"\nQA set: {tally['daser']}/{n} answered correctly with cached KV, mean TTFT {tally['ttft_daser'] / n * 1000:.0f} ms"
+        if args.compare:
+            line += f"; full prefill {tally['full']}/{n}, mean TTFT {tally['ttft_full'] / n * 1000:.0f} ms"
+        print(line)
 
     if args.edit_demo:
         before = set(generator.store.index.chunk_keys(EDIT_DOC))
