@@ -85,12 +85,25 @@ class LayerLoader:
         return [StreamedSegment(self, i, src, off) for i, (src, off) in enumerate(self.placements)]
 
     # -- producer -------------------------------------------------------------------------
+    def _pin_sources(self) -> None:
+        """CUDA: page-lock each host entry once, so every per-layer copy is a true async DMA."""
+        pinned: list[tuple[Source, int]] = []
+        for src, offset in self.placements:
+            if isinstance(src, EncodedKV) and src.tensors["k"].device.type == "cpu":
+                t = {n: (x if n == "token_ids" else x.pin_memory()) for n, x in src.tensors.items()}
+                src = EncodedKV(src.key, src.codec, src.start_pos, t, src.meta)
+            elif isinstance(src, ChunkKV) and src.keys.device.type == "cpu":
+                src = ChunkKV(src.key, src.token_ids, src.start_pos, src.keys.pin_memory(),
+                              src.values.pin_memory(), src.meta)
+            pinned.append((src, offset))
+        self.placements = pinned
+
     def _prepare(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for src, offset in self.placements:
             k, v, ks, vs = _layer_tensors(src, layer)
             if self.cuda and k.device.type == "cpu":
-                k, v = k.pin_memory().to(self.device, non_blocking=True), v.pin_memory().to(self.device, non_blocking=True)
+                k, v = k.to(self.device, non_blocking=True), v.to(self.device, non_blocking=True)
                 ks = None if ks is None else ks.to(self.device, non_blocking=True)
                 vs = None if vs is None else vs.to(self.device, non_blocking=True)
             else:
@@ -105,6 +118,8 @@ class LayerLoader:
 
     def _run(self) -> None:
         try:
+            if self.cuda:
+                self._pin_sources()
             for layer in range(self.num_layers):
                 with self._cv:
                     while layer - self._consumed > self.depth and not self._stop:
