@@ -9,12 +9,12 @@ import torch
 
 redis = pytest.importorskip("redis")
 
-from daser_rag.kv.chunk_kv import ChunkKV  # noqa: E402
-from daser_rag.kv.codecs import encode, to_bytes  # noqa: E402
-from daser_rag.kv.store import KVStore  # noqa: E402
-from daser_rag.kv.tiers.redis import RedisLink, RedisTier  # noqa: E402
-from daser_rag.server.shared_index import RedisDocIndex  # noqa: E402
-from daser_rag.server.testing import RedisServer, free_port, redis_server_path  # noqa: E402
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.codecs import encode, to_bytes
+from daser_rag.kv.store import KVStore
+from daser_rag.kv.tiers.redis import RedisLink, RedisTier
+from daser_rag.server.shared_index import RedisDocIndex
+from daser_rag.server.testing import RedisServer, free_port, redis_server_path
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
 

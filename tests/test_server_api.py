@@ -8,9 +8,9 @@ import json
 import pytest
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from daser_rag.server.app import Limits, create_app  # noqa: E402
+from daser_rag.server.app import Limits, create_app
 
 PASS_DOC = "The pass statement is a null operation; when it is executed, nothing happens."
 BREAK_DOC = "A break statement terminates the nearest enclosing loop, skipping the optional else clause."

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("fastapi")
 redis = pytest.importorskip("redis")
 
-from daser_rag.corpus import DEMO_TOPICS, python_reference_corpus  # noqa: E402
-from daser_rag.errors import CorruptEntryError  # noqa: E402
-from daser_rag.kv.codecs import from_bytes  # noqa: E402
-from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path  # noqa: E402
+from daser_rag.corpus import DEMO_TOPICS, python_reference_corpus
+from daser_rag.errors import CorruptEntryError
+from daser_rag.kv.codecs import from_bytes
+from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")]
 

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("redis")
 
-from daser_rag.server.testing import redis_server_path  # noqa: E402
+from daser_rag.server.testing import redis_server_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")]
 

@@ -12,10 +12,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("redis")
 
-from daser_rag.errors import UnknownDocumentError  # noqa: E402
-from daser_rag.server.client import DaserClient  # noqa: E402
-from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path  # noqa: E402
-from daser_rag.types import ChunkRef, Document  # noqa: E402
+from daser_rag.errors import UnknownDocumentError
+from daser_rag.server.client import DaserClient
+from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path
+from daser_rag.types import ChunkRef, Document
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
 

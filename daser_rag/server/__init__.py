@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "serve", "build_generator", "Limits", "DaserClient"]
+__all__ = ["DaserClient", "Limits", "build_generator", "create_app", "serve"]
 
 
 def __getattr__(name: str) -> Any:

@@ -224,7 +224,7 @@ class DaserClient:
     def __enter__(self) -> DaserClient:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -56,7 +56,7 @@ class ContextItem(_Strict):
         return None if v is None else check_id(v)
 
     @model_validator(mode="after")
-    def _needs_something(self) -> "ContextItem":
+    def _needs_something(self) -> ContextItem:
         if self.id is None and self.text is None:
             raise ValueError("a context item needs 'id', 'text', or both")
         if self.text is not None and not self.text.strip():
@@ -134,7 +134,7 @@ class ChatCompletionRequest(_GenParams):
     messages: list[ChatMessage] = Field(min_length=1, max_length=64)
 
     @model_validator(mode="after")
-    def _last_is_user(self) -> "ChatCompletionRequest":
+    def _last_is_user(self) -> ChatCompletionRequest:
         if self.messages[-1].role != "user":
             raise ValueError("the last message must have role 'user' (it is the question)")
         total = 0
@@ -176,7 +176,7 @@ class AddDocumentsRequest(_Strict):
         return check_tenant(v)
 
     @model_validator(mode="after")
-    def _unique(self) -> "AddDocumentsRequest":
+    def _unique(self) -> AddDocumentsRequest:
         ids = [d.id for d in self.documents]
         if len(set(ids)) != len(ids):
             raise ValueError("document ids in one request must be unique")
