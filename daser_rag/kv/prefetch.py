@@ -75,6 +75,7 @@ class Prefetcher:
                 if k not in self._inflight and k not in self._done and k not in still_queued:
                     self.stats.dropped += 1
             self._claimed.update(keys)
+            self._cv.notify_all()  # the window moved on
         for ev in waits:
             self.stats.claimed_waits += 1
             ev.wait(timeout)
@@ -88,6 +89,7 @@ class Prefetcher:
                 self._claimed.discard(k)
                 if k not in still:
                     self._done.discard(k)
+            self._cv.notify_all()
 
     def idle(self) -> bool:
         with self._cv:
