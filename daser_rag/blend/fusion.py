@@ -129,7 +129,7 @@ def fuse(
     active = torch.arange(exact_len, total, device=dev)
     h = runner.embed(all_ids[active])
     cos, sin = runner.rope(active)
-    mask = runner.mask_for(active, total)
+    plan = runner.plan_attention(active)
     selected = n_cand
     for i in range(n_layers):
         filler(i)
@@ -139,12 +139,13 @@ def fuse(
             dev_score = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:], v_old[:, exact_len:],
                                      config.deviation)
             keep = torch.cat([select_top(dev_score, n_sel), torch.arange(n_cand, active.shape[0], device=dev)])
-            active, h, cos, sin, mask = active[keep], h[keep], cos[keep], sin[keep], mask[keep]
+            active, h, cos, sin = active[keep], h[keep], cos[keep], sin[keep]
+            plan = runner.plan_attention(active)
             q, k, v = q[:, keep], k[:, keep], v[:, keep]
             selected = n_sel
         cache.write_at(i, active, k, v)
         k_all, v_all = cache.view(i, total)
-        h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
+        h = runner.attend_planned(i, h, q, k_all, v_all, plan)
     cache.length = total
     logits = runner.logits(h[-1:])
     return FusionResult(cache, logits, ctx_len, exact_len, n_cand - selected, selected, q_len)

@@ -36,7 +36,8 @@ def rerotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch
     if isinstance(delta, int):
         if delta == 0:
             return keys
-        d = torch.full((keys.shape[-2],), float(delta), dtype=torch.float64, device=keys.device)
+        # one shift for every token: a single [1, D] rotation broadcast over the tokens
+        d = torch.tensor([float(delta)], dtype=torch.float64, device=keys.device)
     else:
         d = delta.to(device=keys.device, dtype=torch.float64)
     freqs = d[:, None] * inv_freq.to(device=keys.device, dtype=torch.float64)[None, :]
