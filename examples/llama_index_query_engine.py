@@ -23,16 +23,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from llama_index.core import Document, Settings, VectorStoreIndex  # noqa: E402
-from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline  # noqa: E402
-from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
-from llama_index.core.postprocessor.types import BaseNodePostprocessor  # noqa: E402
-from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
-from llama_index.core.storage.docstore import SimpleDocumentStore  # noqa: E402
+from llama_index.core import Document, Settings, VectorStoreIndex
+from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.storage.docstore import SimpleDocumentStore
 
-from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus  # noqa: E402
-from daser_rag.generate import CacheAwareGenerator  # noqa: E402
-from integrations.llama_index import (  # noqa: E402
+from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus
+from daser_rag.generate import CacheAwareGenerator
+from integrations.llama_index import (
     DASER_KEY,
     CacheAwareSynthesizer,
     DaserLLM,

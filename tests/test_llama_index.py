@@ -15,16 +15,16 @@ import pytest
 pytest.importorskip("llama_index.core")
 pytest.importorskip("faiss")
 
-from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex  # noqa: E402
-from llama_index.core.base.response.schema import StreamingResponse  # noqa: E402
-from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline  # noqa: E402
-from llama_index.core.llms import ChatMessage  # noqa: E402
-from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
-from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
-from llama_index.core.storage.docstore import SimpleDocumentStore  # noqa: E402
+from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
+from llama_index.core.base.response.schema import StreamingResponse
+from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline
+from llama_index.core.llms import ChatMessage
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.storage.docstore import SimpleDocumentStore
 
-from daser_rag.corpus import python_reference_corpus  # noqa: E402
-from integrations.llama_index import (  # noqa: E402
+from daser_rag.corpus import python_reference_corpus
+from integrations.llama_index import (
     DASER_KEY,
     CacheAwareSynthesizer,
     DaserLLM,
@@ -236,19 +236,20 @@ def test_streaming_and_async_query_engine(generator, embed, llm):
 
 def test_daser_llm_is_a_drop_in_llm(generator, llm):
     prompt = "Name a primary colour."
-    plain = llm.complete(prompt)
-    assert plain.text == generator.generate(prompt, None, max_new_tokens=MAX_NEW).text
+    short = {"max_tokens": 8}
+    plain = llm.complete(prompt, **short)
+    assert plain.text == generator.generate(prompt, None, max_new_tokens=8).text
     assert plain.additional_kwargs["cache_hits"] == 0 and plain.additional_kwargs["context_tokens"] > 0
 
-    deltas = list(llm.stream_complete(prompt))
+    deltas = list(llm.stream_complete(prompt, **short))
     assert "".join(d.delta for d in deltas) == plain.text and deltas[-1].raw is not None
-    assert asyncio.run(llm.acomplete(prompt)).text == plain.text
+    assert asyncio.run(llm.acomplete(prompt, **short)).text == plain.text
 
     async def collect():
-        return [r.delta async for r in await llm.astream_complete(prompt)]
+        return [r.delta async for r in await llm.astream_complete(prompt, **short)]
 
     assert "".join(asyncio.run(collect())) == plain.text
-    assert llm.chat([ChatMessage(role="user", content=prompt)]).message.content
+    assert llm.chat([ChatMessage(role="user", content=prompt)], **short).message.content
 
     ctx = [CASTLE_V1]
     with_refs = llm.complete(CASTLE_Q, contexts=ctx)

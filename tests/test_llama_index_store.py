@@ -11,15 +11,15 @@ import pytest
 pytest.importorskip("llama_index.core")
 faiss = pytest.importorskip("faiss")
 
-from llama_index.core import StorageContext, VectorStoreIndex  # noqa: E402
-from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode  # noqa: E402
-from llama_index.core.vector_stores.types import (  # noqa: E402
+from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
+from llama_index.core.vector_stores.types import (
     ExactMatchFilter,
     MetadataFilters,
     VectorStoreQuery,
 )
 
-from integrations.llama_index import InvalidatingFaissVectorStore, MiniLMEmbedding  # noqa: E402
+from integrations.llama_index import InvalidatingFaissVectorStore, MiniLMEmbedding
 
 TEXTS = {
     "doc-pass": ["The pass statement is a null operation.", "Nothing happens when pass is executed."],
@@ -69,7 +69,7 @@ def test_embedding_is_normalized_and_semantic(embed):
     q, a, b = embed.get_text_embedding_batch(["Which loop does break end?", TEXTS["doc-break"][0], TEXTS["doc-del"][0]])
     assert len(q) == 384
     assert abs(sum(x * x for x in q) - 1.0) < 1e-4
-    dot = lambda u, v: sum(x * y for x, y in zip(u, v))  # noqa: E731
+    dot = lambda u, v: sum(x * y for x, y in zip(u, v))
     assert dot(q, a) > dot(q, b) + 0.2
 
 

@@ -18,22 +18,31 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("integrations.llama_index needs LlamaIndex: pip install 'daser-rag[llama-index]'") from exc
 
 from integrations.llama_index.embeddings import MiniLMEmbedding
-from integrations.llama_index.kv_sync import KVSync, PrecomputeReport, node_chunk_ref, node_doc_id, rendered_text
+from integrations.llama_index.kv_sync import (
+    KVSync,
+    PrecomputeReport,
+    node_chunk_ref,
+    node_doc_id,
+    rendered_text,
+)
 from integrations.llama_index.llm import DaserLLM
 from integrations.llama_index.synthesizer import DASER_KEY, CacheAwareSynthesizer
 from integrations.llama_index.transform import KVPrecomputeTransform
-from integrations.llama_index.vector_store import InvalidatingFaissVectorStore, KnowledgeBaseHook
+from integrations.llama_index.vector_store import (
+    InvalidatingFaissVectorStore,
+    KnowledgeBaseHook,
+)
 
 __all__ = [
-    "DaserLLM",
-    "CacheAwareSynthesizer",
-    "KVPrecomputeTransform",
-    "InvalidatingFaissVectorStore",
-    "KnowledgeBaseHook",
-    "KVSync",
-    "PrecomputeReport",
-    "MiniLMEmbedding",
     "DASER_KEY",
+    "CacheAwareSynthesizer",
+    "DaserLLM",
+    "InvalidatingFaissVectorStore",
+    "KVPrecomputeTransform",
+    "KVSync",
+    "KnowledgeBaseHook",
+    "MiniLMEmbedding",
+    "PrecomputeReport",
     "node_chunk_ref",
     "node_doc_id",
     "rendered_text",

@@ -167,7 +167,7 @@ class DaserLLM(CustomLLM):
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
                 loop.call_soon_threadsafe(queue.put_nowait, ("done", getattr(stream, "result", None)))
-            except BaseException as exc:  # hand the error to the consumer
+            except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
         async def responses() -> CompletionResponseAsyncGen:

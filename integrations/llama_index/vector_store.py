@@ -359,7 +359,9 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
     def from_persist_dir(
         cls, persist_dir: str, namespace: str = "default", **kwargs: Any
     ) -> InvalidatingFaissVectorStore:
-        from llama_index.core.vector_stores.simple import DEFAULT_PERSIST_FNAME as VS_FNAME
+        from llama_index.core.vector_stores.simple import (
+            DEFAULT_PERSIST_FNAME as VS_FNAME,
+        )
         from llama_index.core.vector_stores.simple import NAMESPACE_SEP
 
         return cls.from_persist_path(str(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{VS_FNAME}"), **kwargs)
