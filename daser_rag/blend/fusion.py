@@ -59,7 +59,8 @@ class _LayerFiller:
 
     Called just before the layer is computed. Segments that come from a `LayerLoader`
     (`StreamedSegment`, with `ready_layer`) were decoded and re-rotated in the background
-    while the previous layer computed; plain `ChunkKV`s are converted here.
+    while the previous layer computed; plain `ChunkKV`s are re-rotated here, all layers at once
+    on first use (a handful of kernels per segment rather than a chain per layer).
     """
 
     def __init__(self, runner: LayerRunner, cache: PositionalKVCache, segments: Sequence[ChunkKV]) -> None:
@@ -71,22 +72,21 @@ class _LayerFiller:
             self.placements.append((seg, offset))
             offset += seg.num_tokens
         self.length = offset
+        self._rotated: dict[int, torch.Tensor] = {}
 
     def __call__(self, layer: int) -> None:
         dev, dt = self.runner.device, self.runner.dtype
-        inv_freq = self.runner.inv_freq
-        for seg, offset in self.placements:
+        for i, (seg, offset) in enumerate(self.placements):
             ready = getattr(seg, "ready_layer", None)
             if ready is not None:
                 k, v = ready(layer, offset)
                 self.cache.write(layer, offset, k, v)
                 continue
-            delta = offset - seg.start_pos
-            if delta == 0:  # stored at its final position (prefix, exact tree node): no rotation
-                k = seg.keys[layer].to(device=dev, dtype=dt)
-            else:
-                k = seg.keys[layer].to(device=dev, dtype=torch.float32)
-                k = rerotate_keys(k, delta, inv_freq).to(dt)
+            if offset != seg.start_pos and i not in self._rotated:
+                # all layers in one shot: one kernel chain per segment instead of one per layer
+                keys = seg.keys.to(device=dev, dtype=torch.float32)
+                self._rotated[i] = rerotate_keys(keys, offset - seg.start_pos, self.runner.inv_freq).to(dt)
+            k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
             self.cache.write(layer, offset, k, seg.values[layer].to(device=dev, dtype=dt))
 
 
