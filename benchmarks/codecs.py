@@ -3,11 +3,11 @@
 Chunk KV is computed once in fp32, then stored through each codec. For every QA prompt of
 the fidelity set, the bf16 run decodes `--steps` greedy tokens; every other codec is
 teacher-forced along the same tokens and we count how often its top-1 next token agrees
-(the prompt's first token included). Fusion runs with recompute ratio 0 by default, so
-every stored value is used as is: the strictest setting for a codec (recompute would
-repair part of the error).
+(the prompt's first token included). The default recompute ratio is the generator's
+operating point, 0.15; `--ratio 0` uses every stored value as is, the strictest setting for
+a codec (recompute repairs part of the error).
 
-Usage: python -m benchmarks.codecs [--items 8] [--steps 16] [--ratio 0.0]
+Usage: python -m benchmarks.codecs [--items 8] [--steps 16] [--ratio 0.15]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=len(QA_SET))
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--ratio", type=float, default=0.0)
+    p.add_argument("--ratio", type=float, default=0.15, help="recompute ratio (0: every stored value used as is)")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--model", default=None)
