@@ -89,7 +89,7 @@ def ttft_table(model: str | None, sizes: list[tuple[int, int]], repeats: int, lm
     lm = lm if lm is not None else load_model(model, device="cuda", dtype=torch.bfloat16)
     rows = []
     for n_chunks, chunk_tokens in sizes:
-        gen = CacheAwareGenerator(lm, store=KVStore(None, codec="bf16"))
+        gen = CacheAwareGenerator(lm, store=KVStore(None, codec="bf16", device="cuda", device_bytes=8 << 30))
         chunks = make_chunks(gen, n_chunks, chunk_tokens)
         for _ in range(2):  # precompute + warm-up
             _ttft(gen, chunks)

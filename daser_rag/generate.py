@@ -83,6 +83,7 @@ class CacheAwareGenerator:
         codec: str = "fp16",
         host_bytes: int | None = None,
         device: str | None = None,
+        device_bytes: int = 4 << 30,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -90,6 +91,8 @@ class CacheAwareGenerator:
             kwargs: dict[str, Any] = {"codec": codec}
             if host_bytes is not None:
                 kwargs["host_bytes"] = host_bytes
+            if self.lm.device.type == "cuda":
+                kwargs.update(device=self.lm.device, device_bytes=device_bytes)
             store = KVStore(cache_dir if cache_dir is not None else default_cache_dir(), **kwargs)
         self.store = store
         self.prompt = PromptFormat(self.lm.tokenizer, system_prompt)

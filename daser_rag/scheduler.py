@@ -82,6 +82,7 @@ class RequestScheduler:
         self._queue: OrderedDict[str, _Request] = OrderedDict()
         self._running: dict[str, _Request] = {}
         self._cv = threading.Condition()
+        self._dispatch = threading.Lock()
         self._ids = itertools.count()
         self._closed = False
         attach = getattr(self.store.host.policy, "attach", None)
@@ -159,18 +160,23 @@ class RequestScheduler:
     # -- workers -----------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            with self._cv:
-                while not self._queue and not self._closed:
-                    self._cv.wait()
-                if not self._queue:
-                    return
-                rid, req = self._queue.popitem(last=False)
-                self._running[rid] = req
+            # Dequeue and take the model lock as one step, so requests reach the model in
+            # queue order (RLock is not fair: without this, two workers could swap turns).
+            with self._dispatch:
+                with self._cv:
+                    while not self._queue and not self._closed:
+                        self._cv.wait()
+                    if not self._queue:
+                        return
+                    rid, req = self._queue.popitem(last=False)
+                    self._running[rid] = req
+                self.generator._lock.acquire()
             try:
                 if not req.future.set_running_or_notify_cancel():
                     continue
                 self._execute(req)
             finally:
+                self.generator._lock.release()
                 with self._cv:
                     self._running.pop(rid, None)
                     if self.protect_queued:

@@ -134,3 +134,22 @@ def test_disk_survives_restart(tmp_path):
     assert got is not None and s2.counters["hit_disk"] == 1
     assert s2.index.chunk_keys("d") == [kv.key]
     assert os.path.exists(tmp_path / "index.sqlite")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_device_tier_serves_from_gpu_and_invalidates(tmp_path):
+    store = KVStore(tmp_path, codec="bf16", device="cuda", device_bytes=1 << 30)
+    kv = _kv()
+    store.put(kv)
+    got = store.get(kv.key, device="cuda")
+    assert got is not None and got.keys.is_cuda and store.counters["hit_device"] == 1
+    store.index.set_document("d", ["t"], "x")
+    store.index.add_refs("d", [kv.key])
+    store.invalidate("d")
+    assert not store.device.contains(kv.key) and store.get(kv.key) is None
+
+
+def test_device_tier_is_off_on_cpu(tmp_path):
+    store = KVStore(tmp_path, device="cpu", device_bytes=1 << 30)
+    assert store.device is None and [t.name for t in store.tiers] == ["host", "disk"]

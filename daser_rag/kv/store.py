@@ -22,6 +22,7 @@ from daser_rag.kv.codecs import CODECS, EncodedKV, decode, encode
 from daser_rag.kv.doc_index import DocIndex
 from daser_rag.kv.policies import EvictionPolicy
 from daser_rag.kv.tiers.base import Tier
+from daser_rag.kv.tiers.device import DeviceTier
 from daser_rag.kv.tiers.disk import DiskTier
 from daser_rag.kv.tiers.host import HostTier
 
@@ -46,17 +47,23 @@ class KVStore:
         policy: EvictionPolicy | None = None,
         index: DocIndex | None = None,
         validate: Callable[[str], bool] | None = None,
+        device: Any = None,
+        device_bytes: int = 0,
     ) -> None:
         """`index` replaces the local SQLite document index (service mode shares one in Redis).
         `validate(key)` is asked before a host/disk hit is served; False means the entry was
         dropped elsewhere (another process invalidated it), so the local copy is deleted and the
-        read becomes a miss. It must not raise; it should return True when it cannot tell."""
+        read becomes a miss. It must not raise; it should return True when it cannot tell.
+        `device`/`device_bytes`: a GPU tier above host RAM (see tiers/device.py)."""
         if codec not in CODECS:
             raise ValueError(f"unknown KV codec {codec!r}; choose one of {CODECS}")
         self.codec = codec
         self.root = Path(root) if root is not None else None
         self._protected: Counter[str] = Counter()
         self.host = HostTier(host_bytes, policy, is_protected=self.is_protected)
+        self.device: DeviceTier | None = None
+        if device is not None and device_bytes > 0 and torch.device(device).type != "cpu":
+            self.device = DeviceTier(device_bytes, device, is_protected=self.is_protected)
         self.disk = DiskTier(self.root / "kv", disk_bytes) if self.root is not None else None
         self.remote = remote
         self.index = index if index is not None else DocIndex(
@@ -70,21 +77,30 @@ class KVStore:
     # -- tiers -----------------------------------------------------------------------------
     @property
     def tiers(self) -> list[Tier]:
-        return [t for t in (self.host, self.disk, self.remote) if t is not None]
+        return [t for t in (self.device, self.host, self.disk, self.remote) if t is not None]
 
     def _local_valid(self, key: str) -> bool:
         if self.validate is None or self.validate(key):
             return True
         self.counters["stale_dropped"] += 1
+        if self.device is not None:
+            self.device.delete(key)
         self.host.delete(key)
         if self.disk is not None:
             self.disk.delete(key)
         return False
 
     def get_encoded(self, key: str) -> EncodedKV | None:
+        if self.device is not None:
+            enc = self.device.get(key)
+            if enc is not None and self._local_valid(key):
+                self.counters["hit_device"] += 1
+                return enc
         enc = self.host.get(key)
         if enc is not None and self._local_valid(key):
             self.counters["hit_host"] += 1
+            if self.device is not None:
+                self.device.put(enc)
             return enc
         for tier in (self.disk, self.remote):
             if tier is None:
@@ -100,6 +116,8 @@ class KVStore:
             if enc is not None:
                 self.counters[f"hit_{tier.name}"] += 1
                 self.host.put(enc)
+                if self.device is not None:
+                    self.device.put(enc)
                 if tier is self.remote and self.disk is not None:
                     self.disk.put(enc)
                 return enc
@@ -117,6 +135,8 @@ class KVStore:
 
     def put_encoded(self, enc: EncodedKV) -> None:
         self.counters["put"] += 1
+        if self.device is not None:
+            self.device.put(enc)
         self.host.put(enc)
         if self.disk is not None:
             self.disk.put(enc)
@@ -128,7 +148,7 @@ class KVStore:
                 log.warning("tier %s unavailable on put: %s", self.remote.name, exc)
 
     def contains(self, key: str) -> bool:
-        local = [t for t in (self.host, self.disk) if t is not None]
+        local = [t for t in (self.device, self.host, self.disk) if t is not None]
         if any(self._safe_contains(t, key) for t in local) and self._local_valid(key):
             return True
         return self.remote is not None and self._safe_contains(self.remote, key)
