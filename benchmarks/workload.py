@@ -40,7 +40,12 @@ from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.corpus import python_reference_corpus
 from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.codecs import EncodedKV
-from daser_rag.kv.policies import CostAwarePolicy, EvictionPolicy, LookAheadLRUPolicy, LRUPolicy
+from daser_rag.kv.policies import (
+    CostAwarePolicy,
+    EvictionPolicy,
+    LookAheadLRUPolicy,
+    LRUPolicy,
+)
 from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.kv.store import KVStore
 from daser_rag.kv.tiers.disk import DiskTier

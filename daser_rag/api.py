@@ -6,7 +6,7 @@ both satisfy it, so an adapter switches between them with one setting.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, Union, runtime_checkable
 
 from daser_rag.types import ChunkRef, Document, GenerationResult

@@ -7,16 +7,16 @@ them behind the exact system prefix, selectively recompute, and decode.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 
+from daser_rag.api import ContextItem
 from daser_rag.blend.fusion import BlendConfig, FusionResult, fuse
 from daser_rag.blend.layer_loader import LayerLoader, source_token_ids
 from daser_rag.blend.prefix_tree import PrefixTree
@@ -29,22 +29,7 @@ from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
-from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
-
-ContextItem = Union[str, ChunkRef, Document]
-
-
-@dataclass
-class IngestReport:
-    documents: int = 0
-    changed_documents: int = 0
-    chunks: int = 0
-    computed_chunks: int = 0
-    reused_chunks: int = 0
-    tokens: int = 0
-    dropped_chunks: int = 0
-    seconds: float = 0.0
-
+from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
 @dataclass
 class _Piece:
@@ -311,7 +296,7 @@ class CacheAwareGenerator:
                 timings.fuse_s = time.perf_counter() - t0
                 return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
             segments, exact, loader = self._assemble_segments(pieces, tenant, timings, info)
-            cfg = self.blend if recompute_ratio is None else dataclasses.replace(self.blend, recompute_ratio=recompute_ratio)
+            cfg = self.blend if recompute_ratio is None else replace(self.blend, recompute_ratio=recompute_ratio)
             t0 = time.perf_counter()
             try:
                 fused = fuse(self.runner, segments, q_ids, exact_len=exact, config=cfg,

@@ -30,6 +30,20 @@ class ChunkRef:
 
 
 @dataclass
+class IngestReport:
+    """What an ingest did: how much KV was computed, found already stored, or dropped."""
+
+    documents: int = 0
+    changed_documents: int = 0
+    chunks: int = 0
+    computed_chunks: int = 0
+    reused_chunks: int = 0
+    tokens: int = 0
+    dropped_chunks: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class Timings:
     ttft_s: float = 0.0
     total_s: float = 0.0

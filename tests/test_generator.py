@@ -2,7 +2,14 @@
 
 import pytest
 
-from daser_rag import ChunkRef, ContextTooLongError, Document, InvalidInputError, ModelLoadError, UnknownDocumentError
+from daser_rag import (
+    ChunkRef,
+    ContextTooLongError,
+    Document,
+    InvalidInputError,
+    ModelLoadError,
+    UnknownDocumentError,
+)
 
 
 def test_add_documents_then_ask_by_doc_id_hits(generator, corpus):

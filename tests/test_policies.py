@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from daser_rag.kv.chunk_kv import ChunkKV
-from daser_rag.kv.policies import CostAwarePolicy, LookAheadLRUPolicy, LRUPolicy, make_policy
+from daser_rag.kv.policies import (
+    CostAwarePolicy,
+    LookAheadLRUPolicy,
+    LRUPolicy,
+    make_policy,
+)
 from daser_rag.kv.store import KVStore
 
 

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from daser_rag.blend.selection import DEVIATION_METRICS, kv_deviation, num_selected, select_top
+from daser_rag.blend.selection import (
+    DEVIATION_METRICS,
+    kv_deviation,
+    num_selected,
+    select_top,
+)
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys

@@ -27,7 +27,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError, UnknownDocumentError
+from daser_rag.errors import (
+    ContextTooLongError,
+    DaserError,
+    InvalidInputError,
+    UnknownDocumentError,
+)
 from daser_rag.kv.keys import text_digest
 from daser_rag.server.metrics import CONTENT_TYPE, ServiceMetrics
 from daser_rag.server.schemas import (

@@ -15,8 +15,13 @@ from typing import Any
 
 import httpx
 
-from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError, UnknownDocumentError
-from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
+from daser_rag.errors import (
+    ContextTooLongError,
+    DaserError,
+    InvalidInputError,
+    UnknownDocumentError,
+)
+from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
 
 class ServiceError(DaserError):
@@ -28,15 +33,7 @@ class ServiceError(DaserError):
 
 
 @dataclass
-class RemoteIngestReport:
-    documents: int = 0
-    changed_documents: int = 0
-    chunks: int = 0
-    computed_chunks: int = 0
-    reused_chunks: int = 0
-    tokens: int = 0
-    dropped_chunks: int = 0
-    seconds: float = 0.0
+class RemoteIngestReport(IngestReport):
     records: list[dict[str, Any]] | None = None  # per document: id, digest, version, chunk_keys
 
 

@@ -10,7 +10,11 @@
 """
 
 from integrations.langchain._convert import DOC_ID_KEY, documents_to_blocks
-from integrations.langchain.chains import DocumentsToMessages, create_daser_rag_chain, documents_to_messages
+from integrations.langchain.chains import (
+    DocumentsToMessages,
+    create_daser_rag_chain,
+    documents_to_messages,
+)
 from integrations.langchain.chat_models import ChatDaser
 from integrations.langchain.embeddings import MiniLMEmbeddings
 from integrations.langchain.retrievers import DaserRetriever
