@@ -69,6 +69,8 @@ class CacheAwareGenerator:
         host_bytes: int | None = None,
         device: str | None = None,
         device_bytes: int = 4 << 30,
+        prefix_tree: PrefixTree | bool = False,
+        layerwise: bool = False,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -83,6 +85,10 @@ class CacheAwareGenerator:
         self.prompt = PromptFormat(self.lm.tokenizer, system_prompt)
         self.blend = BlendConfig(recompute_ratio=recompute_ratio, check_layer=check_layer)
         self.chunk_tokens = chunk_tokens
+        if prefix_tree:
+            # repeated ordered chunk sequences get exact KV (stored as tree nodes) from their 2nd use on
+            self.prefix_tree = prefix_tree if isinstance(prefix_tree, PrefixTree) else PrefixTree()
+        self.layerwise = layerwise
         self._prefix_cache: dict[str, ChunkKV] = {}
         self._lock = threading.RLock()
         tok = self.lm.tokenizer
