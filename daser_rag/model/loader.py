@@ -130,7 +130,10 @@ def _save_converted(src: Path, model: Any, tokenizer: Any) -> None:
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(cfg))
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        # always fp32: the copy serves later loads at any dtype (a bf16 first load must not
+        # leave bf16-rounded weights behind for an fp32 load with the same fingerprint)
+        state = {k: (v.detach().float() if v.is_floating_point() else v.detach()).contiguous().clone()
+                 for k, v in model.state_dict().items()}
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"))
