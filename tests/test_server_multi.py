@@ -104,15 +104,17 @@ def test_health_and_metrics_stay_responsive_during_generation(cluster):
     ca.add_documents([Document("mp:busy", PASS_DOC)])
     done = threading.Event()
 
+    long_text = " ".join([PASS_DOC] * 150)  # ~2.5k tokens of uncached full prefill: seconds of work
+
     def long_request():
         try:
-            ca.generate(Q, [ChunkRef(doc_id="mp:busy")], max_new_tokens=48)
+            ca.generate(Q, [long_text], max_new_tokens=8, use_cache=False)
         finally:
             done.set()
 
     t = threading.Thread(target=long_request)
     t.start()
-    time.sleep(0.5)
+    time.sleep(0.2)
     import httpx
 
     lat = []
