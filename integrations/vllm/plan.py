@@ -1,0 +1,106 @@
+"""What a request tells the connector: which store entries make up its prompt's KV.
+
+A plan is an ordered list of segments `(key, num_tokens)` that tile the start of the prompt:
+segment i covers the tokens right after segment i-1. An entry under `key` holds the KV of
+exactly those tokens computed in exactly that context (the daser key scheme guarantees it:
+a prefix-tree node key hashes the whole path above it), so the longest run of stored
+segments is a valid prefix for vLLM. It travels in
+`SamplingParams.extra_args["kv_transfer_params"]["daser"]` (with `vllm serve`: the request
+body's `kv_transfer_params`), so it works for any prompt vLLM sees, without the connector
+having to guess chunk boundaries inside plain token ids.
+
+Requests without a plan fall back to fixed-size blocks keyed by a chained hash of all tokens
+up to the block end (a persistent, cross-process prefix cache for plain prompts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+PLAN_FIELD = "daser"
+"""Key of the daser plan inside `kv_transfer_params`."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    key: str
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    segments: tuple[Segment, ...]
+    save: bool = True  # False for blended KV: what vLLM computes on top of it is not exact
+    doc_ids: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.segments)
+
+
+class PlanError(ValueError):
+    """A request carried a daser plan that cannot be used (the message says why)."""
+
+
+def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) -> Plan | None:
+    """The request's plan, None when it has none. Raises PlanError on a malformed one."""
+    if not kv_transfer_params or PLAN_FIELD not in kv_transfer_params:
+        return None
+    raw = kv_transfer_params[PLAN_FIELD]
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"kv_transfer_params[{PLAN_FIELD!r}] must be an object, got {type(raw).__name__}")
+    if raw.get("off"):
+        return Plan((), save=False)  # this request neither loads nor saves through daser
+    segs = raw.get("segments")
+    if not isinstance(segs, Sequence) or isinstance(segs, (str, bytes)) or not segs:
+        raise PlanError("a daser plan needs a non-empty 'segments' list of [key, num_tokens]")
+    out = []
+    for s in segs:
+        if not (isinstance(s, Sequence) and len(s) == 2 and isinstance(s[0], str) and s[0]
+                and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] > 0):
+            raise PlanError(f"bad plan segment {s!r}: expected [non-empty key, positive token count]")
+        if "/" in s[0] or s[0].startswith("."):
+            raise PlanError(f"bad store key {s[0]!r} in plan")
+        out.append(Segment(s[0], s[1]))
+    plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())))
+    if plan.num_tokens > prompt_len:
+        raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
+    return plan
+
+
+OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
+"""`kv_transfer_params` for a request that must bypass the connector (baselines)."""
+
+
+def plan_params(segments: Sequence[tuple[str, int]], *, save: bool = True) -> dict[str, Any]:
+    """The `kv_transfer_params` value that carries a plan."""
+    return {PLAN_FIELD: {"segments": [[k, int(n)] for k, n in segments], "save": save}}
+
+
+def block_chain_segments(namespace: str, token_ids: Sequence[int], block_size: int) -> list[Segment]:
+    """One segment per full block; key i depends on every token of blocks 0..i."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"daser-vllm-block-v1\0" + namespace.encode() + b"\0")
+    out = []
+    for b in range(len(token_ids) // block_size):
+        blk = token_ids[b * block_size:(b + 1) * block_size]
+        h.update(b"".join(int(t).to_bytes(4, "little") for t in blk))
+        out.append(Segment("b" + h.copy().hexdigest(), block_size))
+    return out
+
+
+def stored_run(segments: Sequence[Segment], contains: Any, limit: int) -> tuple[int, int]:
+    """(number of leading stored segments, tokens they cover) with the covered span <= limit.
+
+    A segment that would cross `limit` still counts: the connector loads only its first part.
+    """
+    n = end = 0
+    for s in segments:
+        if end >= limit or not contains(s.key):
+            break
+        n += 1
+        end += s.num_tokens
+    return n, min(end, limit)

@@ -1,0 +1,202 @@
+"""Build vLLM requests whose KV the daser connector can supply.
+
+Two routes, both producing the exact token sequence daser's own full prefill would see
+(`CacheAwareGenerator.prompt_ids`), so "with and without the connector" is a fair comparison:
+
+- exact: a plan of prefix-tree keys (system prefix, then the node of every chunk *after the
+  chunks before it*). Whatever prefix of that path is stored is loaded bit-for-bit; vLLM
+  computes the rest and the connector saves it, so the next request with the same leading
+  documents hits. No approximation is involved.
+- blended: daser fuses the stored chunk KV outside vLLM (RoPE re-positioning + CacheBlend
+  selective recompute, `CacheAwareGenerator.prefill`), stages the fused context KV in the
+  shared store under a key of its own, and the request's plan points at that one entry.
+  vLLM loads it as an "external prefix hit" and computes only the question. The request is
+  salted (`cache_salt`) so the approximate blocks never enter vLLM's prefix cache under
+  plain token hashes, and the connector does not save KV computed on top of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daser_rag.api import ContextItem
+from daser_rag.blend.prefix_tree import node_key
+from daser_rag.errors import InvalidInputError
+from daser_rag.generate import CacheAwareGenerator
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.keys import prefix_key
+from daser_rag.model.loader import LoadedModel, _converted_gguf_dir
+from integrations.vllm.plan import plan_params
+
+CONNECTOR_CLASS = "DaserKVConnector"
+CONNECTOR_MODULE = "integrations.vllm.connector"
+
+
+def connector_extra_config(
+    store_dir: str | Path,
+    *,
+    fingerprint: str | None = None,
+    save: bool = True,
+    block_fallback: bool = True,
+    codec: str = "bf16",
+    host_bytes: int = 1 << 30,
+) -> dict[str, Any]:
+    """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
+
+    `fingerprint`: the daser model fingerprint of the generator that prepares KV (load it in
+    the dtype vLLM serves, e.g. bf16); it namespaces the block keys of plan-less prompts.
+    """
+    out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
+                           "codec": codec, "host_bytes": int(host_bytes)}
+    if fingerprint:
+        out["fingerprint"] = fingerprint
+    return out
+
+
+def kv_transfer_config(store_dir: str | Path, **kwargs: Any) -> Any:
+    """A vLLM `KVTransferConfig` that loads DaserKVConnector (see `connector_extra_config`)."""
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE,
+                            kv_role="kv_both", kv_load_failure_policy="recompute",
+                            kv_connector_extra_config=connector_extra_config(store_dir, **kwargs))
+
+
+def vllm_model_dir(lm: LoadedModel) -> Path:
+    """An HF directory vLLM can serve holding the very weights `lm` was loaded from."""
+    src = Path(lm.source)
+    if src.is_dir():
+        return src
+    converted = _converted_gguf_dir(src)
+    if converted is None:
+        raise InvalidInputError(f"{src} has no converted safetensors copy yet; load it once with "
+                                "daser_rag.model.loader.load_model to create one")
+    return converted
+
+
+@dataclass
+class VllmRequest:
+    """A prompt for `LLM.generate` plus the connector instructions that go with it."""
+
+    prompt: dict[str, Any]  # a vllm.inputs.TokensPrompt (a TypedDict)
+    kv_transfer_params: dict[str, Any]
+    mode: str  # "exact" | "blend"
+    context_tokens: int
+    prep_s: float = 0.0  # time spent outside vLLM (fusion, staging); part of TTFT
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def sampling_params(self, base: Any = None, **kwargs: Any) -> Any:
+        """`base` (or SamplingParams(**kwargs)) with this request's kv_transfer_params added."""
+        from vllm import SamplingParams
+
+        sp = base.clone() if base is not None else SamplingParams(**kwargs)
+        extra = dict(sp.extra_args or {})
+        extra["kv_transfer_params"] = {**extra.get("kv_transfer_params", {}), **self.kv_transfer_params}
+        sp.extra_args = extra
+        return sp
+
+    def openai_body(self) -> dict[str, Any]:
+        """Fields to merge into a `/v1/completions` request body for `vllm serve`."""
+        body: dict[str, Any] = {"prompt": self.prompt["prompt_token_ids"],
+                                "kv_transfer_params": self.kv_transfer_params}
+        if "cache_salt" in self.prompt:
+            body["cache_salt"] = self.prompt["cache_salt"]
+        return body
+
+
+class VllmRagPrompter:
+    """Turns (question, contexts) into `VllmRequest`s using a daser generator's store and keys.
+
+    The generator's store must be the directory the connector was configured with, and the
+    generator should run in vLLM's dtype (bf16) so that its fingerprint, chunk entries and
+    blended KV describe the same model vLLM serves.
+    """
+
+    def __init__(self, generator: CacheAwareGenerator, *, codec: str = "bf16") -> None:
+        self.gen = generator
+        self.codec = codec
+
+    def _pieces(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[Any]:
+        return self.gen._resolve(contexts, tenant)
+
+    def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "") -> VllmRequest:
+        """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        t0 = time.perf_counter()
+        gen = self.gen
+        pieces = self._pieces(contexts, tenant)
+        pk = prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant)
+        segs: list[tuple[str, int]] = [(pk, len(gen.prompt.prefix_ids))]
+        chunk_keys = [p.key for p in pieces]
+        for j, p in enumerate(pieces):
+            key = node_key(pk, chunk_keys[: j + 1])
+            segs.append((key, len(p.ids)))
+            doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
+            if j == 0 and p.doc_id is not None:
+                gen.store.index.add_refs(p.doc_id, [key], tenant)
+            elif j > 0 and doc_ids:
+                gen.store.add_derived(doc_ids, key, tenant)  # invalidating any document drops the node
+        ids = gen.prompt_ids(question, contexts, tenant)
+        ctx = sum(n for _, n in segs)
+        return VllmRequest({"prompt_token_ids": ids}, plan_params(segs), "exact", ctx,
+                           time.perf_counter() - t0, {"node_keys": [k for k, _ in segs]})
+
+    def blend_key(self, pieces: Sequence[Any], ratio: float, tenant: str) -> str:
+        gen = self.gen
+        h = hashlib.blake2b(digest_size=16)
+        h.update(b"daser-vllm-blend-v1\0")
+        h.update(prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant).encode())
+        h.update(f"|{ratio:.6f}|{gen.blend.check_layer}|{gen.blend.deviation}|{self.codec}".encode())
+        for p in pieces:
+            h.update(b"\0" + p.key.encode())
+        return "x" + h.hexdigest()
+
+    def blended(
+        self,
+        question: str,
+        contexts: Sequence[ContextItem] | None = None,
+        *,
+        recompute_ratio: float | None = None,
+        tenant: str = "",
+    ) -> VllmRequest:
+        """Fuse the context outside vLLM (daser CacheBlend) and stage it for the connector.
+
+        The staged entry holds only context KV, which does not depend on the question (context
+        tokens never attend to it), so later questions over the same document arrangement
+        reuse it without another fusion.
+        """
+        gen = self.gen
+        r = gen.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
+        if not 0.0 <= r <= 1.0:
+            raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {r}")
+        t0 = time.perf_counter()
+        pieces = self._pieces(contexts, tenant)
+        if not pieces:
+            raise InvalidInputError("blended reuse needs at least one context chunk")
+        ids = gen.prompt_ids(question, contexts, tenant)
+        ctx_len = len(gen.prompt.prefix_ids) + sum(len(p.ids) for p in pieces)
+        key = self.blend_key(pieces, r, tenant)
+        info: dict[str, Any] = {"blend_key": key, "staged": False}
+        if not gen.store.contains(key):
+            fused, finfo = gen.prefill(question, contexts, recompute_ratio=r, tenant=tenant)
+            n_layers = gen.runner.spec.num_layers
+            k = torch.stack([fused.cache.keys[i][:, :ctx_len] for i in range(n_layers)])
+            v = torch.stack([fused.cache.values[i][:, :ctx_len] for i in range(n_layers)])
+            kv = ChunkKV(key=key, token_ids=torch.tensor(ids[:ctx_len], dtype=torch.int64), start_pos=0,
+                         keys=k, values=v, meta={"fingerprint": gen.fingerprint, "source": "daser-blend",
+                                                 "recompute_ratio": r})
+            gen.store.put(kv, codec=self.codec)
+            gen.store.add_derived([p.doc_id for p in pieces if p.doc_id is not None], key, tenant)
+            info.update(staged=True, hits=finfo["hits"], misses=finfo["misses"],
+                        exact_tokens=fused.exact_tokens, recomputed_tokens=fused.recomputed_tokens,
+                        reused_tokens=fused.reused_tokens)
+        return VllmRequest({"prompt_token_ids": ids, "cache_salt": key}, plan_params([(key, ctx_len)], save=False),
+                           "blend", ctx_len, time.perf_counter() - t0, info)
