@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from typing import Any
 
 from daser_rag.corpus import python_reference_corpus
@@ -20,9 +21,9 @@ LONG_TOPICS = ("comparisons", "import", "try", "function", "class", "with", "rai
                "augassign", "for", "global", "booleans")
 
 
-def make_chunks(gen: Any, n_chunks: int, chunk_tokens: int) -> list[str]:
+def make_chunks(gen: Any, n_chunks: int, chunk_tokens: int, topics: Sequence[str] = LONG_TOPICS) -> list[str]:
     """n_chunks texts of about chunk_tokens tokens each, cut from long reference topics."""
-    docs = python_reference_corpus(LONG_TOPICS)
+    docs = python_reference_corpus(tuple(topics))
     out: list[str] = []
     tok = gen.tokenizer
     for d in docs:

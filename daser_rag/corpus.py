@@ -52,3 +52,25 @@ QA_SET: tuple[QAItem, ...] = (
     QAItem("How is the Ellipsis object written as a literal?",
            ("pyref:bltin-null-object", "pyref:pass", "pyref:bltin-ellipsis-object"), ("...", "Ellipsis")),
 )
+
+# More multi-document questions for the benchmark's QA accuracy table (benchmarks/quality.py).
+# Each answer string occurs verbatim in the answer document's pydoc text (tests check this).
+QA_EXTRA: tuple[QAItem, ...] = (
+    QAItem("What kind of functions do lambda expressions create?",
+           ("pyref:yield", "pyref:lambda", "pyref:return"), ("anonymous",)),
+    QAItem("What does using yield in a function definition turn that function into?",
+           ("pyref:lambda", "pyref:yield", "pyref:return"), ("generator",)),
+    QAItem("Where does a continue statement continue?",
+           ("pyref:continue", "pyref:break", "pyref:while"), ("next cycle", "next iteration")),
+    QAItem("Which exception is raised when raise is used without an expression and no exception is active?",
+           ("pyref:raise", "pyref:assert", "pyref:exceptions"), ("RuntimeError",)),
+    QAItem("Which keyword adds further conditions to an if statement?",
+           ("pyref:while", "pyref:if", "pyref:truth"), ("elif",)),
+    QAItem("Which context manager method is invoked when a with statement starts?",
+           ("pyref:exceptions", "pyref:pass", "pyref:with"), ("__enter__",)),
+    QAItem("What kind of object must the expression list of a for statement yield?",
+           ("pyref:for", "pyref:while", "pyref:continue"), ("iterable",)),
+    QAItem("Which clause of a try statement runs cleanup code whether or not an exception occurred?",
+           ("pyref:raise", "pyref:exceptions", "pyref:return"), ("finally",)),
+)
+QA_BENCH: tuple[QAItem, ...] = QA_SET + QA_EXTRA

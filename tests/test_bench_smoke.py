@@ -1,0 +1,149 @@
+"""The benchmark suite, end to end at toy size: the JSON it writes is complete and consistent.
+
+Real model, real corpus, every mode; sizes are tiny so this stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.quality import answer_correct, exact_match, lcs_length, rouge_l
+from daser_rag.corpus import QA_BENCH, python_reference_corpus
+
+
+def test_rouge_l_and_exact_match():
+    assert rouge_l("The nearest enclosing loop.", "the nearest enclosing loop") == 1.0
+    assert rouge_l("", "") == 1.0
+    assert rouge_l("a b", "") == 0.0
+    assert lcs_length("a b c d".split(), "a c".split()) == 2
+    # P = 2/4, R = 2/2 -> F1 = 2/3
+    assert rouge_l("a b c d", "a c") == pytest.approx(2 / 3)
+    assert exact_match(" It   does nothing.\n", "It does nothing.")
+    assert not exact_match("It does nothing", "It does nothing.")
+
+
+def test_qa_answers_are_in_the_documents():
+    docs = {d.doc_id: d.text.lower() for d in python_reference_corpus()}
+    assert len(QA_BENCH) >= 16
+    for item in QA_BENCH:
+        text = " ".join(docs[i] for i in item.doc_ids)
+        assert any(a.lower() in text for a in item.answers), item.question
+        assert answer_correct(f"xx {item.answers[0].upper()} yy", item)
+
+
+@pytest.fixture
+def one_thread():
+    # on a shared 2-core machine two OpenMP threads can run 10x slower than one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_prefix_cache_is_exact_and_block_aligned(lm, one_thread):
+    from benchmarks.prefix_cache import PrefixCache
+    from daser_rag.model.runner import LayerRunner
+
+    runner = LayerRunner(lm)
+    ids = lm.tokenizer("The pass statement is a null operation; nothing happens when it executes.",
+                       add_special_tokens=False)["input_ids"] * 3
+    pc = PrefixCache(runner, block_size=16, dtype=torch.float32)
+    cache, ref_logits, hit = pc.prefill(ids)
+    assert hit == 0 and len(pc) == 0
+    assert pc.insert(ids, cache) == len(ids) // 16
+    assert pc.nbytes > 0
+    _, logits, hit = pc.prefill(ids)
+    assert hit == (len(ids) - 1) // 16 * 16  # whole blocks only, and the last token is always computed
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    other = ids[:5] + [ids[0]] + ids[6:]  # a change early on: nothing after it may hit
+    assert pc.match(other) == 0
+    assert pc.drop("") == len(ids) // 16 and pc.nbytes == 0
+
+
+@pytest.fixture(scope="module")
+def suite_result(lm, tmp_path_factory):
+    from benchmarks.suite import SuiteConfig, run_suite
+    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.kv.store import KVStore
+
+    out = tmp_path_factory.mktemp("bench")
+    gen = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32"))
+    # one thread: on a shared 2-core machine two OpenMP threads can run 10x slower than one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = SuiteConfig(questions=2, context_tokens=320, distractor_tokens=64, distractor_pool=4, ratios=[0.0, 1.0],
+                      answer_tokens=6, codec="fp32", scaling_contexts=[200], scaling_context_chunks=2,
+                      scaling_chunk_counts=[3], scaling_chunk_tokens=48, scaling_repeats=1,
+                      scaling_answer_tokens=4)
+    try:
+        result = run_suite(gen, cfg, out, img_dir=out / "img", command="test", log=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    return result, out
+
+
+def test_suite_writes_consistent_json(suite_result):
+    result, out = suite_result
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["machine"]["label"] and saved["meta"]["seconds"] > 0
+    rows = {r["mode"]: r for r in saved["main"]["modes"]}
+    assert list(rows) == ["full prefill", "prefix cache", "daser r=0", "daser r=1"]
+    for r in rows.values():
+        assert r["n"] == 2
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+        assert r["ttft_mean_s"] > 0 and r["requests_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+        for key in ("top1_agreement", "first_token_agreement", "rouge_l", "exact_match", "qa_accuracy",
+                    "reused_share"):
+            assert 0.0 <= r[key] <= 1.0, key
+        assert r["mean_kl"] >= 0
+    full, prefix, r0, r1 = (rows[k] for k in rows)
+    assert full["speedup_vs_full"] == pytest.approx(1.0)
+    assert full["cache_bytes"] == 0 and full["reused_share"] == 0
+    assert prefix["cache_bytes"] > 0 and r0["cache_bytes"] > 0
+    assert r0["reused_share"] == pytest.approx(1.0)  # full reuse: nothing recomputed
+    # r=1 recomputes every non-exact token: it *is* full prefill
+    assert r1["top1_agreement"] == 1.0 and r1["mean_kl"] < 1e-4
+    assert r1["rouge_l"] == 1.0 and r1["exact_match"] == 1.0
+    assert r1["qa_accuracy"] == full["qa_accuracy"]
+    # exact prefix caching changes nothing but float rounding of the stored blocks
+    assert prefix["top1_agreement"] == 1.0 and prefix["mean_kl"] < 1e-3
+    assert r0["mean_kl"] > r1["mean_kl"]
+    qa = saved["main"]["qa"]
+    assert len(qa["questions"]) == 2 and all(len(v) == 2 for v in qa["correct"].values())
+    per = saved["main"]["per_request"]
+    assert len(per) == 2 and all(len(p["runs"]) == 4 for p in per)
+    assert saved["main"]["vllm"]["status"]
+
+
+def test_suite_scaling_and_artifacts(suite_result):
+    result, out = suite_result
+    sc = result["scaling"]
+    assert [p["n_chunks"] for p in sc["context"]] == [2] and [p["n_chunks"] for p in sc["chunks"]] == [3]
+    for p in sc["context"] + sc["chunks"]:
+        assert p["context_tokens"] > 0
+        names = [m["mode"] for m in p["modes"]]
+        assert names == ["full prefill", "prefix cache", "daser r=0", "daser r=0.15"]
+        assert all(m["ttft_median_s"] > 0 for m in p["modes"])
+        assert p["modes"][1]["top1_agreement"] == 1.0
+    for name in ("ttft_vs_context.png", "ttft_vs_chunks.png", "fidelity_vs_r.png", "ttft_vs_r.png"):
+        for d in (out, out / "img"):
+            data = (d / name).read_bytes()
+            assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (out / "results.md").read_text()
+    assert result["meta"]["machine"]["label"] in md and "| daser r=1 |" in md
+
+
+def test_update_doc_replaces_only_the_results_section(tmp_path):
+    from benchmarks.suite import BEGIN, END, update_doc
+
+    doc = tmp_path / "b.md"
+    doc.write_text(f"# Title\nintro\n{BEGIN}\nold numbers\n{END}\nfooter\n")
+    update_doc(doc, "new numbers\n")
+    assert doc.read_text() == f"# Title\nintro\n{BEGIN}\nnew numbers\n{END}\nfooter\n"
+    bad = tmp_path / "c.md"
+    bad.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        update_doc(bad, "x")
