@@ -59,7 +59,11 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     from daser_rag.generate import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
-    from integrations.vllm.prompts import VllmRagPrompter, kv_transfer_config, vllm_model_dir
+    from integrations.vllm.prompts import (
+        VllmRagPrompter,
+        kv_transfer_config,
+        vllm_model_dir,
+    )
 
     torch.set_num_threads(os.cpu_count() or 1)
     lm = load_model(dtype=torch.bfloat16)
@@ -67,8 +71,8 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
                               recompute_ratio=args.ratio)
     docs = {d.doc_id: d for d in python_reference_corpus(DEMO_TOPICS)}
     trace = build_trace(args.requests, args.docs_per_request, args.seed)
-    kw: dict[str, Any] = dict(model=str(vllm_model_dir(lm)), dtype="bfloat16", max_model_len=2048,
-                              enforce_eager=True, block_size=32, max_num_seqs=4, enable_prefix_caching=True)
+    kw: dict[str, Any] = {"model": str(vllm_model_dir(lm)), "dtype": "bfloat16", "max_model_len": 2048,
+                          "enforce_eager": True, "block_size": 32, "max_num_seqs": 4, "enable_prefix_caching": True}
     daser = args.arm == "daser"
     if daser:
         t0 = time.perf_counter()
@@ -113,7 +117,6 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     out = {"startup_s": startup_s, "passes": passes}
     if daser:
         out.update(ingest_s=ingest_s, ingested_chunks=rep.chunks)
-    del llm
     return out
 
 
@@ -122,8 +125,8 @@ def summarize(results: dict[str, Any], trace: list[tuple[str, list[str]]]) -> st
 
     answers = {qa.question: qa.answers for qa in QA_SET}
     base = results["vllm"]["passes"]["vllm_prefix_cache"]
-    lines = [f"{'arm':<20} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'cached/prompt':>14} {'prep':>7} "
-             f"{'in vLLM':>8} {'same answer':>11} {'agree tok':>9} {'QA correct':>10}"]
+    lines = [(f"{'arm':<20} {'TTFT mean':>10} {'p50':>8} {'p90':>8} {'cached/prompt':>14} {'prep':>7} "
+              f"{'in vLLM':>8} {'same answer':>11} {'agree tok':>9} {'QA correct':>10}")]
     for arm in ("vllm", "daser"):
         for name, rows in results[arm]["passes"].items():
             t = sorted(r["ttft_s"] for r in rows)

@@ -12,19 +12,23 @@ import pytest
 pytestmark = pytest.mark.vllm
 vllm = pytest.importorskip("vllm", reason="vllm (the daser-rag[vllm] extra) is not installed in this environment")
 
-import torch  # noqa: E402
+import torch
 
-from integrations.vllm.env import cpu_defaults  # noqa: E402
+from integrations.vllm.env import cpu_defaults
 
 cpu_defaults()
 
-from daser_rag.corpus import python_reference_corpus  # noqa: E402
-from daser_rag.generate import CacheAwareGenerator  # noqa: E402
-from daser_rag.kv.store import KVStore  # noqa: E402
-from daser_rag.model.loader import load_model  # noqa: E402
-from daser_rag.types import ChunkRef  # noqa: E402
-from integrations.vllm.plan import OFF_PARAMS, plan_params  # noqa: E402
-from integrations.vllm.prompts import VllmRagPrompter, VllmRequest, kv_transfer_config, vllm_model_dir  # noqa: E402
+from daser_rag.corpus import python_reference_corpus
+from daser_rag.generate import CacheAwareGenerator
+from daser_rag.kv.store import KVStore
+from daser_rag.model.loader import load_model
+from integrations.vllm.plan import OFF_PARAMS, plan_params
+from integrations.vllm.prompts import (
+    VllmRagPrompter,
+    VllmRequest,
+    kv_transfer_config,
+    vllm_model_dir,
+)
 
 MAX_TOKENS = 24
 Q1 = "What happens when a pass statement is executed?"
@@ -147,7 +151,7 @@ def test_blended_reuse_reordered_documents(env):
     assert agree >= 8, (toks, base)
     cb = env["p"].blended(Q1, ctx)  # default r=0.15
     assert cb.info["staged"] and cb.info["recomputed_tokens"] > 0
-    toks_cb, cached_cb = run(env, cb)
+    _, cached_cb = run(env, cb)
     assert cached_cb == cb.context_tokens
     again = env["p"].blended(Q2, ctx)  # context KV does not depend on the question
     assert not again.info["staged"] and again.info["blend_key"] == cb.info["blend_key"]

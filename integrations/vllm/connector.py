@@ -38,7 +38,14 @@ from vllm.logger import init_logger
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.store import KVStore
 from integrations.vllm.layout import PagedLayout, layer_order, layout_for, slots_for
-from integrations.vllm.plan import Plan, PlanError, Segment, block_chain_segments, parse_plan, stored_run
+from integrations.vllm.plan import (
+    Plan,
+    PlanError,
+    Segment,
+    block_chain_segments,
+    parse_plan,
+    stored_run,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
