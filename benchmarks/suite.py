@@ -63,12 +63,12 @@ class SuiteConfig:
     scaling_ratios: list[float] = field(default_factory=lambda: [0.0, 0.15])
     scaling_repeats: int = 2
     scaling_answer_tokens: int = 8
-    single_repeat_above: int = 4500  # points with more context tokens than this run once
+    single_repeat_above: int = 3000  # points with more context tokens than this run once
     quick: bool = False
 
 
 QUICK: dict[str, Any] = {"questions": 6, "context_tokens": 1024, "ratios": [0.0, 0.15, 1.0],
-                         "scaling_contexts": [1000, 2000, 4000], "scaling_chunk_counts": [2, 4, 8],
+                         "scaling_contexts": [1000, 2000], "scaling_chunk_counts": [2, 4, 6],
                          "scaling_repeats": 1, "quick": True}
 
 
@@ -164,7 +164,7 @@ def summarize(runs: dict[str, list[Run]], mode_meta: dict[str, dict[str, Any]], 
 
 
 # -- the QA trace --------------------------------------------------------------------------------
-def run_trace(h: Harness, cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
+def run_trace(h: Harness, cfg: SuiteConfig, log: Any = print, out_dir: Path | None = None) -> dict[str, Any]:
     gen = h.gen
     trace = build_trace(gen, cfg)
     modes = standard_modes(cfg.ratios)
@@ -204,29 +204,47 @@ def run_trace(h: Harness, cfg: SuiteConfig, log: Any = print) -> dict[str, Any]:
             "chunks_mean": statistics.fmean(len(r.chunks) for r in trace), "modes": rows, "qa": qa,
             "per_request": per_request, "prefix_cache": {"block_size": h.prefix_cache.block_size,
                                                          "evictions": h.prefix_cache.evictions},
-            "vllm": vllm_baseline(prompts, cfg.answer_tokens, log)}
+            "vllm": vllm_baseline(len(trace), cfg.answer_tokens, out_dir, log)}
 
 
-def vllm_baseline(prompts: list[list[int]], answer_tokens: int, log: Any = print) -> dict[str, Any]:
-    """vLLM's own prefix caching on the same token sequences, when vLLM is importable here.
+def vllm_baseline(n_requests: int, answer_tokens: int, out_dir: Path | None, log: Any = print) -> dict[str, Any]:
+    """vLLM's own prefix caching (and vLLM + daser-rag), when vLLM is importable here.
 
-    benchmarks/vllm_trace.py (owned by the vLLM integration) is expected to offer
-    `run_prefix_trace(prompts, max_new_tokens=...) -> dict`; its result is stored as is.
+    Runs benchmarks/vllm_trace.py (the vLLM integration's trace: same corpus and QA questions,
+    documents in random order, one vLLM engine per arm in its own process) and keeps a
+    per-pass summary. Its trace and engine (bf16, block 32) are its own, so its rows are
+    reported next to ours, not merged into our table.
     """
     if importlib.util.find_spec("vllm") is None:
         log("vLLM not installed: skipped")
         return {"status": "vLLM not installed: skipped"}
-    try:
-        mod = importlib.import_module("benchmarks.vllm_trace")
-        fn = mod.run_prefix_trace
-    except (ImportError, AttributeError) as exc:
-        log(f"vLLM installed but benchmarks.vllm_trace.run_prefix_trace is unavailable ({exc}): skipped")
-        return {"status": f"skipped: {exc}"}
-    try:
-        return {"status": "ok", **fn(prompts, max_new_tokens=answer_tokens)}
-    except Exception as exc:  # noqa: BLE001 - a broken optional engine must not lose the rest of the run
-        log(f"vLLM trace failed: {exc!r}")
-        return {"status": f"failed: {exc!r}"}
+    import tempfile
+
+    from benchmarks import vllm_trace
+
+    with tempfile.TemporaryDirectory(prefix="daser-suite-vllm-") as tmp:
+        path = (out_dir or Path(tmp)) / "vllm_trace.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log("vLLM trace (benchmarks/vllm_trace.py) ...")
+        try:
+            vllm_trace.main(["--requests", str(n_requests), "--answer-tokens", str(answer_tokens),
+                             "--json", str(path)])
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - an optional engine must not lose the run
+            log(f"vLLM trace failed: {exc!r}")
+            return {"status": f"failed: {exc!r}"}
+    rows = []
+    base = raw["vllm"]["passes"]["vllm_prefix_cache"]
+    for arm in ("vllm", "daser"):
+        for name, rs in raw[arm]["passes"].items():
+            t = [r["ttft_s"] for r in rs]
+            rows.append({"pass": name, "n": len(rs), "ttft_mean_s": statistics.fmean(t),
+                         "ttft_p50_s": percentile(t, 50), "ttft_p99_s": percentile(t, 99),
+                         "cached_share": sum(r["cached"] for r in rs) / max(1, sum(r["prompt_tokens"] for r in rs)),
+                         "same_answer_as_vllm": statistics.fmean(float(r["tokens"] == b["tokens"])
+                                                                for r, b in zip(rs, base))})
+    return {"status": "ok", "source": "benchmarks/vllm_trace.py", "rows": rows,
+            "json": str(path) if out_dir else None}
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -268,11 +286,12 @@ def format_main_tables(main: dict[str, Any]) -> str:
     w = max(len(r["mode"]) for r in rows) + 2
     out = [(f"QA trace: {main['requests']} requests, {main['prompt_tokens_mean']:.0f} prompt tokens and "
             f"{main['chunks_mean']:.1f} chunks on average; TTFT over n={rows[0]['n']} requests"),
-           (f"{'mode':<{w}}{'mean s':>8}{'p50 s':>8}{'p99 s':>8}{'speed-up':>10}{'prefill tok/s':>15}"
-            f"{'req/s':>7}{'reused':>8}{'cache MB':>10}")]
+           (f"{'mode':<{w}}{'mean s':>8}{'p50 s':>8}{'p99 s':>8}{'speed-up':>10}{'(paired)':>10}"
+            f"{'prefill tok/s':>15}{'req/s':>7}{'reused':>8}{'cache MB':>10}")]
     for r in rows:
         out.append(f"{r['mode']:<{w}}{r['ttft_mean_s']:>8.3f}{r['ttft_p50_s']:>8.3f}{r['ttft_p99_s']:>8.3f}"
-                   f"{r['speedup_vs_full']:>9.2f}x{r['prefill_tokens_per_s']:>15.0f}{r['requests_per_s']:>7.2f}"
+                   f"{r['speedup_vs_full']:>9.2f}x{r['speedup_paired_median']:>9.2f}x"
+                   f"{r['prefill_tokens_per_s']:>15.0f}{r['requests_per_s']:>7.2f}"
                    f"{r['reused_share']:>8.0%}{_mb(r['cache_bytes']):>10}")
     out += ["", "fidelity vs full prefill (teacher-forced next token; 32-token greedy answers)",
             f"{'mode':<{w}}{'top-1':>8}{'mean KL':>10}{'1st tok':>9}{'ROUGE-L':>9}{'exact':>7}{'QA acc':>8}"]
@@ -280,6 +299,14 @@ def format_main_tables(main: dict[str, Any]) -> str:
         out.append(f"{r['mode']:<{w}}{r['top1_agreement']:>8.3f}{r['mean_kl']:>10.4f}"
                    f"{r['first_token_agreement']:>9.0%}{r['rouge_l']:>9.3f}{r['exact_match']:>7.0%}"
                    f"{r.get('qa_accuracy', float('nan')):>8.0%}")
+    v = main["vllm"]
+    out.append("")
+    if v["status"] == "ok":
+        out.append("vLLM (benchmarks/vllm_trace.py, its own trace):")
+        out += [f"  {r['pass']:<22}TTFT mean {r['ttft_mean_s']:.3f}s p50 {r['ttft_p50_s']:.3f}s "
+                f"p99 {r['ttft_p99_s']:.3f}s, cached {r['cached_share']:.0%}" for r in v["rows"]]
+    else:
+        out.append(f"vLLM prefix caching: {v['status']}")
     return "\n".join(out)
 
 
@@ -300,12 +327,14 @@ def markdown_report(result: dict[str, Any], img_prefix: str) -> str:
          f"{main['prompt_tokens_mean']:.0f} prompt tokens and {main['chunks_mean']:.1f} chunks per request "
          f"(the question's documents plus distractors, shuffled). All modes run on each request back to back."),
         "",
-        "| mode | TTFT mean (s) | p50 (s) | p99 (s) | speed-up | prefill tok/s | req/s | context reused | cache MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("| mode | TTFT mean (s) | p50 (s) | p99 (s) | speed-up (means) | speed-up (paired median) | prefill tok/s "
+         "| req/s | context reused | cache MB |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in main["modes"]:
         lines.append(f"| {r['mode']} | {r['ttft_mean_s']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
-                     f"{r['speedup_vs_full']:.2f}x | {r['prefill_tokens_per_s']:.0f} | {r['requests_per_s']:.2f} | "
+                     f"{r['speedup_vs_full']:.2f}x | {r['speedup_paired_median']:.2f}x | "
+                     f"{r['prefill_tokens_per_s']:.0f} | {r['requests_per_s']:.2f} | "
                      f"{r['reused_share']:.0%} | {_mb(r['cache_bytes'])} |")
     lines += ["", "| mode | top-1 agreement | mean KL | first token | ROUGE-L | exact match | QA accuracy |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -320,7 +349,16 @@ def markdown_report(result: dict[str, Any], img_prefix: str) -> str:
     for i, q in enumerate(qa["questions"]):
         lines.append(f"| {q} | {' / '.join(qa['answers'][i])} | "
                      + " | ".join("yes" if qa["correct"][n][i] else "no" for n in names) + " |")
-    lines += ["", f"vLLM prefix caching: {main['vllm']['status']}", ""]
+    v = main["vllm"]
+    if v["status"] == "ok":
+        lines += ["", "vLLM (benchmarks/vllm_trace.py, its own trace of the same questions, bf16, block 32):", "",
+                  "| pass | TTFT mean (s) | p50 (s) | p99 (s) | prompt cached | same answer as vLLM |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['pass']} | {r['ttft_mean_s']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | "
+                  f"{r['cached_share']:.0%} | {r['same_answer_as_vllm']:.0%} |" for r in v["rows"]]
+        lines.append("")
+    else:
+        lines += ["", f"vLLM prefix caching: {v['status']}", ""]
     if result.get("scaling"):
         lines += [markdown_scaling(result["scaling"]), ""]
     lines += [f"![TTFT vs context length]({img_prefix}ttft_vs_context.png) "
@@ -355,7 +393,7 @@ def run_suite(gen: Any, cfg: SuiteConfig, out_dir: Path, *, img_dir: Path | None
     h = Harness(gen, answer_tokens=cfg.answer_tokens)
     log(f"machine: {result['meta']['machine']['label']}; load average {result['meta']['load_start']}")
     log("QA trace ...")
-    result["main"] = run_trace(h, cfg, log)
+    result["main"] = run_trace(h, cfg, log, out_dir)
     log("")
     log(format_main_tables(result["main"]))
     log("")

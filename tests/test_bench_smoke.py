@@ -18,7 +18,7 @@ def test_rouge_l_and_exact_match():
     assert rouge_l("The nearest enclosing loop.", "the nearest enclosing loop") == 1.0
     assert rouge_l("", "") == 1.0
     assert rouge_l("a b", "") == 0.0
-    assert lcs_length("a b c d".split(), "a c".split()) == 2
+    assert lcs_length(["a", "b", "c", "d"], ["a", "c"]) == 2
     # P = 2/4, R = 2/2 -> F1 = 2/3
     assert rouge_l("a b c d", "a c") == pytest.approx(2 / 3)
     assert exact_match(" It   does nothing.\n", "It does nothing.")
@@ -86,7 +86,7 @@ def suite_result(lm, tmp_path_factory):
 
 
 def test_suite_writes_consistent_json(suite_result):
-    result, out = suite_result
+    _, out = suite_result
     saved = json.loads((out / "bench.json").read_text())
     assert saved["meta"]["machine"]["label"] and saved["meta"]["seconds"] > 0
     rows = {r["mode"]: r for r in saved["main"]["modes"]}
