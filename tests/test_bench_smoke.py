@@ -147,3 +147,22 @@ def test_update_doc_replaces_only_the_results_section(tmp_path):
     bad.write_text("no markers")
     with pytest.raises(ValueError, match="markers"):
         update_doc(bad, "x")
+
+
+def test_harness_fidelity_matches_evaluation_module(lm, one_thread):
+    """The suite's one-pass teacher forcing agrees with daser_rag.evaluation's step-by-step loop."""
+    from benchmarks.harness import Harness, standard_modes
+    from benchmarks.ttft import QUESTION, make_chunks
+    from daser_rag.evaluation import measure_fidelity
+    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.kv.store import KVStore
+
+    gen = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32"))
+    h = Harness(gen, answer_tokens=6)
+    chunks = make_chunks(gen, 3, 48)
+    h.ingest(chunks)
+    runs = h.request(QUESTION, chunks, standard_modes([0.0]))
+    ref = measure_fidelity(gen, [(QUESTION, chunks)], [0.0], steps=len(runs["full prefill"].ref_ids))[0.0]
+    mine = runs["daser r=0"].fidelity
+    assert mine.total == ref.total and mine.agree == ref.agree
+    assert mine.mean_kl == pytest.approx(ref.mean_kl, rel=1e-3, abs=1e-6)
