@@ -65,7 +65,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
         vllm_model_dir,
     )
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     lm = load_model(dtype=torch.bfloat16)
     gen = CacheAwareGenerator(lm, store=KVStore(args.store, codec="bf16"), chunk_tokens=args.chunk_tokens,
                               recompute_ratio=args.ratio)
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="recompute ratios to run in the daser arm, comma separated")
     ap.add_argument("--answer-tokens", type=int, default=24, help="greedy tokens compared against the baseline")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-threads", type=int, default=0,
+                    help="threads for daser's torch fusion (default: all cores; 1 avoids OMP stalls on a busy machine)")
     ap.add_argument("--store", default=None, help="daser store directory (default: a fresh temp dir)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--arm", choices=["all", "vllm", "daser"], default="all", help=argparse.SUPPRESS)
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--requests", str(args.requests), "--docs-per-request", str(args.docs_per_request),
                    "--chunk-tokens", str(args.chunk_tokens), "--ratio", str(args.ratio),
                    "--ratios", ",".join(map(str, args.ratios)), "--answer-tokens", str(args.answer_tokens),
-                   "--seed", str(args.seed)]
+                   "--seed", str(args.seed), "--torch-threads", str(args.torch_threads)]
             print(f"running arm {arm} ...", file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                            if not os.environ.get("DASER_BENCH_VERBOSE") else None)
