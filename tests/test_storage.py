@@ -66,10 +66,13 @@ def test_crash_leftover_tmp_is_cleaned_and_ignored(tmp_path):
     tier = DiskTier(tmp_path)
     kv = _kv()
     tier.put(encode(kv, "fp32"))
-    stray = tier._path(kv.key).parent / f".tmp-{kv.key}-999-1"
+    stray = tier._path(kv.key).parent / f".tmp-{kv.key}-99999999-1"  # no such process
     stray.write_bytes(b"partial")
+    live = stray.parent / f".tmp-{kv.key}-{os.getppid()}-1"  # a live process mid-write
+    live.write_bytes(b"partial")
     tier2 = DiskTier(tmp_path)  # restart
     assert not stray.exists()
+    assert live.exists(), "another live process's in-flight write must not be removed"
     assert tier2.get(kv.key) is not None
 
 

@@ -16,6 +16,23 @@ from daser_rag.kv.codecs import EncodedKV, from_bytes, to_bytes
 log = logging.getLogger(__name__)
 
 
+def _writer_alive(tmp_name: str) -> bool:
+    """Temp files are named .tmp-<key>-<pid>-<thread>; another live process may be mid-write."""
+    try:
+        pid = int(tmp_name.rsplit("-", 2)[1])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False  # our own earlier incarnation cannot be writing: this process just started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class DiskTier:
     name = "disk"
 
@@ -26,7 +43,8 @@ class DiskTier:
         self._lock = threading.RLock()
         self.corrupt_dropped = 0
         for stray in self.root.glob("*/.tmp-*"):  # leftovers of a crash mid-write
-            stray.unlink(missing_ok=True)
+            if not _writer_alive(stray.name):
+                stray.unlink(missing_ok=True)
 
     def _path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
