@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--doc", action="append", default=[])
     p.add_argument("--tenant", default="")
 
-    p = sub.add_parser("bench", help="run a benchmark: ttft (default), suite, scaling, quality, plots, codecs, workload "
+    p = sub.add_parser("bench", add_help=False,  # -h/--help goes to the benchmark itself
+                       help="run a benchmark: ttft (default), suite, scaling, quality, plots, codecs, workload "
                        "(extra args pass through; see docs/benchmarks.md)")
     p.add_argument("name", nargs="?", default="ttft")
 
