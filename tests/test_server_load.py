@@ -4,9 +4,7 @@ Zero errors, zero stale answers, zero inconsistent answers."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,14 +15,12 @@ from daser_rag.server.testing import redis_server_path
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "load_test.py"
 
 
 def _load_main():
-    spec = importlib.util.spec_from_file_location("daser_load_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
+    from benchmarks.load_test import main  # benchmarks/ is a package of the project
+
+    return main
 
 
 @pytest.mark.parametrize("requests,concurrency", [(200, 8)])
