@@ -148,11 +148,14 @@ class CacheAwareGenerator:
         timings.fetch_s += time.perf_counter() - t0
         if kv is not None:
             return kv, True
+        return self._compute_and_store(piece, tenant, timings), False
+
+    def _compute_and_store(self, piece: _Piece, tenant: str, timings: Timings) -> ChunkKV:
         t0 = time.perf_counter()
         kv = self.compute_chunk(piece.ids, piece.key, tenant)
         self.store.put(kv)
         timings.precompute_s += time.perf_counter() - t0
-        return kv, False
+        return kv
 
     # -- ingestion ---------------------------------------------------------------------------
     def split(self, text: str) -> list[str]:
@@ -223,8 +226,8 @@ class CacheAwareGenerator:
             if isinstance(item, str):
                 texts: list[tuple[str, str | None]] = [(item, None)]
             elif isinstance(item, Document):
-                if self.store.index.info(item.doc_id, tenant) is None or \
-                        self.store.index.info(item.doc_id, tenant).content_digest != text_digest(item.text):
+                known = self.store.index.info(item.doc_id, tenant)
+                if known is None or known.content_digest != text_digest(item.text):
                     self.add_documents([item], tenant=tenant, precompute=False)
                 texts = [(t, item.doc_id) for t in self.store.index.chunk_texts(item.doc_id, tenant)]
             elif isinstance(item, ChunkRef):
@@ -344,7 +347,7 @@ class CacheAwareGenerator:
         if got is not None:
             return got, True
         pre = timings.precompute_s
-        kv, _ = self._get_or_compute(p, tenant, timings)
+        kv = self._compute_and_store(p, tenant, timings)  # the lookup above already missed
         self.store.note_cost(p.key, timings.precompute_s - pre)
         return kv, False
 

@@ -82,3 +82,8 @@ def test_chunk_key_depends_on_content_and_tenant(generator):
     assert a == generator.chunk_key_for("alpha beta")
     assert a != generator.chunk_key_for("alpha beta.")
     assert a != generator.chunk_key_for("alpha beta", tenant="t2")
+
+
+def test_a_miss_is_looked_up_once(generator):
+    generator.prefill("What is pass?", ["The pass statement does nothing."])
+    assert generator.store.counters["miss"] == 1 and generator.store.counters["put"] == 1
