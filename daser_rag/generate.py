@@ -27,17 +27,10 @@ from daser_rag.kv.keys import chunk_key, prefix_key, text_digest
 from daser_rag.kv.store import KVStore, default_cache_dir
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
+from daser_rag.params import GenerationParams
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
-from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
-
-@dataclass
-class _Piece:
-    text: str
-    doc_id: str | None
-    ids: list[int]
-    key: str
-
+from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, ResolvedChunk, Timings
 
 class TokenStream:
     """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
@@ -90,7 +83,7 @@ class CacheAwareGenerator:
             self.prefix_tree = prefix_tree if isinstance(prefix_tree, PrefixTree) else PrefixTree()
         self.layerwise = layerwise
         self._prefix_cache: dict[str, ChunkKV] = {}
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         tok = self.lm.tokenizer
         eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
         for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
@@ -142,7 +135,7 @@ class CacheAwareGenerator:
         self.runner.forward(t, p, cache)
         return self._extract(cache, key, t, p)
 
-    def _get_or_compute(self, piece: _Piece, tenant: str, timings: Timings) -> tuple[ChunkKV, bool]:
+    def _get_or_compute(self, piece: ResolvedChunk, tenant: str, timings: Timings) -> tuple[ChunkKV, bool]:
         t0 = time.perf_counter()
         kv = self.store.get(piece.key, dtype=self.runner.dtype, device=self.runner.device)
         timings.fetch_s += time.perf_counter() - t0
@@ -150,9 +143,9 @@ class CacheAwareGenerator:
             return kv, True
         return self._compute_and_store(piece, tenant, timings), False
 
-    def _compute_and_store(self, piece: _Piece, tenant: str, timings: Timings) -> ChunkKV:
+    def _compute_and_store(self, piece: ResolvedChunk, tenant: str, timings: Timings) -> ChunkKV:
         t0 = time.perf_counter()
-        kv = self.compute_chunk(piece.ids, piece.key, tenant)
+        kv = self.compute_chunk(piece.token_ids, piece.key, tenant)
         self.store.put(kv)
         timings.precompute_s += time.perf_counter() - t0
         return kv
@@ -185,11 +178,11 @@ class CacheAwareGenerator:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(docs), desc="precomputing chunk KV", unit="doc")
-        with self._lock:
+        with self.lock:
             for d in docs:
                 chunks = self.split(d.text)
                 report.changed_documents += int(
-                    self.store.index.set_document(d.doc_id, chunks, text_digest(d.text), tenant)
+                    self.store.register_document(d.doc_id, chunks, text_digest(d.text), tenant)
                 )
                 keys = []
                 for text in chunks:
@@ -216,25 +209,25 @@ class CacheAwareGenerator:
         return report
 
     def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
-        with self._lock:
+        with self.lock:
             return self.store.invalidate(doc_id, tenant)
 
     # -- request assembly --------------------------------------------------------------------
-    def _resolve(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[_Piece]:
-        pieces: list[_Piece] = []
+    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[ResolvedChunk]:
+        pieces: list[ResolvedChunk] = []
         for item in contexts or []:
             if isinstance(item, str):
                 texts: list[tuple[str, str | None]] = [(item, None)]
             elif isinstance(item, Document):
-                known = self.store.index.info(item.doc_id, tenant)
+                known = self.store.document_info(item.doc_id, tenant)
                 if known is None or known.content_digest != text_digest(item.text):
                     self.add_documents([item], tenant=tenant, precompute=False)
-                texts = [(t, item.doc_id) for t in self.store.index.chunk_texts(item.doc_id, tenant)]
+                texts = [(t, item.doc_id) for t in self.store.document_chunk_texts(item.doc_id, tenant)]
             elif isinstance(item, ChunkRef):
                 if item.text is None:
                     if not item.doc_id:
                         raise InvalidInputError("a ChunkRef needs text, doc_id, or both")
-                    texts = [(t, item.doc_id) for t in self.store.index.chunk_texts(item.doc_id, tenant)]
+                    texts = [(t, item.doc_id) for t in self.store.document_chunk_texts(item.doc_id, tenant)]
                 else:
                     texts = [(item.text, item.doc_id)]
             else:
@@ -244,32 +237,34 @@ class CacheAwareGenerator:
                 if not text.strip():
                     raise InvalidInputError("a context chunk is empty")
                 ids = self.prompt.chunk_ids(text)
-                pieces.append(_Piece(text, doc_id, ids,
+                pieces.append(ResolvedChunk(text, doc_id, tuple(ids),
                                      chunk_key(self.fingerprint, self.prompt.prefix_ids, ids, tenant)))
         return pieces
 
     def prompt_ids(self, question: str, contexts: Sequence[ContextItem] | None = None, tenant: str = "") -> list[int]:
         """The exact token sequence full prefill would see (for baselines and tests)."""
-        pieces = self._resolve(contexts, tenant)
+        pieces = self.resolve(contexts, tenant)
         ids = list(self.prompt.prefix_ids)
         for p in pieces:
-            ids.extend(p.ids)
+            ids.extend(p.token_ids)
         return ids + self.prompt.query_ids(question)
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None, **kwargs: Any) -> GenerationResult:
-        it = self._run(question, contexts, **kwargs)
+    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
+                 params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
+        it = self._run(question, contexts, params, **kwargs)
         while True:
             try:
                 next(it)
             except StopIteration as stop:
                 return stop.value
 
-    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None, **kwargs: Any) -> TokenStream:
+    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
+               params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
         holder: dict[str, GenerationResult] = {}
 
         def gen() -> Iterator[str]:
-            holder["result"] = yield from self._run(question, contexts, **kwargs)
+            holder["result"] = yield from self._run(question, contexts, params, **kwargs)
 
         return TokenStream(gen(), holder)
 
@@ -288,16 +283,16 @@ class CacheAwareGenerator:
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
         timings = timings or Timings()
-        with self._lock:
-            pieces = self._resolve(contexts, tenant)
+        with self.lock:
+            pieces = self.resolve(contexts, tenant)
             q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
-            ctx_len = len(self.prompt.prefix_ids) + sum(len(p.ids) for p in pieces)
+            ctx_len = len(self.prompt.prefix_ids) + sum(len(p.token_ids) for p in pieces)
             needed = ctx_len + len(q_ids)
             if needed + extra_capacity > self.runner.max_positions:
                 raise ContextTooLongError(needed + extra_capacity, self.runner.max_positions)
             info: dict[str, Any] = {"hits": 0, "misses": 0, "keys": [p.key for p in pieces]}
             if not use_cache:
-                ids = torch.tensor(self.prompt.prefix_ids + [i for p in pieces for i in p.ids], dtype=torch.long)
+                ids = torch.tensor(self.prompt.prefix_ids + [i for p in pieces for i in p.token_ids], dtype=torch.long)
                 all_ids = torch.cat([ids, q_ids])
                 cache = self.runner.new_cache(needed + extra_capacity)
                 t0 = time.perf_counter()
@@ -324,7 +319,7 @@ class CacheAwareGenerator:
 
     def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[str]:
         """Store keys a request for `contexts` will read: what a scheduler protects and prefetches."""
-        pieces = self._resolve(contexts, tenant)
+        pieces = self.resolve(contexts, tenant)
         chunk_keys = [p.key for p in pieces]
         if self.prefix_tree is None or not pieces:
             return chunk_keys
@@ -342,7 +337,7 @@ class CacheAwareGenerator:
         timings.fetch_s += time.perf_counter() - t0
         return got
 
-    def _fetch_chunk(self, p: _Piece, tenant: str, timings: Timings) -> tuple[Any, bool]:
+    def _fetch_chunk(self, p: ResolvedChunk, tenant: str, timings: Timings) -> tuple[Any, bool]:
         got = self._lookup(p.key, timings)
         if got is not None:
             return got, True
@@ -352,7 +347,7 @@ class CacheAwareGenerator:
         return kv, False
 
     def _assemble_segments(
-        self, pieces: list[_Piece], tenant: str, timings: Timings, info: dict[str, Any]
+        self, pieces: list[ResolvedChunk], tenant: str, timings: Timings, info: dict[str, Any]
     ) -> tuple[list[Any], int, LayerLoader | None]:
         prefix = self._prefix_kv(tenant)
         segments: list[Any] = [prefix]
@@ -383,12 +378,12 @@ class CacheAwareGenerator:
                 kv, hit = self._fetch_chunk(p, tenant, timings)
             info["hits" if hit else "misses"] += 1
             if p.doc_id is not None:
-                self.store.index.add_refs(p.doc_id, [p.key], tenant)
+                self.store.add_refs(p.doc_id, [p.key], tenant)
             segments.append(kv)
         if depth and segments[1].start_pos != prefix.num_tokens:
             depth = 0  # not computed right after this prefix: nothing beyond the prefix is exact
         info["exact_chunks"] = depth
-        exact = prefix.num_tokens + sum(len(p.ids) for p in pieces[:depth])
+        exact = prefix.num_tokens + sum(len(p.token_ids) for p in pieces[:depth])
         if not self.layerwise:
             return segments, exact, None
         placements, offset = [], 0
@@ -399,7 +394,7 @@ class CacheAwareGenerator:
                              device=self.runner.device, dtype=self.runner.dtype)
         return loader.segments(), exact, loader
 
-    def _materialize(self, prefix: ChunkKV, pieces: list[_Piece], node_keys: list[str], depth: int,
+    def _materialize(self, prefix: ChunkKV, pieces: list[ResolvedChunk], node_keys: list[str], depth: int,
                      tenant: str, timings: Timings) -> int:
         """Compute chunks depth.. exactly after the exact run and store them as tree nodes."""
         runs = [prefix]
@@ -413,7 +408,7 @@ class CacheAwareGenerator:
                     break
             runs.append(kv)
         p0 = sum(r.num_tokens for r in runs)
-        rest = [i for p in pieces[depth:] for i in p.ids]
+        rest = [i for p in pieces[depth:] for i in p.token_ids]
         cache = self.runner.new_cache(p0 + len(rest))
         off = 0
         for r in runs:
@@ -426,9 +421,9 @@ class CacheAwareGenerator:
         start = p0
         for j in range(depth, len(pieces)):
             p = pieces[j]
-            kv = self._extract(cache, node_keys[j], torch.tensor(p.ids, dtype=torch.long), start)
+            kv = self._extract(cache, node_keys[j], torch.tensor(p.token_ids, dtype=torch.long), start)
             self.store.put(kv)
-            start += len(p.ids)
+            start += len(p.token_ids)
             doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
             self.store.add_derived(doc_ids, node_keys[j], tenant)  # any of them dropped -> node dropped
         return len(pieces)
@@ -437,27 +432,20 @@ class CacheAwareGenerator:
         self,
         question: str,
         contexts: Sequence[ContextItem] | None = None,
+        params: GenerationParams | None = None,
         *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        recompute_ratio: float | None = None,
-        use_cache: bool = True,
-        tenant: str = "",
-        stop: Sequence[str] | None = None,
+        cancel: Callable[[], bool] | None = None,
+        **kwargs: Any,
     ) -> Iterator[str]:
-        if max_new_tokens < 1:
-            raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise InvalidInputError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-        if recompute_ratio is not None and not 0 <= recompute_ratio <= 1:
-            raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {recompute_ratio}")
+        """`cancel()` is polled before prefill and between tokens; when it returns True the
+        request stops with finish_reason "cancelled" (a gone client frees the model)."""
+        p = GenerationParams.from_kwargs(params, **kwargs)
+        max_new_tokens, temperature, top_p, top_k, seed = p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.seed
+        recompute_ratio, use_cache, tenant, stop = p.recompute_ratio, p.use_cache, p.tenant, p.stop
         timings = Timings()
         t_start = time.perf_counter()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        with self._lock:
+        with self.lock:
             fused, info = self.prefill(question, contexts, use_cache=use_cache, recompute_ratio=recompute_ratio,
                                        tenant=tenant, extra_capacity=max_new_tokens, timings=timings)
             cache = fused.cache
@@ -467,6 +455,9 @@ class CacheAwareGenerator:
             finish = "length"
             t_dec = None
             for step in range(max_new_tokens):
+                if cancel is not None and cancel():
+                    finish = "cancelled"
+                    break
                 tok = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
                 if step == 0:
                     timings.ttft_s = time.perf_counter() - t_start

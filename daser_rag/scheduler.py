@@ -170,13 +170,13 @@ class RequestScheduler:
                         return
                     rid, req = self._queue.popitem(last=False)
                     self._running[rid] = req
-                self.generator._lock.acquire()
+                self.generator.lock.acquire()
             try:
                 if not req.future.set_running_or_notify_cancel():
                     continue
                 self._execute(req)
             finally:
-                self.generator._lock.release()
+                self.generator.lock.release()
                 with self._cv:
                     self._running.pop(rid, None)
                     if self.protect_queued:
@@ -189,7 +189,7 @@ class RequestScheduler:
         try:
             # Requests run one at a time on the model: wait for our turn before settling
             # prefetches and reading the RAM state, so the hit count describes the real start.
-            with self.generator._lock:
+            with self.generator.lock:
                 started = time.perf_counter()
                 if self.prefetcher is not None:
                     self.prefetcher.claim(req.request_id, req.keys)

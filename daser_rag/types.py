@@ -29,6 +29,20 @@ class ChunkRef:
     chunk_id: str | None = None
 
 
+@dataclass(frozen=True)
+class ResolvedChunk:
+    """One context chunk as the generator will place it: exact text, token ids and store key."""
+
+    text: str
+    doc_id: str | None
+    token_ids: tuple[int, ...]
+    key: str
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
 @dataclass
 class IngestReport:
     """What an ingest did: how much KV was computed, found already stored, or dropped."""

@@ -79,7 +79,7 @@ def test_queued_request_kv_in_ram_before_it_runs(generator, corpus):
     pf = Prefetcher(store, window=2)
     sched = RequestScheduler(generator, concurrency=1, prefetcher=pf)
     try:
-        with generator._lock:  # request 1 "runs" until we let go
+        with generator.lock:  # request 1 "runs" until we let go
             f1 = sched.submit("What is this?", ctx1, max_new_tokens=1)
             f2 = sched.submit("And this?", ctx2, max_new_tokens=1)
             _wait_idle(pf)

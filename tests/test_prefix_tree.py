@@ -77,6 +77,6 @@ def test_changed_text_never_hits_old_nodes(generator, ctx):
     generator.prefix_tree = PrefixTree(materialize_after=1)
     generator.prefill("What does pass do?", ctx)
     edited = [ctx[0], ChunkRef(text=ctx[1].text + " Edited.", doc_id=ctx[1].doc_id), ctx[2]]
-    assert generator.plan_keys(edited)[1:] == [c.key for c in generator._resolve(edited[1:], "")]
+    assert generator.plan_keys(edited)[1:] == [c.key for c in generator.resolve(edited[1:], "")]
     _, info = generator.prefill("What does pass do?", edited, recompute_ratio=0.0)
     assert info.get("materialized")  # new path: computed, never served from the old nodes

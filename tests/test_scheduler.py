@@ -18,7 +18,7 @@ def test_runs_requests_in_order_and_matches_direct_generation(generator, corpus)
     generator.store.host.policy = policy
     with RequestScheduler(generator, concurrency=2) as sched:
         assert policy._next_use is not None  # the policy sees this scheduler's queue
-        with generator._lock:
+        with generator.lock:
             futs = [sched.submit("What is it about?", c, max_new_tokens=3) for c in ctxs]
             view = sched.next_use()
             for pos, c in enumerate(ctxs):

@@ -199,6 +199,28 @@ class KVStore:
             set_cost(key, seconds)
 
     # -- documents ---------------------------------------------------------------------------
+    # The document index is written only through these methods (never by callers reaching into
+    # `store.index`), so every writer keeps refcounts and derived entries consistent.
+    def register_document(self, doc_id: str, chunk_texts: list[str], digest: str, tenant: str = "") -> bool:
+        """Record a document's chunk texts and content digest; True when it is new or changed."""
+        return bool(self.index.set_document(doc_id, chunk_texts, digest, tenant))
+
+    def add_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> None:
+        """Tie chunk keys to a document, so invalidating it drops them (unless shared)."""
+        self.index.add_refs(doc_id, list(keys), tenant)
+
+    def document_info(self, doc_id: str, tenant: str = "") -> Any:
+        return self.index.info(doc_id, tenant)
+
+    def document_chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+        return self.index.chunk_texts(doc_id, tenant)
+
+    def document_chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+        return self.index.chunk_keys(doc_id, tenant)
+
+    def documents(self, tenant: str = "") -> list[str]:
+        return self.index.documents(tenant)
+
     def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
         """Drop a document and exactly the chunk KV no other document uses. Idempotent."""
         orphans = self.index.remove_document(doc_id, tenant)

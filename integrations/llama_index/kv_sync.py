@@ -100,7 +100,7 @@ class _LocalKV:
         return None
 
     def lock(self) -> Any:
-        lock = getattr(self.gen, "_lock", None)
+        lock = getattr(self.gen, "lock", None)
         return lock if lock is not None else contextlib.nullcontext()
 
     def key(self, text: str, tenant: str) -> str:
@@ -116,7 +116,7 @@ class _LocalKV:
             return True
 
     def add_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> None:
-        self.store.index.add_refs(doc_id, list(keys), tenant)
+        self.store.add_refs(doc_id, list(keys), tenant)
 
     def replace_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> list[str]:
         with self.lock():

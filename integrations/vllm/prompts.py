@@ -124,7 +124,7 @@ class VllmRagPrompter:
         self.codec = codec
 
     def _pieces(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[Any]:
-        return self.gen._resolve(contexts, tenant)
+        return self.gen.resolve(contexts, tenant)
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "") -> VllmRequest:
         """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored."""
@@ -138,10 +138,10 @@ class VllmRagPrompter:
         chunk_keys = [p.key for p in pieces]
         for j, p in enumerate(pieces):
             key = node_key(pk, chunk_keys[: j + 1])
-            segs.append((key, len(p.ids)))
+            segs.append((key, len(p.token_ids)))
             doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
             if j == 0 and p.doc_id is not None:
-                gen.store.index.add_refs(p.doc_id, [key], tenant)
+                gen.store.add_refs(p.doc_id, [key], tenant)
             elif j > 0 and doc_ids:
                 gen.store.add_derived(doc_ids, key, tenant)  # invalidating any document drops the node
         ids = gen.prompt_ids(question, contexts, tenant)
@@ -182,7 +182,7 @@ class VllmRagPrompter:
         if not pieces:
             raise InvalidInputError("blended reuse needs at least one context chunk")
         ids = gen.prompt_ids(question, contexts, tenant)
-        ctx_len = len(gen.prompt.prefix_ids) + sum(len(p.ids) for p in pieces)
+        ctx_len = len(gen.prompt.prefix_ids) + sum(len(p.token_ids) for p in pieces)
         key = self.blend_key(pieces, r, tenant)
         info: dict[str, Any] = {"blend_key": key, "staged": False}
         if not gen.store.contains(key):

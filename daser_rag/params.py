@@ -1,0 +1,125 @@
+"""Per-request generation options, validated once.
+
+Every entry point (the generator, the CLI, the HTTP schemas, the remote client, the
+LlamaIndex and LangChain adapters) builds a `GenerationParams` from whatever its users pass,
+so an option means the same thing and is checked the same way everywhere. Values are
+checked strictly (no coercion of ``"3"`` or ``True`` into numbers): a wrong type is a
+mistake in the caller, and silently fixing it hides the mistake.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Union
+
+from daser_rag.errors import InvalidInputError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+"""One default for every entry point (generator, CLI, service, adapters)."""
+
+SELECTORS = ("deviation", "query", "hybrid", "random")
+"""Token selectors for selective recompute; see daser_rag/blend/selectors.py."""
+
+RecomputeRatio = Union[float, str]
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(float(v))
+
+
+def check_recompute_ratio(value: Any, name: str = "recompute_ratio") -> RecomputeRatio:
+    """A share in [0, 1], or "auto" (an adaptive budget chosen per request)."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise InvalidInputError(f"{name} must be a number in [0, 1] or 'auto', got {value!r}")
+    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+        raise InvalidInputError(f"{name} must be a number in [0, 1] or 'auto', got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks for. `None` for recompute_ratio / selector: the generator's default."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    recompute_ratio: RecomputeRatio | None = None
+    selector: str | None = None
+    use_cache: bool = True
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise InvalidInputError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0 < float(self.top_p) <= 1:
+            raise InvalidInputError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise InvalidInputError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise InvalidInputError(f"seed must be an integer or null, got {self.seed!r}")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise InvalidInputError(f"stop must be a string or a list of strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+        if self.recompute_ratio is not None:
+            object.__setattr__(self, "recompute_ratio", check_recompute_ratio(self.recompute_ratio))
+        if self.selector is not None and self.selector not in SELECTORS:
+            raise InvalidInputError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not isinstance(self.use_cache, bool):
+            raise InvalidInputError(f"use_cache must be true or false, got {self.use_cache!r}")
+        if not isinstance(self.tenant, str):
+            raise InvalidInputError(f"tenant must be a string, got {self.tenant!r}")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, base: GenerationParams | None = None, /, **kwargs: Any) -> GenerationParams:
+        """Build from keyword options, rejecting unknown ones by name.
+
+        ``max_tokens`` (the OpenAI / LangChain spelling) is accepted as ``max_new_tokens``.
+        """
+        if "max_tokens" in kwargs:
+            mt = kwargs.pop("max_tokens")
+            if mt is not None:
+                kwargs.setdefault("max_new_tokens", mt)
+        unknown = sorted(set(kwargs) - set(cls.keys()))
+        if unknown:
+            raise InvalidInputError(f"unknown generation option(s) {unknown}; known: {list(cls.keys())}")
+        if isinstance(kwargs.get("stop"), (list, tuple)):
+            kwargs["stop"] = tuple(kwargs["stop"])
+        if kwargs.get("stop") is None:
+            kwargs.pop("stop", None)
+        return replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+    @classmethod
+    def pick(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The subset of `options` that are generation options (for adapters that mix in others)."""
+        return {k: v for k, v in options.items() if k in cls.keys() or k == "max_tokens"}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def stop_list(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
