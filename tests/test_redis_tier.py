@@ -13,7 +13,7 @@ from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.codecs import encode, to_bytes
 from daser_rag.kv.store import KVStore
 from daser_rag.kv.tiers.redis import RedisLink, RedisTier
-from daser_rag.server.shared_index import RedisDocIndex
+from daser_rag.kv.redis_index import RedisDocIndex
 from daser_rag.server.testing import RedisServer, free_port, redis_server_path
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")

@@ -53,16 +53,19 @@ class DocIndex:
 
     # -- writes ----------------------------------------------------------------------------
     def set_document(
-        self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = ""
+        self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "",
+        *, version: int | None = None,
     ) -> bool:
-        """Record a document's chunk texts. Returns True if the content changed (or is new)."""
+        """Record a document's chunk texts. Returns True if the content changed (or is new).
+        `version` forces the version number (a mirror of another index keeps its numbers)."""
         with self._lock:
             cur = self._conn.execute(
                 "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
             ).fetchone()
-            if cur is not None and cur[0] == content_digest:
+            if cur is not None and cur[0] == content_digest and (version is None or version == cur[1]):
                 return False
-            version = (cur[1] + 1) if cur else 1
+            if version is None:
+                version = (cur[1] + 1) if cur else 1
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.execute("DELETE FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id))

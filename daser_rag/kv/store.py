@@ -1,8 +1,11 @@
-"""The tiered KV store: host RAM -> local disk -> shared remote, plus the document index.
+"""The tiered KV store: an ordered list of tiers (device -> host RAM -> local disk -> shared
+remote), plus the document index.
 
-Reads go top-down and promote on hit; writes go to RAM and through to disk (so a restart
-keeps the cache) and to the remote tier when one is configured. Invalidation removes
-entries from every tier, so no stale KV survives anywhere.
+Every tier speaks the same `Tier` interface and the store loops over them in order: reads go
+top-down and promote a hit into every local tier above it; writes go through every tier (so a
+restart keeps the cache, and other processes see it through the remote tier); invalidation
+removes entries from every tier, so no stale KV survives anywhere. A tier that fails (a remote
+outage) degrades to a miss or a skipped write, never an error.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from daser_rag.kv.tiers.host import HostTier
 log = logging.getLogger(__name__)
 
 DEFAULT_HOST_BYTES = 2 << 30
+DEFAULT_DISK_BYTES = 16 << 30
+"""The disk tier's byte cap unless one is given (least recently used entries go first)."""
 
 
 def default_cache_dir() -> Path:
@@ -41,7 +46,7 @@ class KVStore:
         root: str | os.PathLike[str] | None = None,
         *,
         host_bytes: int = DEFAULT_HOST_BYTES,
-        disk_bytes: int | None = None,
+        disk_bytes: int | None = DEFAULT_DISK_BYTES,
         codec: str = "fp16",
         remote: Tier | None = None,
         policy: EvictionPolicy | None = None,
@@ -77,50 +82,44 @@ class KVStore:
     # -- tiers -----------------------------------------------------------------------------
     @property
     def tiers(self) -> list[Tier]:
+        """The tiers in lookup order; all but the remote one are this process's local copies."""
         return [t for t in (self.device, self.host, self.disk, self.remote) if t is not None]
 
+    def _is_local(self, tier: Tier) -> bool:
+        return tier is not self.remote
+
     def _local_valid(self, key: str) -> bool:
+        """May a local copy of `key` be served? If not (dropped elsewhere), drop it here too."""
         if self.validate is None or self.validate(key):
             return True
         self.counters["stale_dropped"] += 1
-        if self.device is not None:
-            self.device.delete(key)
-        self.host.delete(key)
-        if self.disk is not None:
-            self.disk.delete(key)
+        for tier in self.tiers:
+            if self._is_local(tier):
+                self._try(tier, "delete", key)
         return False
 
+    def _try(self, tier: Tier, op: str, *args: Any) -> Any:
+        """One tier call; a failing tier counts an error and acts as a miss / skipped write."""
+        try:
+            return getattr(tier, op)(*args)
+        except Exception as exc:
+            self.counters[f"error_{tier.name}"] += 1
+            log.warning("tier %s unavailable on %s: %s", tier.name, op, exc)
+            return None
+
     def get_encoded(self, key: str) -> EncodedKV | None:
-        if self.device is not None:
-            enc = self.device.get(key)
-            if enc is not None and self._local_valid(key):
-                self.counters["hit_device"] += 1
-                return enc
-        enc = self.host.get(key)
-        if enc is not None and self._local_valid(key):
-            self.counters["hit_host"] += 1
-            if self.device is not None:
-                self.device.put(enc)
+        tiers = self.tiers
+        for i, tier in enumerate(tiers):
+            enc = self._try(tier, "get", key)
+            if enc is None:
+                continue
+            if self._is_local(tier) and not self._local_valid(key):
+                break  # dropped elsewhere: every local copy is gone now, and so is the remote one
+            self.counters[f"hit_{tier.name}"] += 1
+            for upper in tiers[:i]:  # promote into every local tier above the hit
+                if self._is_local(upper):
+                    self._try(upper, "put", enc)
             return enc
-        for tier in (self.disk, self.remote):
-            if tier is None:
-                continue
-            try:
-                enc = tier.get(key)
-            except Exception as exc:  # a remote outage degrades to a miss, never an error
-                self.counters[f"error_{tier.name}"] += 1
-                log.warning("tier %s unavailable on get: %s", tier.name, exc)
-                continue
-            if enc is not None and tier is self.disk and not self._local_valid(key):
-                enc = None
-            if enc is not None:
-                self.counters[f"hit_{tier.name}"] += 1
-                self.host.put(enc)
-                if self.device is not None:
-                    self.device.put(enc)
-                if tier is self.remote and self.disk is not None:
-                    self.disk.put(enc)
-                return enc
         self.counters["miss"] += 1
         return None
 
@@ -135,38 +134,19 @@ class KVStore:
 
     def put_encoded(self, enc: EncodedKV) -> None:
         self.counters["put"] += 1
-        if self.device is not None:
-            self.device.put(enc)
-        self.host.put(enc)
-        if self.disk is not None:
-            self.disk.put(enc)
-        if self.remote is not None:
-            try:
-                self.remote.put(enc)
-            except Exception as exc:
-                self.counters[f"error_{self.remote.name}"] += 1
-                log.warning("tier %s unavailable on put: %s", self.remote.name, exc)
+        for tier in self.tiers:
+            self._try(tier, "put", enc)
 
     def contains(self, key: str) -> bool:
-        local = [t for t in (self.device, self.host, self.disk) if t is not None]
-        if any(self._safe_contains(t, key) for t in local) and self._local_valid(key):
+        local = [t for t in self.tiers if self._is_local(t)]
+        if any(self._try(t, "contains", key) for t in local) and self._local_valid(key):
             return True
-        return self.remote is not None and self._safe_contains(self.remote, key)
-
-    @staticmethod
-    def _safe_contains(tier: Tier, key: str) -> bool:
-        try:
-            return tier.contains(key)
-        except Exception:
-            return False
+        return self.remote is not None and bool(self._try(self.remote, "contains", key))
 
     def delete(self, key: str) -> bool:
         dropped = False
         for tier in self.tiers:
-            try:
-                dropped = tier.delete(key) or dropped
-            except Exception as exc:
-                log.warning("tier %s unavailable on delete: %s", tier.name, exc)
+            dropped = bool(self._try(tier, "delete", key)) or dropped
         return dropped
 
     # -- protection (look-ahead) --------------------------------------------------------------
@@ -273,6 +253,24 @@ class KVStore:
         total = hits + self.counters["miss"]
         out["hit_rate"] = hits / total if total else 0.0
         return out
+
+    def collect_garbage(self, max_idle_s: float = 3600.0) -> list[str]:
+        """Drop local KV that no document (and no multi-document entry) references and that
+        nobody read for `max_idle_s`: the KV of plain-text context. Returns the dropped keys.
+        (In Redis such entries carry a TTL instead; see RedisTier.)"""
+        if self.disk is None:
+            return []
+        keep = self.index.referenced_keys() | self.derived.referenced_keys()
+        dropped = []
+        for key in self.disk.idle_keys(max_idle_s):
+            if key in keep or self.is_protected(key):
+                continue
+            for tier in self.tiers:
+                if self._is_local(tier):
+                    self._try(tier, "delete", key)
+            dropped.append(key)
+        self.counters["gc_dropped"] += len(dropped)
+        return dropped
 
     @staticmethod
     def _safe_nbytes(tier: Tier) -> int:

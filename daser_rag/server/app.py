@@ -502,7 +502,7 @@ def build_generator(
     kw: dict[str, Any] = {"codec": codec, "host_bytes": host_bytes or DEFAULT_HOST_BYTES}
     if redis_url:
         from daser_rag.kv.tiers.redis import RedisLink, RedisTier
-        from daser_rag.server.shared_index import RedisDocIndex
+        from daser_rag.kv.redis_index import RedisDocIndex
 
         link = RedisLink(redis_url, namespace=namespace or f"daser:{lm.fingerprint[:16]}")
         remote = RedisTier(link)

@@ -15,6 +15,8 @@ from daser_rag.kv.codecs import EncodedKV, from_bytes, to_bytes
 
 log = logging.getLogger(__name__)
 
+_RESCAN_PUTS = 256
+
 
 def _writer_alive(tmp_name: str) -> bool:
     """Temp files are named .tmp-<key>-<pid>-<thread>; another live process may be mid-write."""
@@ -42,9 +44,14 @@ class DiskTier:
         self.capacity_bytes = capacity_bytes
         self._lock = threading.RLock()
         self.corrupt_dropped = 0
+        self.evictions = 0
         for stray in self.root.glob("*/.tmp-*"):  # leftovers of a crash mid-write
             if not _writer_alive(stray.name):
                 stray.unlink(missing_ok=True)
+        # bytes held, kept up to date by this process (other processes sharing the directory
+        # are caught by a full rescan every `_RESCAN_PUTS` writes)
+        self._bytes = self._scan_bytes()
+        self._puts_since_scan = 0
 
     def _path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):
@@ -79,9 +86,28 @@ class DiskTier:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            old = path.stat().st_size
+        except FileNotFoundError:
+            old = 0
         os.replace(tmp, path)
-        if self.capacity_bytes is not None:
+        with self._lock:
+            self._bytes += len(blob) - old
+            self._puts_since_scan += 1
+            if self._puts_since_scan >= _RESCAN_PUTS:
+                self._bytes, self._puts_since_scan = self._scan_bytes(), 0
+            over = self.capacity_bytes is not None and self._bytes > self.capacity_bytes
+        if over:
             self._trim()
+
+    def _scan_bytes(self) -> int:
+        total = 0
+        for p in self._files():
+            try:
+                total += p.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def _files(self) -> list[Path]:
         return [p for p in self.root.glob("*/*.kv")]
@@ -101,14 +127,33 @@ class DiskTier:
                     break
                 p.unlink(missing_ok=True)
                 total -= size
+                self.evictions += 1
+            self._bytes = total
 
     def delete(self, key: str) -> bool:
         path = self._path(key)
         try:
+            size = path.stat().st_size
             path.unlink()
-            return True
         except FileNotFoundError:
             return False
+        with self._lock:
+            self._bytes = max(0, self._bytes - size)
+        return True
+
+    def idle_keys(self, max_idle_s: float) -> list[str]:
+        """Keys nobody wrote or read for `max_idle_s` seconds (reads touch the file's mtime)."""
+        import time
+
+        cutoff = time.time() - max_idle_s
+        out = []
+        for p in self._files():
+            try:
+                if p.stat().st_mtime < cutoff:
+                    out.append(p.stem)
+            except FileNotFoundError:
+                pass
+        return out
 
     def contains(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -117,14 +162,10 @@ class DiskTier:
         return [p.stem for p in self._files()]
 
     def nbytes(self) -> int:
-        total = 0
-        for p in self._files():
-            try:
-                total += p.stat().st_size
-            except FileNotFoundError:
-                pass
-        return total
+        return self._scan_bytes()
 
     def clear(self) -> None:
         for p in self._files():
             p.unlink(missing_ok=True)
+        with self._lock:
+            self._bytes = 0

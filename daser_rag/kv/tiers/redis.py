@@ -30,10 +30,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# KEYS: kv, gen, users-of-key (the document index's reference set). The TTL (ARGV[3]) applies
+# only to KV no document references (plain-text context): referenced KV lives until its
+# documents are removed, unreferenced KV expires instead of piling up.
 _FENCED_SET = """
 local g = redis.call('GET', KEYS[2]) or '0'
 if ARGV[2] ~= '' and g ~= ARGV[2] then return 0 end
-if ARGV[3] ~= '' then
+if ARGV[3] ~= '' and redis.call('SCARD', KEYS[3]) == 0 then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 else
   redis.call('SET', KEYS[1], ARGV[1])
@@ -68,7 +71,8 @@ class RedisLink:
         namespace: str = "daser",
         retry_s: float = 1.0,
         connect_timeout_s: float = 0.5,
-        op_timeout_s: float = 5.0,
+        op_timeout_s: float = 1.0,
+        probe_timeout_s: float = 0.25,
     ) -> None:
         try:
             import redis
@@ -80,6 +84,11 @@ class RedisLink:
         self.retry_s = retry_s
         self.client = redis.Redis.from_url(
             url, socket_connect_timeout=connect_timeout_s, socket_timeout=op_timeout_s, retry_on_timeout=False
+        )
+        # PINGs that decide whether Redis is back use their own short timeout: a hung server
+        # (SIGSTOP, a full network buffer) must cost a probe 0.25 s, not the op timeout.
+        self._probe_client = redis.Redis.from_url(
+            url, socket_connect_timeout=probe_timeout_s, socket_timeout=probe_timeout_s, retry_on_timeout=False
         )
         self._lock = threading.Lock()
         self._replay_lock = threading.Lock()
@@ -111,36 +120,83 @@ class RedisLink:
         return RedisUnavailable(f"Redis at {self.url} unavailable: {exc}")
 
     def run(self, fn: Callable[[Any], T]) -> T:
-        """Run `fn(client)`; raise RedisUnavailable (fast, during an outage) if Redis is away."""
-        if not self._up and time.monotonic() < self._next_probe:
+        """Run `fn(client)`; raise RedisUnavailable (fast, during an outage) if Redis is away.
+
+        While Redis is marked down, nothing but a short-timeout PING (at most one per
+        `retry_s`, one thread at a time) touches it; only a PING that answered marks it up, and
+        queued operations are replayed before any other call."""
+        if not self._up and not self._probe():
             raise RedisUnavailable(f"Redis at {self.url} unavailable (retrying in a moment)")
         try:
-            if not self._up or self._outbox:
+            if self._outbox:
                 self._replay()
             return fn(self.client)
         except (self._redis.ConnectionError, self._redis.TimeoutError, OSError) as exc:
             raise self._failed(exc) from exc
 
+    def _probe(self) -> bool:
+        """True once a PING answered and every queued operation was replayed (Redis marked up)."""
+        if self._up:
+            return True
+        if time.monotonic() < self._next_probe or not self._replay_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._up:
+                return True
+            try:
+                self._probe_client.ping()
+                replayed = self._replay_locked()
+            except (self._redis.RedisError, OSError) as exc:
+                self._failed(exc)
+                return False
+            with self._lock:
+                self._up = True
+            log.warning("Redis at %s is back; %d queued operation(s) replayed", self.url, replayed)
+            return True
+        finally:
+            self._replay_lock.release()
+
+    def _replay_locked(self) -> int:
+        replayed = 0
+        while self._outbox:
+            op = self._outbox[0]
+            op(self.client)  # raises on failure: the op stays queued
+            self._outbox.popleft()
+            replayed += 1
+        return replayed
+
     def _replay(self) -> None:
         with self._replay_lock:
-            replayed = 0
-            while self._outbox:
-                op = self._outbox[0]
-                op(self.client)  # raises on failure: the op stays queued
-                self._outbox.popleft()
-                replayed += 1
-            if not self._up:
-                with self._lock:
-                    self._up = True
-                log.warning("Redis at %s is back; %d queued invalidation(s) replayed", self.url, replayed)
+            self._replay_locked()
 
     def defer(self, op: Callable[[Any], Any]) -> None:
         self._outbox.append(op)
 
+    def memory_policy(self) -> dict[str, Any]:
+        """Redis's `maxmemory` and `maxmemory-policy`, and what is wrong with them for this
+        service (empty `problems`: fine). Only KV without document references carries a TTL, so
+        `volatile-*` policies evict just that; `allkeys-*` would evict the document registry."""
+        cfg: dict[str, Any] = {}
+        for name in ("maxmemory", "maxmemory-policy"):
+            cfg.update(self.run(lambda c, n=name: c.config_get(n)))
+        maxmemory = int(cfg.get("maxmemory", 0) or 0)
+        policy = str(cfg.get("maxmemory-policy", ""))
+        problems = []
+        if policy.startswith("allkeys"):
+            problems.append(f"maxmemory-policy {policy} may evict the document registry; use volatile-lru")
+        if maxmemory == 0:
+            problems.append("maxmemory is 0 (unbounded): KV with document references grows until Redis's host "
+                            "runs out of memory; set maxmemory with maxmemory-policy volatile-lru")
+        return {"maxmemory": maxmemory, "policy": policy, "problems": problems}
+
     def ping(self) -> bool:
+        """Is Redis answering? Never waits more than the probe timeout (for /health)."""
+        if not self._up:
+            return self._probe()
         try:
-            return bool(self.run(lambda c: c.ping()))
-        except RedisUnavailable:
+            return bool(self._probe_client.ping())
+        except (self._redis.RedisError, OSError) as exc:
+            self._failed(exc)
             return False
 
 
@@ -194,7 +250,8 @@ class RedisTier:
         with self._obs_lock:
             expected = self._observed.pop(enc.key, "")
         try:
-            ok = self.link.run(lambda c: self._set(keys=[self._kv(enc.key), self._gen(enc.key)],
+            ok = self.link.run(lambda c: self._set(keys=[self._kv(enc.key), self._gen(enc.key),
+                                                         self.link.key("idx", "users", enc.key)],
                                                    args=[blob, expected, self.ttl_ms], client=c))
         except RedisUnavailable:
             return

@@ -6,8 +6,13 @@ document drops its refs, finds the chunks nobody else references, and deletes th
 their generation, see `RedisTier`) in one step. When `remove_document` returns, no process can
 resolve the document or fetch its dropped KV from Redis any more.
 
-A local SQLite `DocIndex` is kept as a mirror: writes go to it too, reads refresh it, and while
-Redis is away reads come from it (degraded mode) and removals are queued for replay.
+A local SQLite `DocIndex` is kept as a mirror: writes go to it too (with Redis's version
+numbers), reads refresh it, and while Redis is away reads come from it (degraded mode).
+
+Writes while Redis is away are refused (`RedisUnavailable`, fast): an acknowledged write must
+never be rolled back when Redis returns, and a write applied only locally would be (Redis is
+the authority every process reads). A mirror refresh never replaces a local record with an
+older version.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ from daser_rag.kv.tiers.redis import RedisLink, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
+# Returns {changed, version}. ARGV[4] is the version this process last saw (its mirror): the new
+# version is above it even if Redis lost its counters, so versions never go backwards anywhere.
 _SET_DOC = """
-local cur = redis.call('HGET', KEYS[1], 'digest')
-if cur == ARGV[1] then return 0 end
+local cur = redis.call('HMGET', KEYS[1], 'digest', 'version')
+if cur[1] == ARGV[1] then return {0, tonumber(cur[2])} end
 local v = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[4])
+if floor >= v then v = floor + 1; redis.call('SET', KEYS[2], v) end
 redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'version', v, 'texts', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-return 1
+return {1, v}
 """
 
 # Shared helper: drop `member` from key k's users; if nobody is left, delete the KV and bump its
@@ -68,6 +77,7 @@ end
 for k, _ in pairs(new) do
   redis.call('SADD', KEYS[2], k)
   redis.call('SADD', users .. k, member)
+  redis.call('PERSIST', kvp .. k)  -- referenced KV lives until its documents go
 end
 return orphans
 """
@@ -88,6 +98,18 @@ def _name(tenant: str, doc_id: str) -> str:
     return json.dumps([tenant, doc_id], ensure_ascii=False, separators=(",", ":"))
 
 
+_ADD_REFS = """
+local member, users, kvp = ARGV[1], ARGV[2], ARGV[3]
+for i = 5, #ARGV do
+  redis.call('SADD', KEYS[1], ARGV[i])
+  redis.call('SADD', users .. ARGV[i], member)
+  redis.call('PERSIST', kvp .. ARGV[i])
+end
+redis.call('SADD', KEYS[2], ARGV[4])
+return 1
+"""
+
+
 class RedisDocIndex:
     """DocIndex semantics (ref-counted doc -> chunk keys) with Redis as the authority."""
 
@@ -98,6 +120,7 @@ class RedisDocIndex:
         self._set_doc = c.register_script(_SET_DOC)
         self._replace = c.register_script(_REPLACE_REFS)
         self._remove = c.register_script(_REMOVE_DOC)
+        self._add_refs = c.register_script(_ADD_REFS)
 
     # -- key names ---------------------------------------------------------------------------
     def _doc(self, tenant: str, doc_id: str) -> str:
@@ -123,61 +146,48 @@ class RedisDocIndex:
 
     # -- writes ------------------------------------------------------------------------------
     def set_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "") -> bool:
+        """Raises RedisUnavailable while Redis is away (the write is refused, not half-applied)."""
         texts = json.dumps(list(chunk_texts), ensure_ascii=False)
-        try:
-            changed = bool(self.link.run(lambda c: self._set_doc(
-                keys=[self._doc(tenant, doc_id), self._ver(tenant, doc_id), self._docs(tenant)],
-                args=[content_digest, texts, doc_id], client=c)))
-        except RedisUnavailable as exc:
-            self._degraded("set_document", exc)
-            return self.local.set_document(doc_id, chunk_texts, content_digest, tenant)
-        self.local.set_document(doc_id, chunk_texts, content_digest, tenant)
-        return changed
+        mine = self.local.info(doc_id, tenant)
+        floor = mine.version if mine is not None else 0
+        changed, version = self.link.run(lambda c: self._set_doc(
+            keys=[self._doc(tenant, doc_id), self._ver(tenant, doc_id), self._docs(tenant)],
+            args=[content_digest, texts, doc_id, floor], client=c))
+        if changed or mine is None or mine.content_digest != content_digest:
+            self.local.set_document(doc_id, chunk_texts, content_digest, tenant, version=int(version))
+        return bool(changed)
 
     def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> None:
         keys = list(chunk_keys)
-        self.local.add_refs(doc_id, keys, tenant)
         if not keys:
             return
-        member, users = _name(tenant, doc_id), self._users_prefix()
-
-        def op(c: Any) -> None:
-            pipe = c.pipeline(transaction=True)
-            for k in keys:
-                pipe.sadd(self._refs(tenant, doc_id), k)
-                pipe.sadd(users + k, member)
-            pipe.sadd(self._docs(tenant), doc_id)
-            pipe.execute()
-
         try:
-            self.link.run(op)
+            self.link.run(lambda c: self._add_refs(
+                keys=[self._refs(tenant, doc_id), self._docs(tenant)],
+                args=[_name(tenant, doc_id), self._users_prefix(), self.link.key("kv", ""), doc_id, *keys],
+                client=c))
         except RedisUnavailable as exc:
+            # refs of chunks read during an outage: a best-effort local note (the document's own
+            # ingest registered its refs in Redis already)
             self._degraded("add_refs", exc)
+        self.local.add_refs(doc_id, keys, tenant)
 
     def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> list[str]:
+        """Raises RedisUnavailable while Redis is away."""
         keys = list(chunk_keys)
-        try:
-            orphans = self.link.run(lambda c: self._replace(
-                keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id)],
-                args=[*self._script_args(tenant, doc_id), *keys], client=c))
-        except RedisUnavailable as exc:
-            self._degraded("replace_refs", exc)
-            return self.local.replace_refs(doc_id, keys, tenant)
+        orphans = self.link.run(lambda c: self._replace(
+            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id)],
+            args=[*self._script_args(tenant, doc_id), *keys], client=c))
         self.local.replace_refs(doc_id, keys, tenant)
         return [k.decode() for k in orphans]
 
     def remove_document(self, doc_id: str, tenant: str = "") -> list[str] | None:
-        def op(c: Any) -> Any:
-            return self._remove(keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._docs(tenant)],
-                                args=[*self._script_args(tenant, doc_id), doc_id], client=c)
-
-        local = self.local.remove_document(doc_id, tenant)
-        try:
-            res = self.link.run(op)
-        except RedisUnavailable:
-            self.link.defer(op)  # the removal reaches Redis, in order, when it returns
-            log.warning("Redis unavailable: invalidation of %r applied locally and queued for replay", doc_id)
-            return local
+        """Raises RedisUnavailable while Redis is away: a removal queued for later could undo a
+        re-add acknowledged by another process in the meantime."""
+        res = self.link.run(lambda c: self._remove(
+            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._docs(tenant)],
+            args=[*self._script_args(tenant, doc_id), doc_id], client=c))
+        self.local.remove_document(doc_id, tenant)
         # Redis is the authority: the mirror may be stale, and its orphans could still be used
         # by documents this process never saw. Local copies of Redis's orphans are dropped by
         # the caller; any other local copy fails the store's liveness check on its next read.
@@ -202,14 +212,15 @@ class RedisDocIndex:
         return digest.decode(), int(version), json.loads(texts)
 
     def _sync_local(self, doc_id: str, tenant: str, rec: tuple[str, int, list[str]] | None) -> None:
-        """Keep the mirror close to Redis so that degraded reads are as fresh as possible."""
+        """Keep the mirror close to Redis so that degraded reads are as fresh as possible. A local
+        record newer than Redis's is never replaced by the older one."""
         try:
             mine = self.local.info(doc_id, tenant)
             if rec is None:
                 if mine is not None:
                     self.local.remove_document(doc_id, tenant)
-            elif mine is None or mine.content_digest != rec[0]:
-                self.local.set_document(doc_id, rec[2], rec[0], tenant)
+            elif mine is None or (mine.content_digest != rec[0] and rec[1] >= mine.version):
+                self.local.set_document(doc_id, rec[2], rec[0], tenant, version=rec[1])
         except Exception as exc:  # the mirror is best effort
             log.debug("local index mirror not updated: %s", exc)
 
