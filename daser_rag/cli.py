@@ -150,11 +150,10 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from daser_rag.server.app import serve
+        from daser_rag.server.__main__ import run
     except ImportError as exc:
         raise DaserError(f"service mode needs the server extra: pip install 'daser-rag[server]' ({exc})") from exc
-    serve(args.host, args.port, model=args.model, cache_dir=args.cache_dir, redis_url=args.redis_url,
-          api_keys=args.api_key or None, codec=args.codec)
+    run(args)
     return 0
 
 
@@ -197,12 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(extra args pass through; see docs/benchmarks.md)")
     p.add_argument("name", nargs="?", default="ttft")
 
-    p = sub.add_parser("serve", help="run the HTTP service")
-    _add_common(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--redis-url", default=None)
-    p.add_argument("--api-key", action="append", default=[])
+    p = sub.add_parser("serve", help="run the HTTP service (same options as python -m daser_rag.server)")
+    from daser_rag.server.settings import add_serve_arguments
+
+    add_serve_arguments(p)
     return ap
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.codecs import CODECS, EncodedKV, decode, encode
 from daser_rag.kv.doc_index import DocIndex
@@ -31,9 +32,6 @@ from daser_rag.kv.tiers.host import HostTier
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST_BYTES = 2 << 30
-DEFAULT_DISK_BYTES = 16 << 30
-"""The disk tier's byte cap unless one is given (least recently used entries go first)."""
 
 
 def default_cache_dir() -> Path:

@@ -11,10 +11,14 @@ __all__ = ["DaserClient", "Limits", "build_generator", "create_app", "serve"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("create_app", "serve", "build_generator", "Limits"):
+    if name in ("create_app", "serve", "build_generator"):
         from daser_rag.server import app
 
         return getattr(app, name)
+    if name == "Limits":
+        from daser_rag.server.settings import Limits
+
+        return Limits
     if name == "DaserClient":
         from daser_rag.server.client import DaserClient
 

@@ -51,11 +51,16 @@ class _StoreCollector(Collector):
         yield entries
         ev = CounterMetricFamily("daser_evictions", "Entries evicted for capacity, by tier", labels=["tier"])
         ev.add_metric(["host"], float(st.get("evictions_host", 0)))
+        disk = getattr(self.store, "disk", None)
+        if disk is not None:
+            ev.add_metric(["disk"], float(getattr(disk, "evictions", 0)))
         yield ev
         yield CounterMetricFamily("daser_invalidations", "Document invalidations applied",
                                   value=float(st.get("invalidations", 0)))
         yield CounterMetricFamily("daser_invalidated_chunks", "Chunk KV entries dropped by invalidation or update",
                                   value=float(st.get("invalidated_chunks", 0)))
+        yield CounterMetricFamily("daser_gc_dropped", "Idle local KV no document referenced, dropped by the "
+                                  "garbage collector", value=float(st.get("gc_dropped", 0)))
         yield CounterMetricFamily("daser_stale_local_dropped", "Local copies dropped because another process "
                                   "invalidated them", value=float(st.get("stale_dropped", 0)))
         corrupt = CounterMetricFamily("daser_corrupt_dropped", "Entries that failed their checksum (dropped, never "
@@ -90,6 +95,10 @@ class ServiceMetrics:
         self.chunk_misses = Counter("daser_chunk_misses", "Context chunks computed at request time", registry=r)
         self.tokens = Counter("daser_completion_tokens", "Generated tokens", registry=r)
         self.inflight = Gauge("daser_inflight_requests", "Generation requests admitted and not finished", registry=r)
+        self.inflight_documents = Gauge("daser_inflight_document_requests",
+                                        "Document writes (add, update, delete) admitted and not finished", registry=r)
+        self.tenants = Gauge("daser_tenants", "Distinct tenant names in use in this process (bounded per key)",
+                             registry=r)
         r.register(_StoreCollector(store))
 
     def observe_result(self, result: Any, ttft_s: float, total_s: float) -> None:

@@ -4,9 +4,9 @@ every field has a type, a range and a size cap, and unknown fields are rejected 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 # Generous but finite caps; the app can tighten them (see Limits).
 MAX_ID_CHARS = 256
@@ -16,12 +16,32 @@ MAX_CONTEXT_ITEMS = 64
 MAX_DOCS_PER_CALL = 256
 MAX_STOP = 4
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9._:@-]{0,128}$")
+# Strict scalars: "3" or true is not a number, 1 is not a boolean (no silent coercion).
+Int = Annotated[int, Strict()]
+Num = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9._:@-]{0,128}")
+# lone surrogates (not encodable as UTF-8) and control characters other than tab / newline / CR
+_BAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+_ID_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _describe(ch: str) -> str:
+    return "a lone surrogate" if 0xD800 <= ord(ch) <= 0xDFFF else "a control character"
+
+
+def check_text(value: str, what: str = "text") -> str:
+    """The one check every string in a request goes through (ids and tenants are stricter)."""
+    m = _BAD_CHAR.search(value)
+    if m is not None:
+        raise ValueError(f"{what} contains {_describe(m.group())} (U+{ord(m.group()):04X}) at position {m.start()}")
+    return value
 
 
 def check_tenant(value: str | None) -> str:
     value = value or ""
-    if not _TENANT_RE.match(value):
+    if not isinstance(value, str) or not _TENANT_RE.fullmatch(value):
         raise ValueError("tenant must be at most 128 characters from [A-Za-z0-9._:@-]")
     return value
 
@@ -29,13 +49,34 @@ def check_tenant(value: str | None) -> str:
 def check_id(value: str) -> str:
     if not value or len(value) > MAX_ID_CHARS:
         raise ValueError(f"document id must be 1..{MAX_ID_CHARS} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        raise ValueError("document id must not contain control characters")
+    m = _ID_BAD_CHAR.search(value)
+    if m is not None:
+        kind = "control characters" if _describe(m.group()) == "a control character" else "lone surrogates"
+        raise ValueError(f"document id must not contain {kind} (U+{ord(m.group()):04X})")
     return value
+
+
+def _walk(value: Any, path: str) -> None:
+    if isinstance(value, str):
+        check_text(value, path or "a string")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if isinstance(k, str):
+                check_text(k, f"a key in {path or 'the body'}")
+            _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _walk(v, f"{path}[{i}]")
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strings(cls, data: Any) -> Any:
+        _walk(data, "")
+        return data
 
 
 class ContextItem(_Strict):
@@ -71,20 +112,21 @@ ContextEntry = Union[ContextItem, str]
 
 class _GenParams(_Strict):
     model: str | None = Field(default=None, max_length=256)
-    max_tokens: int = Field(default=64, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=10_000)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Num = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: Num = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(default=0, ge=0, le=10_000)
+    seed: Int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    stream: Bool = False
+    n: Int = Field(default=1, ge=1, le=1)
     user: str | None = Field(default=None, max_length=256)
     # daser extensions
     documents: list[ContextEntry] = Field(default_factory=list, max_length=MAX_CONTEXT_ITEMS)
     tenant: str | None = None
-    recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    use_cache: bool = True
+    recompute_ratio: Annotated[float, Strict(), Field(ge=0.0, le=1.0)] | Literal["auto"] | None = None
+    selector: str | None = Field(default=None, max_length=32)
+    use_cache: Bool = True
 
     @field_validator("tenant")
     @classmethod
@@ -167,7 +209,7 @@ class DocumentIn(_Strict):
 
 class AddDocumentsRequest(_Strict):
     documents: list[DocumentIn] = Field(min_length=1, max_length=MAX_DOCS_PER_CALL)
-    precompute: bool = True
+    precompute: Bool = True
     tenant: str | None = None
 
     @field_validator("tenant")
@@ -186,7 +228,7 @@ class AddDocumentsRequest(_Strict):
 class UpdateDocumentRequest(_Strict):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     metadata: dict[str, Any] = Field(default_factory=dict)
-    precompute: bool = True
+    precompute: Bool = True
     tenant: str | None = None
 
     @field_validator("tenant")

@@ -1,0 +1,166 @@
+"""Admission and scheduling: who may use the model, for how long, and how much.
+
+* `Admission`: a counting limiter per kind of model work (completions; document writes), with a
+  per-key fair share, so one key flooding the service cannot take every slot (429).
+* `ModelGate`: model work runs in its own thread pool (never the event loop's shared pool, so
+  /health, /metrics and reads never wait behind it), takes the generator's lock with a queue
+  deadline (503), and passes a cancel callback that trips on client disconnect or the request
+  deadline (the generator polls it between tokens).
+* `TokenBudget`: tokens of new text per key per rolling minute (429).
+* `TenantRegistry`: a bound on the distinct tenant names one key may use (403).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from daser_rag.server.errors import ApiError, busy, unavailable
+
+
+class Admission:
+    def __init__(self, name: str, limit: int, fair_share: float, gauge: Any = None) -> None:
+        self.name, self.limit = name, int(limit)
+        self.per_key = max(1, math.ceil(self.limit * fair_share)) if self.limit > 0 else 0
+        self.gauge = gauge
+        self._n = 0
+        self._per: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str) -> None:
+        with self._lock:
+            if self._n >= self.limit:
+                raise busy(f"server busy: {self._n} {self.name} requests in progress (limit {self.limit}); "
+                           "retry later", "overloaded")
+            if self._per[key] >= self.per_key:
+                raise busy(f"this key already has {self._per[key]} {self.name} requests in progress (its fair "
+                           f"share of {self.limit} slots is {self.per_key}); retry later", "fair_share")
+            self._n += 1
+            self._per[key] += 1
+            if self.gauge is not None:
+                self.gauge.inc()
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._n -= 1
+            self._per[key] -= 1
+            if self._per[key] <= 0:
+                del self._per[key]
+            if self.gauge is not None:
+                self.gauge.dec()
+
+    @property
+    def inflight(self) -> int:
+        return self._n
+
+
+class Cancelled(Exception):
+    """The client went away before or while its request ran."""
+
+
+class ModelGate:
+    """Runs model work in dedicated threads, one holder of the generator's lock at a time."""
+
+    def __init__(self, lock: Any, workers: int, queue_timeout_s: float, poll_s: float = 0.05) -> None:
+        self.lock = lock
+        self.queue_timeout_s = queue_timeout_s
+        self.poll_s = poll_s
+        self.executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="daser-model")
+
+    def _locked(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
+        t0 = time.monotonic()
+        while not self.lock.acquire(timeout=self.poll_s):
+            if stop.is_set():
+                raise Cancelled()
+            waited = time.monotonic() - t0
+            if waited > self.queue_timeout_s:
+                raise unavailable(f"waited {waited:.1f} s for the model (queue deadline {self.queue_timeout_s:g} s); "
+                                  "retry later", "queue_timeout")
+        try:
+            if stop.is_set():
+                raise Cancelled()
+            return fn()
+        finally:
+            self.lock.release()
+
+    def submit(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
+        """A concurrent future of `fn()` run under the model lock (no client watching)."""
+        return self.executor.submit(self._locked, fn, stop)
+
+    async def run(self, fn: Callable[[], Any], stop: threading.Event, request: Any = None,
+                  on_done: Callable[[], None] | None = None) -> Any:
+        """Await `fn()` under the model lock. While it waits or runs, a disconnect of `request`'s
+        client sets `stop` (fn's cancel callback should read it). `on_done` runs when the work
+        has really finished (also if this coroutine is cancelled first)."""
+        cf = self.executor.submit(self._locked, fn, stop)
+        if on_done is not None:
+            cf.add_done_callback(lambda _f: on_done())
+        fut = asyncio.wrap_future(cf)
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=0.1)
+            if done:
+                return fut.result()
+            if request is not None and not stop.is_set() and await request.is_disconnected():
+                stop.set()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class TokenBudget:
+    """At most `per_minute` tokens per key within any rolling 60 s."""
+
+    def __init__(self, per_minute: int, window_s: float = 60.0) -> None:
+        self.per_minute, self.window_s = int(per_minute), window_s
+        self._spent: dict[str, deque[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def charge(self, key: str, tokens: int) -> None:
+        if tokens <= 0 or self.per_minute <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            q = self._spent.setdefault(key, deque())
+            while q and q[0][0] <= now - self.window_s:
+                q.popleft()
+            used = sum(n for _, n in q)
+            if used + tokens > self.per_minute:
+                retry = (q[0][0] + self.window_s - now) if q else self.window_s
+                raise busy(f"token budget exceeded: {used} tokens used in the last minute, this request needs "
+                           f"{tokens}, the limit is {self.per_minute} per key per minute", "token_budget",
+                           retry_after=max(1.0, retry))
+            q.append((now, tokens))
+            if len(self._spent) > 100_000:  # keys that went quiet
+                for k in [k for k, v in self._spent.items() if not v]:
+                    del self._spent[k]
+
+
+class TenantRegistry:
+    """Distinct tenant names per key namespace, bounded: each new tenant costs memory and
+    cache space, so one key cannot mint unlimited ones."""
+
+    def __init__(self, max_per_key: int) -> None:
+        self.max_per_key = int(max_per_key)
+        self._seen: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, key_ns: str, tenant: str) -> None:
+        with self._lock:
+            seen = self._seen.setdefault(key_ns, set())
+            if tenant in seen:
+                return
+            if len(seen) >= self.max_per_key:
+                raise ApiError(403, f"this key already uses {len(seen)} tenant names, the limit is "
+                               f"{self.max_per_key}", code="tenant_limit", type_="permission_error")
+            seen.add(tenant)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._seen.values())

@@ -1,0 +1,103 @@
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "code"}}`: every 4xx and 5xx names
+the problem and carries a stable `code` clients can branch on."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError, UnknownDocumentError
+from daser_rag.kv.tiers.redis import RedisUnavailable
+
+log = logging.getLogger("daser_rag.server")
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
+               413: "body_too_large", 415: "unsupported_media_type", 422: "invalid_request",
+               429: "rate_limited", 500: "internal_error", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, code: str, type_: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error",
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+def busy(message: str, code: str, retry_after: float = 1.0) -> ApiError:
+    return ApiError(429, message, code=code, type_="rate_limit_error",
+                    headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+def unavailable(message: str, code: str, retry_after: float = 1.0) -> ApiError:
+    return ApiError(503, message, code=code, type_="server_error",
+                    headers={"Retry-After": str(max(1, round(retry_after)))})
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors():
+            if e.get("type") == "json_invalid":
+                return error_response(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
+                                      "invalid_json")
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        return error_response(400, "invalid request: " + "; ".join(problems[:5]), "invalid_request")
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.code, exc.type, exc.headers)
+
+    @app.exception_handler(UnknownDocumentError)
+    async def _unknown(request: Request, exc: UnknownDocumentError) -> JSONResponse:
+        return error_response(404, str(exc), "unknown_document", "not_found_error")
+
+    @app.exception_handler(ContextTooLongError)
+    async def _too_long(request: Request, exc: ContextTooLongError) -> JSONResponse:
+        return error_response(400, str(exc), "context_length_exceeded")
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
+        return error_response(400, str(exc), "invalid_request")
+
+    @app.exception_handler(RedisUnavailable)
+    async def _redis(request: Request, exc: RedisUnavailable) -> JSONResponse:
+        # A write that cannot reach the shared registry is refused, never applied locally only:
+        # an acknowledged write must not be rolled back when Redis returns.
+        return error_response(503, f"the shared document registry (Redis) is unavailable, so this write was "
+                              f"not applied; retry shortly ({exc})", "redis_unavailable", "server_error",
+                              {"Retry-After": "1"})
+
+    @app.exception_handler(DaserError)
+    async def _daser(request: Request, exc: DaserError) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(500, f"{type(exc).__name__}: {exc}", "internal_error", "server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404 and msg == "Not Found":
+            msg = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            msg = f"method {request.method} not allowed on {request.url.path}"
+        return error_response(exc.status_code, msg, _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
+                              headers=getattr(exc, "headers", None))
+
+
+def error_body(status: int, message: str, code: str, type_: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "code": code}}

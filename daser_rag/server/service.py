@@ -1,0 +1,308 @@
+"""The service's state and request logic, independent of HTTP routing: auth and tenancy, limits
+checked before any write, and model work run through admission and the model gate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+
+from daser_rag.errors import ContextTooLongError, InvalidInputError, UnknownDocumentError
+from daser_rag.kv.keys import text_digest
+from daser_rag.params import GenerationParams
+from daser_rag.server import openai
+from daser_rag.server.admission import Admission, Cancelled, ModelGate, TenantRegistry, TokenBudget
+from daser_rag.server.errors import ApiError
+from daser_rag.server.metrics import ServiceMetrics
+from daser_rag.server.schemas import _GenParams, check_id, check_tenant
+from daser_rag.server.settings import Limits
+from daser_rag.types import ChunkRef, Document
+
+
+@dataclass(frozen=True)
+class Caller:
+    ns: str  # the key's namespace ("" without API keys)
+
+    def share_key(self, tenant: str) -> str:
+        """Whose fair share and token budget a request counts against: its API key, or without
+        keys its tenant."""
+        return self.ns or f"tenant:{tenant}"
+
+
+class Service:
+    def __init__(self, generator: Any, *, api_keys: Sequence[str] | None = None, limits: Limits | None = None,
+                 model_name: str | None = None, default_tenant: str = "") -> None:
+        self.generator = generator
+        self.store = generator.store
+        self.limits = limits = limits or Limits()
+        self.keys = [k for k in (api_keys or []) if k]
+        self.default_tenant = check_tenant(default_tenant)
+        self.metrics = ServiceMetrics(self.store)
+        self.completions = Admission("completion", limits.max_pending, limits.fair_share, self.metrics.inflight)
+        self.writes = Admission("document", limits.max_pending_documents, limits.fair_share,
+                                self.metrics.inflight_documents)
+        self.gate = ModelGate(generator.lock, limits.max_pending + limits.max_pending_documents,
+                              limits.queue_timeout_s)
+        self.budget = TokenBudget(limits.key_tokens_per_minute)
+        self.tenants = TenantRegistry(limits.max_tenants_per_key)
+        self.metrics.tenants.set_function(lambda: self.tenants.count)
+        self.served_model = model_name or Path(str(getattr(getattr(generator, "lm", None), "source", "daser"))).stem \
+            or "daser"
+        self.max_new_cap = min(limits.max_new_tokens, int(generator.runner.max_positions) - 1)
+        self.link = getattr(getattr(self.store, "remote", None), "link", None)
+
+    # -- auth & tenancy ---------------------------------------------------------------------
+    def auth(self, request: Request) -> Caller:
+        if not self.keys:
+            return Caller("")
+        header = request.headers.get("authorization", "")
+        given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        for k in self.keys:
+            if given and hmac.compare_digest(given.encode(), k.encode()):
+                return Caller("k" + hashlib.blake2b(k.encode(), digest_size=6).hexdigest())
+        raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       type_="authentication_error", code="invalid_api_key")
+
+    def tenant_of(self, request: Request, caller: Caller, body_tenant: str | None, *, new_ok: bool = False) -> str:
+        headers = request.headers.getlist("x-daser-tenant")
+        queries = request.query_params.getlist("tenant")
+        if len(headers) > 1 or len(queries) > 1:
+            raise ApiError(400, "the tenant was given more than once (repeated X-Daser-Tenant header or ?tenant=)",
+                           code="duplicate_tenant")
+        given = [t for t in (body_tenant, *headers, *queries) if t]
+        if len(set(given)) > 1:
+            raise ApiError(400, "conflicting tenant ids in body, X-Daser-Tenant header and query",
+                           code="conflicting_tenant")
+        try:
+            tenant = check_tenant(given[0] if given else self.default_tenant)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_tenant") from exc
+        if new_ok:
+            self.tenants.admit(caller.ns, tenant)
+        # With API keys, a tenant lives inside its key's namespace: one key can never reach
+        # (or time) another key's cache by naming its tenant.
+        return f"{caller.ns}/{tenant}" if caller.ns else tenant
+
+    @staticmethod
+    def doc_id(doc_id: str) -> str:
+        try:
+            return check_id(doc_id)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), code="invalid_document_id") from exc
+
+    # -- limits checked before anything is written ---------------------------------------------
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        tok = getattr(self.generator, "tokenizer", None)
+        if tok is None:  # a generator without a tokenizer: a safe over-estimate
+            return sum(len(t.encode()) for t in texts)
+        return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts)
+
+    async def charge(self, caller: Caller, tenant: str, texts: Sequence[str], *, window: bool) -> int:
+        tokens = await run_in_threadpool(self.count_tokens, texts)
+        lim = self.limits.max_request_tokens
+        if tokens > lim:
+            raise ApiError(413, f"this request asks the model to compute {tokens} tokens of new text; the limit is "
+                           f"{lim} per request (split it)", code="too_many_tokens")
+        if window and tokens > int(self.generator.runner.max_positions):
+            raise ContextTooLongError(tokens, int(self.generator.runner.max_positions))
+        self.budget.charge(caller.share_key(tenant), tokens)
+        return tokens
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.served_model, "daser"):
+            raise ApiError(404, f"unknown model {model!r}; this service serves {self.served_model!r} (see /v1/models)",
+                           code="model_not_found", type_="not_found_error")
+
+    def params(self, req: _GenParams, tenant: str) -> GenerationParams:
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(self.limits.default_max_tokens,
+                                                                            self.max_new_cap)
+        if max_tokens > self.max_new_cap:
+            raise ApiError(400, f"max_tokens={max_tokens} exceeds this service's limit of {self.max_new_cap}",
+                           code="max_tokens_exceeded")
+        try:
+            return GenerationParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                    top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
+                                    recompute_ratio=req.recompute_ratio, selector=req.selector,
+                                    use_cache=req.use_cache, tenant=tenant)
+        except InvalidInputError as exc:
+            raise ApiError(400, str(exc), code="invalid_request") from exc
+
+    def _known_documents(self, ids: set[str], tenant: str) -> None:
+        for doc_id in sorted(ids):
+            if self.store.document_info(doc_id, tenant) is None:
+                raise UnknownDocumentError(doc_id)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def generate(self, request: Request, caller: Caller, req: _GenParams, question: str, chat: bool) -> Any:
+        self.check_model(req.model)
+        tenant = self.tenant_of(request, caller, req.tenant, new_ok=True)
+        params = self.params(req, tenant)
+        ctx = openai.contexts(req.documents)
+        inline = [c if isinstance(c, str) else c.text for c in ctx
+                  if isinstance(c, str) or getattr(c, "text", None) is not None]
+        # A chunk naming a document must name a known one (no ghost documents), checked, like
+        # the size of all new text, before anything is registered or computed.
+        refs = {c.doc_id for c in ctx if isinstance(c, ChunkRef) and c.doc_id is not None and c.text is not None}
+        if refs:
+            await run_in_threadpool(self._known_documents, refs, tenant)
+        await self.charge(caller, tenant, [question, *inline], window=True)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created, t0 = int(time.time()), time.perf_counter()
+        share = caller.share_key(tenant)
+        self.completions.acquire(share)
+        stop = threading.Event()
+        deadline = time.monotonic() + self.limits.request_timeout_s
+
+        def cancel() -> bool:
+            return stop.is_set() or time.monotonic() > deadline
+
+        if req.stream:
+            return await self._stream(request, question, ctx, params, cancel, stop, share, rid, created, chat, t0)
+        try:
+            result = await self.gate.run(
+                lambda: self.generator.generate(question, ctx, params=params, cancel=cancel),
+                stop, request, on_done=lambda: self.completions.release(share))
+        except Cancelled:
+            raise ApiError(499, "the client closed the request", code="client_closed") from None
+        if result.finish_reason == "cancelled":
+            if stop.is_set():
+                raise ApiError(499, "the client closed the request", code="client_closed")
+            raise ApiError(504, f"the request ran past its deadline of {self.limits.request_timeout_s:g} s "
+                           "and was stopped", code="deadline_exceeded", type_="server_error")
+        total = time.perf_counter() - t0
+        self.metrics.observe_result(result, total - (result.timings.total_s - result.timings.ttft_s), total)
+        return openai.completion(result, rid, created, self.served_model, chat)
+
+    async def _stream(self, request: Request, question: str, ctx: list[Any], params: GenerationParams,
+                      cancel: Any, stop: threading.Event, share: str, rid: str, created: int, chat: bool,
+                      t0: float) -> AsyncIterator[str] | Any:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        first: dict[str, float] = {}
+
+        def emit(kind: str, val: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (kind, val))
+
+        def produce() -> None:
+            # The whole generation runs in this one thread, which holds the model lock; the
+            # generator polls `cancel` between tokens, so a gone client frees the model.
+            stream = self.generator.stream(question, ctx, params=params, cancel=cancel)
+            for delta in stream:
+                first.setdefault("t", time.perf_counter())
+                emit("delta", delta)
+            emit("done", stream.result)
+
+        def finished(f: Any) -> None:
+            self.completions.release(share)
+            exc = f.exception()
+            if exc is not None:
+                emit("error", exc)
+
+        self.gate.submit(produce, stop).add_done_callback(finished)
+        while True:  # until the first event, watch for a client that gives up waiting
+            try:
+                head = await asyncio.wait_for(events.get(), 0.1)
+                break
+            except asyncio.TimeoutError:
+                if not stop.is_set() and await request.is_disconnected():
+                    stop.set()
+        if head[0] == "error":  # failed before the first token: a proper HTTP error
+            stop.set()
+            if isinstance(head[1], Cancelled):
+                raise ApiError(499, "the client closed the request", code="client_closed")
+            raise head[1]
+        return self._sse(events, head, stop, rid, created, chat, t0, first)
+
+    async def _sse(self, events: asyncio.Queue, head: tuple[str, Any], stop: threading.Event, rid: str,
+                   created: int, chat: bool, t0: float, first: dict[str, float]) -> AsyncIterator[str]:
+        model = self.served_model
+        try:
+            if chat:
+                yield openai.sse_chunk("", rid, created, model, chat)  # role announcement, as OpenAI does
+            event = head
+            while True:
+                kind, val = event
+                if kind == "delta":
+                    yield openai.sse_chunk(val, rid, created, model, chat)
+                elif kind == "done":
+                    if val is not None and val.finish_reason == "cancelled" and not stop.is_set():
+                        yield openai.sse_error(f"the request ran past its deadline of "
+                                               f"{self.limits.request_timeout_s:g} s and was stopped",
+                                               "deadline_exceeded")
+                    elif val is not None:
+                        total = time.perf_counter() - t0
+                        self.metrics.observe_result(val, first.get("t", time.perf_counter()) - t0, total)
+                        yield openai.sse_chunk(None, rid, created, model, chat, val.finish_reason,
+                                               usage=openai.usage(val), daser=openai.daser_block(val))
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    code = getattr(val, "code", None) or "internal_error"
+                    yield openai.sse_error(f"{type(val).__name__}: {val}", code)
+                    return
+                event = await events.get()
+        finally:
+            stop.set()
+
+    # -- documents ----------------------------------------------------------------------------
+    def _doc_record(self, doc: Document, tenant: str) -> dict[str, Any]:
+        info = self.store.document_info(doc.doc_id, tenant)
+        key_for = getattr(self.generator, "chunk_key_for", None)
+        if key_for is not None:
+            keys = [key_for(t, tenant) for t in self.generator.split(doc.text)]
+        else:
+            keys = self.store.document_chunk_keys(doc.doc_id, tenant)
+        return {"id": doc.doc_id, "digest": text_digest(doc.text), "version": info.version if info else None,
+                "num_chunks": len(keys), "chunk_keys": keys}
+
+    async def ingest(self, request: Request, caller: Caller, docs: list[Document], precompute: bool,
+                     tenant: str) -> dict[str, Any]:
+        await self.charge(caller, tenant, [d.text for d in docs], window=False)
+        share = caller.share_key(tenant)
+        self.writes.acquire(share)
+
+        def work() -> dict[str, Any]:
+            report = self.generator.add_documents(docs, tenant=tenant, precompute=precompute)
+            return {"documents": [self._doc_record(d, tenant) for d in docs], "report": vars(report)}
+
+        try:
+            return await self.gate.run(work, threading.Event(), request,
+                                       on_done=lambda: self.writes.release(share))
+        except Cancelled:
+            raise ApiError(499, "the client closed the request", code="client_closed") from None
+
+    async def delete(self, request: Request, caller: Caller, doc_id: str, tenant: str) -> dict[str, Any]:
+        share = caller.share_key(tenant)
+        self.writes.acquire(share)
+
+        def work() -> dict[str, Any]:
+            known = (self.store.document_info(doc_id, tenant) is not None
+                     or bool(self.store.document_chunk_keys(doc_id, tenant)))
+            dropped = self.generator.invalidate(doc_id, tenant)
+            return {"id": doc_id, "found": known, "dropped_chunks": len(dropped), "dropped_keys": dropped}
+
+        try:
+            return await self.gate.run(work, threading.Event(), request,
+                                       on_done=lambda: self.writes.release(share))
+        except Cancelled:
+            raise ApiError(499, "the client closed the request", code="client_closed") from None
+
+    # -- operations ----------------------------------------------------------------------------
+    async def health(self) -> dict[str, Any]:
+        redis_state = "disabled"
+        if self.link is not None:
+            # a PING with a 0.25 s timeout (or the breaker's cached verdict): never waits longer
+            redis_state = "up" if await run_in_threadpool(self.link.ping) else "down"
+        return {"status": "degraded" if redis_state == "down" else "ok", "redis": redis_state,
+                "model": self.served_model, "fingerprint": self.generator.fingerprint,
+                "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight}
