@@ -97,6 +97,8 @@ class ServiceMetrics:
         self.inflight = Gauge("daser_inflight_requests", "Generation requests admitted and not finished", registry=r)
         self.inflight_documents = Gauge("daser_inflight_document_requests",
                                         "Document writes (add, update, delete) admitted and not finished", registry=r)
+        self.cancelled = Counter("daser_cancelled", "Generations stopped early, by reason (client_closed: the "
+                                 "client disconnected; deadline_exceeded)", ["reason"], registry=r)
         self.tenants = Gauge("daser_tenants", "Distinct tenant names in use in this process (bounded per key)",
                              registry=r)
         r.register(_StoreCollector(store))

@@ -173,10 +173,13 @@ class Service:
                 lambda: self.generator.generate(question, ctx, params=params, cancel=cancel),
                 stop, request, on_done=lambda: self.completions.release(share))
         except Cancelled:
+            self.metrics.cancelled.labels("client_closed").inc()
             raise ApiError(499, "the client closed the request", code="client_closed") from None
         if result.finish_reason == "cancelled":
             if stop.is_set():
+                self.metrics.cancelled.labels("client_closed").inc()
                 raise ApiError(499, "the client closed the request", code="client_closed")
+            self.metrics.cancelled.labels("deadline_exceeded").inc()
             raise ApiError(504, f"the request ran past its deadline of {self.limits.request_timeout_s:g} s "
                            "and was stopped", code="deadline_exceeded", type_="server_error")
         total = time.perf_counter() - t0
@@ -226,6 +229,7 @@ class Service:
     async def _sse(self, events: asyncio.Queue, head: tuple[str, Any], stop: threading.Event, rid: str,
                    created: int, chat: bool, t0: float, first: dict[str, float]) -> AsyncIterator[str]:
         model = self.served_model
+        ended = False
         try:
             if chat:
                 yield openai.sse_chunk("", rid, created, model, chat)  # role announcement, as OpenAI does
@@ -236,6 +240,7 @@ class Service:
                     yield openai.sse_chunk(val, rid, created, model, chat)
                 elif kind == "done":
                     if val is not None and val.finish_reason == "cancelled" and not stop.is_set():
+                        self.metrics.cancelled.labels("deadline_exceeded").inc()
                         yield openai.sse_error(f"the request ran past its deadline of "
                                                f"{self.limits.request_timeout_s:g} s and was stopped",
                                                "deadline_exceeded")
@@ -244,14 +249,18 @@ class Service:
                         self.metrics.observe_result(val, first.get("t", time.perf_counter()) - t0, total)
                         yield openai.sse_chunk(None, rid, created, model, chat, val.finish_reason,
                                                usage=openai.usage(val), daser=openai.daser_block(val))
+                    ended = True
                     yield "data: [DONE]\n\n"
                     return
                 else:
                     code = getattr(val, "code", None) or "internal_error"
+                    ended = True
                     yield openai.sse_error(f"{type(val).__name__}: {val}", code)
                     return
                 event = await events.get()
         finally:
+            if not ended:  # the client went away mid-stream
+                self.metrics.cancelled.labels("client_closed").inc()
             stop.set()
 
     # -- documents ----------------------------------------------------------------------------
