@@ -14,7 +14,12 @@ from daser_rag.errors import (
 )
 from daser_rag.types import ChunkRef, Document, GenerationResult, Timings
 
-__version__ = "0.1.0"
+try:  # one place for the version: the installed distribution's metadata (pyproject.toml)
+    from importlib.metadata import version as _version
+
+    __version__ = _version("daser-rag")
+except Exception:  # noqa: BLE001 - not installed (a bare source tree)
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "CacheAwareGenerator",

@@ -26,7 +26,7 @@ from langchain_core.indexing import InMemoryRecordManager, index
 
 from daser_rag import CacheAwareGenerator
 from daser_rag.corpus import python_reference_corpus
-from integrations.langchain import (
+from langchain_daser import (
     ChatDaser,
     DaserRetriever,
     DaserVectorStore,

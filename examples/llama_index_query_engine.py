@@ -32,7 +32,7 @@ from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus
 from daser_rag.generate import CacheAwareGenerator
-from integrations.llama_index import (
+from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
     DaserLLM,

@@ -24,15 +24,15 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from daser_rag.corpus import python_reference_corpus
-from integrations.llama_index import (
+from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
     DaserLLM,
-    InvalidatingFaissVectorStore,
     KVPrecomputeTransform,
     MiniLMEmbedding,
     node_chunk_ref,
 )
+from llama_index.vector_stores.daser import InvalidatingFaissVectorStore
 
 CASTLE_V1 = "Castle notes. The gate code of the castle is 4417. Guards change shift at dawn."
 CASTLE_V2 = "Castle notes. The gate code of the castle is 9352. Guards change shift at dawn."
@@ -77,7 +77,7 @@ def pipeline(generator, embed, store, strategy=DocstoreStrategy.UPSERTS, docstor
 
 
 def doc_keys(generator, doc_id: str) -> set[str]:
-    return set(generator.store.index.chunk_keys(doc_id))
+    return set(generator.store.document_chunk_keys(doc_id))
 
 
 def stored(generator, keys) -> list[bool]:
@@ -141,7 +141,7 @@ def test_upserts_and_delete_frees_storage(generator, embed):
     assert stats1["entries"]["disk"] == stats0["entries"]["disk"] - len(castle)
     assert stats1["entries"]["host"] == stats0["entries"]["host"] - len(castle)
     assert stats1["bytes"]["disk"] < stats0["bytes"]["disk"]
-    assert "notes:castle" not in generator.store.index.documents()
+    assert "notes:castle" not in generator.store.documents()
 
 
 def test_every_index_path_drops_exactly_the_changed_document(generator, embed):

@@ -19,7 +19,8 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from integrations.llama_index import InvalidatingFaissVectorStore, MiniLMEmbedding
+from llama_index.llms.daser import MiniLMEmbedding
+from llama_index.vector_stores.daser import InvalidatingFaissVectorStore
 
 TEXTS = {
     "doc-pass": ["The pass statement is a null operation.", "Nothing happens when pass is executed."],

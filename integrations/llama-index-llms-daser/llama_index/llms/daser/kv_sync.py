@@ -13,17 +13,23 @@ client) still works: KV is then computed lazily on first use and invalidation go
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
+from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
-from daser_rag.types import ChunkRef, Document
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+from daser_rag.types import ChunkRef, Document, ResolvedChunk
+
+PROGRESS_AUTO_NODES = 16
+"""With show_progress=None (auto), a progress bar appears when at least this many nodes are processed."""
+
+RESERVED_TOKENS = DEFAULT_MAX_NEW_TOKENS + 256
+"""Room a chunk must leave in the model's window for the system prompt, a question and an answer."""
 
 
 def node_doc_id(node: BaseNode) -> str:
@@ -82,12 +88,13 @@ class PrecomputeReport:
 
 
 class _LocalKV:
-    """Direct access to an in-process generator's KV store (CacheAwareGenerator).
+    """An in-process generator's KV store, reached through the generator's public protocol
+    (`lock`, `resolve`, `compute_chunk`, `store`, `runner.max_positions`).
 
     Isolated here so the rest of the adapter depends on the KVGenerator protocol alone.
     """
 
-    REQUIRED = ("chunk_key_for", "compute_chunk", "store", "prompt")
+    REQUIRED = ("lock", "resolve", "compute_chunk", "store", "runner")
 
     def __init__(self, generator: Any) -> None:
         self.gen = generator
@@ -95,42 +102,37 @@ class _LocalKV:
 
     @classmethod
     def probe(cls, generator: Any) -> _LocalKV | None:
-        if all(hasattr(generator, n) for n in cls.REQUIRED) and hasattr(generator.store, "index"):
+        if all(hasattr(generator, n) for n in cls.REQUIRED) and hasattr(generator.store, "document_chunk_keys"):
             return cls(generator)
         return None
 
-    def lock(self) -> Any:
-        lock = getattr(self.gen, "lock", None)
-        return lock if lock is not None else contextlib.nullcontext()
+    def piece(self, text: str, tenant: str) -> ResolvedChunk:
+        """The chunk as the generator places it: token ids and store key (reads nothing)."""
+        return self.gen.resolve([text], tenant)[0]
 
-    def key(self, text: str, tenant: str) -> str:
-        return self.gen.chunk_key_for(text, tenant)
-
-    def ensure(self, text: str, key: str, tenant: str) -> bool:
+    def ensure(self, piece: ResolvedChunk, tenant: str) -> bool:
         """Compute and store the chunk's KV unless present. True if it was computed."""
-        with self.lock():
-            if self.store.contains(key):
+        with self.gen.lock:
+            if self.store.contains(piece.key):
                 return False
-            ids = self.gen.prompt.chunk_ids(text)
-            self.store.put(self.gen.compute_chunk(ids, key, tenant))
+            self.store.put(self.gen.compute_chunk(list(piece.token_ids), piece.key, tenant))
             return True
 
     def add_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> None:
         self.store.add_refs(doc_id, list(keys), tenant)
 
     def replace_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> list[str]:
-        with self.lock():
+        with self.gen.lock:
             return self.store.replace_document_refs(doc_id, list(keys), tenant)
 
     def contains(self, key: str) -> bool:
         return self.store.contains(key)
 
     def doc_keys(self, doc_id: str, tenant: str) -> list[str]:
-        return self.store.index.chunk_keys(doc_id, tenant)
+        return self.store.document_chunk_keys(doc_id, tenant)
 
     def context_window(self) -> int | None:
-        runner = getattr(self.gen, "runner", None)
-        return getattr(runner, "max_positions", None)
+        return getattr(self.gen.runner, "max_positions", None)
 
 
 class KVSync:
@@ -142,7 +144,7 @@ class KVSync:
     document is invalidated.
     """
 
-    def __init__(self, generator: KVGenerator, *, tenant: str = "", show_progress: bool = False) -> None:
+    def __init__(self, generator: KVGenerator, *, tenant: str = "", show_progress: bool | None = None) -> None:
         if not isinstance(generator, KVGenerator):
             raise TypeError(
                 f"expected an object satisfying daser_rag.api.KVGenerator, got {type(generator).__name__}")
@@ -158,7 +160,7 @@ class KVSync:
 
     def key_for(self, text_or_node: str | BaseNode) -> str | None:
         text = rendered_text(text_or_node) if isinstance(text_or_node, BaseNode) else text_or_node
-        return self._local.key(text, self.tenant) if self._local else None
+        return self._local.piece(text, self.tenant).key if self._local else None
 
     def contains(self, key: str) -> bool:
         if self._local is None:
@@ -173,6 +175,74 @@ class KVSync:
     def context_window(self) -> int | None:
         return self._local.context_window() if self._local else None
 
+    # -- oversized nodes ---------------------------------------------------------------------------
+    def max_chunk_tokens(self) -> int | None:
+        """The longest node (in tokens) whose KV is ever computed: the model's window less room
+        for the system prompt, a question and an answer. None when the window is unknown (a
+        remote generator: the service checks lengths itself)."""
+        window = self.context_window()
+        if not window:
+            return None
+        return window - min(window // 2, RESERVED_TOKENS)
+
+    def fit_nodes(
+        self, nodes: Sequence[BaseNode], *, split: bool = True, embed_model: Any | None = None
+    ) -> list[BaseNode]:
+        """Nodes that fit the model's window: a longer node is split into parts (the generator's
+        `split`, so at most `chunk_tokens` tokens each), or, with `split=False`, rejected with
+        InvalidInputError before anything is written or computed.
+
+        A part keeps its node's metadata and document (SOURCE relationship); its embedding is
+        computed with `embed_model` when given, otherwise the node's embedding is carried over
+        (None if the node had none, so a later embedding step fills it in).
+        """
+        limit = self.max_chunk_tokens()
+        if limit is None or self._local is None:
+            return list(nodes)
+        out: list[BaseNode] = []
+        for node in nodes:
+            text = rendered_text(node)
+            size = self._local.piece(text, self.tenant).num_tokens if text.strip() else 0
+            if size <= limit:
+                out.append(node)
+                continue
+            where = (f"node {node.node_id!r} (document {node_doc_id(node)!r}) has {size} tokens; at most {limit} fit "
+                     f"the model's {self.context_window()}-token window with a question and an answer")
+            if not split:
+                raise InvalidInputError(f"{where}: split it first (nothing was written)")
+            if not isinstance(node, TextNode):
+                raise InvalidInputError(f"{where}, and a {type(node).__name__} cannot be split (nothing was written)")
+            out.extend(self._split_node(node, limit, where, embed_model))
+        return out
+
+    def _split_node(self, node: TextNode, limit: int, where: str, embed_model: Any | None) -> list[BaseNode]:
+        source = node.source_node or node.as_related_node_info()
+        parts: list[BaseNode] = []
+        for i, piece in enumerate(self.generator.split(node.get_content(metadata_mode=MetadataMode.NONE))):
+            part = TextNode(
+                id_=f"{node.node_id}#part{i}",
+                text=piece,
+                metadata=dict(node.metadata),
+                excluded_embed_metadata_keys=list(node.excluded_embed_metadata_keys),
+                excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
+                metadata_template=node.metadata_template,
+                metadata_separator=node.metadata_separator,
+                text_template=node.text_template,
+                relationships={NodeRelationship.SOURCE: source},
+                embedding=None if embed_model is not None else node.embedding,
+            )
+            size = self._local.piece(rendered_text(part), self.tenant).num_tokens  # type: ignore[union-attr]
+            if size > limit:
+                raise InvalidInputError(f"{where}, and a part still has {size} tokens (its metadata is too long, or "
+                                        "the generator's chunk_tokens exceeds the window); nothing was written")
+            parts.append(part)
+        if embed_model is not None and parts:
+            vectors = embed_model.get_text_embedding_batch(
+                [p.get_content(metadata_mode=MetadataMode.EMBED) for p in parts])
+            for part, vector in zip(parts, vectors):
+                part.embedding = vector
+        return parts
+
     # -- index time ------------------------------------------------------------------------------
     def ensure(self, nodes: Sequence[BaseNode], *, show_progress: bool | None = None) -> PrecomputeReport:
         """Make sure every node's chunk KV is stored and referenced by the node's document."""
@@ -182,6 +252,8 @@ class KVSync:
             report.deferred = len(nodes)
             return report
         show = self.show_progress if show_progress is None else show_progress
+        if show is None:  # auto: a bar for work that takes a while
+            show = len(nodes) >= PROGRESS_AUTO_NODES
         bar = None
         if show and nodes:
             from tqdm.auto import tqdm
@@ -194,8 +266,9 @@ class KVSync:
                 if not text.strip():
                     report.skipped_empty += 1
                 else:
-                    key = self._local.key(text, self.tenant)
-                    if self._local.ensure(text, key, self.tenant):
+                    piece = self._local.piece(text, self.tenant)
+                    key = piece.key
+                    if self._local.ensure(piece, self.tenant):
                         report.computed += 1
                     else:
                         report.reused += 1
@@ -230,7 +303,7 @@ class KVSync:
             if not texts:
                 dropped[doc_id] = self._invalidate(doc_id)
             elif self._local is not None:
-                keys = [self._local.key(t, self.tenant) for t in texts]
+                keys = [self._local.piece(t, self.tenant).key for t in texts]
                 dropped[doc_id] = self._local.replace_refs(doc_id, keys, self.tenant)
             else:
                 # No ref-level access: dropping the whole document is coarse but never stale.

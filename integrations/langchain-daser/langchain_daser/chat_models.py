@@ -5,12 +5,17 @@ are fused from stored chunk KV instead of being prefilled; the answer's
 `response_metadata["daser"]` says how many chunks hit the cache and how many tokens were
 recomputed. Works against any `daser_rag.api.KVGenerator`: the in-process
 `CacheAwareGenerator` or a remote client.
+
+Documents formatted into the prompt text (a chain like `retriever | format_docs | prompt |
+ChatDaser`) are not separable: such a request is answered by full prefill, its metadata says
+so (`mode="full"`, no `cache_read` tokens) and ChatDaser warns once (`NoKVReuseWarning`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -22,21 +27,36 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, SELECTORS, GenerationParams, check_recompute_ratio
 from daser_rag.types import GenerationResult
-from integrations.langchain._convert import DaserRequest, messages_to_request
+from langchain_daser._convert import DaserRequest, messages_to_request
 
-_CALL_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "recompute_ratio", "use_cache", "tenant")
 _IGNORED_PARAMS = ("stream",)  # LangChain may forward these; they mean nothing here
+
+
+class NoKVReuseWarning(UserWarning):
+    """A request reached ChatDaser with its documents inside the prompt text: nothing was reused."""
+
+
+NO_REUSE_MESSAGE = (
+    "ChatDaser got a prompt with no separate documents (documents formatted into the prompt string, "
+    "e.g. retriever | format_docs | prompt | llm), so it runs full prefill and reuses no cached KV. "
+    "For KV reuse pass documents as text-plain blocks: create_daser_rag_chain(retriever, llm), or "
+    "DocumentsToMessages in place of format_docs | prompt, or llm.invoke(question, documents=docs) "
+    "(this warning is shown once per ChatDaser)."
+)
 
 
 def result_metadata(result: GenerationResult) -> dict[str, Any]:
     """The cache accounting of one answer, as plain JSON-able values."""
     d = result.to_dict()
     d.pop("text", None)
+    if not result.cache_hits + result.cache_misses:
+        d["mode"] = "full"  # no chunk was placed: nothing was fused, whatever the generator calls its path
     return d
 
 
@@ -46,8 +66,9 @@ def _usage(result: GenerationResult) -> UsageMetadata:
         output_tokens=result.completion_tokens,
         total_tokens=result.prompt_tokens + result.completion_tokens,
     )
-    if result.mode != "full" and result.cache_misses == 0:
-        # every context token's KV came from the store (exact prefix or fused chunk)
+    if result.mode != "full" and result.cache_hits > 0 and result.cache_misses == 0:
+        # every context token's KV came from the store (exact prefix or fused chunk); with a
+        # miss the per-chunk split is unknown here, so nothing is claimed
         usage["input_token_details"] = {"cache_read": result.exact_tokens + result.reused_tokens}
     return usage
 
@@ -58,7 +79,7 @@ class ChatDaser(BaseChatModel):
     Example:
         ```python
         from daser_rag import CacheAwareGenerator
-        from integrations.langchain import ChatDaser
+        from langchain_daser import ChatDaser
 
         llm = ChatDaser(generator=CacheAwareGenerator())
         llm.invoke("What is a KV cache?")
@@ -71,17 +92,33 @@ class ChatDaser(BaseChatModel):
     generator: Any = Field(exclude=True)
     """Any object satisfying `daser_rag.api.KVGenerator`."""
     model_name: str = "daser-rag"
-    max_tokens: int = Field(default=64, ge=1)
+    max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
-    recompute_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    """Share of context tokens recomputed (CacheBlend); None uses the generator's default, 1.0 equals full prefill."""
+    recompute_ratio: float | str | None = None
+    """Share of context tokens recomputed (CacheBlend), or "auto"; None uses the generator's default, 1.0 equals full prefill."""
+    selector: str | None = None
+    """How recomputed tokens are chosen (see `daser_rag.params.SELECTORS`); None: the generator's default."""
     use_cache: bool = True
     """False prefills everything from scratch (the baseline)."""
     tenant: str = ""
     stop: list[str] | None = None
+
+    _warned: bool = PrivateAttr(default=False)
+
+    @field_validator("recompute_ratio")
+    @classmethod
+    def _check_ratio(cls, value: Any) -> Any:
+        return None if value is None else check_recompute_ratio(value)
+
+    @field_validator("selector")
+    @classmethod
+    def _check_selector(cls, value: Any) -> Any:
+        if value is not None and value not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {value!r}")
+        return value
 
     @field_validator("generator")
     @classmethod
@@ -106,6 +143,7 @@ class ChatDaser(BaseChatModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "recompute_ratio": self.recompute_ratio,
+            "selector": self.selector,
             "use_cache": self.use_cache,
         }
 
@@ -115,29 +153,47 @@ class ChatDaser(BaseChatModel):
     ) -> tuple[DaserRequest, dict[str, Any]]:
         kwargs = dict(kwargs)
         documents: Sequence[Any] | None = kwargs.pop("documents", None)
-        unknown = sorted(k for k in kwargs if k not in _CALL_PARAMS and k not in _IGNORED_PARAMS
-                         and not k.startswith("ls_"))
+        for name in _IGNORED_PARAMS:
+            kwargs.pop(name, None)
+        for name in [k for k in kwargs if k.startswith("ls_")]:
+            kwargs.pop(name)
+        known = (*GenerationParams.keys(), "max_tokens")
+        unknown = sorted(k for k in kwargs if k not in known)
         if unknown:
             raise InvalidInputError(
-                f"ChatDaser got unknown argument(s) {unknown}; it accepts documents= and {list(_CALL_PARAMS)}")
+                f"ChatDaser got unknown argument(s) {unknown}; it accepts documents= and {list(known)}")
         if documents is not None and not isinstance(documents, (list, tuple)):
             raise InvalidInputError(f"documents= must be a list, got {type(documents).__name__}")
         request = messages_to_request(messages, self.generator.split, documents)
-        params: dict[str, Any] = {
-            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
-            "temperature": kwargs.get("temperature", self.temperature),
-            "top_p": kwargs.get("top_p", self.top_p),
-            "top_k": kwargs.get("top_k", self.top_k),
-            "use_cache": kwargs.get("use_cache", self.use_cache),
+        options: dict[str, Any] = {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "use_cache": self.use_cache,
+            "seed": self.seed,
+            "recompute_ratio": self.recompute_ratio,
+            "selector": self.selector,
+            "tenant": self.tenant,
         }
-        for name in ("seed", "recompute_ratio", "tenant"):
-            value = kwargs.get(name, getattr(self, name))
-            if value not in (None, ""):
-                params[name] = value
+        if kwargs.get("max_tokens") is not None:
+            kwargs.setdefault("max_new_tokens", kwargs["max_tokens"])
+        kwargs.pop("max_tokens", None)
+        options.update({k: v for k, v in kwargs.items() if v is not None})
         stops = [*(self.stop or []), *(stop or [])]
         if stops:
-            params["stop"] = stops
+            options["stop"] = stops
+        GenerationParams.from_kwargs(**options)  # one validation for every entry point
+        # Unset options are left out: the generator's (or a remote service's) defaults apply.
+        params = {k: v for k, v in options.items() if v not in (None, "")}
+        if not request.contexts:
+            self._warn_no_reuse()
         return request, params
+
+    def _warn_no_reuse(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(NO_REUSE_MESSAGE, NoKVReuseWarning, stacklevel=5)
 
     @staticmethod
     def _message_fields(result: GenerationResult, model_name: str) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from integrations.langchain._convert import DOC_ID_KEY
+from langchain_daser._convert import DOC_ID_KEY
 
 
 def _default_doc_id(doc: Document) -> str | None:

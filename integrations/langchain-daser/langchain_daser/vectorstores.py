@@ -9,6 +9,11 @@ Every write and delete goes to the wrapped store AND to the KV generator:
 That makes `langchain_core.indexing.index()` keep the KV cache consistent: it adds changed
 documents under new content-hash ids and calls `delete(ids)` for the stale ones (incremental
 and full cleanup alike).
+
+A document longer than the model's window is split (the generator's `split`) into parts that
+are stored as records `"<id>#<n>"` of one KV document, before anything is written, so that a
+retrieved record always fits a prompt; `delete(["<id>"])` removes every part. With
+`split_oversized=False` such a document raises InvalidInputError and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,8 +28,17 @@ from langchain_core.vectorstores import InMemoryVectorStore, VectorStore
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.types import Document as DaserDocument
-from integrations.langchain._convert import DOC_ID_KEY
+from langchain_daser._convert import DOC_ID_KEY
+
+#: Metadata key of a record that is one part of a split document: the document's id.
+PARENT_ID_KEY = "daser_parent_id"
+PART_SEPARATOR = "#"
+RESERVED_TOKENS = DEFAULT_MAX_NEW_TOKENS + 256
+"""Room a stored document must leave in the model's window for the system prompt, a question and an answer."""
+PROGRESS_AUTO_DOCS = 16
+"""With show_progress=None (auto), a progress bar appears when at least this many documents are added."""
 
 
 class DaserVectorStore(VectorStore):
@@ -38,6 +52,9 @@ class DaserVectorStore(VectorStore):
             one KV cache without their ids colliding.
         precompute: compute chunk KV at `add_documents` time (otherwise on first use).
         tenant: KV namespace passed to the generator.
+        split_oversized: split documents longer than the model's window (else reject them).
+        show_progress: progress bar while precomputing KV: True, False, or None (when many
+            documents are added at once; `add_documents(..., show_progress=...)` overrides).
     """
 
     def __init__(
@@ -49,6 +66,8 @@ class DaserVectorStore(VectorStore):
         doc_id_prefix: str = "",
         precompute: bool = True,
         tenant: str = "",
+        split_oversized: bool = True,
+        show_progress: bool | None = None,
     ) -> None:
         if not isinstance(generator, KVGenerator):
             raise TypeError(f"generator must satisfy daser_rag.api.KVGenerator, got {type(generator).__name__}")
@@ -63,6 +82,8 @@ class DaserVectorStore(VectorStore):
         self.doc_id_prefix = doc_id_prefix
         self.precompute = precompute
         self.tenant = tenant
+        self.split_oversized = split_oversized
+        self.show_progress = show_progress
         #: vector-store id -> chunk keys dropped by the last `delete` (for logs and tests)
         self.last_dropped: dict[str, list[str]] = {}
 
@@ -75,8 +96,64 @@ class DaserVectorStore(VectorStore):
         # copy: the wrapped store may hand out its own metadata dict
         if not doc.id:
             return doc
+        owner = (doc.metadata or {}).get(PARENT_ID_KEY) or doc.id  # a part's KV belongs to its document
         return LCDocument(id=doc.id, page_content=doc.page_content,
-                          metadata={**(doc.metadata or {}), DOC_ID_KEY: self.kv_doc_id(doc.id)})
+                          metadata={**(doc.metadata or {}), DOC_ID_KEY: self.kv_doc_id(owner)})
+
+    # -- oversized documents -------------------------------------------------------------------
+    def max_document_tokens(self) -> int | None:
+        """The longest record (in tokens) stored whole: the model's window less room for the
+        system prompt, a question and an answer; None when the generator does not tell its
+        window (a remote service checks lengths itself)."""
+        window = getattr(getattr(self.generator, "runner", None), "max_positions", None)
+        if not window:
+            return None
+        return window - min(window // 2, RESERVED_TOKENS)
+
+    def _count_tokens(self, text: str) -> int | None:
+        resolve = getattr(self.generator, "resolve", None)
+        if resolve is None:
+            return None
+        return resolve([text], self.tenant)[0].num_tokens
+
+    def _fit(self, documents: list[LCDocument], ids: list[str]) -> tuple[list[LCDocument], list[str]]:
+        """Records to store: oversized documents replaced by their parts (checked before any write)."""
+        limit = self.max_document_tokens()
+        if limit is None:
+            return documents, ids
+        out_docs: list[LCDocument] = []
+        out_ids: list[str] = []
+        for doc, doc_id in zip(documents, ids):
+            size = self._count_tokens(doc.page_content)
+            if size is None or size <= limit:
+                out_docs.append(doc)
+                out_ids.append(doc_id)
+                continue
+            where = (f"document {doc_id!r} has {size} tokens; at most {limit} fit the model's "
+                     f"window with a question and an answer")
+            if not self.split_oversized:
+                raise InvalidInputError(f"{where}: split it first (nothing was written)")
+            for n, piece in enumerate(self.generator.split(doc.page_content)):
+                out_docs.append(LCDocument(page_content=piece,
+                                           metadata={**(doc.metadata or {}), PARENT_ID_KEY: doc_id}))
+                out_ids.append(f"{doc_id}{PART_SEPARATOR}{n}")
+        return out_docs, out_ids
+
+    def _part_ids(self, vs_id: str) -> list[str]:
+        """Ids of the stored parts of a split document (found through `get_by_ids`)."""
+        found: list[str] = []
+        batch = 16
+        while True:
+            want = [f"{vs_id}{PART_SEPARATOR}{n}" for n in range(len(found), len(found) + batch)]
+            try:
+                got = {d.id for d in self.vectorstore.get_by_ids(want)}
+            except NotImplementedError:
+                return found
+            hits = [i for i in want if i in got]
+            found.extend(hits)
+            if len(hits) < len(want):
+                return found
+            batch *= 2
 
     def _gen_kwargs(self) -> dict[str, Any]:
         return {"tenant": self.tenant} if self.tenant else {}
@@ -102,15 +179,22 @@ class DaserVectorStore(VectorStore):
             raise InvalidInputError("duplicate ids in one add_documents call")
         if not documents:
             return []
-        stored = self.vectorstore.add_documents(documents, ids=final_ids, **kwargs)
-        if list(stored) != final_ids:
+        show_progress = kwargs.pop("show_progress", None)
+        records, record_ids = self._fit(documents, final_ids)
+        stored = self.vectorstore.add_documents(records, ids=record_ids, **kwargs)
+        if list(stored) != record_ids:
             raise RuntimeError(f"{type(self.vectorstore).__name__} did not keep the given ids")
         # After the vector store, so a failed vector write leaves no KV behind; KV is keyed
-        # by content, so even a failure here can never serve stale KV.
+        # by content, so even a failure here can never serve stale KV. A split document is one
+        # KV document: the generator splits it into the same parts.
+        show = self.show_progress if show_progress is None else show_progress
+        if show is None:
+            show = len(documents) >= PROGRESS_AUTO_DOCS
         self.generator.add_documents(
             [DaserDocument(self.kv_doc_id(i), d.page_content, dict(d.metadata or {}))
              for i, d in zip(final_ids, documents)],
             precompute=self.precompute,
+            **({"progress": True} if show else {}),
             **self._gen_kwargs(),
         )
         return final_ids
@@ -139,11 +223,13 @@ class DaserVectorStore(VectorStore):
                 raise InvalidInputError(
                     f"delete(ids=None) needs a store that can list its ids; pass ids for "
                     f"{type(self.vectorstore).__name__}")
-            ids = list(store)
+            # a split document's parts stand for it
+            ids = list(dict.fromkeys(((r.get("metadata") or {}).get(PARENT_ID_KEY) or i) for i, r in store.items()))
         ids = list(ids)
         if any(not isinstance(i, str) or not i for i in ids):
             raise InvalidInputError("delete ids must be non-empty strings")
-        result = self.vectorstore.delete(ids, **kwargs)
+        records = [r for i in ids for r in (i, *self._part_ids(i))]
+        result = self.vectorstore.delete(records, **kwargs)
         if result is False:
             return False
         self.last_dropped = {i: self.generator.invalidate(self.kv_doc_id(i), **self._gen_kwargs()) for i in ids}

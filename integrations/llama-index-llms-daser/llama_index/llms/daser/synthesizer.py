@@ -7,6 +7,11 @@ exact rendered text, node id and document id) as its own chunk, so
 `RetrieverQueryEngine.from_args(retriever, response_synthesizer=CacheAwareSynthesizer(llm))`
 answers from cached KV and keeps `source_nodes` on the response.
 
+Prompt templates: `question_template` (variable `{query_str}`) shapes the question text; the
+system prompt and the chunk layout belong to the generator (that is what makes KV reusable),
+so they are not templates here. `get_prompts()` / `update_prompts({"question_template": ...})`
+work as on any LlamaIndex synthesizer.
+
 The generation numbers (cache hits, token counts, TTFT, which chunk keys were used for which
 node) are in `response.metadata["daser"]`; for a streaming response that dict is filled in
 when the stream is exhausted.
@@ -24,6 +29,7 @@ from llama_index.core.instrumentation.events.synthesis import (
     SynthesizeEndEvent,
     SynthesizeStartEvent,
 )
+from llama_index.core.prompts import BasePromptTemplate, PromptTemplate
 from llama_index.core.prompts.mixin import PromptDictType
 from llama_index.core.response_synthesizers.base import (
     BaseSynthesizer,
@@ -34,10 +40,12 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.settings import Settings
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
-from integrations.llama_index.kv_sync import node_chunk_ref
-from integrations.llama_index.llm import DaserLLM, result_summary
+from llama_index.llms.daser.kv_sync import node_chunk_ref
+from llama_index.llms.daser.base import DaserLLM, result_summary
 
 DASER_KEY = "daser"
+QUESTION_TEMPLATE = PromptTemplate("{query_str}")
+"""The default question template: the query as the user wrote it."""
 
 
 def _record(info: dict[str, Any], result: Any) -> None:
@@ -59,6 +67,7 @@ class CacheAwareSynthesizer(BaseSynthesizer):
         streaming: bool = False,
         callback_manager: CallbackManager | None = None,
         empty_response: str | None = None,
+        question_template: BasePromptTemplate | str | None = None,
         **generate_kwargs: Any,
     ) -> None:
         llm = llm if llm is not None else Settings.llm
@@ -68,18 +77,32 @@ class CacheAwareSynthesizer(BaseSynthesizer):
         super().__init__(llm=llm, callback_manager=callback_manager, streaming=streaming,
                          empty_response=empty_response)
         self._generate_kwargs = generate_kwargs
-        llm._request(dict(generate_kwargs))  # reject unknown generation options now, not at query time
+        llm.generation_options(**generate_kwargs)  # reject bad generation options now, not at query time
+        self._question_template = self._check_template(question_template or QUESTION_TEMPLATE)
 
     @property
     def llm(self) -> DaserLLM:
         return self._llm  # type: ignore[return-value]
 
+    @staticmethod
+    def _check_template(template: BasePromptTemplate | str) -> BasePromptTemplate:
+        if isinstance(template, str):
+            template = PromptTemplate(template)
+        if not isinstance(template, BasePromptTemplate):
+            raise TypeError(f"question_template must be a prompt template or a string, got {type(template).__name__}")
+        if "query_str" not in template.template_vars:
+            raise ValueError("question_template must contain {query_str}")
+        return template
+
     def _get_prompts(self) -> PromptDictType:
-        return {}  # no prompt template: the generator owns the prompt layout (that is what makes KV reusable)
+        return {"question_template": self._question_template}
 
     def _update_prompts(self, prompts: PromptDictType) -> None:
-        if prompts:
-            raise ValueError("CacheAwareSynthesizer has no prompt templates to update")
+        if "question_template" in prompts:
+            self._question_template = self._check_template(prompts["question_template"])
+
+    def _question(self, query_str: str) -> str:
+        return self._question_template.format(query_str=query_str)
 
     # -- plain text chunks (no node identity: KV is still reused by content) ----------------------------
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any) -> RESPONSE_TEXT_TYPE:
@@ -98,6 +121,7 @@ class CacheAwareSynthesizer(BaseSynthesizer):
 
     def _run(self, query: str, contexts: list[Any], info: dict[str, Any], response_kwargs: dict[str, Any]) -> Any:
         kwargs = self._call_kwargs(response_kwargs)
+        query = self._question(query)
         if not self._streaming:
             resp = self.llm.complete(query, contexts=contexts, **kwargs)
             _record(info, resp.raw)
@@ -115,6 +139,7 @@ class CacheAwareSynthesizer(BaseSynthesizer):
 
     async def _arun(self, query: str, contexts: list[Any], info: dict[str, Any], response_kwargs: dict[str, Any]) -> Any:
         kwargs = self._call_kwargs(response_kwargs)
+        query = self._question(query)
         if not self._streaming:
             resp = await self.llm.acomplete(query, contexts=contexts, **kwargs)
             _record(info, resp.raw)

@@ -1,4 +1,7 @@
-"""LangChain integration for daser-rag (shaped like a `langchain_<provider>` partner package).
+"""LangChain integration for daser-rag (a `langchain_<provider>` partner package).
+
+One line for KV reuse: `create_daser_rag_chain(retriever, ChatDaser(generator=gen))` (or put
+`DocumentsToMessages` where a stock chain has `format_docs | prompt`).
 
 - `ChatDaser`: chat model; documents passed as `text-plain` blocks or `documents=` are fused
   from their cached KV.
@@ -9,16 +12,23 @@
 - `MiniLMEmbeddings`: offline sentence embeddings for the vector store.
 """
 
-from integrations.langchain._convert import DOC_ID_KEY, documents_to_blocks
-from integrations.langchain.chains import (
+from importlib.metadata import PackageNotFoundError, version
+
+from langchain_daser._convert import DOC_ID_KEY, documents_to_blocks
+from langchain_daser.chains import (
     DocumentsToMessages,
     create_daser_rag_chain,
     documents_to_messages,
 )
-from integrations.langchain.chat_models import ChatDaser
-from integrations.langchain.embeddings import MiniLMEmbeddings
-from integrations.langchain.retrievers import DaserRetriever
-from integrations.langchain.vectorstores import DaserVectorStore
+from langchain_daser.chat_models import ChatDaser
+from langchain_daser.embeddings import MiniLMEmbeddings
+from langchain_daser.retrievers import DaserRetriever
+from langchain_daser.vectorstores import DaserVectorStore
+
+try:
+    __version__ = version("langchain-daser")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
+    __version__ = "0.0.0"
 
 __all__ = [
     "DOC_ID_KEY",

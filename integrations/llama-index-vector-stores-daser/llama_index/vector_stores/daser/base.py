@@ -38,7 +38,7 @@ from llama_index.core.vector_stores.utils import (
     node_to_metadata_dict,
 )
 
-from integrations.llama_index.kv_sync import KVSync, node_doc_id
+from llama_index.llms.daser.kv_sync import KVSync, node_doc_id
 
 SIDECAR_SUFFIX = ".records.json"
 _FORMAT_VERSION = 1
@@ -60,11 +60,17 @@ class _Record:
     payload: dict[str, Any]  # node_to_metadata_dict: metadata at top level, node JSON inside
 
 
-class InvalidatingFaissVectorStore(BasePydanticVectorStore):
+class DaserFaissVectorStore(BasePydanticVectorStore):
     """FAISS (`IndexIDMap2`) vector store with working deletes and a knowledge-base change hook.
 
     FAISS ids come from a counter that is never rewound, so an id is never reused after a
     delete. Pass `generator=` (any `KVGenerator`) to keep that generator's chunk KV in step.
+
+    A node longer than the model's window is split into parts that fit before anything is
+    written (parts are embedded with `embed_model` when given, else they carry the node's
+    embedding); with `split_oversized=False` such a node raises InvalidInputError and neither
+    FAISS nor the KV store is touched. `show_progress`: True, False, or None (a bar when many
+    nodes need KV); `add(nodes, show_progress=...)` overrides it per call.
     """
 
     stores_text: bool = True
@@ -77,6 +83,8 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
     _next_id: int = PrivateAttr(default=0)
     _hook: KnowledgeBaseHook | None = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.RLock)
+    _split_oversized: bool = PrivateAttr(default=True)
+    _embed_model: Any = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -85,9 +93,13 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
         generator: Any | None = None,
         hook: KnowledgeBaseHook | None = None,
         tenant: str = "",
-        show_progress: bool = False,
+        show_progress: bool | None = None,
+        split_oversized: bool = True,
+        embed_model: Any | None = None,
     ) -> None:
         super().__init__(stores_text=True)
+        self._split_oversized = split_oversized
+        self._embed_model = embed_model
         if generator is not None and hook is not None:
             raise ValueError("pass either generator= or hook=, not both")
         if generator is not None:
@@ -110,7 +122,7 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
 
     @classmethod
     def class_name(cls) -> str:
-        return "InvalidatingFaissVectorStore"
+        return "DaserFaissVectorStore"
 
     @property
     def client(self) -> Any:
@@ -153,6 +165,8 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
     def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         if not nodes:
             return []
+        if isinstance(self._hook, KVSync):  # before any write: nothing longer than the window is stored
+            nodes = self._hook.fit_nodes(nodes, split=self._split_oversized, embed_model=self._embed_model)
         vectors = []
         for node in nodes:
             if node.embedding is None:
@@ -187,7 +201,10 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
         if self._hook is not None:
             if current:
                 self._hook.on_documents_changed(current)
-            self._hook.on_nodes_added(list(nodes))
+            if isinstance(self._hook, KVSync):
+                self._hook.ensure(list(nodes), show_progress=add_kwargs.get("show_progress"))
+            else:
+                self._hook.on_nodes_added(list(nodes))
         return ids
 
     def _remove(self, node_ids: Sequence[str]) -> None:
@@ -300,7 +317,7 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
     def persist(self, persist_path: str, fs: Any | None = None) -> None:
         """Write the FAISS index to `persist_path` and the node records beside it (atomically)."""
         if fs is not None and "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise NotImplementedError("InvalidatingFaissVectorStore persists to the local filesystem only")
+            raise NotImplementedError("DaserFaissVectorStore persists to the local filesystem only")
         path = Path(persist_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -329,7 +346,7 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
         generator: Any | None = None,
         hook: KnowledgeBaseHook | None = None,
         tenant: str = "",
-    ) -> InvalidatingFaissVectorStore:
+    ) -> DaserFaissVectorStore:
         path = Path(persist_path)
         sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
         if not sidecar.exists():
@@ -358,10 +375,14 @@ class InvalidatingFaissVectorStore(BasePydanticVectorStore):
     @classmethod
     def from_persist_dir(
         cls, persist_dir: str, namespace: str = "default", **kwargs: Any
-    ) -> InvalidatingFaissVectorStore:
+    ) -> DaserFaissVectorStore:
         from llama_index.core.vector_stores.simple import (
             DEFAULT_PERSIST_FNAME as VS_FNAME,
         )
         from llama_index.core.vector_stores.simple import NAMESPACE_SEP
 
         return cls.from_persist_path(str(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{VS_FNAME}"), **kwargs)
+
+
+InvalidatingFaissVectorStore = DaserFaissVectorStore
+"""The old name of `DaserFaissVectorStore`."""

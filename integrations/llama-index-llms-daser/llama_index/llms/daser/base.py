@@ -4,12 +4,17 @@ Used like any LlamaIndex LLM (`Settings.llm = DaserLLM(generator)`), it answers 
 with no retrieved context. Given document refs (`contexts=` nodes, `ChunkRef`s, documents or
 strings), it places them as separate chunks and reuses their cached KV instead of re-reading
 them; `CacheAwareSynthesizer` is the component that passes retrieved nodes this way.
+
+A prompt that arrives as one string (LlamaIndex's stock synthesizers format the retrieved
+nodes into the prompt text) has no separable documents: it is answered by full prefill, the
+result says so (`mode="full"`, no cache hits), and the LLM warns once (`NoKVReuseWarning`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,16 +24,26 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
 from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from daser_rag.api import KVGenerator
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, SELECTORS, GenerationParams, check_recompute_ratio
 from daser_rag.types import GenerationResult
-from integrations.llama_index.kv_sync import ContextLike, KVSync, to_context_items
+from llama_index.llms.daser.kv_sync import ContextLike, KVSync, to_context_items
 
-_GEN_KWARGS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "recompute_ratio", "use_cache",
-               "tenant", "stop")
+
+class NoKVReuseWarning(UserWarning):
+    """A request reached daser-rag with its documents inside the prompt text: nothing was reused."""
+
+
+NO_REUSE_MESSAGE = (
+    "DaserLLM got a prompt with no separate documents (a stock LlamaIndex synthesizer formats the "
+    "retrieved nodes into the prompt string), so it runs full prefill and reuses no cached KV. "
+    "For KV reuse use index.as_query_engine(response_synthesizer=CacheAwareSynthesizer(llm)) or "
+    "pass contexts= (this warning is shown once per DaserLLM)."
+)
 
 
 def result_summary(result: GenerationResult | None) -> dict[str, Any]:
@@ -43,7 +58,8 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
         "cache_misses": result.cache_misses,
         "reused_tokens": result.reused_tokens,
         "recomputed_tokens": result.recomputed_tokens,
-        "mode": result.mode,
+        # no chunks placed: nothing was fused, whatever the generator calls its path
+        "mode": result.mode if result.cache_hits + result.cache_misses else "full",
         "recompute_ratio": result.recompute_ratio,
         "finish_reason": result.finish_reason,
         "ttft_s": result.timings.ttft_s,
@@ -55,19 +71,35 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
 class DaserLLM(CustomLLM):
     """A drop-in LlamaIndex LLM; with document refs it decodes on fused cached chunk KV."""
 
-    max_new_tokens: int = Field(default=128, gt=0, description="Tokens to generate at most.")
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, gt=0, description="Tokens to generate at most.")
     temperature: float = Field(default=0.0, ge=0.0, description="0 is greedy decoding.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    recompute_ratio: float | None = Field(
-        default=None, ge=0.0, le=1.0,
-        description="CacheBlend share of context tokens recomputed (None: the generator's default; 1.0: full prefill quality).")
+    recompute_ratio: float | str | None = Field(
+        default=None,
+        description="CacheBlend share of context tokens recomputed, or 'auto' (None: the generator's default; "
+                    "1.0: full prefill quality).")
+    selector: str | None = Field(
+        default=None, description=f"How recomputed tokens are chosen, one of {SELECTORS} (None: the generator's default).")
     use_cache: bool = Field(default=True, description="False runs full prefill (the baseline).")
     tenant: str = Field(default="", description="Tenant salt: tenants never share chunk KV.")
     context_window: int = Field(default=8192, gt=0)
     model_name: str = Field(default="daser-rag")
 
     _generator: Any = PrivateAttr()
+    _warned: bool = PrivateAttr(default=False)
+
+    @field_validator("recompute_ratio")
+    @classmethod
+    def _check_ratio(cls, value: Any) -> Any:
+        return None if value is None else check_recompute_ratio(value)
+
+    @field_validator("selector")
+    @classmethod
+    def _check_selector(cls, value: Any) -> Any:
+        if value is not None and value not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {value!r}")
+        return value
 
     def __init__(self, generator: KVGenerator, **kwargs: Any) -> None:
         if not isinstance(generator, KVGenerator):
@@ -98,27 +130,45 @@ class DaserLLM(CustomLLM):
         )
 
     # -- request assembly --------------------------------------------------------------------------
-    def _request(self, kwargs: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any]]:
-        contexts: Iterable[ContextLike] | None = kwargs.pop("contexts", None)
-        if "max_tokens" in kwargs:  # the name most LlamaIndex LLMs use
-            kwargs.setdefault("max_new_tokens", kwargs.pop("max_tokens"))
-        unknown = sorted(set(kwargs) - set(_GEN_KWARGS))
+    def generation_options(self, **kwargs: Any) -> dict[str, Any]:
+        """This LLM's generation options with `kwargs` applied, validated by `GenerationParams`.
+
+        Unknown names raise TypeError (as any Python call would); bad values InvalidInputError.
+        """
+        unknown = sorted(set(kwargs) - set(GenerationParams.keys()) - {"max_tokens"})
         if unknown:
             raise TypeError(f"DaserLLM got unexpected keyword argument(s) {unknown}; "
-                            f"supported: contexts, max_tokens, {', '.join(_GEN_KWARGS)}")
-        gen = {
+                            f"supported: contexts, max_tokens, {', '.join(GenerationParams.keys())}")
+        options: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "top_k": self.top_k,
             "use_cache": self.use_cache,
+            "tenant": self.tenant,
+            "recompute_ratio": self.recompute_ratio,
+            "selector": self.selector,
         }
-        if self.tenant:  # left out when empty, so a remote client's own default tenant applies
-            gen["tenant"] = self.tenant
-        if self.recompute_ratio is not None:
-            gen["recompute_ratio"] = self.recompute_ratio
-        gen.update({k: v for k, v in kwargs.items() if v is not None})
-        return to_context_items(contexts), gen
+        if kwargs.get("max_tokens") is not None:  # the name most LlamaIndex LLMs use
+            kwargs.setdefault("max_new_tokens", kwargs["max_tokens"])
+        kwargs.pop("max_tokens", None)
+        options.update({k: v for k, v in kwargs.items() if v is not None})
+        GenerationParams.from_kwargs(**options)  # rejects bad values with a clear message
+        # Unset options are left out: the generator's (or a remote service's) defaults apply.
+        return {k: v for k, v in options.items() if v is not None and not (k == "tenant" and v == "")}
+
+    def _request(self, kwargs: dict[str, Any]) -> tuple[list[Any] | None, dict[str, Any]]:
+        contexts: Iterable[ContextLike] | None = kwargs.pop("contexts", None)
+        gen = self.generation_options(**kwargs)
+        items = to_context_items(contexts)
+        if not items:
+            self._warn_no_reuse()
+        return items, gen
+
+    def _warn_no_reuse(self) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(NO_REUSE_MESSAGE, NoKVReuseWarning, stacklevel=4)
 
     # -- sync -----------------------------------------------------------------------------------
     @llm_completion_callback()

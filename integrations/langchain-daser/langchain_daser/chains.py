@@ -21,17 +21,25 @@ from langchain_core.runnables import (
 )
 
 from daser_rag.errors import InvalidInputError
-from integrations.langchain._convert import documents_to_blocks
+from langchain_daser._convert import documents_to_blocks
 
 
 def documents_to_messages(inputs: dict[str, Any]) -> list[BaseMessage]:
-    """`{"documents": [...], "question": str}` -> one human message: document blocks, then the question."""
-    if not isinstance(inputs, dict) or "question" not in inputs or "documents" not in inputs:
-        raise InvalidInputError("documents_to_messages expects a dict with 'documents' and 'question'")
+    """`{"documents": [...], "question": str}` -> one human message: document blocks, then the question.
+
+    `context` is accepted in place of `documents`, so this step drops into the usual recipe
+    `{"context": retriever, "question": RunnablePassthrough()} | format_docs/prompt | llm`
+    in place of the formatting and prompt steps.
+    """
+    if not isinstance(inputs, dict) or "question" not in inputs or not ({"documents", "context"} & set(inputs)):
+        raise InvalidInputError("documents_to_messages expects a dict with 'documents' (or 'context') and 'question'")
     question = inputs["question"]
     if not isinstance(question, str) or not question.strip():
         raise InvalidInputError("the question must be a non-empty string")
-    docs: Sequence[Document] = inputs["documents"] or []
+    docs: Sequence[Document] = (inputs["documents"] if "documents" in inputs else inputs["context"]) or []
+    if isinstance(docs, str):
+        raise InvalidInputError("documents must be a list of langchain Documents, not one formatted string "
+                                "(a string cannot be matched to cached chunk KV)")
     return [HumanMessage(content=[*documents_to_blocks(docs), {"type": "text", "text": question}])]
 
 

@@ -1,1 +1,0 @@
-"""Framework adapters (LlamaIndex, LangChain), each following its host ecosystem's conventions."""

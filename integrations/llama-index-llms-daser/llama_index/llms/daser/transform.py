@@ -1,0 +1,66 @@
+"""KV precompute as an IngestionPipeline step: chunk KV is built at index time, not on the first query."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.schema import BaseNode, TransformComponent
+
+from llama_index.llms.daser.kv_sync import KVSync, PrecomputeReport
+
+
+class KVPrecomputeTransform(TransformComponent):
+    """Compute and store each node's chunk KV (keyed on its rendered text).
+
+    Put it after the node parser and before the embedding step: a node longer than the model's
+    window is split into parts that fit (the generator's `split`), and the embedding step then
+    embeds each part. Placed after the embedding step, parts carry their node's embedding
+    unless `embed_model=` is given. With `split_oversized=False` an oversized node raises
+    InvalidInputError instead, before any KV is computed. Other nodes pass through unchanged.
+
+    The pipeline's cache skips a transform on a hit, and KV lives outside the nodes, so a hit
+    alone cannot vouch for the KV: `DaserFaissVectorStore.add` re-checks every node it receives
+    and computes what is missing, which is what keeps a cache hit from leaving chunks without
+    KV. With any other vector store, run the pipeline with the cache disabled.
+    """
+
+    show_progress: bool = Field(default=True, description="Show a progress bar while computing KV.")
+    tenant: str = Field(default="", description="Tenant salt for the chunk keys.")
+    split_oversized: bool = Field(default=True, description="Split nodes longer than the model's window.")
+
+    _sync: KVSync = PrivateAttr()
+    _embed_model: Any = PrivateAttr(default=None)
+    _reports: list[PrecomputeReport] = PrivateAttr(default_factory=list)
+
+    def __init__(self, generator: Any, *, show_progress: bool = True, tenant: str = "",
+                 split_oversized: bool = True, embed_model: Any | None = None, **kwargs: Any) -> None:
+        super().__init__(show_progress=show_progress, tenant=tenant, split_oversized=split_oversized, **kwargs)
+        self._sync = generator if isinstance(generator, KVSync) else KVSync(generator, tenant=tenant)
+        self._embed_model = embed_model
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "DaserKVPrecomputeTransform"
+
+    @property
+    def kv(self) -> KVSync:
+        return self._sync
+
+    @property
+    def reports(self) -> list[PrecomputeReport]:
+        """One report per call, oldest first (a pipeline cache hit adds none)."""
+        return list(self._reports)
+
+    def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        fitted = self._sync.fit_nodes(list(nodes), split=self.split_oversized, embed_model=self._embed_model)
+        show = kwargs.get("show_progress")
+        report = self._sync.ensure(fitted, show_progress=self.show_progress if show is None else bool(show))
+        self._reports.append(report)
+        return fitted
+
+    async def acall(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
+        # KV compute is CPU/GPU bound: keep it off the event loop.
+        return await asyncio.to_thread(self.__call__, nodes, **kwargs)
