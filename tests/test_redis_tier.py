@@ -156,3 +156,72 @@ def test_outage_degrades_and_replays_invalidations(tmp_path, caplog):
         assert raw.exists(link.key("kv", "c1")) and not raw.exists(link.key("kv", "c2"))
     finally:
         srv.stop()
+
+
+def test_index_writes_are_refused_while_redis_is_away_and_the_mirror_never_goes_back(tmp_path):
+    from daser_rag.kv.doc_index import DocIndex
+    from daser_rag.kv.tiers.redis import RedisUnavailable
+
+    srv = RedisServer(port=free_port(), workdir=tmp_path / "r").start()
+    try:
+        link = RedisLink(srv.url, namespace="mirror", retry_s=0.2)
+        idx = RedisDocIndex(link, local=DocIndex(tmp_path / "idx.sqlite"))
+        assert idx.set_document("d", ["v1"], "d1") and idx.set_document("d", ["v2"], "d2")
+        assert idx.local.info("d").version == 2  # the mirror keeps Redis's version numbers
+        # Redis goes back to an older record (a restored snapshot, a lagging replica): reads
+        # follow Redis, but the newer local record is not overwritten by the older one ...
+        link.client.hset(idx._doc("", "d"), mapping={"digest": "d1", "version": 1, "texts": '["v1"]'})
+        assert idx.info("d").version == 1
+        assert idx.local.info("d").content_digest == "d2" and idx.local.info("d").version == 2
+        # ... and the next write gets a version above anything this process has seen
+        idx.set_document("d", ["v3"], "d3")
+        assert idx.info("d").version == 3 and idx.local.info("d").version == 3
+        srv.kill()
+        with pytest.raises(RedisUnavailable):
+            idx.set_document("d", ["v4"], "d4")
+        with pytest.raises(RedisUnavailable):
+            idx.remove_document("d")
+        with pytest.raises(RedisUnavailable):
+            idx.replace_refs("d", ["k"])
+        assert idx.info("d").version == 3 and idx.chunk_texts("d") == ["v3"]  # degraded reads: the mirror
+    finally:
+        srv.stop()
+
+
+def test_a_hung_redis_is_marked_up_only_after_a_short_ping(tmp_path):
+    import time
+
+    from daser_rag.kv.tiers.redis import RedisUnavailable
+
+    srv = RedisServer(port=free_port(), workdir=tmp_path / "r").start()
+    try:
+        link = RedisLink(srv.url, namespace="hang", retry_s=0.3)
+        link.client.set("x", b"1")
+        srv.pause()  # SIGSTOP: the socket stays open, nothing answers
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(RedisUnavailable):
+                link.run(lambda c: c.get("x"))
+            first = time.perf_counter() - t0
+            assert not link.up
+            t0 = time.perf_counter()
+            with pytest.raises(RedisUnavailable):
+                link.run(lambda c: c.get("x"))  # within retry_s: fails without touching Redis
+            fast = time.perf_counter() - t0
+            time.sleep(0.35)
+            t0 = time.perf_counter()
+            with pytest.raises(RedisUnavailable):
+                link.run(lambda c: c.get("x"))  # probe due: a 0.25 s PING, not the 1 s op timeout
+            probe = time.perf_counter() - t0
+            assert not link.up  # not marked up without an answer
+            t0 = time.perf_counter()
+            assert link.ping() is False
+            ping = time.perf_counter() - t0
+        finally:
+            srv.resume()
+        time.sleep(0.35)
+        assert link.run(lambda c: c.get("x")) == b"1" and link.up
+    finally:
+        srv.stop()
+    print(f"hung Redis: first call {first:.2f}s, breaker {fast * 1000:.1f}ms, probe {probe:.2f}s, ping {ping:.2f}s")
+    assert first < 2.0 and fast < 0.05 and probe < 0.6 and ping < 0.6
