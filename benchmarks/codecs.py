@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -123,5 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m benchmarks.codecs [ARGS]` (what `daser-rag bench codecs` runs)."""
+    return run_codec_benchmark(build_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    run_codec_benchmark(build_parser().parse_args(sys.argv[1:]))
+    main()

@@ -28,7 +28,6 @@ import math
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -298,5 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m benchmarks.workload [ARGS]` (what `daser-rag bench workload` runs)."""
+    return run_workload_benchmark(build_parser().parse_args(argv))
+
+
 if __name__ == "__main__":
-    run_workload_benchmark(build_parser().parse_args(sys.argv[1:]))
+    main()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -138,14 +139,44 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 # -- bench / serve --------------------------------------------------------------------------
+def find_benchmarks(start: Path | None = None) -> Path | None:
+    """The checkout that holds the benchmarks: a folder with `benchmarks/__init__.py` next to
+    `pyproject.toml`, searched from `start` (default: the current directory) upwards, then from
+    this package's own location (an editable install). The library never imports them."""
+    starts = [start or Path.cwd(), Path(__file__).resolve().parent]
+    for first in starts:
+        for d in (first, *first.parents):
+            if (d / "benchmarks" / "__init__.py").is_file() and (d / "pyproject.toml").is_file():
+                return d
+    return None
+
+
+def runnable_benchmarks(root: Path) -> list[str]:
+    """Benchmark scripts in a checkout: modules of benchmarks/ with a `__main__` block."""
+    return sorted(p.stem for p in (root / "benchmarks").glob("*.py")
+                  if not p.stem.startswith("_") and '__name__ == "__main__"' in p.read_text(encoding="utf-8"))
+
+
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    name = args.name.replace("-", "_")
-    try:
-        mod = importlib.import_module(f"benchmarks.{name}")
-    except ModuleNotFoundError as exc:
-        raise DaserError(f"unknown benchmark {args.name!r} ({exc})") from exc
-    mod.main(rest)
-    return 0
+    root = find_benchmarks()
+    if root is None:
+        raise DaserError("'daser-rag bench' runs the benchmarks of a daser-rag checkout (its benchmarks/ folder), "
+                         "and none was found from the current directory upwards: run it inside a clone of the "
+                         "repository")
+    names = runnable_benchmarks(root)
+    if args.name is None and any(a in ("-h", "--help") for a in rest):
+        print("usage: daser-rag bench [NAME] [ARGS ...]\n\nRuns benchmarks/NAME.py of the checkout at "
+              f"{root} (default: ttft); 'daser-rag bench NAME --help' shows its options.\n\n"
+              f"benchmarks: {', '.join(names)}")
+        return 0
+    name = (args.name or "ttft").replace("-", "_")
+    if name not in names:
+        raise DaserError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    # A fresh interpreter with the checkout on its path, in the caller's directory (so relative
+    # paths in ARGS mean what the caller expects): `python -m benchmarks.NAME ARGS`.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    return subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *rest], env=env)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -192,9 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="")
 
     p = sub.add_parser("bench", add_help=False,  # -h/--help goes to the benchmark itself
-                       help="run a benchmark: ttft (default), suite, scaling, quality, plots, codecs, workload "
-                       "(extra args pass through; see docs/benchmarks.md)")
-    p.add_argument("name", nargs="?", default="ttft")
+                       help="run a benchmark of the checkout: ttft (default), suite, scaling, quality, plots, "
+                       "codecs, workload, load_test, gpu, vllm_trace (extra args pass through; see "
+                       "docs/benchmarks.md)")
+    p.add_argument("name", nargs="?", default=None)
 
     p = sub.add_parser("serve", help="run the HTTP service (same options as python -m daser_rag.server)")
     from daser_rag.server.settings import add_serve_arguments
