@@ -17,22 +17,27 @@ from typing import Any
 import torch
 
 from benchmarks.prefix_cache import PrefixCache
-from daser_rag.evaluation import Fidelity, _kl
+from daser_rag.engine.decode import decode_n_tokens
+from daser_rag.evaluation import Fidelity, kl_divergence
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
     kind: str  # "full" | "prefix" | "blend"
-    ratio: float = 1.0
+    ratio: float | str = 1.0  # a share in [0, 1] or "auto"
+    selector: str | None = None  # None: the generator's default
 
 
 FULL = Mode("full prefill", "full")
 PREFIX = Mode("prefix cache", "prefix")
 
 
-def blend_mode(r: float) -> Mode:
-    return Mode(f"daser r={r:g}", "blend", float(r))
+def blend_mode(r: float | str, selector: str | None = None) -> Mode:
+    ratio = r if r == "auto" else float(r)
+    label = "auto" if r == "auto" else f"{float(r):g}"
+    name = f"daser r={label}" if selector is None else f"{selector} r={label}"
+    return Mode(name, "blend", ratio, selector)
 
 
 def standard_modes(ratios: list[float]) -> list[Mode]:
@@ -52,6 +57,7 @@ class Run:
     fidelity: Fidelity = field(default_factory=Fidelity)
     ref_logits: list[torch.Tensor] | None = None  # full prefill only: the reference logits
     ref_ids: list[int] | None = None  # full prefill only: the greedy tokens (EOS included)
+    share: float = 0.0  # recomputed share of the non-exact context tokens (1 for full prefill)
 
     def record(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("mode", "ttft_s", "latency_s", "prompt_tokens", "reused_tokens",
@@ -121,6 +127,7 @@ class Harness:
         extra = n_answer
         t0 = time.perf_counter()
         ids: list[int] | None = None
+        share = 1.0 if mode.kind == "full" else 0.0
         if mode.kind == "full":
             fused, _ = gen.prefill(question, chunks, use_cache=False, extra_capacity=extra)
             cache, logits = fused.cache, fused.logits[-1]
@@ -134,28 +141,27 @@ class Harness:
             reused = min(hit, plen - q_len)
             recomputed = plen - q_len - reused
         elif mode.kind == "blend":
-            fused, _ = gen.prefill(question, chunks, recompute_ratio=mode.ratio, extra_capacity=extra)
+            fused, _ = gen.prefill(question, chunks, recompute_ratio=mode.ratio, selector=mode.selector,
+                                   extra_capacity=extra)
             cache, logits = fused.cache, fused.logits[-1]
             plen = fused.context_tokens + fused.query_tokens
             reused = fused.context_tokens - fused.recomputed_tokens
             recomputed = fused.recomputed_tokens
+            share = fused.recompute_share
         else:
             raise ValueError(f"unknown mode kind {mode.kind!r}")
-        tok = int(torch.argmax(logits))
-        ttft = time.perf_counter() - t0
         out_ids: list[int] = []
-        step_logits = [logits]
-        for step in range(n_answer):
+        step_logits: list[torch.Tensor] = []
+        ttft = 0.0
+        for tok, lg in decode_n_tokens(runner, cache, logits, n_answer, stop_ids=gen.eos_ids):
+            if not out_ids:
+                ttft = time.perf_counter() - t0
             out_ids.append(tok)
-            if tok in gen.eos_ids or step + 1 == n_answer:
-                break
-            logits = runner.forward(torch.tensor([tok]), cache.length, cache)[-1]
-            step_logits.append(logits)
-            tok = int(torch.argmax(logits))
+            step_logits.append(lg)
         latency = time.perf_counter() - t0
         answer_ids = [t for t in out_ids if t not in gen.eos_ids]
         run = Run(mode.name, ttft, latency, plen, reused, recomputed, answer_ids,
-                  gen.tokenizer.decode(answer_ids, skip_special_tokens=True))
+                  gen.tokenizer.decode(answer_ids, skip_special_tokens=True), share=share)
         if mode.kind == "prefix" and remember and ids is not None:
             self.prefix_cache.insert(ids, cache, tag=tag)
         if ref is None:
@@ -189,7 +195,7 @@ class Harness:
             f.agree += int(top == tok)
             if s == 0:
                 f.first_token_agree += int(top == tok)
-            kls.append(_kl(ref.ref_logits[s], steps[s]))
+            kls.append(kl_divergence(ref.ref_logits[s], steps[s]))
         f.kl_sum = sum(kls)
         f.per_prompt_kl.append(f.kl_sum / max(len(kls), 1))
         return f

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from daser_rag.corpus import QA_SET, python_reference_corpus
+from daser_rag.engine.decode import decode_n_tokens
 from daser_rag.types import Document
 
 
@@ -40,27 +41,16 @@ class Fidelity:
                 "first_token_agreement": self.first_token_agree / self.prompts if self.prompts else 0.0}
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
     p = torch.log_softmax(p_logits.float().reshape(-1), -1)
     q = torch.log_softmax(q_logits.float().reshape(-1), -1)
     return float((p.exp() * (p - q)).sum().clamp_min(0.0))
 
 
-@torch.inference_mode()
 def _continuation_logits(gen: Any, fused: Any, tokens: Sequence[int] | None, steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    runner = gen.runner
-    cache = fused.cache
-    logits = fused.logits[-1]
-    out_tokens: list[int] = []
-    all_logits = [logits]
-    for s in range(steps):
-        tok = int(torch.argmax(logits)) if tokens is None else int(tokens[s])
-        out_tokens.append(tok)
-        if s + 1 == steps:
-            break
-        logits = runner.forward(torch.tensor([tok]), cache.length, cache)[-1]
-        all_logits.append(logits)
-    return out_tokens, all_logits
+    """Greedy (tokens=None) or teacher-forced continuation: the tokens and each step's logits."""
+    pairs = list(decode_n_tokens(gen.runner, fused.cache, fused.logits[-1], steps, forced=tokens))
+    return [t for t, _ in pairs], [lg for _, lg in pairs]
 
 
 def measure_fidelity(
@@ -84,7 +74,7 @@ def measure_fidelity(
             for ref_l, l, tok in zip(ref_logits, logits, ref_tokens):
                 f.total += 1
                 f.agree += int(int(torch.argmax(l)) == tok)
-                kls.append(_kl(ref_l, l))
+                kls.append(kl_divergence(ref_l, l))
             f.kl_sum += sum(kls)
             f.per_prompt_kl.append(sum(kls) / len(kls))
     return results

@@ -79,11 +79,12 @@ class GenerationResult:
     recomputed_tokens: int
     cache_hits: int
     cache_misses: int
-    mode: str
-    recompute_ratio: float
+    mode: str  # "blend": stored KV reused; "full": no reuse (use_cache=False or no context chunks)
+    recompute_ratio: float | str  # as requested ("auto" included); recompute_share is what was done
     finish_reason: str
     timings: Timings
     chunk_keys: list[str] = field(default_factory=list)
+    selector: str = "none"  # which selector chose the recomputed tokens ("none": no recompute)
 
     @property
     def recompute_share(self) -> float:

@@ -1,12 +1,17 @@
-"""Assemble a prompt's KV from stored pieces and repair it (CacheBlend-style).
+"""Assemble a prompt's KV from stored pieces and repair it.
 
-Layout of the fused sequence: [exact run | reused chunks ... | fresh query]. The exact run
+Layout of the fused sequence: [exact run | reused chunks ... | fresh question]. The exact run
 (system prefix, plus whatever chunks were computed in exactly this context) needs no repair.
-Reused chunks get their keys re-rotated to their new positions; then, if the recompute ratio
-r > 0, all non-exact tokens are recomputed through the layers before the check layer, the
-top-r share by KV deviation is selected there, and only those (plus the query) continue.
-r = 0 is full reuse; r = 1 recomputes every non-exact token in every layer, which is exactly
-full prefill.
+Reused chunks get their keys re-rotated to their new positions. Then a share of the non-exact
+tokens is recomputed (`blend/selectors.py` decides which):
+
+* query-aware selection runs the question once over the re-positioned stored KV (a look-ahead:
+  about the cost of the question itself), ranks context tokens by the attention the question
+  gives them, and recomputes the chosen ones from layer 0 with the question;
+* deviation selection (CacheBlend) recomputes every candidate up to the check layer, keeps the
+  tokens whose K/V deviate most there, and carries only those on.
+
+r = 0 is full reuse; r = 1 recomputes every non-exact token in every layer: full prefill.
 """
 
 from __future__ import annotations
@@ -16,31 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from daser_rag.blend.selection import (
-    DEVIATION_METRICS,
-    kv_deviation,
-    num_selected,
-    select_top,
-)
+from daser_rag.blend.config import BlendConfig
+from daser_rag.blend.selectors import Signals, auto_share, kv_deviation, num_selected, select
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys
 from daser_rag.model.runner import LayerRunner
 
-
-@dataclass(frozen=True)
-class BlendConfig:
-    recompute_ratio: float = 0.15
-    check_layer: int = 1
-    deviation: str = "v"
-
-    def __post_init__(self) -> None:
-        if self.deviation not in DEVIATION_METRICS:
-            raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.check_layer < 0:
-            raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+__all__ = ["BlendConfig", "FusionResult", "fuse"]
 
 
 @dataclass
@@ -50,8 +38,10 @@ class FusionResult:
     context_tokens: int
     exact_tokens: int
     reused_tokens: int  # non-exact context tokens whose stored KV was kept
-    recomputed_tokens: int  # non-exact context tokens recomputed after the check layer
+    recomputed_tokens: int  # non-exact context tokens recomputed
     query_tokens: int
+    selector: str = "none"
+    target_share: float = 0.0  # the share asked for (the auto budget's choice when "auto")
 
     @property
     def recompute_share(self) -> float:
@@ -62,15 +52,14 @@ class FusionResult:
 class _LayerFiller:
     """Writes one layer of every stored segment into the buffer, re-rotating keys on the way.
 
-    Called just before the layer is computed. Segments that come from a `LayerLoader`
-    (`StreamedSegment`, with `ready_layer`) were decoded and re-rotated in the background
-    while the previous layer computed; plain `ChunkKV`s are re-rotated here, all layers at once
-    on first use (a handful of kernels per segment rather than a chain per layer).
+    Segments from a `LayerLoader` (with `ready_layer`) were decoded and re-rotated in the
+    background while the previous layer computed; plain `ChunkKV`s are re-rotated here, all
+    layers at once on first use. Each layer is written once.
     """
 
-    def __init__(self, runner: LayerRunner, cache: PositionalKVCache, segments: Sequence[ChunkKV]) -> None:
+    def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV]) -> None:
         self.runner = runner
-        self.cache = cache
+        self.cache: PositionalKVCache | None = None
         self.placements: list[tuple[ChunkKV, int]] = []
         offset = 0
         for seg in segments:
@@ -78,8 +67,13 @@ class _LayerFiller:
             offset += seg.num_tokens
         self.length = offset
         self._rotated: dict[int, torch.Tensor] = {}
+        self._done: set[int] = set()
 
     def __call__(self, layer: int) -> None:
+        if layer in self._done:
+            return
+        self._done.add(layer)
+        assert self.cache is not None
         dev, dt = self.runner.device, self.runner.dtype
         for i, (seg, offset) in enumerate(self.placements):
             ready = getattr(seg, "ready_layer", None)
@@ -88,11 +82,117 @@ class _LayerFiller:
                 self.cache.write(layer, offset, k, v)
                 continue
             if offset != seg.start_pos and i not in self._rotated:
-                # all layers in one shot: one kernel chain per segment instead of one per layer
                 keys = seg.keys.to(device=dev, dtype=torch.float32)
                 self._rotated[i] = rerotate_keys(keys, offset - seg.start_pos, self.runner.inv_freq).to(dt)
             k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
             self.cache.write(layer, offset, k, seg.values[layer].to(device=dev, dtype=dt))
+
+    def fill_all(self) -> None:
+        for i in range(self.runner.spec.num_layers):
+            self(i)
+
+
+def _chunk_starts(segments: Sequence[ChunkKV], exact_len: int) -> list[int]:
+    starts, offset = [], 0
+    for seg in segments:
+        if offset >= exact_len:
+            starts.append(offset - exact_len)
+        offset += seg.num_tokens
+    return starts
+
+
+def _attention_probs(runner: LayerRunner, q: torch.Tensor, k_all: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention [H, Tq, L] of the question's queries over every key (GQA expanded)."""
+    rep = runner.n_heads // runner.n_kv
+    k = k_all.repeat_interleave(rep, dim=0) if rep > 1 else k_all
+    scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * runner.scale
+    scores = scores.masked_fill(~mask.unsqueeze(0), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+def _relevance(probs: torch.Tensor, exact_len: int, ctx_len: int, config: BlendConfig) -> torch.Tensor:
+    """Collapse [H, Tq, L] attention into one relevance score per candidate context token."""
+    ctx = probs[:, :, exact_len:ctx_len]
+    if config.query_tokens:
+        ctx = ctx[:, -config.query_tokens:]
+    if config.query_norm == "row":
+        ctx = ctx / ctx.sum(-1, keepdim=True).clamp_min(1e-12)
+    per_head = ctx.mean(1)  # [H, n]
+    return per_head.max(0).values if config.query_heads == "max" else per_head.mean(0)
+
+
+def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.Tensor, ctx_len: int,
+               exact_len: int, config: BlendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the question over the stored (re-positioned) KV; return its logits and relevance.
+
+    The logits are exactly the r = 0 answer, so a zero budget costs nothing extra.
+    """
+    n_layers = runner.spec.num_layers
+    layers = set(range(n_layers) if config.query_layers is None else config.query_layers)
+    q_len = int(query_ids.shape[0])
+    total = ctx_len + q_len
+    positions = torch.arange(ctx_len, total, device=runner.device)
+    cos, sin = runner.rope(positions)
+    mask = runner.mask_for(positions, total)
+    h = runner.embed(query_ids)
+    relevance = torch.zeros(ctx_len - exact_len, dtype=torch.float32, device=runner.device)
+    for i in range(n_layers):
+        _, q, k, v = runner.qkv(i, h, cos, sin)
+        cache.write(i, ctx_len, k, v)
+        k_all, v_all = cache.view(i, total)
+        if i in layers:
+            probs = _attention_probs(runner, q, k_all, mask)
+            relevance += _relevance(probs, exact_len, ctx_len, config)
+            rep = runner.n_heads // runner.n_kv
+            v_rep = v_all.repeat_interleave(rep, dim=0) if rep > 1 else v_all
+            h = runner.finish_layer(i, h, torch.matmul(probs.to(v_rep.dtype), v_rep))
+        else:
+            h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
+    return runner.logits(h[-1:]), relevance / max(1, len(layers))
+
+
+def _recompute_selected(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,
+                        ids: torch.Tensor, active: torch.Tensor, total: int) -> torch.Tensor:
+    """Recompute `active` positions (selected context + question) from layer 0 on; last logits."""
+    h = runner.embed(ids[active])
+    cos, sin = runner.rope(active)
+    plan = runner.plan_attention(active)
+    for i in range(runner.spec.num_layers):
+        filler(i)
+        _, q, k, v = runner.qkv(i, h, cos, sin)
+        cache.write_at(i, active, k, v)
+        k_all, v_all = cache.view(i, total)
+        h = runner.attend_planned(i, h, q, k_all, v_all, plan)
+    return runner.logits(h[-1:])
+
+
+def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,
+                          ids: torch.Tensor, exact_len: int, ctx_len: int, total: int, n_sel: int,
+                          signals: Signals, config: BlendConfig) -> torch.Tensor:
+    """CacheBlend: every candidate through the check layer, then only the selected ones."""
+    dev = runner.device
+    n_cand = ctx_len - exact_len
+    active = torch.arange(exact_len, total, device=dev)
+    h = runner.embed(ids[active])
+    cos, sin = runner.rope(active)
+    plan = runner.plan_attention(active)
+    check = min(config.check_layer, runner.spec.num_layers - 1)
+    for i in range(runner.spec.num_layers):
+        filler(i)
+        _, q, k, v = runner.qkv(i, h, cos, sin)
+        if i == check and n_sel < n_cand:
+            k_old, v_old = cache.view(i, ctx_len)
+            signals.deviation = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:],
+                                             v_old[:, exact_len:], config.deviation)
+            chosen = select(config, signals, n_sel).to(dev)
+            keep = torch.cat([chosen, torch.arange(n_cand, active.shape[0], device=dev)])
+            active, h, cos, sin = active[keep], h[keep], cos[keep], sin[keep]
+            plan = runner.plan_attention(active)
+            q, k, v = q[:, keep], k[:, keep], v[:, keep]
+        cache.write_at(i, active, k, v)
+        k_all, v_all = cache.view(i, total)
+        h = runner.attend_planned(i, h, q, k_all, v_all, plan)
+    return runner.logits(h[-1:])
 
 
 @torch.inference_mode()
@@ -110,7 +210,7 @@ def fuse(
     `exact_len`: positions [0, exact_len) hold KV that is already exactly what full prefill
     would produce (the caller guarantees it); they are never candidates for recompute.
     """
-    filler = _LayerFiller(runner, runner.new_cache(0), segments)
+    filler = _LayerFiller(runner, segments)
     ctx_len = filler.length
     q_len = int(query_ids.shape[0])
     if q_len == 0:
@@ -120,37 +220,38 @@ def fuse(
     filler.cache = cache
     exact_len = min(exact_len, ctx_len)
     n_cand = ctx_len - exact_len
-    n_sel = num_selected(n_cand, config.recompute_ratio)
-    n_layers = runner.spec.num_layers
+    query_ids = query_ids.to(runner.device)
 
-    if n_sel == 0 or config.check_layer >= n_layers:
+    def result(logits: torch.Tensor, n_sel: int, share: float) -> FusionResult:
+        cache.length = total
+        return FusionResult(cache, logits, ctx_len, exact_len, n_cand - n_sel, n_sel, q_len,
+                            config.selector if n_sel else "none", share)
+
+    if n_cand == 0 or (not config.is_auto and num_selected(n_cand, float(config.recompute_ratio)) == 0):
         cache.length = ctx_len
         logits = runner.forward(query_ids, ctx_len, cache, before_layer=filler)
-        return FusionResult(cache, logits, ctx_len, exact_len, n_cand, 0, q_len)
+        return result(logits, 0, 0.0)
 
-    dev = runner.device
-    ctx_ids = torch.cat([seg.token_ids.to(dev) for seg in segments])
-    all_ids = torch.cat([ctx_ids, query_ids.to(dev)])
-    active = torch.arange(exact_len, total, device=dev)
-    h = runner.embed(all_ids[active])
-    cos, sin = runner.rope(active)
-    plan = runner.plan_attention(active)
-    selected = n_cand
-    for i in range(n_layers):
-        filler(i)
-        _, q, k, v = runner.qkv(i, h, cos, sin)
-        if i == config.check_layer and n_sel < n_cand:
-            k_old, v_old = cache.view(i, ctx_len)
-            dev_score = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:], v_old[:, exact_len:],
-                                     config.deviation)
-            keep = torch.cat([select_top(dev_score, n_sel), torch.arange(n_cand, active.shape[0], device=dev)])
-            active, h, cos, sin = active[keep], h[keep], cos[keep], sin[keep]
-            plan = runner.plan_attention(active)
-            q, k, v = q[:, keep], k[:, keep], v[:, keep]
-            selected = n_sel
-        cache.write_at(i, active, k, v)
-        k_all, v_all = cache.view(i, total)
-        h = runner.attend_planned(i, h, q, k_all, v_all, plan)
-    cache.length = total
-    logits = runner.logits(h[-1:])
-    return FusionResult(cache, logits, ctx_len, exact_len, n_cand - selected, selected, q_len)
+    signals = Signals(n_cand, chunk_starts=_chunk_starts(segments, exact_len))
+    lookahead_logits = None
+    if config.needs_query_signal:
+        filler.fill_all()
+        lookahead_logits, signals.relevance = _lookahead(runner, cache, query_ids, ctx_len, exact_len, config)
+    if config.is_auto:
+        assert signals.relevance is not None
+        share = auto_share(signals.relevance, config.auto_coverage, config.auto_floor, config.auto_cap)
+    else:
+        share = float(config.recompute_ratio)
+    n_sel = num_selected(n_cand, share)
+    if n_sel == 0 and lookahead_logits is not None:
+        return result(lookahead_logits, 0, share)
+
+    ctx_ids = torch.cat([seg.token_ids.to(runner.device) for seg in segments])
+    ids = torch.cat([ctx_ids, query_ids])
+    if config.needs_deviation:
+        logits = _recompute_from_check(runner, cache, filler, ids, exact_len, ctx_len, total, n_sel, signals, config)
+    else:
+        chosen = select(config, signals, n_sel).to(runner.device) + exact_len
+        active = torch.cat([chosen, torch.arange(ctx_len, total, device=runner.device)])
+        logits = _recompute_selected(runner, cache, filler, ids, active, total)
+    return result(logits, n_sel, share)

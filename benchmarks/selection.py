@@ -1,0 +1,257 @@
+"""`daser-rag bench selection`: which tokens to recompute, measured side by side.
+
+Every selector runs at the same recompute shares (plus r=0, "auto", and full prefill as the
+reference) on the same prompts, back to back per prompt. Two prompt sets:
+
+- `qa`: the Language Reference QA trace (daser_rag.corpus.QA_BENCH, answer document among the
+  others), the text selection was tuned on;
+- `stdlib`: a held-out set of >= 100 cloze questions over standard-library docstrings
+  (benchmarks/evalset.py), answer document first, in the middle or last.
+
+Per selector and share: teacher-forced top-1 agreement and mean KL vs full prefill along full
+prefill's greedy answer (up to --answer-tokens steps), exact agreement and token F1 of the
+greedy answer vs full prefill's, QA accuracy (answer substring), mean recompute share chosen,
+TTFT and the speed-up over full prefill measured in the same run. Writes JSON, a markdown table,
+and a PNG of fidelity vs recompute share and vs speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import FULL, Harness, Mode, Run, blend_mode
+from benchmarks.quality import normalize
+
+DEFAULT_SHARES = (0.05, 0.1, 0.15, 0.2, 0.3)
+DEFAULT_SELECTORS = ("deviation", "query", "hybrid", "random")
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    a, b = normalize(candidate).split(), normalize(reference).split()
+    if not a and not b:
+        return 1.0
+    common = sum((Counter(a) & Counter(b)).values())
+    if common == 0:
+        return 0.0
+    p, r = common / len(a), common / len(b)
+    return 2 * p * r / (p + r)
+
+
+def prompt_sets(gen: Any, which: str, n: int, seed: int) -> dict[str, list[dict[str, Any]]]:
+    from benchmarks.evalset import build_evalset
+    from daser_rag.corpus import QA_BENCH, python_reference_corpus
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    if which in ("qa", "both"):
+        docs = {d.doc_id: d for d in python_reference_corpus()}
+        items = []
+        for qa in QA_BENCH[: n or None]:
+            if all(i in docs for i in qa.doc_ids):
+                items.append({"question": qa.question, "chunks": [gen.split(docs[i].text)[0] for i in qa.doc_ids],
+                              "answers": list(qa.answers), "position": "last"})
+        out["qa"] = items
+    if which in ("stdlib", "both"):
+        items = build_evalset(gen.split, n=n or 120, seed=seed)
+        out["stdlib"] = [{"question": it.question, "chunks": list(it.chunks), "answers": list(it.answers),
+                          "position": it.position} for it in items]
+    return out
+
+
+def modes_for(selectors: list[str], shares: list[float], auto: bool) -> list[Mode]:
+    modes = [FULL, blend_mode(0.0)]
+    for sel in selectors:
+        modes += [blend_mode(s, sel) for s in shares]
+        if auto:
+            modes.append(blend_mode("auto", sel))
+    return modes
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    by_mode: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_mode[r["mode"]].append(r)
+    full_ttft = {r["item"]: r["ttft_s"] for r in by_mode.get(FULL.name, [])}
+    out = {}
+    for mode, rs in by_mode.items():
+        steps = sum(r["steps"] for r in rs)
+        out[mode] = {
+            "selector": rs[0]["selector"], "ratio": rs[0]["ratio"], "prompts": len(rs),
+            "top1": sum(r["agree"] for r in rs) / steps if steps else 0.0,
+            "mean_kl": sum(r["kl_sum"] for r in rs) / steps if steps else 0.0,
+            "greedy_identical": statistics.mean(r["identical"] for r in rs),
+            "token_f1": statistics.mean(r["f1"] for r in rs),
+            "qa_accuracy": statistics.mean(r["correct"] for r in rs),
+            "share": statistics.mean(r["share"] for r in rs),
+            "ttft_s": statistics.mean(r["ttft_s"] for r in rs),
+            "speedup": statistics.median(full_ttft[r["item"]] / r["ttft_s"] for r in rs if r["item"] in full_ttft),
+        }
+    return out
+
+
+def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_tokens: int,
+            set_name: str, log: bool = True) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for i, it in enumerate(items):
+        h.ingest(it["chunks"])
+        runs = h.request(it["question"], it["chunks"], modes, answer_tokens=answer_tokens, rotate=i)
+        ref: Run = runs[FULL.name]
+        for m in modes:
+            r = runs[m.name]
+            rows.append({
+                "set": set_name, "item": i, "position": it["position"], "mode": m.name,
+                "selector": m.selector or ("full" if m.kind == "full" else "default"), "ratio": m.ratio,
+                "ttft_s": r.ttft_s, "steps": r.fidelity.total, "agree": r.fidelity.agree,
+                "kl_sum": r.fidelity.kl_sum, "identical": int(r.answer_ids == ref.answer_ids),
+                "f1": token_f1(r.answer, ref.answer),
+                "correct": int(any(a.lower() in r.answer.lower() for a in it["answers"])),
+                "share": r.share,
+            })
+        if log:
+            s = summarize([r for r in rows if r["item"] <= i])
+            best = sorted(((v["mean_kl"], k) for k, v in s.items() if k != FULL.name))[:3]
+            print(f"[{set_name} {i + 1}/{len(items)}] lowest KL so far: "
+                  + ", ".join(f"{k} {kl:.4f}" for kl, k in best), flush=True)
+    return rows
+
+
+def format_table(summary: dict[str, dict[str, Any]], modes: list[Mode]) -> str:
+    lines = ["| selector | r | share | top-1 | mean KL | greedy identical | token F1 | QA acc | TTFT | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in modes:
+        v = summary.get(m.name)
+        if v is None:
+            continue
+        r = "-" if m.kind == "full" else (m.ratio if m.ratio == "auto" else f"{m.ratio:g}")
+        lines.append(f"| {v['selector']} | {r} | {v['share']:.2f} | {v['top1']:.3f} | {v['mean_kl']:.4f} | "
+                     f"{v['greedy_identical']:.0%} | {v['token_f1']:.3f} | {v['qa_accuracy']:.0%} | "
+                     f"{v['ttft_s'] * 1000:.0f} ms | {v['speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(results)
+    fig, axes = plt.subplots(len(sets), 2, figsize=(11, 4 * len(sets)), squeeze=False)
+    for row, name in enumerate(sets):
+        summ = results[name]
+        sels = sorted({v["selector"] for v in summ.values()} - {"full", "default"})
+        for sel in sels:
+            pts = sorted((v["share"], v["mean_kl"], v["speedup"], v["ratio"]) for v in summ.values()
+                         if v["selector"] == sel and v["ratio"] != "auto")
+            auto = [v for v in summ.values() if v["selector"] == sel and v["ratio"] == "auto"]
+            line = axes[row][0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sel)[0]
+            axes[row][1].plot([p[2] for p in pts], [p[1] for p in pts], marker="o", label=sel, color=line.get_color())
+            for a in auto:
+                axes[row][0].scatter([a["share"]], [a["mean_kl"]], marker="*", s=160, color=line.get_color())
+                axes[row][1].scatter([a["speedup"]], [a["mean_kl"]], marker="*", s=160, color=line.get_color())
+        axes[row][0].set(xlabel="recompute share", ylabel="mean KL vs full prefill (lower is better)",
+                         title=f"{name}: fidelity vs recompute share (star: auto)", yscale="log")
+        axes[row][1].set(xlabel="TTFT speed-up over full prefill", ylabel="mean KL vs full prefill",
+                         title=f"{name}: frontier", yscale="log")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def update_doc(doc: Path, text: str, marker: str = "selection") -> None:
+    """Replace the block between <!-- {marker}:begin --> and <!-- {marker}:end --> in `doc`."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        new = f"{head}{begin}\n{text}\n{end}{tail}"
+    else:
+        new = f"{old.rstrip()}\n\n{begin}\n{text}\n{end}\n"
+    doc.write_text(new, encoding="utf-8")
+
+
+def parse_override(pairs: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        out[k] = json.loads(v) if v[:1] in "[{0123456789-tfn" else v
+        if isinstance(out[k], list):
+            out[k] = tuple(out[k])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="daser-rag bench selection", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--set", default="both", choices=["qa", "stdlib", "both"])
+    ap.add_argument("-n", "--n", type=int, default=0, help="prompts per set (default: all QA, 120 stdlib)")
+    ap.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS))
+    ap.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES))
+    ap.add_argument("--no-auto", action="store_true")
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--blend", nargs="*", default=[], help="BlendConfig overrides, e.g. query_layers=[2,3]")
+    ap.add_argument("--json", default="results/selection.json")
+    ap.add_argument("--img", default="", help="write the PNG here (e.g. docs/img/selection.png)")
+    ap.add_argument("--update-doc", default="", help="rewrite the marked table in this markdown file")
+    ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.shares = 8, "0.15,0.3"
+
+    import torch
+
+    from daser_rag.engine.factory import build_generator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = build_generator(cache_dir=tmp)
+        if args.blend:
+            gen.blend = replace(gen.blend, **parse_override(args.blend))
+        selectors = [s for s in args.selectors.split(",") if s]
+        shares = [float(s) for s in args.shares.split(",") if s]
+        modes = modes_for(selectors, shares, not args.no_auto)
+        h = Harness(gen, answer_tokens=args.answer_tokens)
+        results, rows_all = {}, []
+        t0 = time.perf_counter()
+        for name, items in prompt_sets(gen, args.set, args.n, args.seed).items():
+            rows = run_set(h, items, modes, args.answer_tokens, name)
+            rows_all += rows
+            results[name] = summarize(rows)
+            by_pos = {pos: summarize([r for r in rows if r["position"] == pos]) for pos in ("first", "middle", "last")}
+            results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
+        elapsed = time.perf_counter() - t0
+    md = [f"Default blend config: `{gen.blend}`; {elapsed / 60:.1f} min, torch threads {torch.get_num_threads()}."]
+    for name in [k for k in results if ":" not in k]:
+        n_items = max(v["prompts"] for v in results[name].values())
+        md += ["", f"**{name}** ({n_items} prompts)", "", format_table(results[name], modes)]
+        for pos, summ in results[f"{name}:by_position"].items():
+            if name == "stdlib":
+                md += ["", f"{name}, answer document {pos}:", "", format_table(summ, modes)]
+    text = "\n".join(md)
+    print(text)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"results": results, "rows": rows_all, "blend": str(gen.blend)}, indent=1, default=str))
+    if args.img:
+        plot({k: v for k, v in results.items() if ":" not in k}, Path(args.img))
+    if args.update_doc:
+        update_doc(Path(args.update_doc), text + (f"\n\n![selection]({Path(args.img).name and 'img/' + Path(args.img).name})"
+                                                  if args.img else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Blend hyper-parameters as one value object.
+
+Everything that decides how a request's stored KV is repaired lives here, so a request can
+carry its own choice (`BlendConfig.with_request(...)`) and a result can say exactly what was
+done. r = 0 is full reuse, r = 1 is full prefill; "auto" picks a share per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Union
+
+from daser_rag.params import SELECTORS
+DEVIATION_METRICS = ("v", "k", "kv")
+
+Ratio = Union[float, str]
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """How to choose and recompute context tokens.
+
+    selector:
+      "deviation"  CacheBlend: tokens whose K/V at `check_layer` deviate most from the stored KV.
+      "query"      the question's fresh queries, run over the re-positioned stored KV (a cheap
+                   look-ahead pass), rank context tokens by the attention they receive in
+                   `query_layers`; selected tokens are recomputed from layer 0 (no check pass).
+      "hybrid"     query relevance times deviation.
+      "random"     a seeded random share (a baseline for measurements).
+    chunk_heads: the first k tokens of every non-exact chunk are always recomputed (EPIC).
+    recompute_ratio "auto": the smallest share whose tokens hold `auto_coverage` of the
+    question's attention mass over the candidates, clipped to [auto_floor, auto_cap].
+    """
+
+    recompute_ratio: Ratio = 0.15
+    selector: str = "query"
+    check_layer: int = 1
+    deviation: str = "v"
+    chunk_heads: int = 0
+    query_layers: tuple[int, ...] | None = None  # None: every layer
+    query_tokens: int = 0  # 0: every question token; k: the last k only
+    query_norm: str = "row"  # "row": each (head, question token)'s attention over candidates sums to 1; "raw"
+    query_heads: str = "mean"  # "mean" or "max" over heads
+    auto_coverage: float = 0.8
+    auto_floor: float = 0.05
+    auto_cap: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        r = self.recompute_ratio
+        if isinstance(r, str):
+            if r != "auto":
+                raise ValueError(f"recompute_ratio must be in [0, 1] or 'auto', got {r!r}")
+        elif isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1] or 'auto', got {r!r}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.deviation not in DEVIATION_METRICS:
+            raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
+        if self.check_layer < 0:
+            raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.chunk_heads < 0 or self.query_tokens < 0:
+            raise ValueError("chunk_heads and query_tokens must be >= 0")
+        if not 0.0 <= self.auto_floor <= self.auto_cap <= 1.0 or not 0.0 < self.auto_coverage <= 1.0:
+            raise ValueError("need 0 <= auto_floor <= auto_cap <= 1 and 0 < auto_coverage <= 1")
+
+    @property
+    def is_auto(self) -> bool:
+        return self.recompute_ratio == "auto"
+
+    @property
+    def needs_query_signal(self) -> bool:
+        return self.selector in ("query", "hybrid") or self.is_auto
+
+    @property
+    def needs_deviation(self) -> bool:
+        return self.selector in ("deviation", "hybrid")
+
+    def with_request(self, recompute_ratio: Ratio | None = None, selector: str | None = None) -> BlendConfig:
+        """This config with a request's own choices (None keeps the default)."""
+        changes: dict[str, object] = {}
+        if recompute_ratio is not None:
+            changes["recompute_ratio"] = recompute_ratio
+        if selector is not None:
+            changes["selector"] = selector
+        return replace(self, **changes) if changes else self

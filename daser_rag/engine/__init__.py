@@ -1,0 +1,1 @@
+"""The generator and its parts: chunk compute, ingest, context resolution, segment assembly, decode."""

@@ -1,0 +1,146 @@
+"""Segment assembly: the stored pieces of one prompt, in order, and how much of it is exact.
+
+Exact first: the system prefix is exact; so is the first chunk (computed right after the
+prefix); with a prefix tree, the longest stored run of tree nodes for this ordered chunk
+sequence is exact too, and a sequence seen often enough is materialized as nodes. Chunks
+missing from the store are computed in place and stored, never a reason to stop reusing
+the chunks after them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from daser_rag.blend.layer_loader import LayerLoader, source_token_ids
+from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.engine.chunks import ChunkComputer
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.store import KVStore
+from daser_rag.model.runner import LayerRunner
+from daser_rag.types import ResolvedChunk, Timings
+
+
+@dataclass
+class Assembly:
+    segments: list[Any]
+    exact_len: int  # positions [0, exact_len) are exactly what full prefill computes
+    exact_chunks: int
+    hits: int = 0
+    misses: int = 0
+    materialized: bool = False
+    loader: LayerLoader | None = None
+    keys: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()
+
+
+class SegmentAssembler:
+    def __init__(self, runner: LayerRunner, store: KVStore, computer: ChunkComputer, *,
+                 prefix_tree: PrefixTree | None = None, layerwise: bool = False) -> None:
+        self.runner = runner
+        self.store = store
+        self.computer = computer
+        self.prefix_tree = prefix_tree
+        self.layerwise = layerwise
+
+    # -- fetch ------------------------------------------------------------------------------
+    def lookup(self, key: str, timings: Timings) -> Any:
+        """A stored entry (left encoded when layer-wise loading will decode it); None on a miss."""
+        t0 = time.perf_counter()
+        if self.layerwise:
+            got: Any = self.store.get_encoded(key)
+        else:
+            got = self.store.get(key, dtype=self.runner.dtype, device=self.runner.device)
+        timings.fetch_s += time.perf_counter() - t0
+        return got
+
+    def compute_and_store(self, chunk: ResolvedChunk, tenant: str, timings: Timings) -> ChunkKV:
+        t0 = time.perf_counter()
+        kv = self.computer.compute(chunk.token_ids, chunk.key)
+        self.store.put(kv)
+        spent = time.perf_counter() - t0
+        timings.precompute_s += spent
+        self.store.note_cost(chunk.key, spent)
+        return kv
+
+    def fetch(self, chunk: ResolvedChunk, tenant: str, timings: Timings) -> tuple[Any, bool]:
+        got = self.lookup(chunk.key, timings)
+        if got is not None:
+            return got, True
+        return self.compute_and_store(chunk, tenant, timings), False
+
+    # -- plan -------------------------------------------------------------------------------
+    def plan_keys(self, chunks: list[ResolvedChunk], tenant: str) -> list[str]:
+        """Store keys a request will read: what a scheduler protects and prefetches."""
+        keys = [c.key for c in chunks]
+        if self.prefix_tree is None or not chunks:
+            return keys
+        m = PrefixTree.longest_stored(self.computer.prefix_key(tenant), keys, self.store.contains)
+        return m.node_keys[: m.depth] + keys[m.depth:]
+
+    # -- assemble ---------------------------------------------------------------------------
+    def assemble(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings) -> Assembly:
+        prefix = self.computer.prefix()
+        depth = min(1, len(chunks))
+        node_keys = [c.key for c in chunks]
+        materialized = False
+        if self.prefix_tree is not None and len(chunks) > 1:
+            pk = self.computer.prefix_key(tenant)
+            count = self.prefix_tree.record(pk, node_keys)
+            match = PrefixTree.longest_stored(pk, node_keys, self.store.contains)
+            depth, node_keys = match.depth, match.node_keys
+            if self.prefix_tree.should_materialize(count, depth, len(chunks)):
+                t0 = time.perf_counter()
+                depth = self._materialize(prefix, chunks, node_keys, depth, tenant, timings)
+                timings.precompute_s += time.perf_counter() - t0
+                materialized = True
+        asm = Assembly([prefix], 0, depth, materialized=materialized, keys=[c.key for c in chunks])
+        for j, c in enumerate(chunks):
+            kv = self.lookup(node_keys[j], timings) if 0 < j < asm.exact_chunks else None
+            hit = kv is not None
+            if kv is None:
+                if 0 < j < asm.exact_chunks:
+                    # the node vanished between lookup and fetch (evicted or invalidated); the plain
+                    # chunk was computed after the prefix only, so exactness ends here
+                    asm.exact_chunks = j
+                kv, hit = self.fetch(c, tenant, timings)
+            asm.hits += int(hit)
+            asm.misses += int(not hit)
+            asm.segments.append(kv)
+        if asm.exact_chunks and asm.segments[1].start_pos != prefix.num_tokens:
+            asm.exact_chunks = 0  # not computed right after this prefix: nothing beyond it is exact
+        asm.exact_len = prefix.num_tokens + sum(c.num_tokens for c in chunks[: asm.exact_chunks])
+        if self.layerwise:
+            placements, offset = [], 0
+            for seg in asm.segments:
+                placements.append((seg, offset))
+                offset += int(source_token_ids(seg).shape[0])
+            asm.loader = LayerLoader(placements, num_layers=self.runner.spec.num_layers,
+                                     inv_freq=self.runner.inv_freq, device=self.runner.device, dtype=self.runner.dtype)
+            asm.segments = list(asm.loader.segments())
+        return asm
+
+    def _materialize(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
+                     tenant: str, timings: Timings) -> int:
+        """Compute chunks depth.. exactly after the exact run and store them as tree nodes."""
+        runs = [prefix]
+        for j in range(depth):
+            if j == 0:
+                kv, _ = self.fetch(chunks[0], tenant, timings)
+            else:
+                kv = self.store.get(node_keys[j], dtype=self.runner.dtype, device=self.runner.device)
+                if kv is None:  # gone since the lookup: extend from here instead
+                    depth = j
+                    break
+            runs.append(kv)
+        rest = chunks[depth:]
+        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:])
+        for j, kv in enumerate(nodes, start=depth):
+            self.store.put(kv)
+            doc_ids = [q.doc_id for q in chunks[: j + 1] if q.doc_id is not None]
+            self.store.add_derived(doc_ids, node_keys[j], tenant)  # any of them dropped -> node dropped
+        return len(chunks)

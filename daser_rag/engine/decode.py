@@ -1,0 +1,87 @@
+"""The one decode loop (gpt-fast style): tiny free functions every caller shares.
+
+The generator, the fidelity evaluation and the benchmark harness all decode through
+`decode_n_tokens`, so "the answer" means the same token sequence everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Container, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from daser_rag.model.kv_cache import PositionalKVCache
+from daser_rag.model.runner import LayerRunner
+
+Chooser = Callable[[torch.Tensor], int]
+
+
+def greedy(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits))
+
+
+@torch.inference_mode()
+def decode_one_token(runner: LayerRunner, cache: PositionalKVCache, token: int) -> torch.Tensor:
+    """Append `token` at the cache's end; return the next-token logits [vocab]."""
+    return runner.forward(torch.tensor([token]), cache.length, cache)[-1]
+
+
+def decode_n_tokens(
+    runner: LayerRunner,
+    cache: PositionalKVCache,
+    first_logits: torch.Tensor,
+    n: int,
+    *,
+    choose: Chooser = greedy,
+    forced: Sequence[int] | None = None,
+    stop_ids: Container[int] = (),
+    cancel: Callable[[], bool] | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield up to `n` (token, logits-it-was-chosen-from) pairs.
+
+    `forced`: teacher-forcing, take these tokens instead of choosing. A token in `stop_ids` is
+    yielded and ends the loop (callers decide whether to show it). `cancel()` is polled before
+    each token. No forward pass is spent after the last token.
+    """
+    logits = first_logits.reshape(-1)
+    for step in range(n):
+        if cancel is not None and cancel():
+            return
+        tok = int(forced[step]) if forced is not None else choose(logits)
+        yield tok, logits
+        if tok in stop_ids or step + 1 == n or (forced is not None and step + 1 == len(forced)):
+            return
+        logits = decode_one_token(runner, cache, tok)
+
+
+class TextEmitter:
+    """Incremental detokenization with stop strings: feed tokens, get printable deltas.
+
+    Waits while the text ends in a partial UTF-8 sequence, and cuts at the first stop string.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hit = next((s for s in self.stop if s in text), None)
+        if hit is not None:
+            text = text[: text.index(hit)]
+            self.stopped = True
+        elif text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.emitted):] if len(text) > len(self.emitted) else ""
+        if self.stopped or len(text) > len(self.emitted):
+            self.emitted = text
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.emitted if self.stopped else self.tokenizer.decode(self.ids, skip_special_tokens=True)

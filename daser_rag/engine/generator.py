@@ -1,0 +1,305 @@
+"""CacheAwareGenerator: (chunks, question) -> answer, reusing stored chunk KV.
+
+The facade wires the parts (engine/chunks, ingest, resolve, assemble, decode; blend/fuse) and
+owns the model lock. Per request: resolve the context into chunks (read-only), register the
+request's document refs, assemble stored segments (computing misses), fuse and repair them
+behind the exact system prefix, and decode with the one decode loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from daser_rag.api import ContextItem
+from daser_rag.blend.config import BlendConfig
+from daser_rag.blend.fusion import FusionResult, fuse
+from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.engine.assemble import SegmentAssembler
+from daser_rag.engine.chunks import ChunkComputer
+from daser_rag.engine.decode import TextEmitter, decode_n_tokens
+from daser_rag.engine.ingest import Ingestor, Progress
+from daser_rag.engine.resolve import resolve
+from daser_rag.errors import ContextTooLongError, InvalidInputError, RequestCancelledError
+from daser_rag.kv.store import KVStore, default_cache_dir
+from daser_rag.model.loader import LoadedModel, load_model
+from daser_rag.model.runner import LayerRunner
+from daser_rag.params import GenerationParams
+from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
+from daser_rag.sampling import sample_next
+from daser_rag.types import Document, GenerationResult, IngestReport, ResolvedChunk, Timings
+
+MIN_QUESTION_ROOM = 64
+"""Tokens of the window a chunk must leave free for the question and the answer's start."""
+
+
+class TokenStream:
+    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
+
+    def __init__(self, gen: Iterator[str], holder: dict[str, GenerationResult]) -> None:
+        self._gen = gen
+        self._holder = holder
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._gen
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._holder.get("result")
+
+
+class CacheAwareGenerator:
+    def __init__(
+        self,
+        model: LoadedModel | str | Path | None = None,
+        store: KVStore | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        recompute_ratio: float | str = 0.15,
+        selector: str = "deviation",
+        check_layer: int = 1,
+        blend: BlendConfig | None = None,
+        chunk_tokens: int = 512,
+        codec: str = "fp16",
+        host_bytes: int | None = None,
+        device: str | None = None,
+        device_bytes: int = 4 << 30,
+        prefix_tree: PrefixTree | bool = False,
+        layerwise: bool = False,
+    ) -> None:
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+        self.runner = LayerRunner(self.lm)
+        if store is None:
+            kwargs: dict[str, Any] = {"codec": codec}
+            if host_bytes is not None:
+                kwargs["host_bytes"] = host_bytes
+            if self.lm.device.type == "cuda":
+                kwargs.update(device=self.lm.device, device_bytes=device_bytes)
+            store = KVStore(cache_dir if cache_dir is not None else default_cache_dir(), **kwargs)
+        self.store = store
+        self.prompt = PromptFormat(self.lm.tokenizer, system_prompt)
+        self.blend = blend if blend is not None else BlendConfig(
+            recompute_ratio=recompute_ratio, selector=selector, check_layer=check_layer)
+        room = self.runner.max_positions - len(self.prompt.prefix_ids) - MIN_QUESTION_ROOM
+        if not 8 <= chunk_tokens <= room:
+            raise InvalidInputError(f"chunk_tokens must be in [8, {room}] for this model's window "
+                                    f"({self.runner.max_positions} positions), got {chunk_tokens}")
+        self.chunk_tokens = chunk_tokens
+        self.computer = ChunkComputer(self.runner, self.prompt, self.lm.fingerprint)
+        self.ingestor = Ingestor(self.computer, store, self.lm.tokenizer, chunk_tokens)
+        tree = (prefix_tree if isinstance(prefix_tree, PrefixTree) else PrefixTree()) if prefix_tree else None
+        self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
+        self.lock = threading.RLock()
+        """Held for any model work; schedulers and adapters serialize on it."""
+        tok = self.lm.tokenizer
+        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            tid = tok.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+                eos.add(tid)
+        self.eos_ids = eos
+
+    # -- identity ----------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.lm.fingerprint
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    @property
+    def prefix_tree(self) -> PrefixTree | None:
+        """When set, repeated ordered chunk sequences reuse exact KV (blend/prefix_tree.py)."""
+        return self.assembler.prefix_tree
+
+    @prefix_tree.setter
+    def prefix_tree(self, tree: PrefixTree | None) -> None:
+        self.assembler.prefix_tree = tree
+
+    @property
+    def layerwise(self) -> bool:
+        """When true, stored KV is decoded/re-rotated/uploaded one layer ahead of compute."""
+        return self.assembler.layerwise
+
+    @layerwise.setter
+    def layerwise(self, on: bool) -> None:
+        self.assembler.layerwise = bool(on)
+
+    @property
+    def context_window(self) -> int:
+        return self.runner.max_positions
+
+    def chunk_key_for(self, text: str, tenant: str = "") -> str:
+        return self.computer.key(self.prompt.chunk_ids(text), tenant)
+
+    def compute_chunk(self, ids: Sequence[int], key: str, tenant: str = "") -> Any:
+        """Chunk KV computed right after the system prefix (tenant only salts keys, not KV)."""
+        return self.computer.compute(ids, key)
+
+    # -- ingestion ---------------------------------------------------------------------------
+    def split(self, text: str) -> list[str]:
+        """Window-safe chunks of `text` (at most `chunk_tokens` tokens each)."""
+        return self.ingestor.split(text)
+
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+                      precompute: bool = True) -> IngestReport:
+        with self.lock:
+            return self.ingestor.add_documents(documents, tenant=tenant, progress=progress, precompute=precompute)
+
+    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+        with self.lock:
+            return self.store.invalidate(doc_id, tenant)
+
+    # -- request planning (read-only) ---------------------------------------------------------
+    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[ResolvedChunk]:
+        return resolve(contexts, computer=self.computer, store=self.store, split=self.split, tenant=tenant)
+
+    def prompt_ids(self, question: str, contexts: Sequence[ContextItem] | None = None, tenant: str = "") -> list[int]:
+        """The exact token sequence full prefill would see (for baselines and tests)."""
+        ids = list(self.prompt.prefix_ids)
+        for c in self.resolve(contexts, tenant):
+            ids.extend(c.token_ids)
+        return ids + self.prompt.query_ids(question)
+
+    def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[str]:
+        return self.assembler.plan_keys(self.resolve(contexts, tenant), tenant)
+
+    def _register(self, contexts: Sequence[ContextItem] | None, chunks: list[ResolvedChunk], tenant: str) -> None:
+        """The request's writes, in one place: inline documents and the refs of its chunks."""
+        for item in contexts or []:
+            if isinstance(item, Document):
+                self.ingestor.register(item, tenant)
+        by_doc: dict[str, list[str]] = {}
+        for c in chunks:
+            if c.doc_id is not None:
+                by_doc.setdefault(c.doc_id, []).append(c.key)
+        for doc_id, keys in by_doc.items():
+            self.store.add_refs(doc_id, keys, tenant)
+
+    # -- prefill -----------------------------------------------------------------------------
+    def prefill(
+        self,
+        question: str,
+        contexts: Sequence[ContextItem] | None = None,
+        *,
+        use_cache: bool = True,
+        recompute_ratio: float | str | None = None,
+        selector: str | None = None,
+        blend: BlendConfig | None = None,
+        tenant: str = "",
+        extra_capacity: int = 0,
+        timings: Timings | None = None,
+    ) -> tuple[FusionResult, dict[str, Any]]:
+        """Build the prompt's KV (fused or full) and return it with the next-token logits."""
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        cfg = (blend or self.blend).with_request(recompute_ratio, selector)
+        timings = timings or Timings()
+        with self.lock:
+            chunks = self.resolve(contexts, tenant)
+            q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
+            ctx_len = len(self.prompt.prefix_ids) + sum(c.num_tokens for c in chunks)
+            needed = ctx_len + len(q_ids) + extra_capacity
+            if needed > self.runner.max_positions:
+                raise ContextTooLongError(needed, self.runner.max_positions)
+            self._register(contexts, chunks, tenant)
+            info: dict[str, Any] = {"hits": 0, "misses": 0, "keys": [c.key for c in chunks]}
+            t0 = time.perf_counter()
+            if not use_cache or not chunks:
+                ids = torch.tensor(self.prompt.prefix_ids + [i for c in chunks for i in c.token_ids], dtype=torch.long)
+                cache = self.runner.new_cache(needed)
+                logits = self.runner.forward(torch.cat([ids, q_ids]), 0, cache)
+                timings.fuse_s = time.perf_counter() - t0
+                return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
+            asm = self.assembler.assemble(chunks, tenant, timings)
+            info.update(hits=asm.hits, misses=asm.misses, exact_chunks=asm.exact_chunks)
+            if asm.materialized:
+                info["materialized"] = True
+            t0 = time.perf_counter()
+            try:
+                fused = fuse(self.runner, asm.segments, q_ids, exact_len=asm.exact_len, config=cfg,
+                             extra_capacity=extra_capacity)
+            finally:
+                asm.close()
+            timings.fuse_s = time.perf_counter() - t0
+            return fused, info
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
+                 params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
+        it = self._run(question, contexts, params, **kwargs)
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
+               params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
+        holder: dict[str, GenerationResult] = {}
+
+        def gen() -> Iterator[str]:
+            holder["result"] = yield from self._run(question, contexts, params, **kwargs)
+
+        return TokenStream(gen(), holder)
+
+    def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
+             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Iterator[str]:
+        """`cancel()` is polled before prefill and between tokens; when it returns True the
+        request stops with finish_reason "cancelled" (a gone client frees the model)."""
+        p = GenerationParams.from_kwargs(params, **kwargs)
+        timings = Timings()
+        t_start = time.perf_counter()
+        rng = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+
+        def choose(logits: torch.Tensor) -> int:
+            return sample_next(logits, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=rng)
+
+        emitter = TextEmitter(self.tokenizer, p.stop)
+        finish = "length"
+        with self.lock:
+            if cancel is not None and cancel():
+                raise RequestCancelledError("request cancelled before it started")
+            fused, info = self.prefill(question, contexts, use_cache=p.use_cache, recompute_ratio=p.recompute_ratio,
+                                       selector=p.selector, tenant=p.tenant, extra_capacity=p.max_new_tokens,
+                                       timings=timings)
+            t_dec = None
+            for tok, _ in decode_n_tokens(self.runner, fused.cache, fused.logits[-1], p.max_new_tokens,
+                                          choose=choose, stop_ids=self.eos_ids, cancel=cancel):
+                if t_dec is None:
+                    timings.ttft_s = time.perf_counter() - t_start
+                    t_dec = time.perf_counter()
+                if tok in self.eos_ids:
+                    finish = "stop"
+                    break
+                delta = emitter.push(tok)
+                if delta:
+                    yield delta
+                if emitter.stopped:
+                    finish = "stop"
+                    break
+            else:
+                if cancel is not None and len(emitter.ids) < p.max_new_tokens and cancel():
+                    finish = "cancelled"
+            if t_dec is not None:
+                timings.decode_s = time.perf_counter() - t_dec
+        timings.total_s = time.perf_counter() - t_start
+        reused = p.use_cache and info["keys"] != []
+        return GenerationResult(
+            text=emitter.text, token_ids=list(emitter.ids),
+            prompt_tokens=fused.context_tokens + fused.query_tokens, context_tokens=fused.context_tokens,
+            query_tokens=fused.query_tokens, exact_tokens=fused.exact_tokens, reused_tokens=fused.reused_tokens,
+            recomputed_tokens=fused.recomputed_tokens, cache_hits=info["hits"], cache_misses=info["misses"],
+            mode="blend" if reused else "full",
+            recompute_ratio=(p.recompute_ratio if p.recompute_ratio is not None else self.blend.recompute_ratio)
+            if reused else 1.0,
+            selector=fused.selector if reused else "none", finish_reason=finish, timings=timings,
+            chunk_keys=info["keys"],
+        )

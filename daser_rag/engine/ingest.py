@@ -1,0 +1,90 @@
+"""Ingestion: split documents into window-sized chunks, precompute their KV, register them.
+
+Chunks are cut to `chunk_tokens` (checked against the model's window when the generator is
+built), so nothing longer than the window is ever computed or stored, whatever the input size.
+Re-adding an edited document drops the KV of its old chunks (unless another document still
+uses them); an unchanged one costs nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+from daser_rag.chunking import split_text
+from daser_rag.engine.chunks import ChunkComputer
+from daser_rag.errors import InvalidInputError
+from daser_rag.kv.keys import text_digest
+from daser_rag.kv.store import KVStore
+from daser_rag.types import Document, IngestReport
+
+Progress = bool | Callable[[int], None]
+
+
+def check_documents(documents: Iterable[Document]) -> list[Document]:
+    """All-or-nothing validation before anything is written."""
+    docs = list(documents)
+    for d in docs:
+        if not isinstance(d, Document):
+            raise InvalidInputError(f"add_documents expects Document objects, got {type(d).__name__}")
+        if not isinstance(d.doc_id, str) or not d.doc_id:
+            raise InvalidInputError("document id must be a non-empty string")
+        if not isinstance(d.text, str):
+            raise InvalidInputError(f"document {d.doc_id!r}: text must be a string")
+    return docs
+
+
+class Ingestor:
+    def __init__(self, computer: ChunkComputer, store: KVStore, tokenizer: object, chunk_tokens: int) -> None:
+        self.computer = computer
+        self.store = store
+        self.tokenizer = tokenizer
+        self.chunk_tokens = chunk_tokens
+
+    def split(self, text: str) -> list[str]:
+        return split_text(self.tokenizer, text, self.chunk_tokens)
+
+    def register(self, doc: Document, tenant: str = "") -> tuple[list[str], bool]:
+        """Record a document's chunk texts (no KV computed); return its chunks and whether it changed."""
+        chunks = self.split(doc.text)
+        changed = self.store.register_document(doc.doc_id, chunks, text_digest(doc.text), tenant)
+        return chunks, changed
+
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+                      precompute: bool = True) -> IngestReport:
+        docs = check_documents(documents)
+        report = IngestReport(documents=len(docs))
+        t_start = time.perf_counter()
+        bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(docs), desc="precomputing chunk KV", unit="doc")
+        try:
+            for d in docs:
+                chunks, changed = self.register(d, tenant)
+                report.changed_documents += int(changed)
+                keys = []
+                for text in chunks:
+                    ids = self.computer.prompt.chunk_ids(text)
+                    key = self.computer.key(ids, tenant)
+                    keys.append(key)
+                    report.chunks += 1
+                    report.tokens += len(ids)
+                    if not precompute:
+                        continue
+                    if self.store.contains(key):
+                        report.reused_chunks += 1
+                    else:
+                        self.store.put(self.computer.compute(ids, key))
+                        report.computed_chunks += 1
+                report.dropped_chunks += len(self.store.replace_document_refs(d.doc_id, keys, tenant))
+                if bar is not None:
+                    bar.update(1)
+                elif callable(progress):
+                    progress(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        report.seconds = time.perf_counter() - t_start
+        return report
