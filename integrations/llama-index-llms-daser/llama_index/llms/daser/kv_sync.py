@@ -250,6 +250,7 @@ class KVSync:
         t0 = time.perf_counter()
         if self._local is None:
             report.deferred = len(nodes)
+            self._register_remote(nodes)
             return report
         show = self.show_progress if show_progress is None else show_progress
         if show is None:  # auto: a bar for work that takes a while
@@ -284,6 +285,21 @@ class KVSync:
         report.seconds = time.perf_counter() - t0
         return report
 
+    def _register_remote(self, nodes: Sequence[BaseNode]) -> None:
+        """Make a remote service know the nodes' documents (it refuses refs to unknown ones).
+
+        Registration only (no KV computed): each node's KV is computed on first use and, being
+        referenced by its document then, dropped when the document is invalidated.
+        """
+        texts: dict[str, list[str]] = {}
+        for node in nodes:
+            text = rendered_text(node)
+            if text.strip():
+                texts.setdefault(node_doc_id(node), []).append(text)
+        if texts:
+            docs = [Document(doc_id, "\n\n".join(parts)) for doc_id, parts in texts.items()]
+            self.generator.add_documents(docs, precompute=False, **({"tenant": self.tenant} if self.tenant else {}))
+
     def _invalidate(self, doc_id: str) -> list[str]:
         # An empty tenant is left out so that a remote client's own default tenant applies.
         dropped = self.generator.invalidate(doc_id, tenant=self.tenant) if self.tenant else \
@@ -306,6 +322,8 @@ class KVSync:
                 keys = [self._local.piece(t, self.tenant).key for t in texts]
                 dropped[doc_id] = self._local.replace_refs(doc_id, keys, self.tenant)
             else:
-                # No ref-level access: dropping the whole document is coarse but never stale.
+                # No ref-level access: dropping the whole document is coarse but never stale;
+                # the nodes it still has are registered again, so queries may name it.
                 dropped[doc_id] = self._invalidate(doc_id)
+                self._register_remote(nodes)
         return dropped
