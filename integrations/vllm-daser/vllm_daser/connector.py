@@ -1,0 +1,418 @@
+"""DaserKVConnector: vLLM v1 KV connector backed by daser-rag's KVStore.
+
+Enable it by name (the `vllm.general_plugins` entry point of this distribution registers it):
+    --kv-transfer-config '{"kv_connector":"DaserKVConnector","kv_role":"kv_both",
+        "kv_load_failure_policy":"recompute","kv_connector_extra_config":{"store_dir":"/path"}}'
+(`vllm_daser.prompts.kv_transfer_config` builds it). vLLM runs the scheduler half and the
+worker half in different processes; they share nothing but the store directory and the
+per-step metadata below. In vLLM's v1 style the two halves are separate classes
+(`DaserConnectorScheduler`, `DaserConnectorWorker`) behind one facade.
+
+Scheduler: for each new request, find the longest run of plan segments (see plan.py) present
+in the store beyond what vLLM's own prefix cache already holds, and report it as external
+hits (capped at prompt length - 1: vLLM must compute at least one token). Every step, name the
+plan segments whose tokens became fully computed in an exact context, so the worker can save
+them.
+Worker: before the forward pass, write the hit entries into the request's paged blocks,
+re-rotating keys from the positions an entry was computed at to the positions it takes in this
+prompt (chunks in any order, full reuse); after the forward pass, read newly computed segments
+out of the paged cache and put them in the store as ordinary daser `ChunkKV` entries (same
+keys, same layout the embedded generator uses). An entry that disappeared, fails its checksum
+or does not hold the request's tokens is a load error: vLLM recomputes those blocks (with
+kv_load_failure_policy="recompute"); it is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.store import KVStore
+from daser_rag.model.rope import rerotate_keys
+from vllm_daser.layout import PagedLayout, layer_order, layout_for, slots_for
+from vllm_daser.plan import (
+    Plan,
+    PlanError,
+    Segment,
+    block_chain_segments,
+    parse_plan,
+    save_limit,
+    stored_run,
+)
+from vllm_daser.rope import inv_freq_for
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = init_logger("vllm.ext.daser_connector")  # under "vllm." so vLLM's handlers print it
+
+
+@dataclass
+class _Piece:
+    """Part of a stored segment: entry `key`, token offsets [lo, hi) inside it, placed at `start`."""
+
+    key: str
+    lo: int
+    hi: int
+    start: int
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    block_ids: list[int]
+    token_ids: list[int]  # the prompt span being loaded, checked against the entries
+    start: int
+    end: int
+    pieces: list[_Piece]
+
+
+@dataclass
+class SaveSpec:
+    req_id: str
+    key: str
+    block_ids: list[int]
+    token_ids: list[int]
+    start: int
+
+
+@dataclass
+class DaserConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    """Scheduler-side bookkeeping of one running request (for saving across steps)."""
+
+    tokens: list[int]
+    segments: list[Segment]
+    block_ids: list[int]
+    limit: int  # segments [0, limit) may be saved (see plan.save_limit)
+    next_seg: int = 0
+    next_start: int = 0
+
+
+@dataclass
+class _Settings:
+    store_dir: str
+    block_size: int
+    cache_dtype: str
+    save: bool
+    block_fallback: bool
+    codec: str
+    fingerprint: str
+    host_bytes: int
+
+    @classmethod
+    def from_config(cls, vllm_config: VllmConfig) -> _Settings:
+        cfg = vllm_config.kv_transfer_config
+        get = cfg.get_from_extra_config
+        store_dir = get("store_dir", None)
+        if not store_dir:
+            raise ValueError("DaserKVConnector needs kv_connector_extra_config['store_dir'] "
+                             "(the daser KVStore directory shared with the process that prepares requests)")
+        m = vllm_config.model_config
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{m.model}|{getattr(m, 'revision', None)}|{m.dtype}|{vllm_config.cache_config.cache_dtype}".encode())
+        return cls(str(store_dir), vllm_config.cache_config.block_size, vllm_config.cache_config.cache_dtype,
+                   bool(get("save", True)), bool(get("block_fallback", True)), str(get("codec", "bf16")),
+                   str(get("fingerprint", "") or h.hexdigest()), int(get("host_bytes", 1 << 30)))
+
+    def open_store(self, host_bytes: int) -> KVStore:
+        store = KVStore(self.store_dir, codec=self.codec, host_bytes=host_bytes)
+        disk = store.disk
+        # a RAM copy is served only while the disk copy exists: another process that
+        # invalidates a document deletes the files, and this process must not keep serving them
+        store.validate = lambda key: disk is None or disk.contains(key)
+        return store
+
+
+class DaserConnectorScheduler:
+    """Runs in vLLM's scheduler process: hit lookup and save planning. Reads only `contains`."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.s = settings
+        self.store = settings.open_store(0)
+        self._pending: dict[str, tuple[int, int, list[_Piece], int]] = {}
+        self._reqs: dict[str, _ReqState] = {}
+
+    def segments(self, token_ids: list[int], params: dict[str, Any] | None, req_id: str) -> tuple[list[Segment], bool]:
+        """(segments, may_save) for a request; malformed plans degrade to no reuse, loudly."""
+        try:
+            plan: Plan | None = parse_plan(params, len(token_ids))
+        except PlanError as exc:
+            logger.warning("DaserKVConnector: ignoring the daser plan of request %s: %s", req_id, exc)
+            return [], False
+        if plan is not None:
+            return list(plan.segments), plan.save
+        if self.s.block_fallback:
+            return block_chain_segments(self.s.fingerprint, token_ids, self.s.block_size), True
+        return [], False
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        self._pending.pop(request.request_id, None)
+        tokens = list(request.prompt_token_ids or [])
+        segments, _ = self.segments(tokens, request.kv_transfer_params, request.request_id)
+        n, end = stored_run(segments, self.store.contains, len(tokens) - 1)
+        if end <= num_computed_tokens:
+            return 0, False
+        pieces, pos = [], 0
+        for s in segments[:n]:
+            lo, hi = max(num_computed_tokens, pos), min(end, pos + s.num_tokens)
+            if lo < hi:
+                pieces.append(_Piece(s.key, lo - pos, hi - pos, lo))
+            pos += s.num_tokens
+        self._pending[request.request_id] = (num_computed_tokens, end, pieces, n)
+        logger.debug("DaserKVConnector: %s external hit %d tokens (local %d)",
+                     request.request_id, end - num_computed_tokens, num_computed_tokens)
+        return end - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            self._pending.pop(request.request_id, None)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> DaserConnectorMetadata:
+        meta = DaserConnectorMetadata()
+        n_sched = scheduler_output.num_scheduled_tokens
+        for nr in scheduler_output.scheduled_new_reqs:
+            tokens = list(nr.prompt_token_ids or [])
+            block_ids = list(nr.block_ids[0])
+            ld = self._pending.pop(nr.req_id, None)
+            if ld is not None:
+                start, end, pieces, _ = ld
+                meta.loads.append(LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces))
+            params = (nr.sampling_params.extra_args or {}).get("kv_transfer_params") if nr.sampling_params else None
+            segments, may_save = self.segments(tokens, params, nr.req_id)
+            if not (self.s.save and may_save and segments):
+                continue
+            if ld is not None:
+                limit = save_limit(segments, ld[3])
+            elif all(s.exact for s in segments):
+                limit = len(segments)
+            else:
+                # no load this step (vLLM's own cache held the start): which entries its blocks came
+                # from is unknown here, so nothing after the first re-positioned segment is saved
+                limit = save_limit(segments, len(segments))
+            self._reqs[nr.req_id] = _ReqState(tokens, segments, block_ids, limit)
+            self._plan_saves(nr.req_id, nr.num_computed_tokens + n_sched.get(nr.req_id, 0), meta)
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_blocks[0]) if new_blocks else []
+            elif new_blocks:
+                st.block_ids.extend(new_blocks[0])
+            self._plan_saves(req_id, cached.num_computed_tokens[i] + n_sched.get(req_id, 0), meta)
+        self._pending.clear()  # anything left was not scheduled this step; it is asked again
+        return meta
+
+    def _plan_saves(self, req_id: str, computed: int, meta: DaserConnectorMetadata) -> None:
+        st = self._reqs[req_id]
+        limit = min(computed, len(st.tokens))
+        while st.next_seg < st.limit:
+            seg = st.segments[st.next_seg]
+            end = st.next_start + seg.num_tokens
+            if end > limit:
+                break
+            if seg.save_key is not None and not self.store.contains(seg.save_key):
+                meta.saves.append(SaveSpec(req_id, seg.save_key, st.block_ids[: -(-end // self.s.block_size)],
+                                           st.tokens[st.next_start:end], st.next_start))
+            st.next_seg += 1
+            st.next_start = end
+        if st.next_seg >= st.limit:
+            del self._reqs[req_id]
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._pending.pop(request.request_id, None)
+        return False, None
+
+
+class DaserConnectorWorker:
+    """Runs in each vLLM worker: paged-cache loads (with key re-rotation) and saves."""
+
+    def __init__(self, settings: _Settings, vllm_config: VllmConfig) -> None:
+        self.s = settings
+        self.vllm_config = vllm_config
+        self.store = settings.open_store(settings.host_bytes)
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self.layer_names: list[str] = []
+        self.layout: PagedLayout | None = None
+        self.inv_freq: torch.Tensor | None = None
+        self._load_errors: set[int] = set()
+        self.stats = {"loaded_tokens": 0, "rerotated_tokens": 0, "saved_tokens": 0, "load_errors": 0}
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.kv_caches = kv_caches
+        self.layer_names = layer_order(list(kv_caches))
+        first = self.layer_names[0]
+        layer = self.vllm_config.compilation_config.static_forward_context[first]
+        self.layout = layout_for(kv_caches[first], layer, self.s.cache_dtype)
+        try:
+            self.inv_freq = inv_freq_for(self.vllm_config.model_config.hf_config)
+        except ValueError as exc:  # entries are then loaded only where they were computed
+            logger.warning("DaserKVConnector: no key re-rotation for this model (%s)", exc)
+        logger.info("DaserKVConnector: %d layers, cache %s %s, layout %s", len(kv_caches),
+                    tuple(kv_caches[first].shape), kv_caches[first].dtype, type(self.layout).__name__)
+
+    def _fail(self, ld: LoadSpec, from_pos: int, why: str) -> None:
+        bs = self.s.block_size
+        bad = set(ld.block_ids[from_pos // bs: -(-ld.end // bs)])
+        self._load_errors |= bad
+        self.stats["load_errors"] += 1
+        logger.warning("DaserKVConnector: load for %s failed at token %d (%s); %d blocks will be recomputed",
+                       ld.req_id, from_pos, why, len(bad))
+
+    def _entry(self, ld: LoadSpec, p: _Piece, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """K, V [layers, heads, tokens, dim] of piece `p` at its place in the prompt, or why not."""
+        kv = self.store.get(p.key, dtype=dtype)
+        if kv is None:
+            return f"entry {p.key} is gone or corrupt"
+        want = ld.token_ids[p.start - ld.start: p.start - ld.start + p.hi - p.lo]
+        if kv.keys.shape[0] != len(self.layer_names) or kv.token_ids[p.lo:p.hi].tolist() != want:
+            return f"entry {p.key} does not hold this request's tokens/model shape"
+        k, v = kv.keys[:, :, p.lo:p.hi], kv.values[:, :, p.lo:p.hi]
+        delta = p.start - (kv.start_pos + p.lo)
+        if delta:
+            if self.inv_freq is None:
+                return f"entry {p.key} was computed at other positions and this model's RoPE is unknown"
+            # as daser's own fusion does it: fp32 keys, float64 angles, back to the cache dtype
+            k = rerotate_keys(k.to(torch.float32), delta, self.inv_freq).to(dtype)
+            self.stats["rerotated_tokens"] += p.hi - p.lo
+        return k, v
+
+    def start_load_kv(self, meta: DaserConnectorMetadata) -> None:
+        if not meta.loads:
+            return
+        assert self.layout is not None
+        layers = self.vllm_config.compilation_config.static_forward_context
+        cdtype = next(iter(self.kv_caches.values())).dtype
+        for ld in meta.loads:
+            t0 = time.perf_counter()
+            ks, vs, ok_end = [], [], ld.start
+            for p in ld.pieces:
+                got = self._entry(ld, p, cdtype)
+                if isinstance(got, str):
+                    self._fail(ld, p.start, got)
+                    break
+                ks.append(got[0])
+                vs.append(got[1])
+                ok_end = p.start + p.hi - p.lo
+            if ok_end <= ld.start:
+                continue
+            k_all = torch.cat(ks, dim=2)  # [L, H, T, D]
+            v_all = torch.cat(vs, dim=2)
+            slots = slots_for(ld.block_ids, ld.start, ok_end, self.s.block_size)
+            for i, name in enumerate(self.layer_names):
+                self.layout.write(layers[name], self.kv_caches[name], k_all[i].transpose(0, 1),
+                                  v_all[i].transpose(0, 1), slots)
+            self.stats["loaded_tokens"] += ok_end - ld.start
+            logger.debug("DaserKVConnector: loaded %d tokens for %s in %.1f ms", ok_end - ld.start,
+                         ld.req_id, 1e3 * (time.perf_counter() - t0))
+
+    def wait_for_save(self, meta: DaserConnectorMetadata) -> None:
+        if not meta.saves:
+            return
+        assert self.layout is not None
+        for sv in meta.saves:
+            if self.store.contains(sv.key):
+                continue
+            end = sv.start + len(sv.token_ids)
+            ks, vs = [], []
+            for name in self.layer_names:
+                k, v = self.layout.read(self.kv_caches[name], sv.block_ids, sv.start, end)
+                ks.append(k)
+                vs.append(v)
+            kv = ChunkKV(key=sv.key, token_ids=torch.tensor(sv.token_ids, dtype=torch.int64), start_pos=sv.start,
+                         keys=torch.stack(ks), values=torch.stack(vs),
+                         meta={"fingerprint": self.s.fingerprint, "source": "vllm"})
+            try:
+                self.store.put(kv)
+            except OSError as exc:  # a full or read-only disk costs reuse, never the request
+                logger.warning("DaserKVConnector: could not save %s: %s", sv.key, exc)
+                continue
+            self.stats["saved_tokens"] += len(sv.token_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+
+class DaserKVConnector(KVConnectorBase_V1):
+    """The class vLLM instantiates once per role; it delegates to the half of its role."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        settings = _Settings.from_config(vllm_config)
+        self.scheduler: DaserConnectorScheduler | None = None
+        self.worker: DaserConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler = DaserConnectorScheduler(settings)
+        else:
+            self.worker = DaserConnectorWorker(settings, vllm_config)
+        logger.info("DaserKVConnector role=%s store=%s block_size=%d save=%s fallback=%s",
+                    role.name, settings.store_dir, settings.block_size, settings.save, settings.block_fallback)
+
+    # -- scheduler side
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self.scheduler is not None
+        return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self.scheduler is not None
+        self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self.scheduler is not None
+        return self.scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self.scheduler is not None
+        return self.scheduler.request_finished(request, block_ids)
+
+    # -- worker side
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self.worker is not None
+        self.worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, DaserConnectorMetadata)
+        self.worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are synchronous (start_load_kv finished them)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # saved in wait_for_save, once the whole step's KV is in the cache
+
+    def wait_for_save(self) -> None:
+        assert self.worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, DaserConnectorMetadata)
+        self.worker.wait_for_save(meta)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker.get_block_ids_with_load_errors() if self.worker is not None else set()

@@ -1,0 +1,21 @@
+"""vLLM general plugin: makes `kv_connector: "DaserKVConnector"` resolve without a module path.
+
+Registered as the `vllm.general_plugins` entry point `daser` (pyproject.toml). vLLM calls
+`register()` in every process it starts (API server, engine core, workers), possibly more than
+once per process; registration is lazy (the connector module is imported only when a config
+names it) and idempotent.
+"""
+
+from __future__ import annotations
+
+CONNECTOR_NAME = "DaserKVConnector"
+CONNECTOR_MODULE = "vllm_daser.connector"
+
+
+def register() -> None:
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    try:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+    except ValueError:
+        pass  # already registered in this process (plugins may be loaded more than once)
