@@ -16,12 +16,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daser_rag.errors import InvalidInputError
-from daser_rag.generate import CacheAwareGenerator, ContextItem
+from daser_rag.api import ContextItem
 from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.types import GenerationResult
+
+if TYPE_CHECKING:  # the scheduler needs only the generator's public members: lock, store, plan_keys, generate
+    from daser_rag.generate import CacheAwareGenerator
 
 
 @dataclass

@@ -225,3 +225,18 @@ def test_a_hung_redis_is_marked_up_only_after_a_short_ping(tmp_path):
         srv.stop()
     print(f"hung Redis: first call {first:.2f}s, breaker {fast * 1000:.1f}ms, probe {probe:.2f}s, ping {ping:.2f}s")
     assert first < 2.0 and fast < 0.05 and probe < 0.6 and ping < 0.6
+
+
+def test_redis_index_lists_half_switched_documents_for_repair(link, tmp_path):
+    tier = RedisTier(link)
+    store = KVStore(tmp_path / "s", codec="fp32", remote=tier, validate=tier.is_live, index=RedisDocIndex(link))
+    store.put(_kv("k_old"))
+    store.register_document("d", ["old"], "d1", "acme")
+    store.replace_document_refs("d", ["k_old"], "acme")
+    assert store.index.pending_documents() == []
+    store.register_document("d", ["new"], "d2", "acme")  # killed here, before the refs switch
+    other = KVStore(tmp_path / "o", codec="fp32", remote=RedisTier(link), index=RedisDocIndex(link))
+    assert other.index.pending_documents() == [("acme", "d")]  # any process can finish it
+    assert other.repair_documents(lambda text, tenant: f"k_{text}") == [("acme", "d")]
+    assert other.document_chunk_keys("d", "acme") == ["k_new"] and other.index.pending_documents() == []
+    assert tier.get("k_old") is None

@@ -156,3 +156,40 @@ def test_device_tier_serves_from_gpu_and_invalidates(tmp_path):
 def test_device_tier_is_off_on_cpu(tmp_path):
     store = KVStore(tmp_path, device="cpu", device_bytes=1 << 30)
     assert store.device is None and [t.name for t in store.tiers] == ["host", "disk"]
+
+
+def _kv_for(key: str) -> ChunkKV:
+    return ChunkKV(key=key, token_ids=torch.arange(4), start_pos=3, keys=torch.randn(2, 1, 4, 8),
+                   values=torch.randn(2, 1, 4, 8))
+
+
+def test_an_update_killed_between_text_and_refs_is_repaired_at_start(tmp_path):
+    store = KVStore(tmp_path / "c", codec="fp32")
+    store.put(_kv_for("k_old"))
+    store.register_document("d", ["old"], "d1")
+    store.replace_document_refs("d", ["k_old"])
+    assert store.index.pending_documents() == []
+    store.register_document("d", ["new"], "d2")  # ... and the process dies before the refs switch
+    assert store.index.pending_documents() == [("", "d")]
+    reopened = KVStore(tmp_path / "c", codec="fp32")
+    assert reopened.document_chunk_keys("d") == ["k_old"]  # the old KV still referenced
+    assert reopened.repair_documents(lambda text, tenant: f"k_{text}") == [("", "d")]
+    assert reopened.document_chunk_keys("d") == ["k_new"] and reopened.index.pending_documents() == []
+    assert not reopened.contains("k_old")  # the old version's KV is gone with the switch
+    assert reopened.repair_documents(lambda text, tenant: f"k_{text}") == []  # nothing left to do
+
+
+def test_disk_cap_holds_and_garbage_collection_drops_idle_unreferenced_kv(tmp_path):
+    one = len(to_bytes(encode(_kv_for("a"), "fp32")))
+    store = KVStore(tmp_path / "c", codec="fp32", disk_bytes=3 * one + 10)
+    for i in range(6):
+        store.put(_kv_for(f"k{i}"))
+    assert store.disk.nbytes() <= 3 * one + 10 and store.disk.evictions == 3
+    store.register_document("d", ["t"], "dg")
+    store.replace_document_refs("d", ["k5"])
+    old = os.path.getmtime(next((tmp_path / "c" / "kv").rglob("k5.kv"))) - 7200
+    for p in (tmp_path / "c" / "kv").rglob("*.kv"):
+        os.utime(p, (old, old))
+    dropped = store.collect_garbage(max_idle_s=3600)
+    assert sorted(dropped) == ["k3", "k4"] and store.contains("k5")  # referenced KV stays
+    assert not store.contains("k3") and store.stats()["gc_dropped"] == 2

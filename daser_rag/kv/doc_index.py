@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS doc_texts (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, ord INTEGER NOT NULL, text TEXT NOT NULL,
     PRIMARY KEY (tenant, doc_id, ord)
 );
+CREATE TABLE IF NOT EXISTS doc_pending (
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (tenant, doc_id)
+);
 CREATE TABLE IF NOT EXISTS doc_meta (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, content_digest TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (tenant, doc_id)
@@ -54,10 +57,14 @@ class DocIndex:
     # -- writes ----------------------------------------------------------------------------
     def set_document(
         self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "",
-        *, version: int | None = None,
+        *, version: int | None = None, pending: bool = True,
     ) -> bool:
         """Record a document's chunk texts. Returns True if the content changed (or is new).
-        `version` forces the version number (a mirror of another index keeps its numbers)."""
+        `version` forces the version number (a mirror of another index keeps its numbers).
+
+        A changed document stays *pending* until `replace_refs` ties it to its new chunk keys
+        (one transaction each): a process killed in between leaves it listed by
+        `pending_documents`, and `KVStore.repair_documents` finishes the switch at start."""
         with self._lock:
             cur = self._conn.execute(
                 "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
@@ -76,6 +83,8 @@ class DocIndex:
                 self._conn.execute(
                     "INSERT OR REPLACE INTO doc_meta VALUES (?,?,?,?)", (tenant, doc_id, content_digest, version)
                 )
+                if pending:
+                    self._conn.execute("INSERT OR IGNORE INTO doc_pending VALUES (?,?)", (tenant, doc_id))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -103,6 +112,7 @@ class DocIndex:
                 self._conn.executemany(
                     "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in new - old])
                 orphans = [k for k in gone if self._refcount(k) == 0]
+                self._conn.execute("DELETE FROM doc_pending WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -121,7 +131,7 @@ class DocIndex:
                 if not keys and not known:
                     self._conn.execute("COMMIT")
                     return None
-                for table in ("doc_chunks", "doc_texts", "doc_meta"):
+                for table in ("doc_chunks", "doc_texts", "doc_meta", "doc_pending"):
                     self._conn.execute(f"DELETE FROM {table} WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                 orphans = [k for k in keys if self._refcount(k) == 0]
                 self._conn.execute("COMMIT")
@@ -132,7 +142,7 @@ class DocIndex:
 
     def clear(self) -> None:
         with self._lock:
-            for table in ("doc_chunks", "doc_texts", "doc_meta"):
+            for table in ("doc_chunks", "doc_texts", "doc_meta", "doc_pending"):
                 self._conn.execute(f"DELETE FROM {table}")
 
     # -- reads -----------------------------------------------------------------------------
@@ -173,6 +183,11 @@ class DocIndex:
                 "SELECT doc_id FROM doc_meta WHERE tenant=? UNION SELECT doc_id FROM doc_chunks WHERE tenant=? "
                 "ORDER BY 1", (tenant, tenant)).fetchall()
         return [r[0] for r in rows]
+
+    def pending_documents(self) -> list[tuple[str, str]]:
+        """(tenant, doc_id) of documents whose text changed but whose refs were not switched yet."""
+        with self._lock:
+            return [(r[0], r[1]) for r in self._conn.execute("SELECT tenant, doc_id FROM doc_pending ORDER BY 1, 2")]
 
     def referenced_keys(self) -> set[str]:
         with self._lock:

@@ -38,6 +38,7 @@ local floor = tonumber(ARGV[4])
 if floor >= v then v = floor + 1; redis.call('SET', KEYS[2], v) end
 redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'version', v, 'texts', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('SADD', KEYS[4], ARGV[5])  -- pending until its refs are switched (replace_refs)
 return {1, v}
 """
 
@@ -56,6 +57,7 @@ end
 
 _REPLACE_REFS = _RELEASE + """
 local member, users, kvp, genp = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+redis.call('SREM', KEYS[3], member)
 local orphans = {}
 local new = {}
 for i = 5, #ARGV do new[ARGV[i]] = true end
@@ -90,6 +92,7 @@ local orphans = {}
 for _, k in ipairs(keys) do release(k, member, users, kvp, genp, orphans) end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], doc_id)
+redis.call('SREM', KEYS[4], member)
 return orphans
 """
 
@@ -135,6 +138,9 @@ class RedisDocIndex:
     def _docs(self, tenant: str) -> str:
         return self.link.key("idx", "docs", json.dumps(tenant, ensure_ascii=False))
 
+    def _pending(self) -> str:
+        return self.link.key("idx", "pending")
+
     def _users_prefix(self) -> str:
         return self.link.key("idx", "users", "")
 
@@ -151,10 +157,10 @@ class RedisDocIndex:
         mine = self.local.info(doc_id, tenant)
         floor = mine.version if mine is not None else 0
         changed, version = self.link.run(lambda c: self._set_doc(
-            keys=[self._doc(tenant, doc_id), self._ver(tenant, doc_id), self._docs(tenant)],
-            args=[content_digest, texts, doc_id, floor], client=c))
+            keys=[self._doc(tenant, doc_id), self._ver(tenant, doc_id), self._docs(tenant), self._pending()],
+            args=[content_digest, texts, doc_id, floor, _name(tenant, doc_id)], client=c))
         if changed or mine is None or mine.content_digest != content_digest:
-            self.local.set_document(doc_id, chunk_texts, content_digest, tenant, version=int(version))
+            self.local.set_document(doc_id, chunk_texts, content_digest, tenant, version=int(version), pending=False)
         return bool(changed)
 
     def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> None:
@@ -176,7 +182,7 @@ class RedisDocIndex:
         """Raises RedisUnavailable while Redis is away."""
         keys = list(chunk_keys)
         orphans = self.link.run(lambda c: self._replace(
-            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id)],
+            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._pending()],
             args=[*self._script_args(tenant, doc_id), *keys], client=c))
         self.local.replace_refs(doc_id, keys, tenant)
         return [k.decode() for k in orphans]
@@ -185,7 +191,7 @@ class RedisDocIndex:
         """Raises RedisUnavailable while Redis is away: a removal queued for later could undo a
         re-add acknowledged by another process in the meantime."""
         res = self.link.run(lambda c: self._remove(
-            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._docs(tenant)],
+            keys=[self._doc(tenant, doc_id), self._refs(tenant, doc_id), self._docs(tenant), self._pending()],
             args=[*self._script_args(tenant, doc_id), doc_id], client=c))
         self.local.remove_document(doc_id, tenant)
         # Redis is the authority: the mirror may be stale, and its orphans could still be used
@@ -220,7 +226,7 @@ class RedisDocIndex:
                 if mine is not None:
                     self.local.remove_document(doc_id, tenant)
             elif mine is None or (mine.content_digest != rec[0] and rec[1] >= mine.version):
-                self.local.set_document(doc_id, rec[2], rec[0], tenant, version=rec[1])
+                self.local.set_document(doc_id, rec[2], rec[0], tenant, version=rec[1], pending=False)
         except Exception as exc:  # the mirror is best effort
             log.debug("local index mirror not updated: %s", exc)
 
@@ -259,6 +265,15 @@ class RedisDocIndex:
             return sorted(d.decode() for d in self.link.run(lambda c: c.smembers(self._docs(tenant))))
         except RedisUnavailable:
             return self.local.documents(tenant)
+
+    def pending_documents(self) -> list[tuple[str, str]]:
+        """(tenant, doc_id) of documents whose text changed but whose refs were not switched yet
+        (empty while Redis is away: the repair needs the authority)."""
+        try:
+            names = self.link.run(lambda c: c.smembers(self._pending()))
+        except RedisUnavailable:
+            return []
+        return sorted(tuple(json.loads(n)) for n in names)  # type: ignore[misc]
 
     def referenced_keys(self) -> set[str]:
         prefix = self._users_prefix()

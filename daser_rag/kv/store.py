@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from daser_rag.errors import UnknownDocumentError
 from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.codecs import CODECS, EncodedKV, decode, encode
@@ -221,6 +222,21 @@ class KVStore:
         if orphans:
             self.counters["invalidated_chunks"] += len(orphans)
         return orphans
+
+    def repair_documents(self, key_for: Callable[[str, str], str]) -> list[tuple[str, str]]:
+        """Finish document switches a crash interrupted: a document whose text was registered but
+        whose refs still name the old chunks gets the refs of its registered text (the old
+        chunks' KV is dropped unless shared). `key_for(chunk_text, tenant)` is the generator's
+        chunk key. Returns the repaired (tenant, doc_id) pairs. Run at start."""
+        repaired = []
+        for tenant, doc_id in self.index.pending_documents():
+            try:
+                texts = self.index.chunk_texts(doc_id, tenant)
+            except UnknownDocumentError:
+                continue
+            self.replace_document_refs(doc_id, [key_for(t, tenant) for t in texts], tenant)
+            repaired.append((tenant, doc_id))
+        return repaired
 
     def add_derived(self, doc_ids: list[str], key: str, tenant: str = "") -> None:
         """Register an entry built from several documents; invalidating any one drops it."""

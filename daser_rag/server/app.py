@@ -140,6 +140,12 @@ def serve(
     generator = build_generator(model, cache_dir, redis_url, codec=codec, host_bytes=host_bytes,
                                 disk_bytes=disk_bytes, redis_ttl_s=redis_ttl_s, recompute_ratio=recompute_ratio,
                                 chunk_tokens=chunk_tokens, **kw)
+    try:  # finish document updates a crash interrupted (text registered, refs not yet switched)
+        for tenant, doc_id in generator.store.repair_documents(generator.chunk_key_for):
+            log.warning("repaired the references of document %r (tenant %r) left half-updated by a crash",
+                        doc_id, tenant)
+    except Exception as exc:  # Redis away at start: the next start repairs
+        log.warning("document repair skipped: %s", exc)
     app = create_app(generator, api_keys=api_keys, limits=limits, default_tenant=default_tenant)
     stop = threading.Event()
     if gc_interval_s > 0:

@@ -21,6 +21,7 @@ from daser_rag.errors import (
     InvalidInputError,
     UnknownDocumentError,
 )
+from daser_rag.params import GenerationParams
 from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
 
@@ -35,10 +36,6 @@ class ServiceError(DaserError):
 @dataclass
 class RemoteIngestReport(IngestReport):
     records: list[dict[str, Any]] | None = None  # per document: id, digest, version, chunk_keys
-
-
-_GEN_KWARGS = {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "recompute_ratio", "use_cache", "tenant",
-               "stop"}
 
 
 def _context_item(item: Any) -> Any:
@@ -67,8 +64,8 @@ def _result(text: str, daser: dict[str, Any]) -> GenerationResult:
 class RemoteTokenStream:
     """Iterate for text deltas; `.result` holds the GenerationResult once the stream ended."""
 
-    def __init__(self, client: DaserClient, body: dict[str, Any]) -> None:
-        self._client, self._body = client, body
+    def __init__(self, client: DaserClient, body: dict[str, Any], cancel: Any = None) -> None:
+        self._client, self._body, self._cancel = client, body, cancel
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -79,6 +76,8 @@ class RemoteTokenStream:
                 resp.read()
                 self._client._raise(resp)
             for line in resp.iter_lines():
+                if self._cancel is not None and self._cancel():
+                    return  # leaving the block closes the connection: the service stops generating
                 if not line.startswith("data: "):
                     continue
                 data = line[6:]
@@ -143,31 +142,40 @@ class DaserClient:
     def _tenant(self, tenant: str | None) -> str:
         return self.tenant if tenant is None else tenant
 
-    def _completion_body(self, question: str, contexts: Sequence[Any] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        unknown = set(kwargs) - _GEN_KWARGS
-        if unknown:
-            raise InvalidInputError(f"unsupported generation arguments: {sorted(unknown)}")
+    def _completion_body(self, question: str, contexts: Sequence[Any] | None, params: GenerationParams | None,
+                         kwargs: dict[str, Any]) -> dict[str, Any]:
+        explicit_tenant = "tenant" in kwargs or (params is not None and params.tenant)
+        p = GenerationParams.from_kwargs(params, **kwargs)  # validated here, the same way as in-process
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
-        body: dict[str, Any] = {"prompt": question, "documents": [_context_item(c) for c in contexts or []]}
-        if "max_new_tokens" in kwargs:
-            body["max_tokens"] = kwargs.pop("max_new_tokens")
-        tenant = self._tenant(kwargs.pop("tenant", None))
+        body: dict[str, Any] = {"prompt": question, "documents": [_context_item(c) for c in contexts or []],
+                                "max_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
+                                "top_k": p.top_k, "use_cache": p.use_cache}
+        for name in ("seed", "recompute_ratio", "selector"):
+            if getattr(p, name) is not None:
+                body[name] = getattr(p, name)
+        if p.stop:
+            body["stop"] = list(p.stop)
+        tenant = p.tenant if explicit_tenant else self.tenant
         if tenant:
             body["tenant"] = tenant
-        body.update({k: v for k, v in kwargs.items() if v is not None})
         return body
 
     # -- KVGenerator ---------------------------------------------------------------------------
-    def generate(self, question: str, contexts: Sequence[Any] | None = None, **kwargs: Any) -> GenerationResult:
-        body = self._completion_body(question, contexts, dict(kwargs))
+    def generate(self, question: str, contexts: Sequence[Any] | None = None, params: GenerationParams | None = None,
+                 *, cancel: Any = None, **kwargs: Any) -> GenerationResult:
+        """`cancel` is accepted for interface parity; a blocking HTTP call cannot poll it (closing
+        the client's connection cancels the request on the service)."""
+        body = self._completion_body(question, contexts, params, dict(kwargs))
         out = self._request("POST", "/v1/completions", json=body)
         return _result(out["choices"][0]["text"], out["daser"])
 
-    def stream(self, question: str, contexts: Sequence[Any] | None = None, **kwargs: Any) -> RemoteTokenStream:
-        body = self._completion_body(question, contexts, dict(kwargs))
+    def stream(self, question: str, contexts: Sequence[Any] | None = None, params: GenerationParams | None = None,
+               *, cancel: Any = None, **kwargs: Any) -> RemoteTokenStream:
+        """`cancel()` is polled between deltas; True closes the stream (the service stops too)."""
+        body = self._completion_body(question, contexts, params, dict(kwargs))
         body["stream"] = True
-        return RemoteTokenStream(self, body)
+        return RemoteTokenStream(self, body, cancel)
 
     def add_documents(self, documents: Iterable[Document], *, tenant: str | None = None, precompute: bool = True,
                       progress: Any = False) -> RemoteIngestReport:

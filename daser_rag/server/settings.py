@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+
 
 
 @dataclass
@@ -22,7 +24,7 @@ class Limits:
     """Time to receive a whole request body (408)."""
     max_new_tokens: int = 512
     """Tokens one completion may generate (400)."""
-    default_max_tokens: int = 64
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     """`max_tokens` when a request names none."""
     max_pending: int = 16
     """Completion requests admitted at once, waiting included (429 `overloaded`)."""

@@ -97,6 +97,7 @@ class RedisLink:
         self._outbox: deque[Callable[[Any], Any]] = deque()
         self.errors = 0
         self.outages = 0
+        self.last_ok = 0.0
 
     @property
     def up(self) -> bool:
@@ -130,9 +131,15 @@ class RedisLink:
         try:
             if self._outbox:
                 self._replay()
-            return fn(self.client)
+            out = fn(self.client)
         except (self._redis.ConnectionError, self._redis.TimeoutError, OSError) as exc:
             raise self._failed(exc) from exc
+        self.last_ok = time.monotonic()
+        return out
+
+    def answered_within(self, seconds: float) -> bool:
+        """Did a call succeed in the last `seconds` (and Redis is not marked down since)?"""
+        return self._up and time.monotonic() - self.last_ok < seconds
 
     def _probe(self) -> bool:
         """True once a PING answered and every queued operation was replayed (Redis marked up)."""
@@ -194,10 +201,12 @@ class RedisLink:
         if not self._up:
             return self._probe()
         try:
-            return bool(self._probe_client.ping())
+            ok = bool(self._probe_client.ping())
         except (self._redis.RedisError, OSError) as exc:
             self._failed(exc)
             return False
+        self.last_ok = time.monotonic()
+        return ok
 
 
 class RedisTier:
