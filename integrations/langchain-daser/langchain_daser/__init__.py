@@ -20,10 +20,10 @@ from langchain_daser.chains import (
     create_daser_rag_chain,
     documents_to_messages,
 )
-from langchain_daser.chat_models import ChatDaser
+from langchain_daser.chat_models import ChatDaser, NoKVReuseWarning
 from langchain_daser.embeddings import MiniLMEmbeddings
 from langchain_daser.retrievers import DaserRetriever
-from langchain_daser.vectorstores import DaserVectorStore
+from langchain_daser.vectorstores import PARENT_ID_KEY, DaserVectorStore
 
 try:
     __version__ = version("langchain-daser")
@@ -37,6 +37,9 @@ __all__ = [
     "DaserVectorStore",
     "DocumentsToMessages",
     "MiniLMEmbeddings",
+    "NoKVReuseWarning",
+    "PARENT_ID_KEY",
+    "__version__",
     "create_daser_rag_chain",
     "documents_to_blocks",
     "documents_to_messages",
