@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's daser_rag first (integrations: scripts/install.sh)
 
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline
@@ -36,11 +36,11 @@ from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
     DaserLLM,
-    InvalidatingFaissVectorStore,
     KVPrecomputeTransform,
     MiniLMEmbedding,
     node_chunk_ref,
 )
+from llama_index.vector_stores.daser import DaserFaissVectorStore
 
 EDIT_DOC = "pyref:pass"
 EDIT_FACT = "Team note: the pass statement was last reviewed by Alice Moreau."
@@ -98,17 +98,17 @@ def main() -> None:
     vs_path = root / "index" / "default__vector_store.json"
     ds_path = root / "index" / "docstore.json"
     if vs_path.with_name(vs_path.name + ".records.json").exists():
-        store = InvalidatingFaissVectorStore.from_persist_path(str(vs_path), generator=generator)
+        store = DaserFaissVectorStore.from_persist_path(str(vs_path), generator=generator)
         docstore = SimpleDocumentStore.from_persist_path(str(ds_path))
     else:
-        store = InvalidatingFaissVectorStore(generator=generator)
+        store = DaserFaissVectorStore(generator=generator)
         docstore = SimpleDocumentStore()
     kv_step = KVPrecomputeTransform(generator, show_progress=True)
     pipeline = IngestionPipeline(
         transformations=[
             SentenceSplitter(chunk_size=args.chunk_tokens, chunk_overlap=0, tokenizer=generator.tokenizer.encode),
+            kv_step,  # before the embedding: a node too long for the window is split, then each part embedded
             embed,
-            kv_step,
         ],
         docstore=docstore,
         vector_store=store,
