@@ -101,9 +101,9 @@ def ttft_table(model: str | None, sizes: list[tuple[int, int]], repeats: int, lm
         for _ in range(repeats):
             for name, kw in modes.items():
                 kw = dict(kw)
-                gen.layerwise = bool(kw.pop("_layerwise", False))
+                gen.assembler.layerwise = bool(kw.pop("_layerwise", False))
                 times[name].append(_ttft(gen, chunks, **kw))
-        gen.layerwise = False
+        gen.assembler.layerwise = False
         full = statistics.median(times["full prefill"])
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -117,7 +117,7 @@ def _setup(args: argparse.Namespace, root: Path) -> tuple[CacheAwareGenerator, l
     store = KVStore(root, codec=args.codec, host_bytes=1 << 40)
     store.disk = ColdDiskTier(root / "kv")
     gen = CacheAwareGenerator(args.model, store=store, chunk_tokens=args.chunk_tokens, device=args.device)
-    gen.prefix_tree = PrefixTree(materialize_after=1)
+    gen.assembler.prefix_tree = PrefixTree(materialize_after=1)
     docs = [d for d in python_reference_corpus() if len(gen.split(d.text)) >= args.chunks_per_doc]
     docs = docs[: args.docs]
     if len(docs) < args.docs:
@@ -161,7 +161,7 @@ def _run_config(gen: CacheAwareGenerator, contexts: list[list[ChunkRef]], trace:
     store.host.policy = _policy(policy, chunk_cost_s)
     store.host.capacity_bytes = cache_bytes
     store.host.evictions = 0
-    gen.layerwise = overlap
+    gen.assembler.layerwise = overlap
     pf = Prefetcher(store, window=window) if prefetch else None
     sched = RequestScheduler(gen, concurrency=2, protect_queued=(policy == "lookahead"), prefetcher=pf)
     futs = []
@@ -196,20 +196,20 @@ def _tree_effect(gen: CacheAwareGenerator, contexts: list[list[ChunkRef]], n: in
     """Prefix tree vs CacheBlend from chunks on the same requests: TTFT and agreement with full prefill."""
     out: dict[str, list[float]] = {"tree_ttft": [], "blend_ttft": [], "tree_maxdiff": [], "blend_maxdiff": [],
                                    "tree_top1": [], "blend_top1": []}
-    tree = gen.prefix_tree
+    tree = gen.assembler.prefix_tree
     gen.store.host.capacity_bytes = 1 << 40
-    gen.layerwise = False
+    gen.assembler.layerwise = False
     for ctx in contexts[:n]:
         full, _ = gen.prefill(QUESTIONS[2], ctx, use_cache=False)
         for name, t in (("tree", tree), ("blend", None)):
-            gen.prefix_tree = t
+            gen.assembler.prefix_tree = t
             gen.prefill(QUESTIONS[2], ctx)  # warm RAM: compare compute, not disk
             t0 = time.perf_counter()
             fused, _ = gen.prefill(QUESTIONS[2], ctx)
             out[f"{name}_ttft"].append(time.perf_counter() - t0)
             out[f"{name}_maxdiff"].append((fused.logits - full.logits).abs().max().item())
             out[f"{name}_top1"].append(float(fused.logits.argmax().item() == full.logits.argmax().item()))
-    gen.prefix_tree = tree
+    gen.assembler.prefix_tree = tree
     return {k: statistics.fmean(v) for k, v in out.items()}
 
 

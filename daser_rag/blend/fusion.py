@@ -28,7 +28,7 @@ from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys
 from daser_rag.model.runner import LayerRunner
 
-__all__ = ["BlendConfig", "FusionResult", "fuse"]
+__all__ = ["BlendConfig", "FusionResult", "full_prefill", "fuse"]
 
 
 @dataclass
@@ -193,6 +193,15 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
         k_all, v_all = cache.view(i, total)
         h = runner.attend_planned(i, h, q, k_all, v_all, plan)
     return runner.logits(h[-1:])
+
+
+@torch.inference_mode()
+def full_prefill(runner: LayerRunner, context_ids: torch.Tensor, query_ids: torch.Tensor, capacity: int) -> FusionResult:
+    """No reuse: the whole prompt computed from scratch (the reference every mode is held to)."""
+    cache = runner.new_cache(capacity)
+    logits = runner.forward(torch.cat([context_ids, query_ids]), 0, cache)
+    n = int(context_ids.shape[0])
+    return FusionResult(cache, logits, n, n, 0, 0, int(query_ids.shape[0]))
 
 
 @torch.inference_mode()

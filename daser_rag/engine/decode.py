@@ -17,6 +17,16 @@ from daser_rag.model.runner import LayerRunner
 Chooser = Callable[[torch.Tensor], int]
 
 
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """EOS plus the chat-end tokens of common templates: any of them ends an answer."""
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(special)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            eos.add(tid)
+    return eos
+
+
 def greedy(logits: torch.Tensor) -> int:
     return int(torch.argmax(logits))
 
@@ -85,3 +95,18 @@ class TextEmitter:
     @property
     def text(self) -> str:
         return self.emitted if self.stopped else self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class TokenStream:
+    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
+
+    def __init__(self, gen: Iterator[str], holder: dict[str, Any]) -> None:
+        self._gen = gen
+        self._holder = holder
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._gen
+
+    @property
+    def result(self) -> Any:
+        return self._holder.get("result")

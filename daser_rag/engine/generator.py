@@ -18,15 +18,17 @@ import torch
 
 from daser_rag.api import ContextItem
 from daser_rag.blend.config import BlendConfig
-from daser_rag.blend.fusion import FusionResult, fuse
+from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.engine.assemble import SegmentAssembler
 from daser_rag.engine.chunks import ChunkComputer
-from daser_rag.engine.decode import TextEmitter, decode_n_tokens
+from daser_rag.engine.decode import TextEmitter, TokenStream, decode_n_tokens, stop_token_ids
+from daser_rag.engine.factory import default_store
+from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
 from daser_rag.engine.resolve import resolve
 from daser_rag.errors import ContextTooLongError, InvalidInputError, RequestCancelledError
-from daser_rag.kv.store import KVStore, default_cache_dir
+from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
 from daser_rag.params import GenerationParams
@@ -36,21 +38,6 @@ from daser_rag.types import Document, GenerationResult, IngestReport, ResolvedCh
 
 MIN_QUESTION_ROOM = 64
 """Tokens of the window a chunk must leave free for the question and the answer's start."""
-
-
-class TokenStream:
-    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
-
-    def __init__(self, gen: Iterator[str], holder: dict[str, GenerationResult]) -> None:
-        self._gen = gen
-        self._holder = holder
-
-    def __iter__(self) -> Iterator[str]:
-        yield from self._gen
-
-    @property
-    def result(self) -> GenerationResult | None:
-        return self._holder.get("result")
 
 
 class CacheAwareGenerator:
@@ -76,12 +63,8 @@ class CacheAwareGenerator:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
         if store is None:
-            kwargs: dict[str, Any] = {"codec": codec}
-            if host_bytes is not None:
-                kwargs["host_bytes"] = host_bytes
-            if self.lm.device.type == "cuda":
-                kwargs.update(device=self.lm.device, device_bytes=device_bytes)
-            store = KVStore(cache_dir if cache_dir is not None else default_cache_dir(), **kwargs)
+            store = default_store(cache_dir, codec=codec, host_bytes=host_bytes, device=self.lm.device,
+                                  device_bytes=device_bytes)
         self.store = store
         self.prompt = PromptFormat(self.lm.tokenizer, system_prompt)
         self.blend = blend if blend is not None else BlendConfig(
@@ -97,13 +80,7 @@ class CacheAwareGenerator:
         self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
         self.lock = threading.RLock()
         """Held for any model work; schedulers and adapters serialize on it."""
-        tok = self.lm.tokenizer
-        eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        for special in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(special)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
-                eos.add(tid)
-        self.eos_ids = eos
+        self.eos_ids = stop_token_ids(self.lm.tokenizer)
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -113,28 +90,6 @@ class CacheAwareGenerator:
     @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
-
-    @property
-    def prefix_tree(self) -> PrefixTree | None:
-        """When set, repeated ordered chunk sequences reuse exact KV (blend/prefix_tree.py)."""
-        return self.assembler.prefix_tree
-
-    @prefix_tree.setter
-    def prefix_tree(self, tree: PrefixTree | None) -> None:
-        self.assembler.prefix_tree = tree
-
-    @property
-    def layerwise(self) -> bool:
-        """When true, stored KV is decoded/re-rotated/uploaded one layer ahead of compute."""
-        return self.assembler.layerwise
-
-    @layerwise.setter
-    def layerwise(self, on: bool) -> None:
-        self.assembler.layerwise = bool(on)
-
-    @property
-    def context_window(self) -> int:
-        return self.runner.max_positions
 
     def chunk_key_for(self, text: str, tenant: str = "") -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)
@@ -171,18 +126,6 @@ class CacheAwareGenerator:
     def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[str]:
         return self.assembler.plan_keys(self.resolve(contexts, tenant), tenant)
 
-    def _register(self, contexts: Sequence[ContextItem] | None, chunks: list[ResolvedChunk], tenant: str) -> None:
-        """The request's writes, in one place: inline documents and the refs of its chunks."""
-        for item in contexts or []:
-            if isinstance(item, Document):
-                self.ingestor.register(item, tenant)
-        by_doc: dict[str, list[str]] = {}
-        for c in chunks:
-            if c.doc_id is not None:
-                by_doc.setdefault(c.doc_id, []).append(c.key)
-        for doc_id, keys in by_doc.items():
-            self.store.add_refs(doc_id, keys, tenant)
-
     # -- prefill -----------------------------------------------------------------------------
     def prefill(
         self,
@@ -209,15 +152,14 @@ class CacheAwareGenerator:
             needed = ctx_len + len(q_ids) + extra_capacity
             if needed > self.runner.max_positions:
                 raise ContextTooLongError(needed, self.runner.max_positions)
-            self._register(contexts, chunks, tenant)
+            self.ingestor.register_request(contexts, chunks, tenant)
             info: dict[str, Any] = {"hits": 0, "misses": 0, "keys": [c.key for c in chunks]}
             t0 = time.perf_counter()
             if not use_cache or not chunks:
-                ids = torch.tensor(self.prompt.prefix_ids + [i for c in chunks for i in c.token_ids], dtype=torch.long)
-                cache = self.runner.new_cache(needed)
-                logits = self.runner.forward(torch.cat([ids, q_ids]), 0, cache)
+                ids = self.prompt.prefix_ids + [i for c in chunks for i in c.token_ids]
+                fused = full_prefill(self.runner, torch.tensor(ids, dtype=torch.long), q_ids, needed)
                 timings.fuse_s = time.perf_counter() - t0
-                return FusionResult(cache, logits, ctx_len, ctx_len, 0, 0, len(q_ids)), info
+                return fused, info
             asm = self.assembler.assemble(chunks, tenant, timings)
             info.update(hits=asm.hits, misses=asm.misses, exact_chunks=asm.exact_chunks)
             if asm.materialized:
@@ -291,15 +233,4 @@ class CacheAwareGenerator:
             if t_dec is not None:
                 timings.decode_s = time.perf_counter() - t_dec
         timings.total_s = time.perf_counter() - t_start
-        reused = p.use_cache and info["keys"] != []
-        return GenerationResult(
-            text=emitter.text, token_ids=list(emitter.ids),
-            prompt_tokens=fused.context_tokens + fused.query_tokens, context_tokens=fused.context_tokens,
-            query_tokens=fused.query_tokens, exact_tokens=fused.exact_tokens, reused_tokens=fused.reused_tokens,
-            recomputed_tokens=fused.recomputed_tokens, cache_hits=info["hits"], cache_misses=info["misses"],
-            mode="blend" if reused else "full",
-            recompute_ratio=(p.recompute_ratio if p.recompute_ratio is not None else self.blend.recompute_ratio)
-            if reused else 1.0,
-            selector=fused.selector if reused else "none", finish_reason=finish, timings=timings,
-            chunk_keys=info["keys"],
-        )
+        return pack_result(fused, info, emitter, finish, timings, p, self.blend.recompute_ratio)

@@ -9,14 +9,14 @@ uses them); an unchanged one costs nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from daser_rag.chunking import split_text
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.errors import InvalidInputError
 from daser_rag.kv.keys import text_digest
 from daser_rag.kv.store import KVStore
-from daser_rag.types import Document, IngestReport
+from daser_rag.types import Document, IngestReport, ResolvedChunk
 
 Progress = bool | Callable[[int], None]
 
@@ -49,6 +49,20 @@ class Ingestor:
         chunks = self.split(doc.text)
         changed = self.store.register_document(doc.doc_id, chunks, text_digest(doc.text), tenant)
         return chunks, changed
+
+    def register_request(self, contexts: Sequence[object] | None, chunks: Sequence[ResolvedChunk],
+                         tenant: str = "") -> None:
+        """A request's writes, in one place: its inline documents and the refs of its chunks
+        (so invalidating a document drops KV that requests computed for it)."""
+        for item in contexts or []:
+            if isinstance(item, Document):
+                self.register(item, tenant)
+        by_doc: dict[str, list[str]] = {}
+        for c in chunks:
+            if c.doc_id is not None:
+                by_doc.setdefault(c.doc_id, []).append(c.key)
+        for doc_id, keys in by_doc.items():
+            self.store.add_refs(doc_id, keys, tenant)
 
     def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
                       precompute: bool = True) -> IngestReport:

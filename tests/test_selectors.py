@@ -1,0 +1,102 @@
+"""Every selector: r=1 equals full prefill (logits and KV); auto stays within its floor and cap;
+the generation result reports the selector and the share it chose."""
+
+import math
+
+import pytest
+import torch
+
+from daser_rag.blend.config import BlendConfig
+from daser_rag.blend.selectors import Signals, auto_share, select
+from daser_rag.corpus import python_reference_corpus
+from daser_rag.params import SELECTORS, GenerationParams
+
+
+def _chunks(gen, topics=("pass", "break", "continue")):
+    return [gen.split(d.text)[0] for d in python_reference_corpus(topics)]
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_r1_equals_full_prefill_for_every_selector(generator, selector):
+    chunks = _chunks(generator)
+    q = "What does the pass statement do?"
+    full, _ = generator.prefill(q, chunks, use_cache=False)
+    fused, info = generator.prefill(q, chunks, recompute_ratio=1.0, selector=selector)
+    assert fused.recomputed_tokens == fused.context_tokens - fused.exact_tokens > 0
+    assert fused.selector == selector
+    assert (fused.logits - full.logits).abs().max().item() < 1e-3
+    for i in range(generator.runner.spec.num_layers):
+        k1, v1 = fused.cache.view(i, fused.cache.length)
+        k2, v2 = full.cache.view(i, full.cache.length)
+        assert (k1 - k2).abs().max().item() < 1e-3 and (v1 - v2).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("selector", SELECTORS)
+def test_share_is_what_was_asked(generator, selector):
+    chunks = _chunks(generator)
+    fused, _ = generator.prefill("What does break do?", chunks, recompute_ratio=0.2, selector=selector)
+    cand = fused.context_tokens - fused.exact_tokens
+    assert fused.recomputed_tokens == math.ceil(0.2 * cand)
+
+
+def test_r0_query_lookahead_equals_plain_full_reuse(generator):
+    chunks = _chunks(generator)
+    q = "What does continue do?"
+    plain, _ = generator.prefill(q, chunks, recompute_ratio=0.0)
+    cfg = BlendConfig(recompute_ratio="auto", selector="query", auto_floor=0.0, auto_cap=0.0)
+    look, _ = generator.prefill(q, chunks, blend=cfg)
+    assert look.recomputed_tokens == 0
+    assert (look.logits - plain.logits).abs().max().item() < 1e-4
+
+
+def test_auto_stays_within_floor_and_cap(generator):
+    chunks = _chunks(generator)
+    for floor, cap in ((0.05, 0.3), (0.2, 0.25), (0.1, 0.9)):
+        cfg = BlendConfig(recompute_ratio="auto", selector="query", auto_floor=floor, auto_cap=cap)
+        fused, _ = generator.prefill("Which statement does nothing?", chunks, blend=cfg)
+        assert floor - 1e-9 <= fused.target_share <= cap + 1e-9
+        assert floor - 0.01 <= fused.recompute_share <= cap + 0.01
+
+
+def test_auto_share_tracks_how_focused_attention_is():
+    n = 1000
+    focused = torch.zeros(n)
+    focused[:10] = 1.0
+    diffuse = torch.ones(n)
+    assert auto_share(focused, 0.8, 0.05, 0.5) == 0.05  # 8 tokens hold 80%: the floor applies
+    assert auto_share(diffuse, 0.8, 0.05, 0.5) == 0.5  # 800 tokens needed: the cap applies
+    mid = torch.cat([torch.full((100,), 30.0), torch.ones(900)])  # 80% of the mass: 220 tokens
+    assert 0.05 < auto_share(mid, 0.8, 0.05, 0.5) < 0.5
+
+
+def test_chunk_heads_are_forced_in_and_count_against_the_budget():
+    rel = torch.zeros(100)
+    rel[50:60] = 1.0
+    sig = Signals(100, relevance=rel, chunk_starts=[0, 40])
+    idx = select(BlendConfig(selector="query", chunk_heads=4), sig, 12).tolist()
+    assert len(idx) == 12 and {0, 1, 2, 3, 40, 41, 42, 43} <= set(idx)
+
+
+def test_generation_result_reports_selector_and_share(generator):
+    chunks = _chunks(generator)
+    res = generator.generate("What does pass do?", chunks, max_new_tokens=2, recompute_ratio=0.3, selector="query")
+    assert res.mode == "blend" and res.selector == "query" and res.recompute_ratio == 0.3
+    assert res.recomputed_tokens > 0 and 0.29 < res.recompute_share < 0.32
+    res = generator.generate("What does pass do?", chunks, max_new_tokens=2, recompute_ratio=0.0)
+    assert res.selector == "none" and res.recomputed_tokens == 0
+
+
+def test_no_context_is_reported_as_full_prefill(generator):
+    res = generator.generate("What is 2 + 2?", [], max_new_tokens=2)
+    assert res.mode == "full" and res.cache_hits == 0 and res.reused_tokens == 0 and res.selector == "none"
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": "3"}, {"max_new_tokens": True}, {"recompute_ratio": 1.5},
+                                 {"recompute_ratio": "most"}, {"selector": "magic"}, {"temperature": "0"},
+                                 {"top_p": 0}, {"stop": [1]}, {"nonsense": 1}])
+def test_generation_params_are_strict(bad):
+    from daser_rag.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError):
+        GenerationParams.from_kwargs(**bad)
+
