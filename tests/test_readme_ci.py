@@ -13,3 +13,8 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = blocks[1].strip()
     assert "pytest" in test_cmd
     assert test_cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_also_runs_the_slow_tests():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r'pytest -q -m "slow and not vllm and not gpu"', ci)
