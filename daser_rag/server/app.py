@@ -100,6 +100,17 @@ def build_generator(
     return CacheAwareGenerator(lm, store=store, **generator_kw)
 
 
+def http_protocol(header_timeout_s: float) -> Any:
+    """uvicorn's h11 protocol with a request-head deadline (or "auto" if uvicorn changed)."""
+    try:
+        from daser_rag.server.protocol import timed_h11
+
+        return timed_h11(header_timeout_s)
+    except Exception as exc:  # pragma: no cover - depends on uvicorn's internals
+        log.warning("request-head timeout unavailable with this uvicorn: %s", exc)
+        return "auto"
+
+
 def _collect_garbage(store: Any, interval_s: float, idle_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
@@ -131,6 +142,7 @@ def serve(
     log_level: str = "info",
     timeout_keep_alive: float = 5.0,
     limit_concurrency: int | None = 256,
+    header_timeout_s: float = 10.0,
     **kw: Any,
 ) -> None:
     """Run the service until interrupted (`daser-rag serve` / `python -m daser_rag.server`)."""
@@ -156,6 +168,6 @@ def serve(
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                     timeout_keep_alive=int(timeout_keep_alive), limit_concurrency=limit_concurrency,
-                    h11_max_incomplete_event_size=64 * 1024)
+                    h11_max_incomplete_event_size=64 * 1024, http=http_protocol(header_timeout_s))
     finally:
         stop.set()

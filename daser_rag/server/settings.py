@@ -88,6 +88,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-tenants-per-key", type=int, default=d.max_tenants_per_key)
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="idle keep-alive connection timeout")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to deliver a complete request head")
     p.add_argument("--limit-concurrency", type=int, default=256,
                    help="open connections + tasks before new connections get 503")
     p.add_argument("--log-level", default="info")
@@ -112,6 +114,7 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 chunk_tokens=a.chunk_tokens, host_bytes=a.host_bytes, disk_bytes=a.disk_bytes,
                 redis_ttl_s=a.redis_ttl or None, gc_interval_s=a.gc_interval, gc_idle_s=a.gc_idle,
                 limits=limits, log_level=a.log_level, timeout_keep_alive=a.timeout_keep_alive,
+                header_timeout_s=a.header_timeout,
                 limit_concurrency=a.limit_concurrency)
 
 
