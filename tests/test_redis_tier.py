@@ -240,3 +240,20 @@ def test_redis_index_lists_half_switched_documents_for_repair(link, tmp_path):
     assert other.repair_documents(lambda text, tenant: f"k_{text}") == [("acme", "d")]
     assert other.document_chunk_keys("d", "acme") == ["k_new"] and other.index.pending_documents() == []
     assert tier.get("k_old") is None
+
+
+def test_only_unreferenced_kv_expires_and_the_memory_policy_is_checked(link):
+    tier = RedisTier(link, ttl_s=3600)
+    idx = RedisDocIndex(link)
+    tier.put(encode(_kv("plain"), "fp16"))  # plain-text context: no document uses it
+    tier.put(encode(_kv("doc"), "fp16"))
+    assert 0 < link.client.pttl(link.key("kv", "plain")) <= 3_600_000
+    idx.set_document("d", ["t"], "dg")
+    idx.replace_refs("d", ["doc"])
+    assert link.client.pttl(link.key("kv", "doc")) == -1  # referenced: lives until its document goes
+    tier.put(encode(_kv("doc"), "fp16"))  # rewritten while referenced: still no TTL
+    assert link.client.pttl(link.key("kv", "doc")) == -1
+    idx.add_refs("d", ["plain"])  # a chunk read as part of a document: persists too
+    assert link.client.pttl(link.key("kv", "plain")) == -1
+    policy = link.memory_policy()
+    assert policy["maxmemory"] == 0 and any("maxmemory is 0" in p for p in policy["problems"])

@@ -30,6 +30,3 @@ class ChunkKV:
     @property
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i], self.values[i]

@@ -152,9 +152,6 @@ class CostAwarePolicy:
         self._pending_victims = set(order)
         return order
 
-    def priority(self, key: str) -> float | None:
-        return self._prio.get(key)
-
 
 POLICIES: dict[str, Callable[[], EvictionPolicy]] = {
     "lru": LRUPolicy,

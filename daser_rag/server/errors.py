@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -97,7 +96,3 @@ def install_handlers(app: FastAPI) -> None:
             msg = f"method {request.method} not allowed on {request.url.path}"
         return error_response(exc.status_code, msg, _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}"),
                               headers=getattr(exc, "headers", None))
-
-
-def error_body(status: int, message: str, code: str, type_: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "code": code}}

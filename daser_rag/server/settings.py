@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
@@ -116,10 +116,6 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 limits=limits, log_level=a.log_level, timeout_keep_alive=a.timeout_keep_alive,
                 header_timeout_s=a.header_timeout,
                 limit_concurrency=a.limit_concurrency)
-
-
-def limit_names() -> list[str]:
-    return [f.name for f in fields(Limits)]
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",
