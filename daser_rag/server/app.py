@@ -71,7 +71,7 @@ def build_generator(
     **generator_kw: Any,
 ) -> Any:
     """A CacheAwareGenerator whose store adds the shared Redis tier and document index."""
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.factory import build_generator as compose
     from daser_rag.kv.doc_index import DocIndex
     from daser_rag.kv.store import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES, KVStore, default_cache_dir
     from daser_rag.model.loader import load_model
@@ -97,7 +97,7 @@ def build_generator(
             except (RedisUnavailable, Exception) as exc:  # CONFIG may be disabled on managed Redis
                 log.info("Redis memory policy not checked: %s", exc)
     store = KVStore(root, **kw)
-    return CacheAwareGenerator(lm, store=store, **generator_kw)
+    return compose(lm, store=store, **generator_kw)
 
 
 def http_protocol(header_timeout_s: float) -> Any:
