@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import FULL, Harness, Mode, Run, blend_mode
+from benchmarks.markdown import replace_marked
 from benchmarks.quality import normalize
 
 DEFAULT_SHARES = (0.05, 0.1, 0.15, 0.2, 0.3)
@@ -168,19 +169,6 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_doc(doc: Path, text: str, marker: str = "selection") -> None:
-    """Replace the block between <!-- {marker}:begin --> and <!-- {marker}:end --> in `doc`."""
-    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
-    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        new = f"{head}{begin}\n{text}\n{end}{tail}"
-    else:
-        new = f"{old.rstrip()}\n\n{begin}\n{text}\n{end}\n"
-    doc.write_text(new, encoding="utf-8")
-
-
 def parse_override(pairs: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in pairs:
@@ -248,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.img:
         plot({k: v for k, v in results.items() if ":" not in k}, Path(args.img))
     if args.update_doc:
-        update_doc(Path(args.update_doc), text + (f"\n\n![selection]({Path(args.img).name and 'img/' + Path(args.img).name})"
-                                                  if args.img else ""))
+        img = f"\n\n![selection](img/{Path(args.img).name})" if args.img else ""
+        replace_marked(Path(args.update_doc), "selection", text + img, append=True)
     return 0
 
 

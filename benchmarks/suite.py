@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from benchmarks.harness import Harness, Run, standard_modes
+from benchmarks.markdown import replace_marked
 from benchmarks.quality import answer_correct, exact_match, format_qa_table, rouge_l
 from benchmarks.ttft import make_chunks
 from daser_rag.corpus import QA_BENCH, QAItem, python_reference_corpus
@@ -372,12 +373,7 @@ BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 
 def update_doc(path: Path, section: str) -> None:
     """Replace the results section of a markdown file between the bench-results markers."""
-    text = path.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{section}{END}{tail}", encoding="utf-8")
+    replace_marked(path, "bench-results", section)
 
 
 # -- entry points ----------------------------------------------------------------------------------
