@@ -94,6 +94,18 @@ def test_tenant_headers_and_model_names(client):
     _err(client.get("/v1/completions"), 405, "method_not_allowed")
 
 
+def test_recompute_ratio_auto_and_selector_pass_through_per_request(client):
+    docs = [PASS_DOC, "A break statement terminates the nearest enclosing loop."]
+    r = client.post("/v1/completions", json={"prompt": Q, "documents": docs, "max_tokens": 1,
+                                             "recompute_ratio": "auto", "selector": "query"})
+    assert r.status_code == 200, r.text
+    d = r.json()["daser"]
+    assert d["recompute_ratio"] == "auto" and d["selector"] in ("query", "none")
+    r = client.post("/v1/completions", json={"prompt": Q, "documents": docs, "max_tokens": 1,
+                                             "recompute_ratio": 0.5, "selector": "deviation"})
+    assert r.json()["daser"]["selector"] == "deviation" and r.json()["daser"]["recompute_ratio"] == 0.5
+
+
 def test_recompute_ratio_auto_and_selector_reach_the_generation_params(generator):
     from daser_rag.server.schemas import CompletionRequest
     from daser_rag.server.service import Service
