@@ -98,7 +98,8 @@ class ChatDaser(BaseChatModel):
     top_k: int = Field(default=0, ge=0)
     seed: int | None = None
     recompute_ratio: float | str | None = None
-    """Share of context tokens recomputed (CacheBlend), or "auto"; None uses the generator's default, 1.0 equals full prefill."""
+    """Share of context tokens recomputed (CacheBlend), or "auto"; None uses the generator's default,
+    1.0 equals full prefill."""
     selector: str | None = None
     """How recomputed tokens are chosen (see `daser_rag.params.SELECTORS`); None: the generator's default."""
     use_cache: bool = True

@@ -80,7 +80,8 @@ class DaserLLM(CustomLLM):
         description="CacheBlend share of context tokens recomputed, or 'auto' (None: the generator's default; "
                     "1.0: full prefill quality).")
     selector: str | None = Field(
-        default=None, description=f"How recomputed tokens are chosen, one of {SELECTORS} (None: the generator's default).")
+        default=None,
+        description=f"How recomputed tokens are chosen, one of {SELECTORS} (None: the generator's default).")
     use_cache: bool = Field(default=True, description="False runs full prefill (the baseline).")
     tenant: str = Field(default="", description="Tenant salt: tenants never share chunk KV.")
     context_window: int = Field(default=8192, gt=0)
