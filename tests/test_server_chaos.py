@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -65,6 +66,7 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
     hist = History()
     stop = threading.Event()
     stats = {"reads": 0, "stale": [], "read_errors": 0, "acked": 0, "write_errors": 0}
+    why: Counter[str] = Counter()  # refusals by kind, for the report
     try:
         svc.start().wait_healthy()
         with httpx.Client(base_url=svc.url, timeout=30) as c:
@@ -88,8 +90,10 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
                             else:
                                 assert r.status_code in (429, 503), r.text
                                 stats["write_errors"] += 1
-                        except httpx.HTTPError:
+                                why[f"write {r.json()['error']['code']}"] += 1
+                        except httpx.HTTPError as exc:
                             stats["write_errors"] += 1
+                            why[f"write {type(exc).__name__}"] += 1
                             time.sleep(0.3)
                     n += 1
                     time.sleep(0.2)
@@ -104,14 +108,16 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
                     try:
                         r = c.post("/v1/completions", json={"prompt": "What is it?", "documents": [{"id": d}],
                                                             "max_tokens": 1})
-                    except httpx.HTTPError:
+                    except httpx.HTTPError as exc:
                         stats["read_errors"] += 1
+                        why[f"read {type(exc).__name__}"] += 1
                         time.sleep(0.3)
                         continue
                     t1 = time.monotonic()
                     if r.status_code != 200:
                         assert r.status_code in (429, 503), r.text
                         stats["read_errors"] += 1
+                        why[f"read {r.json()['error']['code']}"] += 1
                         continue
                     got = r.json()["daser"]["chunk_keys"]
                     stats["reads"] += 1
@@ -188,7 +194,8 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
         srv.resume()
         srv.stop()
     print(f"chaos: {stats['reads']} reads, {stats['acked']} acknowledged writes, {stats['write_errors']} refused/lost "
-          f"writes, {stats['read_errors']} refused reads, {len(ns_keys)} Redis + {len(disk)} disk entries verified")
+          f"writes, {stats['read_errors']} refused reads, {len(ns_keys)} Redis + {len(disk)} disk entries verified; "
+          f"refusals: {dict(why)}")
     assert not stats["stale"], stats["stale"][:3]
     assert stats["reads"] >= 20 and stats["acked"] >= 10
     assert stats["write_errors"] >= 1  # the faults were real
