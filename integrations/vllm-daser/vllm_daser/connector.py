@@ -81,6 +81,9 @@ class LoadSpec:
     start: int
     end: int
     pieces: list[_Piece]
+    recompute: tuple[float, int] | None = None  # (ratio, check layer), see blend.py
+    exact_len: int = 0  # leading tokens whose loaded KV is exact (never recomputed)
+    context_ids: list[int] = field(default_factory=list)  # prompt tokens [0, end), for recompute
 
 
 @dataclass
@@ -151,26 +154,31 @@ class DaserConnectorScheduler:
     def __init__(self, settings: _Settings) -> None:
         self.s = settings
         self.store = settings.open_store(0)
-        self._pending: dict[str, tuple[int, int, list[_Piece], int]] = {}
+        self._pending: dict[str, tuple[int, int, list[_Piece], int, Plan | None]] = {}
         self._reqs: dict[str, _ReqState] = {}
 
     def segments(self, token_ids: list[int], params: dict[str, Any] | None, req_id: str) -> tuple[list[Segment], bool]:
         """(segments, may_save) for a request; malformed plans degrade to no reuse, loudly."""
+        segs, save, _ = self.plan(token_ids, params, req_id)
+        return segs, save
+
+    def plan(self, token_ids: list[int], params: dict[str, Any] | None,
+             req_id: str) -> tuple[list[Segment], bool, Plan | None]:
         try:
             plan: Plan | None = parse_plan(params, len(token_ids))
         except PlanError as exc:
             logger.warning("DaserKVConnector: ignoring the daser plan of request %s: %s", req_id, exc)
-            return [], False
+            return [], False, None
         if plan is not None:
-            return list(plan.segments), plan.save
+            return list(plan.segments), plan.save, plan
         if self.s.block_fallback:
-            return block_chain_segments(self.s.fingerprint, token_ids, self.s.block_size), True
-        return [], False
+            return block_chain_segments(self.s.fingerprint, token_ids, self.s.block_size), True, None
+        return [], False, None
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         self._pending.pop(request.request_id, None)
         tokens = list(request.prompt_token_ids or [])
-        segments, _ = self.segments(tokens, request.kv_transfer_params, request.request_id)
+        segments, _, plan = self.plan(tokens, request.kv_transfer_params, request.request_id)
         n, end = stored_run(segments, self.store.contains, len(tokens) - 1)
         if end <= num_computed_tokens:
             return 0, False
@@ -180,7 +188,7 @@ class DaserConnectorScheduler:
             if lo < hi:
                 pieces.append(_Piece(s.key, lo - pos, hi - pos, lo))
             pos += s.num_tokens
-        self._pending[request.request_id] = (num_computed_tokens, end, pieces, n)
+        self._pending[request.request_id] = (num_computed_tokens, end, pieces, n, plan)
         logger.debug("DaserKVConnector: %s external hit %d tokens (local %d)",
                      request.request_id, end - num_computed_tokens, num_computed_tokens)
         return end - num_computed_tokens, False
@@ -197,8 +205,16 @@ class DaserConnectorScheduler:
             block_ids = list(nr.block_ids[0])
             ld = self._pending.pop(nr.req_id, None)
             if ld is not None:
-                start, end, pieces, _ = ld
-                meta.loads.append(LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces))
+                start, end, pieces, n_loaded, plan = ld
+                spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces)
+                if plan is not None and plan.recompute is not None:
+                    exact = 0
+                    for s in plan.segments[:n_loaded]:
+                        if not s.exact:
+                            break
+                        exact += s.num_tokens
+                    spec.recompute, spec.exact_len, spec.context_ids = plan.recompute, min(exact, end), tokens[:end]
+                meta.loads.append(spec)
             params = (nr.sampling_params.extra_args or {}).get("kv_transfer_params") if nr.sampling_params else None
             segments, may_save = self.segments(tokens, params, nr.req_id)
             if not (self.s.save and may_save and segments):
@@ -261,6 +277,7 @@ class DaserConnectorWorker:
         self.layout: PagedLayout | None = None
         self.inv_freq: torch.Tensor | None = None
         self._load_errors: set[int] = set()
+        self._warned_blend = False
         self.stats = {"loaded_tokens": 0, "rerotated_tokens": 0, "saved_tokens": 0, "load_errors": 0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -328,8 +345,29 @@ class DaserConnectorWorker:
                 self.layout.write(layers[name], self.kv_caches[name], k_all[i].transpose(0, 1),
                                   v_all[i].transpose(0, 1), slots)
             self.stats["loaded_tokens"] += ok_end - ld.start
+            if ld.recompute is not None and ok_end == ld.end:
+                self._recompute(ld)
             logger.debug("DaserKVConnector: loaded %d tokens for %s in %.1f ms", ok_end - ld.start,
                          ld.req_id, 1e3 * (time.perf_counter() - t0))
+
+    def _recompute(self, ld: LoadSpec) -> None:
+        from vllm_daser import blend
+
+        model = blend.served_model()
+        if model is None:
+            if not self._warned_blend:
+                logger.warning("DaserKVConnector: a plan asks for in-engine recompute but the model hook is off "
+                               "(set DASER_VLLM_BLEND=1 for vLLM); serving full reuse (r=0)")
+                self._warned_blend = True
+            return
+        layers = self.vllm_config.compilation_config.static_forward_context
+        t0 = time.perf_counter()
+        n = blend.repair(model, self.layout, [layers[n] for n in self.layer_names],
+                         [self.kv_caches[n] for n in self.layer_names], ld.block_ids, ld.context_ids,
+                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1])
+        self.stats["recomputed_tokens"] = self.stats.get("recomputed_tokens", 0) + n
+        logger.debug("DaserKVConnector: recomputed %d of %d tokens for %s in %.1f ms", n, ld.end - ld.exact_len,
+                     ld.req_id, 1e3 * (time.perf_counter() - t0))
 
     def wait_for_save(self, meta: DaserConnectorMetadata) -> None:
         if not meta.saves:

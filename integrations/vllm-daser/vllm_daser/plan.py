@@ -45,6 +45,7 @@ class Plan:
     segments: tuple[Segment, ...]
     save: bool = True  # False for blended KV: what vLLM computes on top of it is not exact
     doc_ids: tuple[str, ...] = ()
+    recompute: tuple[float, int] | None = None  # (ratio, check layer): in-engine selective recompute
 
     @property
     def num_tokens(self) -> int:
@@ -75,7 +76,15 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
             raise PlanError(f"bad plan segment {s!r}: expected [store key, positive token count(, save key|null)]")
         save_key = s[0] if len(s) == 2 else s[2]
         out.append(Segment(s[0], s[1], save_key, save_key == s[0]))
-    plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())))
+    rc = raw.get("recompute")
+    recompute = None
+    if rc is not None:
+        ratio, layer = (rc.get("ratio"), rc.get("check_layer", 1)) if isinstance(rc, Mapping) else (None, None)
+        if (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0
+                or not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
+            raise PlanError(f"bad 'recompute' {rc!r}: expected {{'ratio': 0..1, 'check_layer': int >= 0}}")
+        recompute = (float(ratio), layer) if ratio > 0 else None
+    plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute)
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
     return plan
@@ -93,12 +102,16 @@ OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
 """`kv_transfer_params` for a request that must bypass the connector (baselines)."""
 
 
-def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True) -> dict[str, Any]:
+def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
+                recompute: tuple[float, int] | None = None) -> dict[str, Any]:
     """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
     out = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
-    return {PLAN_FIELD: {"segments": out, "save": save}}
+    plan: dict[str, Any] = {"segments": out, "save": save}
+    if recompute is not None:
+        plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1])}
+    return {PLAN_FIELD: plan}
 
 
 def block_chain_segments(namespace: str, token_ids: Sequence[int], block_size: int) -> list[Segment]:

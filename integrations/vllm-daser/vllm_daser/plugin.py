@@ -19,3 +19,7 @@ def register() -> None:
         KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
     except ValueError:
         pass  # already registered in this process (plugins may be loaded more than once)
+    from vllm_daser import blend
+
+    if blend.enabled():  # experimental in-engine selective recompute (see blend.py)
+        blend.register_model_class()

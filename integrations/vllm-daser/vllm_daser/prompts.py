@@ -171,7 +171,7 @@ class VllmRagPrompter:
                            time.perf_counter() - t0, {"node_keys": [k for k, _ in segs]})
 
     def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
-              exact_nodes: bool = True) -> VllmRequest:
+              exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1) -> VllmRequest:
         """Full reuse (r=0) inside vLLM: every stored context token is an external hit.
 
         Segment j loads the chunk's own entry (computed right after the system prefix) and the
@@ -180,6 +180,10 @@ class VllmRagPrompter:
         is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
         path) only while everything before it was exact. Missing chunk entries come back as
         `prefill` requests: run them first and the main request loads every chunk.
+
+        `recompute_ratio > 0` (experimental, needs DASER_VLLM_BLEND=1 in vLLM's environment):
+        the connector's worker recomputes that share of the re-positioned tokens with vLLM's
+        weights after loading them (CacheBlend selection at `check_layer`), see blend.py.
         """
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
@@ -216,12 +220,14 @@ class VllmRagPrompter:
         ids = gen.prompt_ids(question, contexts, tenant)
         ctx = sum(s[1] for s in segs)
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
+        recompute = (float(recompute_ratio), int(check_layer)) if recompute_ratio > 0 and not exact_run else None
         if not exact_run:
             # re-positioned KV must not enter vLLM's prefix cache under plain token hashes
             h = hashlib.blake2b(digest_size=16)
             h.update(b"daser-vllm-reuse-v1\0" + "\0".join(s[0] for s in segs).encode())
+            h.update(repr(recompute).encode())
             prompt["cache_salt"] = "r" + h.hexdigest()
-        return VllmRequest(prompt, plan_params(segs), "reuse", ctx, time.perf_counter() - t0,
+        return VllmRequest(prompt, plan_params(segs, recompute=recompute), "reuse", ctx, time.perf_counter() - t0,
                            {"segments": len(segs), "exact_chunks": sum(1 for s in segs[1:] if s[0] == s[2])},
                            prefill)
 

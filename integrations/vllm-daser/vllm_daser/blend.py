@@ -1,0 +1,128 @@
+"""Selective recompute (CacheBlend, r>0) inside vLLM's worker, with vLLM's own weights.
+
+Experimental; off unless `DASER_VLLM_BLEND=1` is set in vLLM's environment. Then the plugin
+registers `DaserLlamaForCausalLM` for the `LlamaForCausalLM` architecture (vLLM's
+`ModelRegistry.register_model`, a supported override; no source patch). The subclass changes
+nothing in the forward pass: it only makes the served model reachable from the connector's
+worker half in the same process.
+
+After the worker has loaded a request's context (exact prefix + re-positioned chunks) and
+before vLLM's forward pass computes the question, `repair()` runs daser's fusion on the paged
+cache: every non-exact context token goes through the layers up to the check layer, the top-r
+share by value deviation from the loaded KV is kept there, and only those continue through the
+remaining layers; their fresh K/V overwrite the loaded entries in the request's blocks. Then
+vLLM computes the question over the repaired cache as usual. Attention here is torch SDPA over
+the context gathered from the paged cache (vLLM's attention kernels only take the scheduled
+batch), so this costs more than it would inside vLLM's kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from typing import Any
+
+import torch
+
+_MODEL: weakref.ReferenceType[Any] | None = None
+
+
+def enabled() -> bool:
+    return os.environ.get("DASER_VLLM_BLEND", "0") not in ("", "0", "false", "no")
+
+
+def served_model() -> Any | None:
+    return _MODEL() if _MODEL is not None else None
+
+
+def register_model_class() -> None:
+    from vllm import ModelRegistry
+
+    # "LlamaModel": what vLLM resolves a config without `architectures` (model_type llama) to
+    for arch in ("LlamaForCausalLM", "LlamaModel"):
+        ModelRegistry.register_model(arch, "vllm_daser.blend:DaserLlamaForCausalLM")
+
+
+def _model_class() -> type:
+    from vllm.model_executor.models.llama import LlamaForCausalLM
+
+    class DaserLlamaForCausalLM(LlamaForCausalLM):  # type: ignore[misc, valid-type]
+        def __init__(self, *, vllm_config: Any, prefix: str = "", **kwargs: Any) -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            global _MODEL
+            _MODEL = weakref.ref(self)
+
+    return DaserLlamaForCausalLM
+
+
+def __getattr__(name: str) -> Any:  # the class is built lazily: importing vllm_daser needs no vLLM
+    if name == "DaserLlamaForCausalLM":
+        cls = _model_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def num_selected(n_candidates: int, ratio: float) -> int:
+    if n_candidates <= 0 or ratio <= 0:
+        return 0
+    return min(n_candidates, max(1, math.ceil(ratio * n_candidates)))
+
+
+@torch.inference_mode()
+def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch.Tensor], block_ids: list[int],
+           token_ids: list[int], exact_len: int, ctx_len: int, ratio: float, check_layer: int) -> int:
+    """Recompute the top-`ratio` share of context tokens [exact_len, ctx_len) in place.
+
+    `caches[i]`/`layer_modules[i]`: layer i's paged KV tensor and vLLM Attention module.
+    Returns how many tokens were recomputed after the check layer.
+    """
+    from vllm_daser.layout import slots_for
+
+    lm = model.model
+    n_cand = ctx_len - exact_len
+    n_sel = num_selected(n_cand, ratio)
+    if n_sel == 0:
+        return 0
+    dev = next(lm.parameters()).device
+    active = torch.arange(exact_len, ctx_len, device=dev)
+    ids = torch.as_tensor(token_ids[exact_len:ctx_len], device=dev)
+    h = lm.embed_tokens(ids)
+    residual = None
+    all_pos = torch.arange(ctx_len, device=dev)
+    for i, layer in enumerate(lm.layers):
+        if residual is None:
+            residual = h
+            x = layer.input_layernorm(h)
+        else:
+            x, residual = layer.input_layernorm(h, residual)
+        attn = layer.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(active, q, k)
+        hk, d = attn.num_kv_heads, attn.head_dim
+        k3 = k.reshape(-1, hk, d).transpose(0, 1)
+        v3 = v.reshape(-1, hk, d).transpose(0, 1)
+        K, V = layout.read(caches[i], block_ids, 0, ctx_len)  # [kv_heads, ctx_len, head_dim]
+        K, V = K.to(dev, k3.dtype), V.to(dev, v3.dtype)
+        if i == check_layer and n_sel < active.shape[0]:
+            score = ((v3.float() - V[:, active].float()) ** 2).sum(dim=(0, 2))
+            keep = torch.topk(score, n_sel).indices.sort().values
+            active, q, k3, v3, residual = active[keep], q[keep], k3[:, keep], v3[:, keep], residual[keep]
+        K[:, active] = k3
+        V[:, active] = v3
+        hq = attn.num_heads
+        q3 = q.reshape(-1, hq, d).transpose(0, 1)
+        rep = hq // hk
+        Kx = K.repeat_interleave(rep, dim=0) if rep > 1 else K
+        Vx = V.repeat_interleave(rep, dim=0) if rep > 1 else V
+        mask = all_pos[None, :] <= active[:, None]  # [n, ctx]
+        o = torch.nn.functional.scaled_dot_product_attention(q3, Kx, Vx, attn_mask=mask, scale=attn.scaling)
+        o = o.transpose(0, 1).reshape(-1, hq * d)
+        h, _ = attn.o_proj(o)
+        slots = slots_for(block_ids, 0, ctx_len, layout.block_size)[active.cpu()]
+        layout.write(layer_modules[i], caches[i], k3.transpose(0, 1), v3.transpose(0, 1), slots)
+        h, residual = layer.post_attention_layernorm(h, residual)
+        h = layer.mlp(h)
+    return int(active.shape[0])
