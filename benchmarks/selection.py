@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -32,7 +33,8 @@ from benchmarks.markdown import replace_marked
 from benchmarks.quality import normalize
 
 DEFAULT_SHARES = (0.05, 0.1, 0.15, 0.2, 0.3)
-DEFAULT_SELECTORS = ("deviation", "query", "hybrid", "random")
+DEFAULT_SELECTORS = ("deviation", "query", "hybrid", "chunk_heads")
+AUTO_SELECTORS = ("query", "hybrid")
 
 
 def token_f1(candidate: str, reference: str) -> float:
@@ -66,11 +68,11 @@ def prompt_sets(gen: Any, which: str, n: int, seed: int) -> dict[str, list[dict[
     return out
 
 
-def modes_for(selectors: list[str], shares: list[float], auto: bool) -> list[Mode]:
+def modes_for(selectors: list[str], shares: list[float], auto: list[str]) -> list[Mode]:
     modes = [FULL, blend_mode(0.0)]
     for sel in selectors:
         modes += [blend_mode(s, sel) for s in shares]
-        if auto:
+        if sel in auto:
             modes.append(blend_mode("auto", sel))
     return modes
 
@@ -185,14 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n", type=int, default=0, help="prompts per set (default: all QA, 120 stdlib)")
     ap.add_argument("--selectors", default=",".join(DEFAULT_SELECTORS))
     ap.add_argument("--shares", default=",".join(f"{s:g}" for s in DEFAULT_SHARES))
-    ap.add_argument("--no-auto", action="store_true")
+    ap.add_argument("--auto", default=",".join(AUTO_SELECTORS), help="selectors also run with r=auto")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--blend", nargs="*", default=[], help="BlendConfig overrides, e.g. query_layers=[2,3]")
     ap.add_argument("--json", default="results/selection.json")
     ap.add_argument("--img", default="", help="write the PNG here (e.g. docs/img/selection.png)")
-    ap.add_argument("--update-doc", default="", help="rewrite the marked table in this markdown file")
+    ap.add_argument("--update-doc", default="",
+                    help="rewrite the marked section (<!-- selection-SET:begin/end -->) of this markdown file")
     ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
     args = ap.parse_args(argv)
     if args.quick:
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             gen.blend = replace(gen.blend, **parse_override(args.blend))
         selectors = [s for s in args.selectors.split(",") if s]
         shares = [float(s) for s in args.shares.split(",") if s]
-        modes = modes_for(selectors, shares, not args.no_auto)
+        modes = modes_for(selectors, shares, [a for a in args.auto.split(",") if a])
         h = Harness(gen, answer_tokens=args.answer_tokens)
         results, rows_all = {}, []
         t0 = time.perf_counter()
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         plot({k: v for k, v in results.items() if ":" not in k}, Path(args.img))
     if args.update_doc:
         img = f"\n\n![selection](img/{Path(args.img).name})" if args.img else ""
-        replace_marked(Path(args.update_doc), "selection", text + img, append=True)
+        command = "daser-rag bench selection " + " ".join(argv if argv is not None else sys.argv[1:])
+        replace_marked(Path(args.update_doc), f"selection-{args.set}", f"`{command}`\n\n{text}{img}", append=True)
     return 0
 
 

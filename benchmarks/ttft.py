@@ -39,11 +39,19 @@ def make_chunks(gen: Any, n_chunks: int, chunk_tokens: int, topics: Sequence[str
     return out
 
 
+def parse_mode(spec: str) -> tuple[str, dict[str, Any]]:
+    """'0.15' (the default selector), 'hybrid:0.15', 'query:auto' -> (name, generate() options)."""
+    sel, _, r = spec.rpartition(":")
+    ratio: float | str = r if r == "auto" else float(r)
+    name = f"daser r={r}" if not sel else f"{sel} r={r}"
+    return name, {"recompute_ratio": ratio, **({"selector": sel} if sel else {})}
+
+
 def measure_modes(
-    gen: Any, chunks: list[str], question: str, ratios: list[float], repeats: int
+    gen: Any, chunks: list[str], question: str, ratios: Sequence[float | str], repeats: int
 ) -> dict[str, list[float]]:
     modes: list[tuple[str, dict[str, Any]]] = [("full prefill", {"use_cache": False})]
-    modes += [(f"daser r={r:g}", {"recompute_ratio": r}) for r in ratios]
+    modes += [parse_mode(str(r) if isinstance(r, str) else f"{r:g}") for r in ratios]
     gen.generate(question, chunks, max_new_tokens=1)  # precompute + warm-up (not timed)
     gen.generate(question, chunks, max_new_tokens=1, use_cache=False)
     times: dict[str, list[float]] = {name: [] for name, _ in modes}
@@ -55,7 +63,7 @@ def measure_modes(
 
 
 def run_ttft_benchmark(
-    gen: Any, *, n_chunks: int = 4, chunk_tokens: int = 512, ratios: list[float] | None = None,
+    gen: Any, *, n_chunks: int = 4, chunk_tokens: int = 512, ratios: Sequence[float | str] | None = None,
     repeats: int = 3, question: str = QUESTION,
 ) -> dict[str, Any]:
     ratios = ratios if ratios is not None else [0.15, 0.0]
@@ -67,7 +75,8 @@ def run_ttft_benchmark(
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"mode": name, "ttft_median_s": med, "ttft_min_s": min(ts), "speedup_vs_full": full / med})
+        rows.append({"mode": name, "ttft_median_s": med, "ttft_min_s": min(ts), "speedup_vs_full": full / med,
+                     "paired_speedup_median": statistics.median(f / t for f, t in zip(times["full prefill"], ts))})
     return {"n_chunks": n_chunks, "chunk_tokens": chunk_tokens, "context_tokens": ctx_tokens,
             "question_tokens": q_tokens, "repeats": repeats, "rows": rows}
 
@@ -75,28 +84,37 @@ def run_ttft_benchmark(
 def format_table(result: dict[str, Any]) -> str:
     lines = [f"context {result['context_tokens']} tokens ({result['n_chunks']} chunks x ~{result['chunk_tokens']}), "
              f"question {result['question_tokens']} tokens, median of {result['repeats']}",
-             f"{'mode':<16}{'TTFT (s)':>10}{'min (s)':>10}{'speed-up':>10}"]
+             f"{'mode':<22}{'TTFT (s)':>10}{'min (s)':>10}{'speed-up':>10}{'paired':>9}"]
     for r in result["rows"]:
-        lines.append(f"{r['mode']:<16}{r['ttft_median_s']:>10.3f}{r['ttft_min_s']:>10.3f}{r['speedup_vs_full']:>9.1f}x")
+        lines.append(f"{r['mode']:<22}{r['ttft_median_s']:>10.3f}{r['ttft_min_s']:>10.3f}"
+                     f"{r['speedup_vs_full']:>9.1f}x{r['paired_speedup_median']:>8.1f}x")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.factory import build_generator
     from daser_rag.kv.store import KVStore
 
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="daser-rag bench ttft", description=__doc__)
     ap.add_argument("--model", default=None)
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--chunk-tokens", type=int, default=512)
-    ap.add_argument("--ratios", default="0.15,0")
+    ap.add_argument("--ratios", default="0.15,0",
+                    help="comma-separated modes: a share or 'auto' (the default selector), or SELECTOR:SHARE, "
+                         "e.g. deviation:0.15,hybrid:0.15,hybrid:auto,0")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--json", default=None, help="also write the result here")
     args = ap.parse_args(argv)
-    gen = CacheAwareGenerator(args.model, store=KVStore(None, codec=args.codec))
-    res = run_ttft_benchmark(gen, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens,
-                             ratios=[float(x) for x in args.ratios.split(",")], repeats=args.repeats)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    gen = build_generator(args.model, store=KVStore(None, codec=args.codec))
+    specs = [x for x in args.ratios.split(",") if x]
+    res = run_ttft_benchmark(gen, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens, ratios=specs,
+                             repeats=args.repeats)
     print(format_table(res))
     if args.json:
         with open(args.json, "w") as f:

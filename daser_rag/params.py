@@ -19,7 +19,7 @@ from daser_rag.errors import InvalidInputError
 DEFAULT_MAX_NEW_TOKENS = 256
 """One default for every entry point (generator, CLI, service, adapters)."""
 
-SELECTORS = ("deviation", "query", "hybrid", "random")
+SELECTORS = ("deviation", "query", "hybrid", "chunk_heads", "random")
 """Token selectors for selective recompute; see daser_rag/blend/selectors.py."""
 
 RecomputeRatio = Union[float, str]

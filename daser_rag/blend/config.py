@@ -26,6 +26,7 @@ class BlendConfig:
                    look-ahead pass), rank context tokens by the attention they receive in
                    `query_layers`; selected tokens are recomputed from layer 0 (no check pass).
       "hybrid"     query relevance times deviation.
+      "chunk_heads" the first tokens of every non-exact chunk, the budget spread evenly (EPIC).
       "random"     a seeded random share (a baseline for measurements).
     chunk_heads: the first k tokens of every non-exact chunk are always recomputed (EPIC).
     recompute_ratio "auto": the smallest share whose tokens hold `auto_coverage` of the

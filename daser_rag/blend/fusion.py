@@ -101,13 +101,21 @@ def _chunk_starts(segments: Sequence[ChunkKV], exact_len: int) -> list[int]:
     return starts
 
 
-def _attention_probs(runner: LayerRunner, q: torch.Tensor, k_all: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax attention [H, Tq, L] of the question's queries over every key (GQA expanded)."""
-    rep = runner.n_heads // runner.n_kv
-    k = k_all.repeat_interleave(rep, dim=0) if rep > 1 else k_all
-    scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * runner.scale
-    scores = scores.masked_fill(~mask.unsqueeze(0), float("-inf"))
-    return torch.softmax(scores, dim=-1)
+def _grouped_attention(runner: LayerRunner, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The question's attention with its probabilities: ([H, Tq, L] probs, [H, Tq, D] output).
+
+    Query heads that share a KV head are stacked along the query axis, so GQA needs no copy
+    of the keys or values.
+    """
+    h, tq, d = q.shape
+    kvh = runner.n_kv
+    qg = q.float().reshape(kvh, (h // kvh) * tq, d)
+    scores = torch.matmul(qg, k_all.float().transpose(1, 2)) * runner.scale  # [kvH, rep*Tq, L]
+    scores = scores.view(kvh, h // kvh, tq, -1).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs.view(kvh, (h // kvh) * tq, -1), v_all.float()).view(h, tq, d)
+    return probs.view(h, tq, -1), out.to(v_all.dtype)
 
 
 def _relevance(probs: torch.Tensor, exact_len: int, ctx_len: int, config: BlendConfig) -> torch.Tensor:
@@ -141,11 +149,9 @@ def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.T
         cache.write(i, ctx_len, k, v)
         k_all, v_all = cache.view(i, total)
         if i in layers:
-            probs = _attention_probs(runner, q, k_all, mask)
+            probs, out = _grouped_attention(runner, q, k_all, v_all, mask)
             relevance += _relevance(probs, exact_len, ctx_len, config)
-            rep = runner.n_heads // runner.n_kv
-            v_rep = v_all.repeat_interleave(rep, dim=0) if rep > 1 else v_all
-            h = runner.finish_layer(i, h, torch.matmul(probs.to(v_rep.dtype), v_rep))
+            h = runner.finish_layer(i, h, out)
         else:
             h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
     return runner.logits(h[-1:]), relevance / max(1, len(layers))
@@ -184,6 +190,9 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
             k_old, v_old = cache.view(i, ctx_len)
             signals.deviation = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:],
                                              v_old[:, exact_len:], config.deviation)
+            # Every candidate went through all layers below, so its K/V here are exact: keep them
+            # all (free), then carry on with the selected tokens only.
+            cache.write_at(i, active, k, v)
             chosen = select(config, signals, n_sel).to(dev)
             keep = torch.cat([chosen, torch.arange(n_cand, active.shape[0], device=dev)])
             active, h, cos, sin = active[keep], h[keep], cos[keep], sin[keep]

@@ -87,6 +87,13 @@ def score(config: BlendConfig, signals: Signals) -> torch.Tensor:
         # both normalized to distributions; the product favours tokens the question reads
         # AND whose stored KV is wrong (the square root keeps the product's scale comparable)
         return (_normalized(signals.relevance) * _normalized(signals.deviation)).sqrt()
+    if sel == "chunk_heads":
+        # rank by position within the chunk: every chunk's k-th token before any chunk's (k+1)-th
+        pos = torch.arange(signals.num_candidates, dtype=torch.float32)
+        starts = torch.zeros(signals.num_candidates, dtype=torch.float32)
+        for start in signals.chunk_starts:
+            starts[start:] = float(start)
+        return -(pos - starts)
     if sel == "random":
         g = torch.Generator().manual_seed(config.seed + signals.num_candidates)
         return torch.rand(signals.num_candidates, generator=g)
