@@ -362,3 +362,28 @@ def test_idle_and_slow_header_connections_are_closed(generator):
             time.sleep(1.3)
             assert c.get("/health").status_code == 200  # (a new connection if the old one was closed)
     assert closed == {"idle": True, "slow": True} and took < 4.0, (closed, took)
+
+
+def test_the_model_gate_serves_waiters_in_arrival_order():
+    from daser_rag.server.admission import ModelGate
+
+    gate = ModelGate(threading.RLock(), workers=8, queue_timeout_s=10)
+    order: list[int] = []
+    release = threading.Event()
+
+    def work(i: int):
+        def fn():
+            if i == 0:
+                release.wait(5)
+            order.append(i)
+        return fn
+
+    futs = []
+    for i in range(8):
+        futs.append(gate.submit(work(i), threading.Event()))
+        time.sleep(0.03)  # arrive one after another
+    release.set()
+    for f in futs:
+        f.result(10)
+    assert order == list(range(8))
+    gate.close()

@@ -65,29 +65,61 @@ class Cancelled(Exception):
 
 
 class ModelGate:
-    """Runs model work in dedicated threads, one holder of the generator's lock at a time."""
+    """Runs model work in dedicated threads, one at a time, in arrival order (the generator's
+    lock is not fair: without a queue, a request could keep losing the race for it)."""
 
     def __init__(self, lock: Any, workers: int, queue_timeout_s: float, poll_s: float = 0.05) -> None:
         self.lock = lock
         self.queue_timeout_s = queue_timeout_s
         self.poll_s = poll_s
         self.executor = ThreadPoolExecutor(max(1, workers), thread_name_prefix="daser-model")
+        self._cv = threading.Condition()
+        self._line: deque[object] = deque()
+        self._running = False
+
+    def _give_up(self, ticket: object, exc: Exception) -> Exception:
+        with self._cv:
+            if ticket in self._line:
+                self._line.remove(ticket)
+            self._cv.notify_all()
+        return exc
+
+    def _timeout(self, waited: float) -> Exception:
+        return unavailable(f"waited {waited:.1f} s for the model (queue deadline {self.queue_timeout_s:g} s); "
+                           "retry later", "queue_timeout")
 
     def _locked(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
         t0 = time.monotonic()
-        while not self.lock.acquire(timeout=self.poll_s):
-            if stop.is_set():
-                raise Cancelled()
-            waited = time.monotonic() - t0
-            if waited > self.queue_timeout_s:
-                raise unavailable(f"waited {waited:.1f} s for the model (queue deadline {self.queue_timeout_s:g} s); "
-                                  "retry later", "queue_timeout")
+        ticket = object()
+        with self._cv:
+            self._line.append(ticket)
+            while self._running or self._line[0] is not ticket:
+                waited = time.monotonic() - t0
+                if stop.is_set():
+                    raise self._give_up(ticket, Cancelled())
+                if waited > self.queue_timeout_s:
+                    raise self._give_up(ticket, self._timeout(waited))
+                self._cv.wait(self.poll_s)
+            self._line.popleft()
+            self._running = True
         try:
-            if stop.is_set():
-                raise Cancelled()
-            return fn()
+            # our turn; the generator's lock may still be held by someone outside the gate
+            while not self.lock.acquire(timeout=self.poll_s):
+                if stop.is_set():
+                    raise Cancelled()
+                waited = time.monotonic() - t0
+                if waited > self.queue_timeout_s:
+                    raise self._timeout(waited)
+            try:
+                if stop.is_set():
+                    raise Cancelled()
+                return fn()
+            finally:
+                self.lock.release()
         finally:
-            self.lock.release()
+            with self._cv:
+                self._running = False
+                self._cv.notify_all()
 
     def submit(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
         """A concurrent future of `fn()` run under the model lock (no client watching)."""
