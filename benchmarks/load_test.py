@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         redis = RedisServer(workdir=work / "redis").start()
         started.append(redis)
         procs = [ServiceProcess(work / f"svc{i}", redis_url=redis.url,
-                                extra_args=["--codec", "fp32", "--max-pending", str(args.concurrency * 2)]).start()
+                                extra_args=["--codec", "fp32", "--max-pending", str(args.concurrency * 2),
+                                            # throughput and staleness are measured here, not deadlines:
+                                            # a 2-core machine shared with other work can queue > 30 s
+                                            "--queue-timeout", "180", "--fair-share", "1"]).start()
                  for i in range(args.processes)]
         started.extend(procs)
         for sp in procs:
