@@ -310,9 +310,12 @@ class Service:
     async def health(self) -> dict[str, Any]:
         redis_state = "disabled"
         if self.link is not None:
-            # a call answered within the last second, or else a PING with a 0.25 s timeout (or the
-            # breaker's cached verdict): never waits longer
-            up = self.link.answered_within(1.0) or await run_in_threadpool(self.link.ping)
+            # a PING with a 0.25 s timeout (or the breaker's verdict while it holds Redis down);
+            # should the thread pool be slow to run it, the breaker's current state answers
+            try:
+                up = await asyncio.wait_for(run_in_threadpool(self.link.ping), 0.5)
+            except asyncio.TimeoutError:
+                up = self.link.up
             redis_state = "up" if up else "down"
         return {"status": "degraded" if redis_state == "down" else "ok", "redis": redis_state,
                 "model": self.served_model, "fingerprint": self.generator.fingerprint,

@@ -97,7 +97,6 @@ class RedisLink:
         self._outbox: deque[Callable[[Any], Any]] = deque()
         self.errors = 0
         self.outages = 0
-        self.last_ok = 0.0
 
     @property
     def up(self) -> bool:
@@ -131,15 +130,9 @@ class RedisLink:
         try:
             if self._outbox:
                 self._replay()
-            out = fn(self.client)
+            return fn(self.client)
         except (self._redis.ConnectionError, self._redis.TimeoutError, OSError) as exc:
             raise self._failed(exc) from exc
-        self.last_ok = time.monotonic()
-        return out
-
-    def answered_within(self, seconds: float) -> bool:
-        """Did a call succeed in the last `seconds` (and Redis is not marked down since)?"""
-        return self._up and time.monotonic() - self.last_ok < seconds
 
     def _probe(self) -> bool:
         """True once a PING answered and every queued operation was replayed (Redis marked up)."""
@@ -201,12 +194,10 @@ class RedisLink:
         if not self._up:
             return self._probe()
         try:
-            ok = bool(self._probe_client.ping())
+            return bool(self._probe_client.ping())
         except (self._redis.RedisError, OSError) as exc:
             self._failed(exc)
             return False
-        self.last_ok = time.monotonic()
-        return ok
 
 
 class RedisTier:
