@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -100,7 +101,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_tokens: int,
-            set_name: str, log: bool = True) -> list[dict[str, Any]]:
+            set_name: str, log: bool = True, checkpoint: Any = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for i, it in enumerate(items):
         h.ingest(it["chunks"])
@@ -117,6 +118,8 @@ def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_t
                 "correct": int(any(a.lower() in r.answer.lower() for a in it["answers"])),
                 "share": r.share,
             })
+        if checkpoint is not None:
+            checkpoint(rows)
         if log:
             s = summarize([r for r in rows if r["item"] <= i])
             best = sorted(((v["mean_kl"], k) for k, v in s.items() if k != FULL.name))[:3]
@@ -181,6 +184,58 @@ def parse_override(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def modes_from_rows(rows: list[dict[str, Any]]) -> list[Mode]:
+    """The modes of a saved run, in their run order."""
+    seen: dict[str, Mode] = {}
+    for r in rows:
+        if r["mode"] not in seen:
+            kind = "full" if r["selector"] == "full" else "blend"
+            sel = None if r["selector"] in ("full", "default") else r["selector"]
+            seen[r["mode"]] = Mode(r["mode"], kind, r["ratio"], sel)
+    return list(seen.values())
+
+
+def rerun_command(data: dict[str, Any]) -> str:
+    """The command that regenerates a saved run (recorded by the run; derived from its rows for
+    JSON written before the command was recorded)."""
+    if data.get("command"):
+        return data["command"]
+    rows = data["rows"]
+    sets = sorted({r["set"] for r in rows})
+    blend = [m for m in modes_from_rows(rows) if m.selector]
+    sels = list(dict.fromkeys(m.selector for m in blend))
+    shares = list(dict.fromkeys(f"{m.ratio:g}" for m in blend if m.ratio != "auto"))
+    auto = [m.selector for m in blend if m.ratio == "auto"]
+    n = max(r["item"] for r in rows) + 1
+    return (f"daser-rag bench selection --set {sets[0] if len(sets) == 1 else 'both'} -n {n} --selectors "
+            f"{','.join(sels)} --shares {','.join(shares)} --auto {','.join(auto)} --threads 1")
+
+
+def report(data: dict[str, Any], *, img: str = "", update_doc: str = "") -> str:
+    results, rows = data["results"], data["rows"]
+    modes = modes_from_rows(rows)
+    meta = (f"; {data['minutes']:.0f} min, torch threads {data['threads']}, {data['machine']}"
+            if "minutes" in data else "")
+    md = [f"Regenerate: `{rerun_command(data)}` (`--render JSON` redraws from a saved run). "
+          f"Default blend config: `{data['blend']}`{meta}."]
+    if data.get("partial"):
+        md.append("This run was stopped before it finished: the tables hold the prompts it completed.")
+    sets = [k for k in results if ":" not in k]
+    for name in sets:
+        n_items = max(v["prompts"] for v in results[name].values())
+        md += ["", f"**{name}** ({n_items} prompts)", "", format_table(results[name], modes)]
+        for pos, summ in results.get(f"{name}:by_position", {}).items():
+            if name == "stdlib":
+                md += ["", f"{name}, answer document {pos}:", "", format_table(summ, modes)]
+    text = "\n".join(md)
+    if img:
+        plot({k: v for k, v in results.items() if ":" not in k}, Path(img))
+    if update_doc:
+        pic = f"\n\n![selection: fidelity vs share and vs speed-up](img/{Path(img).name})" if img else ""
+        replace_marked(Path(update_doc), f"selection-{'-'.join(sets)}", text + pic, append=True)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="daser-rag bench selection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--set", default="both", choices=["qa", "stdlib", "both"])
@@ -196,10 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", default="", help="write the PNG here (e.g. docs/img/selection.png)")
     ap.add_argument("--update-doc", default="",
                     help="rewrite the marked section (<!-- selection-SET:begin/end -->) of this markdown file")
+    ap.add_argument("--render", default="", help="no run: report a saved JSON (tables, --img, --update-doc)")
     ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
     args = ap.parse_args(argv)
+    if args.render:
+        print(report(json.loads(Path(args.render).read_text()), img=args.img, update_doc=args.update_doc))
+        return 0
     if args.quick:
         args.n, args.shares = 8, "0.15,0.3"
+
+    import platform
 
     import torch
 
@@ -215,33 +276,31 @@ def main(argv: list[str] | None = None) -> int:
         shares = [float(s) for s in args.shares.split(",") if s]
         modes = modes_for(selectors, shares, [a for a in args.auto.split(",") if a])
         h = Harness(gen, answer_tokens=args.answer_tokens)
-        results, rows_all = {}, []
         t0 = time.perf_counter()
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done: list[dict[str, Any]] = []
+
+        def save(rows: list[dict[str, Any]], partial: bool = True) -> dict[str, Any]:
+            """Written after every prompt, so an interrupted run still leaves its measurements."""
+            all_rows = done + rows
+            results: dict[str, Any] = {}
+            for name in dict.fromkeys(r["set"] for r in all_rows):
+                rs = [r for r in all_rows if r["set"] == name]
+                results[name] = summarize(rs)
+                by_pos = {p: summarize([r for r in rs if r["position"] == p]) for p in ("first", "middle", "last")}
+                results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
+            data = {"results": results, "rows": all_rows, "blend": str(gen.blend), "partial": partial,
+                    "command": "daser-rag bench selection " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "minutes": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
+                    "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+            out.write_text(json.dumps(data, indent=1, default=str))
+            return data
+
         for name, items in prompt_sets(gen, args.set, args.n, args.seed).items():
-            rows = run_set(h, items, modes, args.answer_tokens, name)
-            rows_all += rows
-            results[name] = summarize(rows)
-            by_pos = {pos: summarize([r for r in rows if r["position"] == pos]) for pos in ("first", "middle", "last")}
-            results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
-        elapsed = time.perf_counter() - t0
-    md = [f"Default blend config: `{gen.blend}`; {elapsed / 60:.1f} min, torch threads {torch.get_num_threads()}."]
-    for name in [k for k in results if ":" not in k]:
-        n_items = max(v["prompts"] for v in results[name].values())
-        md += ["", f"**{name}** ({n_items} prompts)", "", format_table(results[name], modes)]
-        for pos, summ in results[f"{name}:by_position"].items():
-            if name == "stdlib":
-                md += ["", f"{name}, answer document {pos}:", "", format_table(summ, modes)]
-    text = "\n".join(md)
-    print(text)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "rows": rows_all, "blend": str(gen.blend)}, indent=1, default=str))
-    if args.img:
-        plot({k: v for k, v in results.items() if ":" not in k}, Path(args.img))
-    if args.update_doc:
-        img = f"\n\n![selection](img/{Path(args.img).name})" if args.img else ""
-        command = "daser-rag bench selection " + " ".join(argv if argv is not None else sys.argv[1:])
-        replace_marked(Path(args.update_doc), f"selection-{args.set}", f"`{command}`\n\n{text}{img}", append=True)
+            done += run_set(h, items, modes, args.answer_tokens, name, checkpoint=save)
+        data = save([], partial=False)
+    print(report(data, img=args.img, update_doc=args.update_doc))
     return 0
 
 

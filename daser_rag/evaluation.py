@@ -59,13 +59,16 @@ def measure_fidelity(
     ratios: Sequence[float],
     *,
     steps: int = 8,
+    selector: str | None = None,
 ) -> dict[float, Fidelity]:
+    """Teacher-forced agreement with full prefill at each recompute share (`selector`: None is
+    the generator's default)."""
     results = {r: Fidelity() for r in ratios}
     for question, contexts in prompts:
         full, _ = gen.prefill(question, contexts, use_cache=False, extra_capacity=steps)
         ref_tokens, ref_logits = _continuation_logits(gen, full, None, steps)
         for r in ratios:
-            fused, _ = gen.prefill(question, contexts, recompute_ratio=r, extra_capacity=steps)
+            fused, _ = gen.prefill(question, contexts, recompute_ratio=r, selector=selector, extra_capacity=steps)
             _, logits = _continuation_logits(gen, fused, ref_tokens, steps)
             f = results[r]
             f.prompts += 1

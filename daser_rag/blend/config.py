@@ -34,7 +34,7 @@ class BlendConfig:
     """
 
     recompute_ratio: Ratio = 0.15
-    selector: str = "query"
+    selector: str = "hybrid"
     check_layer: int = 1
     deviation: str = "v"
     chunk_heads: int = 0
@@ -42,7 +42,7 @@ class BlendConfig:
     query_tokens: int = 0  # 0: every question token; k: the last k only
     query_norm: str = "row"  # "row": each (head, question token)'s attention over candidates sums to 1; "raw"
     query_heads: str = "mean"  # "mean" or "max" over heads
-    auto_coverage: float = 0.8
+    auto_coverage: float = 0.7
     auto_floor: float = 0.05
     auto_cap: float = 0.5
     seed: int = 0

@@ -49,7 +49,7 @@ class CacheAwareGenerator:
         cache_dir: str | Path | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         recompute_ratio: float | str = 0.15,
-        selector: str = "deviation",
+        selector: str = "hybrid",
         check_layer: int = 1,
         blend: BlendConfig | None = None,
         chunk_tokens: int = 512,
