@@ -23,9 +23,12 @@ from pathlib import Path
 
 import torch
 
+import os
+
 from vllm_daser.env import cpu_defaults
 
 cpu_defaults()
+os.environ["DASER_VLLM_BLEND"] = "1"  # the model hook for in-engine selective recompute (blend.py)
 
 from daser_rag.corpus import python_reference_corpus
 from daser_rag.generate import CacheAwareGenerator
@@ -275,3 +278,27 @@ def test_corrupt_entry_is_recomputed_not_served(env, tmp_path):
     assert not r.prefill  # the scheduler sees the file and reports a hit
     toks, _ = run(env, r)
     assert toks == baseline(env, r)
+
+
+def test_in_engine_selective_recompute_equals_daser(env):
+    """r>0 inside vLLM (the connector's worker recomputes the top-r re-positioned tokens with
+    vLLM's weights, CacheBlend deviation selection at layer 1): same greedy tokens as daser's own
+    engine with the same selection; r=1 recomputes everything and equals full prefill."""
+    from vllm_daser import blend
+
+    gen, d = env["gen"], env["docs"]
+    ctx = [d["pyref:del"], d["pyref:break"], d["pyref:pass"]]
+    r0 = env["p"].reuse(Q2, ctx, exact_nodes=False)
+    _run_prefills(env, r0)
+    for ratio in (0.15, 1.0):
+        req = env["p"].reuse(Q2, ctx, exact_nodes=False, recompute_ratio=ratio)
+        assert req.kv_transfer_params["daser"]["recompute"]["ratio"] == ratio
+        toks, cached = run(env, req)
+        assert cached == req.context_tokens
+        if ratio == 1.0:
+            assert toks == baseline(env, req)
+        ours = gen.generate(Q2, ctx, recompute_ratio=ratio, selector="deviation", max_new_tokens=MAX_TOKENS)
+        assert ours.recomputed_tokens == blend.num_selected(req.context_tokens - len(gen.prompt.prefix_ids)
+                                                            - len(gen.prompt.chunk_ids(d["pyref:del"].text)), ratio)
+        n = min(len(toks), len(ours.token_ids))
+        assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (ratio, toks, ours.token_ids)
