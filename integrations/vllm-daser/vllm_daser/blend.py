@@ -72,10 +72,13 @@ def num_selected(n_candidates: int, ratio: float) -> int:
 
 @torch.inference_mode()
 def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch.Tensor], block_ids: list[int],
-           token_ids: list[int], exact_len: int, ctx_len: int, ratio: float, check_layer: int) -> int:
+           token_ids: list[int], exact_len: int, ctx_len: int, ratio: float, check_layer: int,
+           loaded: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> int:
     """Recompute the top-`ratio` share of context tokens [exact_len, ctx_len) in place.
 
     `caches[i]`/`layer_modules[i]`: layer i's paged KV tensor and vLLM Attention module.
+    `loaded`: (K, V [layers, kv_heads, tokens, dim], first position) as the worker just wrote
+    them; when they cover the whole context the paged cache is not read back.
     Returns how many tokens were recomputed after the check layer.
     """
     from vllm_daser.layout import slots_for
@@ -91,6 +94,7 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
     h = lm.embed_tokens(ids)
     residual = None
     all_pos = torch.arange(ctx_len, device=dev)
+    bias: torch.Tensor | None = None  # additive causal mask of the active rows (rebuilt when they shrink)
     for i, layer in enumerate(lm.layers):
         if residual is None:
             residual = h
@@ -104,22 +108,31 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         hk, d = attn.num_kv_heads, attn.head_dim
         k3 = k.reshape(-1, hk, d).transpose(0, 1)
         v3 = v.reshape(-1, hk, d).transpose(0, 1)
-        K, V = layout.read(caches[i], block_ids, 0, ctx_len)  # [kv_heads, ctx_len, head_dim]
+        if loaded is not None and loaded[2] == 0:  # the context exactly as the worker just wrote it
+            K, V = loaded[0][i].clone(), loaded[1][i].clone()
+        else:
+            K, V = layout.read(caches[i], block_ids, 0, ctx_len)  # [kv_heads, ctx_len, head_dim]
         K, V = K.to(dev, k3.dtype), V.to(dev, v3.dtype)
         if i == check_layer and n_sel < active.shape[0]:
             score = ((v3.float() - V[:, active].float()) ** 2).sum(dim=(0, 2))
             keep = torch.topk(score, n_sel).indices.sort().values
             active, q, k3, v3, residual = active[keep], q[keep], k3[:, keep], v3[:, keep], residual[keep]
+            bias = None
         K[:, active] = k3
         V[:, active] = v3
         hq = attn.num_heads
-        q3 = q.reshape(-1, hq, d).transpose(0, 1)
-        rep = hq // hk
-        Kx = K.repeat_interleave(rep, dim=0) if rep > 1 else K
-        Vx = V.repeat_interleave(rep, dim=0) if rep > 1 else V
-        mask = all_pos[None, :] <= active[:, None]  # [n, ctx]
-        o = torch.nn.functional.scaled_dot_product_attention(q3, Kx, Vx, attn_mask=mask, scale=attn.scaling)
-        o = o.transpose(0, 1).reshape(-1, hq * d)
+        if bias is None:
+            # additive causal mask, built once per active set (SDPA's CPU math path spends as long
+            # on mask handling as on the attention itself, so attention is spelled out here)
+            bias = torch.zeros(active.shape[0], ctx_len, dtype=q.dtype, device=dev)
+            bias.masked_fill_(all_pos[None, :] > active[:, None], float("-inf"))
+            bias = bias.repeat(hq // hk, 1)
+        # grouped-query attention as [kv_heads, group * n, d] x [kv_heads, ctx, d]: no K/V copies
+        n = active.shape[0]
+        q4 = q.reshape(n, hk, hq // hk, d).permute(1, 2, 0, 3).reshape(hk, (hq // hk) * n, d)
+        scores = torch.baddbmm(bias.expand(hk, -1, -1), q4, K.transpose(1, 2), alpha=attn.scaling)
+        o = torch.bmm(torch.softmax(scores, dim=-1), V)
+        o = o.reshape(hk, hq // hk, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
         h, _ = attn.o_proj(o)
         slots = slots_for(block_ids, 0, ctx_len, layout.block_size)[active.cpu()]
         layout.write(layer_modules[i], caches[i], k3.transpose(0, 1), v3.transpose(0, 1), slots)

@@ -346,11 +346,11 @@ class DaserConnectorWorker:
                                   v_all[i].transpose(0, 1), slots)
             self.stats["loaded_tokens"] += ok_end - ld.start
             if ld.recompute is not None and ok_end == ld.end:
-                self._recompute(ld)
+                self._recompute(ld, (k_all, v_all, ld.start))
             logger.debug("DaserKVConnector: loaded %d tokens for %s in %.1f ms", ok_end - ld.start,
                          ld.req_id, 1e3 * (time.perf_counter() - t0))
 
-    def _recompute(self, ld: LoadSpec) -> None:
+    def _recompute(self, ld: LoadSpec, loaded: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         from vllm_daser import blend
 
         model = blend.served_model()
@@ -364,7 +364,7 @@ class DaserConnectorWorker:
         t0 = time.perf_counter()
         n = blend.repair(model, self.layout, [layers[n] for n in self.layer_names],
                          [self.kv_caches[n] for n in self.layer_names], ld.block_ids, ld.context_ids,
-                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1])
+                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded)
         self.stats["recomputed_tokens"] = self.stats.get("recomputed_tokens", 0) + n
         logger.debug("DaserKVConnector: recomputed %d of %d tokens for %s in %.1f ms", n, ld.end - ld.exact_len,
                      ld.req_id, 1e3 * (time.perf_counter() - t0))
