@@ -211,7 +211,7 @@ def rerun_command(data: dict[str, Any]) -> str:
             f"{','.join(sels)} --shares {','.join(shares)} --auto {','.join(auto)} --threads 1")
 
 
-def report(data: dict[str, Any], *, img: str = "", update_doc: str = "") -> str:
+def report(data: dict[str, Any], *, img: str = "", update_doc: str = "", marker: str = "") -> str:
     results, rows = data["results"], data["rows"]
     modes = modes_from_rows(rows)
     meta = (f"; {data['minutes']:.0f} min, torch threads {data['threads']}, {data['machine']}"
@@ -232,7 +232,7 @@ def report(data: dict[str, Any], *, img: str = "", update_doc: str = "") -> str:
         plot({k: v for k, v in results.items() if ":" not in k}, Path(img))
     if update_doc:
         pic = f"\n\n![selection: fidelity vs share and vs speed-up](img/{Path(img).name})" if img else ""
-        replace_marked(Path(update_doc), f"selection-{'-'.join(sets)}", text + pic, append=True)
+        replace_marked(Path(update_doc), marker or f"selection-{'-'.join(sets)}", text + pic, append=True)
     return text
 
 
@@ -251,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", default="", help="write the PNG here (e.g. docs/img/selection.png)")
     ap.add_argument("--update-doc", default="",
                     help="rewrite the marked section (<!-- selection-SET:begin/end -->) of this markdown file")
+    ap.add_argument("--marker", default="", help="doc section name (default: selection-SET)")
     ap.add_argument("--render", default="", help="no run: report a saved JSON (tables, --img, --update-doc)")
     ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
     args = ap.parse_args(argv)
     if args.render:
-        print(report(json.loads(Path(args.render).read_text()), img=args.img, update_doc=args.update_doc))
+        print(report(json.loads(Path(args.render).read_text()), img=args.img, update_doc=args.update_doc,
+                     marker=args.marker))
         return 0
     if args.quick:
         args.n, args.shares = 8, "0.15,0.3"
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, items in prompt_sets(gen, args.set, args.n, args.seed).items():
             done += run_set(h, items, modes, args.answer_tokens, name, checkpoint=save)
         data = save([], partial=False)
-    print(report(data, img=args.img, update_doc=args.update_doc))
+    print(report(data, img=args.img, update_doc=args.update_doc, marker=args.marker))
     return 0
 
 
