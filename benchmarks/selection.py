@@ -211,7 +211,23 @@ def rerun_command(data: dict[str, Any]) -> str:
             f"{','.join(sels)} --shares {','.join(shares)} --auto {','.join(auto)} --threads 1")
 
 
-def report(data: dict[str, Any], *, img: str = "", update_doc: str = "", marker: str = "") -> str:
+def readme_table(data: dict[str, Any]) -> str:
+    """The compact table README shows: full prefill, r=0 and each selector's rows."""
+    name = next(k for k in data["results"] if ":" not in k)
+    summ = data["results"][name]
+    n = max(v["prompts"] for v in summ.values())
+    lines = [f"{n} held-out questions (`{rerun_command(data)}`):", "",
+             "| mode | share | top-1 | mean KL | greedy answer identical | QA accuracy |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in modes_from_rows(data["rows"]):
+        v = summ[m.name]
+        lines.append(f"| {m.name} | {v['share']:.2f} | {v['top1']:.3f} | {v['mean_kl']:.4f} | "
+                     f"{v['greedy_identical']:.0%} | {v['qa_accuracy']:.0%} |")
+    return "\n".join(lines)
+
+
+def report(data: dict[str, Any], *, img: str = "", update_doc: str = "", marker: str = "",
+           readme: str = "") -> str:
     results, rows = data["results"], data["rows"]
     modes = modes_from_rows(rows)
     meta = (f"; {data['minutes']:.0f} min, torch threads {data['threads']}, {data['machine']}"
@@ -233,6 +249,8 @@ def report(data: dict[str, Any], *, img: str = "", update_doc: str = "", marker:
     if update_doc:
         pic = f"\n\n![selection: fidelity vs share and vs speed-up](img/{Path(img).name})" if img else ""
         replace_marked(Path(update_doc), marker or f"selection-{'-'.join(sets)}", text + pic, append=True)
+    if readme:
+        replace_marked(Path(readme), f"readme-{marker or 'selection'}", readme_table(data))
     return text
 
 
@@ -252,12 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--update-doc", default="",
                     help="rewrite the marked section (<!-- selection-SET:begin/end -->) of this markdown file")
     ap.add_argument("--marker", default="", help="doc section name (default: selection-SET)")
+    ap.add_argument("--readme", default="", help="also rewrite the README's compact table (marker readme-MARKER)")
     ap.add_argument("--render", default="", help="no run: report a saved JSON (tables, --img, --update-doc)")
     ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
     args = ap.parse_args(argv)
     if args.render:
         print(report(json.loads(Path(args.render).read_text()), img=args.img, update_doc=args.update_doc,
-                     marker=args.marker))
+                     marker=args.marker, readme=args.readme))
         return 0
     if args.quick:
         args.n, args.shares = 8, "0.15,0.3"
@@ -302,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, items in prompt_sets(gen, args.set, args.n, args.seed).items():
             done += run_set(h, items, modes, args.answer_tokens, name, checkpoint=save)
         data = save([], partial=False)
-    print(report(data, img=args.img, update_doc=args.update_doc, marker=args.marker))
+    print(report(data, img=args.img, update_doc=args.update_doc, marker=args.marker, readme=args.readme))
     return 0
 
 
