@@ -56,7 +56,10 @@ class Ingestor:
         (so invalidating a document drops KV that requests computed for it)."""
         for item in contexts or []:
             if isinstance(item, Document):
-                self.register(item, tenant)
+                known = self.store.document_info(item.doc_id, tenant)
+                if known is None or known.content_digest != text_digest(item.text):
+                    # new or edited: register its chunks and drop the KV of its old ones
+                    self.add_documents([item], tenant=tenant, precompute=False)
         by_doc: dict[str, list[str]] = {}
         for c in chunks:
             if c.doc_id is not None:
