@@ -181,6 +181,13 @@ class DaserVectorStore(VectorStore):
             return []
         show_progress = kwargs.pop("show_progress", None)
         records, record_ids = self._fit(documents, final_ids)
+        # Re-adding an id: records of its previous version that this one does not overwrite (its
+        # parts, or its whole record when it is split now) would be served with stale text.
+        keep = set(record_ids)
+        stale = [r for i in final_ids for r in (i, *self._part_ids(i)) if r not in keep]
+        stale = [d.id for d in self.vectorstore.get_by_ids(stale) if d.id] if stale else []
+        if stale:
+            self.vectorstore.delete(stale)
         stored = self.vectorstore.add_documents(records, ids=record_ids, **kwargs)
         if list(stored) != record_ids:
             raise RuntimeError(f"{type(self.vectorstore).__name__} did not keep the given ids")

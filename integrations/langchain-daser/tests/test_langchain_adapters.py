@@ -166,7 +166,7 @@ def test_document_three_times_the_window_is_split_before_any_write(small_window,
     limit = store.max_document_tokens()
     assert limit is not None and limit < window
     assert store.add_documents([Document(page_content=text, metadata={"source": "big"})], ids=["big"]) == ["big"]
-    records = store.vectorstore.store
+    records = dict(store.vectorstore.store)
     assert len(records) > 3 and all(i.startswith("big#") for i in records)
     assert all(r["metadata"][PARENT_ID_KEY] == "big" for r in records.values())
     assert all(len(gen.resolve([r["text"]], "")[0].token_ids) <= limit for r in records.values())
@@ -177,6 +177,13 @@ def test_document_three_times_the_window_is_split_before_any_write(small_window,
     assert all(d.metadata[DOC_ID_KEY] == "big" for d in docs) and any("4417" in d.page_content for d in docs)
     msg = ChatDaser(generator=gen, max_tokens=12).invoke("What is the gate code of the castle?", documents=docs)
     assert msg.response_metadata["daser"]["cache_misses"] == 0  # answerable, from precomputed KV
+
+    store.add_documents([Document(page_content=KB["ferry"])], ids=["big"])  # upsert: now one short record
+    assert list(store.vectorstore.store) == ["big"]  # no part of the old version is left to retrieve
+    assert not any(gen.store.contains(k) for k in keys)
+    store.add_documents([Document(page_content=text)], ids=["big"])  # and split again
+    assert set(store.vectorstore.store) == set(records)
+    keys = gen.store.document_chunk_keys("big")
 
     assert store.delete(["big"]) is True
     assert store.vectorstore.store == {} and not any(gen.store.contains(k) for k in keys)
