@@ -80,6 +80,14 @@ def test_index_insert_of_a_node_three_times_the_window_is_split_before_any_write
     assert any("4417" in n.node.get_content() for n in resp.source_nodes)
     assert resp.metadata[DASER_KEY]["cache_hits"] == 2 and resp.metadata[DASER_KEY]["cache_misses"] == 0
 
+    big_node = TextNode(text=text, id_="whole", embedding=embed.get_text_embedding("castle"))
+    store.add([big_node])  # split into whole#part0..
+    n_parts = len(store.node_ids("whole"))
+    assert n_parts > 3 and "whole" not in store.node_ids()
+    store.add([TextNode(text=CASTLE, id_="whole", embedding=embed.get_text_embedding(CASTLE))])  # re-added short
+    assert store.node_ids("whole") == ["whole"]  # no part of the old version is left
+    store.delete("whole")
+
     index.delete_ref_doc("big")
     assert store.node_count == 0 and not any(gen.store.contains(k) for k in keys)
 

@@ -165,6 +165,7 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
     def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         if not nodes:
             return []
+        originals = [n.node_id for n in nodes]
         if isinstance(self._hook, KVSync):  # before any write: nothing longer than the window is stored
             nodes = self._hook.fit_nodes(nodes, split=self._split_oversized, embed_model=self._embed_model)
         vectors = []
@@ -187,6 +188,9 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
             if len(set(ids)) != len(ids):
                 raise ValueError("the same node id appears twice in one add() call")
             replaced = [i for i in ids if i in self._records]
+            # a re-added node replaces every record of its previous version (its parts, if it was split)
+            new = set(ids)
+            replaced += [r for o in originals for r in (o, *self._parts_of(o)) if r in self._records and r not in new]
             changed.update(self._records[i].doc_id for i in replaced)
             self._remove(replaced)
             fids = np.arange(self._next_id, self._next_id + len(nodes), dtype=np.int64)
@@ -206,6 +210,14 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
             else:
                 self._hook.on_nodes_added(list(nodes))
         return ids
+
+    def _parts_of(self, node_id: str) -> list[str]:
+        """Stored parts of a node that was split to fit the window (caller holds the lock)."""
+        parts, k = [], 0
+        while f"{node_id}#part{k}" in self._records:
+            parts.append(f"{node_id}#part{k}")
+            k += 1
+        return parts
 
     def _remove(self, node_ids: Sequence[str]) -> None:
         """Remove nodes from FAISS and the records; caller holds the lock."""
