@@ -114,8 +114,12 @@ def _gguf_id(src: Path) -> str:
     return h.hexdigest()
 
 
-def _converted_gguf_dir(src: Path) -> Path | None:
-    """De-quantizing a GGUF takes ~10 s; a converted safetensors copy loads in ~1 s."""
+def converted_gguf_dir(src: Path) -> Path | None:
+    """The converted HF copy of a GGUF file, once a load has made it (None before).
+
+    De-quantizing a GGUF takes ~10 s; the converted safetensors copy loads in ~1 s, and other
+    engines (vLLM) can load it as a plain HF model directory.
+    """
     d = _conversion_root() / _gguf_id(src)
     return d if (d / "COMPLETE").is_file() else None
 
@@ -182,7 +186,7 @@ def load_model(
             if src.suffix.lower() != ".gguf":
                 raise ModelLoadError(f"{src} is a file but not a .gguf model; pass a GGUF file or an HF directory")
             weight_files = [src]
-            converted = _converted_gguf_dir(src)
+            converted = converted_gguf_dir(src)
             if converted is not None:
                 kwargs: dict[str, Any] = {}
                 root = str(converted)

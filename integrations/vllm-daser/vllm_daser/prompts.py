@@ -39,7 +39,7 @@ from daser_rag.errors import InvalidInputError
 from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.keys import prefix_key
-from daser_rag.model.loader import LoadedModel, _converted_gguf_dir
+from daser_rag.model.loader import LoadedModel, converted_gguf_dir
 from vllm_daser.plan import plan_params
 from vllm_daser.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
 
@@ -93,7 +93,7 @@ def vllm_model_dir(lm: LoadedModel) -> Path:
     src = Path(lm.source)
     if src.is_dir():
         return src
-    converted = _converted_gguf_dir(src)
+    converted = converted_gguf_dir(src)
     if converted is None:
         raise InvalidInputError(f"{src} has no converted safetensors copy yet; load it once with "
                                 "daser_rag.model.loader.load_model to create one")
