@@ -62,7 +62,7 @@ SYNTHETIC = {
 def synthetic_model(name: str, tokenizer_model: str | None) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from daser_rag.model.loader import LoadedModel, _spec_from_config, load_model
+    from daser_rag.model.loader import LoadedModel, spec_from_config, load_model
 
     base = load_model(tokenizer_model, device="cpu")
     cfg = LlamaConfig(vocab_size=len(base.tokenizer), **SYNTHETIC[name])
@@ -76,7 +76,7 @@ def synthetic_model(name: str, tokenizer_model: str | None) -> Any:
         torch.set_default_dtype(prev)
     for p in m.parameters():
         p.requires_grad_(False)
-    return LoadedModel(hf_model=m, tokenizer=base.tokenizer, spec=_spec_from_config(cfg),
+    return LoadedModel(hf_model=m, tokenizer=base.tokenizer, spec=spec_from_config(cfg),
                        fingerprint=f"synthetic-{name}", source=f"synthetic:{name}",
                        device=torch.device("cuda"), dtype=torch.bfloat16)
 

@@ -82,7 +82,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _spec_from_config(cfg: Any) -> ModelSpec:
+def spec_from_config(cfg: Any) -> ModelSpec:
     model_type = getattr(cfg, "model_type", "")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -214,7 +214,7 @@ def load_model(
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    spec = _spec_from_config(model.config)
+    spec = spec_from_config(model.config)
     fp = hashlib.blake2b(digest_size=16)
     fp.update(_hash_files(weight_files).encode())
     fp.update(_tokenizer_digest(tokenizer).encode())
