@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -199,7 +200,7 @@ def rerun_command(data: dict[str, Any]) -> str:
     """The command that regenerates a saved run (recorded by the run; derived from its rows for
     JSON written before the command was recorded)."""
     if data.get("command"):
-        return data["command"]
+        return shlex.join(data["command"].split(" "))  # an empty argument ("") stays visible
     rows = data["rows"]
     sets = sorted({r["set"] for r in rows})
     blend = [m for m in modes_from_rows(rows) if m.selector]
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 by_pos = {p: summarize([r for r in rs if r["position"] == p]) for p in ("first", "middle", "last")}
                 results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
             data = {"results": results, "rows": all_rows, "blend": str(gen.blend), "partial": partial,
-                    "command": "daser-rag bench selection " + " ".join(argv if argv is not None else sys.argv[1:]),
+                    "command": " ".join(["daser-rag", "bench", "selection", *(argv if argv is not None else sys.argv[1:])]),
                     "minutes": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
             out.write_text(json.dumps(data, indent=1, default=str))

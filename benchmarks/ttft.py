@@ -91,6 +91,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict[str, Any], command: str) -> str:
+    lines = [f"`{command}`: {result['n_chunks']} chunks x {result['chunk_tokens']} tokens "
+             f"({result['context_tokens']} context tokens) + a {result['question_tokens']}-token question, median of "
+             f"{result['repeats']} interleaved repetitions:", "",
+             "| mode | TTFT | speed-up | paired speed-up (median) |", "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {r['ttft_median_s']:.3f} s | {r['speedup_vs_full']:.1f}x | "
+                     f"{r['paired_speedup_median']:.1f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     from daser_rag.engine.factory import build_generator
     from daser_rag.kv.store import KVStore
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--readme", default=None, help="rewrite the marked TTFT table (readme-ttft) of this markdown file")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -116,6 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     res = run_ttft_benchmark(gen, n_chunks=args.chunks, chunk_tokens=args.chunk_tokens, ratios=specs,
                              repeats=args.repeats)
     print(format_table(res))
+    if args.readme:
+        from pathlib import Path
+
+        from benchmarks.markdown import replace_marked
+
+        command = "daser-rag bench ttft " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+        replace_marked(Path(args.readme), "readme-ttft", markdown_table(res, command.strip()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
