@@ -17,6 +17,7 @@ import importlib
 import random
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 _SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "ensurepip", "venv", "lib2to3",
@@ -53,8 +54,10 @@ def stdlib_documents(min_chars: int = 700) -> dict[str, str]:
         if name.startswith("_") or name in _SKIP:
             continue
         try:
-            mod = importlib.import_module(name)
-        except Exception:  # platform-specific or deprecated modules
+            with warnings.catch_warnings():  # deprecated modules warn on import; they are only read
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except Exception:  # platform-specific or missing modules
             continue
         text = getattr(mod, "__doc__", None)
         if isinstance(text, str) and len(text) >= min_chars:
