@@ -368,6 +368,19 @@ def markdown_report(result: dict[str, Any], img_prefix: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(result: dict[str, Any]) -> str:
+    """The README's compact speed-and-fidelity table (marker readme-suite), from the same run."""
+    main, m = result["main"], result["meta"]
+    lines = [f"`{m['command']}` ({main['requests']} questions, {main['prompt_tokens_mean']:.0f}-token prompts, "
+             f"{m['machine']['label']}):", "",
+             "| mode | TTFT mean | speed-up | top-1 agreement | mean KL | ROUGE-L | QA accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in main["modes"]:
+        lines.append(f"| {r['mode']} | {r['ttft_mean_s']:.2f} s | {r['speedup_vs_full']:.2f}x | "
+                     f"{r['top1_agreement']:.3f} | {r['mean_kl']:.4f} | {r['rouge_l']:.3f} | {r['qa_accuracy']:.0%} |")
+    return "\n".join(lines)
+
+
 BEGIN, END = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
 
 
@@ -432,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch CPU threads (default: torch's choice; use 1 on a busy shared machine, where "
                          "oversubscribed OpenMP threads can run many times slower)")
     ap.add_argument("--img-dir", default=None, help="also write small PNGs here (docs/img for the README)")
+    ap.add_argument("--readme", default=None, help="also rewrite the README's compact table (readme-suite markers)")
     ap.add_argument("--update-doc", default=None,
                     help="replace the results section (between bench-results markers) of this markdown file")
     return ap
@@ -476,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
         rel = os.path.relpath(img, Path(args.update_doc).parent)
         update_doc(Path(args.update_doc), markdown_report(result, rel.rstrip("/") + "/"))
         print(f"updated {args.update_doc}")
+    if args.readme:
+        replace_marked(Path(args.readme), "readme-suite", readme_table(result))
+        print(f"updated {args.readme}")
 
 
 if __name__ == "__main__":
