@@ -44,6 +44,12 @@ def check_recompute_ratio(value: Any, name: str = "recompute_ratio") -> Recomput
     return float(value)
 
 
+def check_selector(value: Any) -> str:
+    if value not in SELECTORS:
+        raise InvalidInputError(f"selector must be one of {SELECTORS}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """What one request asks for. `None` for recompute_ratio / selector: the generator's default."""
@@ -78,8 +84,8 @@ class GenerationParams:
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
         if self.recompute_ratio is not None:
             object.__setattr__(self, "recompute_ratio", check_recompute_ratio(self.recompute_ratio))
-        if self.selector is not None and self.selector not in SELECTORS:
-            raise InvalidInputError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        if self.selector is not None:
+            check_selector(self.selector)
         if not isinstance(self.use_cache, bool):
             raise InvalidInputError(f"use_cache must be true or false, got {self.use_cache!r}")
         if not isinstance(self.tenant, str):

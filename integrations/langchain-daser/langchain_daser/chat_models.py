@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, field_validator
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
-from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, SELECTORS, GenerationParams, check_recompute_ratio
+from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_recompute_ratio, check_selector
 from daser_rag.types import GenerationResult
 from langchain_daser._convert import DaserRequest, messages_to_request
 
@@ -117,9 +117,7 @@ class ChatDaser(BaseChatModel):
     @field_validator("selector")
     @classmethod
     def _check_selector(cls, value: Any) -> Any:
-        if value is not None and value not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {value!r}")
-        return value
+        return None if value is None else check_selector(value)
 
     @field_validator("generator")
     @classmethod

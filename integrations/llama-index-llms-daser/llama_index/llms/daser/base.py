@@ -29,7 +29,13 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from daser_rag.api import KVGenerator
-from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, SELECTORS, GenerationParams, check_recompute_ratio
+from daser_rag.params import (
+    DEFAULT_MAX_NEW_TOKENS,
+    SELECTORS,
+    GenerationParams,
+    check_recompute_ratio,
+    check_selector,
+)
 from daser_rag.types import GenerationResult
 from llama_index.llms.daser.kv_sync import ContextLike, KVSync, to_context_items
 
@@ -98,9 +104,7 @@ class DaserLLM(CustomLLM):
     @field_validator("selector")
     @classmethod
     def _check_selector(cls, value: Any) -> Any:
-        if value is not None and value not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {value!r}")
-        return value
+        return None if value is None else check_selector(value)
 
     def __init__(self, generator: KVGenerator, **kwargs: Any) -> None:
         if not isinstance(generator, KVGenerator):
