@@ -40,7 +40,3 @@ class ModelLoadError(DaserError, RuntimeError):
 
 class CorruptEntryError(DaserError):
     """A stored KV entry failed its integrity check; it is dropped, never served."""
-
-
-class RequestCancelledError(DaserError):
-    """The caller cancelled the request (e.g. its client disconnected) before model work began."""

@@ -27,7 +27,7 @@ from daser_rag.engine.factory import default_store
 from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
 from daser_rag.engine.resolve import resolve
-from daser_rag.errors import ContextTooLongError, InvalidInputError, RequestCancelledError
+from daser_rag.errors import ContextTooLongError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
@@ -207,8 +207,8 @@ class CacheAwareGenerator:
         emitter = TextEmitter(self.tokenizer, p.stop)
         finish = "length"
         with self.lock:
-            if cancel is not None and cancel():
-                raise RequestCancelledError("request cancelled before it started")
+            if cancel is not None and cancel():  # gone before any model work: nothing was done
+                return GenerationResult("", [], 0, 0, 0, 0, 0, 0, 0, 0, "full", 1.0, "cancelled", timings)
             fused, info = self.prefill(question, contexts, use_cache=p.use_cache, recompute_ratio=p.recompute_ratio,
                                        selector=p.selector, tenant=p.tenant, extra_capacity=p.max_new_tokens,
                                        timings=timings)
