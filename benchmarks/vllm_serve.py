@@ -41,14 +41,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.markdown import replace_marked
+
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "integrations" / "vllm-daser" / "scripts" / "setup_vllm_venv.sh"
 DEFAULT_VENV = Path(os.environ.get("DASER_VLLM_VENV", Path.home() / ".cache" / "daser-rag" / "vllm-venv"))
 TOPICS = ["pass", "break", "continue", "del", "assert", "global", "for", "else", "dict", "exceptions",
           "context-managers", "booleans"]
 ARMS = ("none", "prefix", "daser", "blend")
-MARK_BEGIN = "<!-- vllm_serve:begin -->"
-MARK_END = "<!-- vllm_serve:end -->"
+MARKER = "vllm_serve"  # the docs/vllm.md section this benchmark rewrites (benchmarks/markdown.py)
 
 
 def _ensure_vllm(argv: list[str], venv: Path, setup: bool) -> None:
@@ -349,15 +350,6 @@ def plot(results: dict[str, ArmResult], path: Path) -> bool:
     return True
 
 
-def update_doc(doc: Path, text: str) -> None:
-    s = doc.read_text()
-    if MARK_BEGIN not in s or MARK_END not in s:
-        raise SystemExit(f"{doc} has no {MARK_BEGIN} ... {MARK_END} section")
-    head, rest = s.split(MARK_BEGIN, 1)
-    _, tail = rest.split(MARK_END, 1)
-    doc.write_text(head + MARK_BEGIN + "\n" + text.strip() + "\n" + MARK_END + tail)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -416,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         if img_ok:
             rel = os.path.relpath(args.img, args.update_doc.parent)
             text += f"\n\n![TTFT per request]({rel})"
-        update_doc(args.update_doc, text)
+        replace_marked(args.update_doc, MARKER, text.strip())
     return 0
 
 
