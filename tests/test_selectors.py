@@ -12,6 +12,14 @@ from daser_rag.corpus import python_reference_corpus
 from daser_rag.params import SELECTORS, GenerationParams
 
 
+@pytest.fixture
+def generator(lm, store):
+    """128-token chunks: three chunks and a question, ~450 tokens, keep these checks quick."""
+    from daser_rag.generate import CacheAwareGenerator
+
+    return CacheAwareGenerator(lm, store=store, chunk_tokens=128)
+
+
 def _chunks(gen, topics=("pass", "break", "continue")):
     return [gen.split(d.text)[0] for d in python_reference_corpus(topics)]
 
