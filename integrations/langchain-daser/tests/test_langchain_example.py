@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository: examples/ live there
 
 
 @pytest.mark.slow
