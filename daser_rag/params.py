@@ -10,8 +10,7 @@ mistake in the caller, and silently fixing it hides the mistake.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Union
 
 from daser_rag.errors import InvalidInputError
@@ -113,19 +112,3 @@ class GenerationParams:
         if kwargs.get("stop") is None:
             kwargs.pop("stop", None)
         return replace(base, **kwargs) if base is not None else cls(**kwargs)
-
-    @classmethod
-    def pick(cls, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The subset of `options` that are generation options (for adapters that mix in others)."""
-        return {k: v for k, v in options.items() if k in cls.keys() or k == "max_tokens"}
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stop"] = list(self.stop)
-        return d
-
-
-def stop_list(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    return (stop,) if isinstance(stop, str) else tuple(stop)

@@ -60,6 +60,9 @@ class BlendConfig:
             raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
         if self.check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
+        if self.query_norm not in ("row", "raw") or self.query_heads not in ("mean", "max"):
+            raise ValueError(f"query_norm must be 'row' or 'raw' and query_heads 'mean' or 'max', got "
+                             f"{self.query_norm!r}, {self.query_heads!r}")
         if self.chunk_heads < 0 or self.query_tokens < 0:
             raise ValueError("chunk_heads and query_tokens must be >= 0")
         if not 0.0 <= self.auto_floor <= self.auto_cap <= 1.0 or not 0.0 < self.auto_coverage <= 1.0:
