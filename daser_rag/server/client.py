@@ -105,11 +105,16 @@ class DaserClient:
         tenant: str = "",
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
+        keepalive_expiry: float = 2.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.tenant = tenant
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+        # An idle pooled connection is dropped by the client before the server's keep-alive timeout
+        # (5 s by default) can close it: when both sides time out at the same instant, the next
+        # request goes out on a socket the server is closing and fails with "connection reset".
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
+                                  limits=httpx.Limits(keepalive_expiry=keepalive_expiry))
 
     # -- plumbing ------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:

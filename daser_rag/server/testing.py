@@ -172,14 +172,15 @@ class AppThread:
     """An ASGI app served by uvicorn on 127.0.0.1 in a thread of this process (real sockets, so
     client disconnects and concurrency behave as in production)."""
 
-    def __init__(self, app: Any, port: int | None = None, header_timeout_s: float = 10.0) -> None:
+    def __init__(self, app: Any, port: int | None = None, header_timeout_s: float = 10.0,
+                 timeout_keep_alive: int = 5) -> None:
         import uvicorn
 
         from daser_rag.server.app import http_protocol
 
         self.port = port or free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off", timeout_keep_alive=5,
+                                                    lifespan="off", timeout_keep_alive=timeout_keep_alive,
                                                     http=http_protocol(header_timeout_s)))
         self.thread = threading.Thread(target=self.server.run, name="daser-test-uvicorn", daemon=True)
 
