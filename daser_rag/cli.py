@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant", default="")
 
     p = sub.add_parser("bench", add_help=False,  # -h/--help goes to the benchmark itself
-                       help="run a benchmark of the checkout: ttft (default), suite, scaling, quality, plots, "
-                       "codecs, workload, load_test, gpu, vllm_trace (extra args pass through; see "
+                       help="run a benchmark of the checkout: ttft (default), suite, selection, prefix_tree, scaling, quality, "
+                       "plots, codecs, workload, load_test, gpu, vllm_serve, vllm_trace (extra args pass through; see "
                        "docs/benchmarks.md)")
     p.add_argument("name", nargs="?", default=None)
 

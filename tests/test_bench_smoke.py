@@ -165,3 +165,47 @@ def test_harness_fidelity_matches_evaluation_module(lm, one_thread):
     mine = runs["daser r=0"].fidelity
     assert mine.total == ref.total and mine.agree == ref.agree
     assert mine.mean_kl == pytest.approx(ref.mean_kl, rel=1e-3, abs=1e-6)
+
+
+def test_selection_shards_partition_the_prompts_and_merge_back():
+    from benchmarks.selection import merge_runs, modes_for, shard_items
+
+    items = [{"idx": i} for i in range(7)]
+    parts = [shard_items(items, f"{j}/3") for j in range(3)]
+    assert sorted(it["idx"] for p in parts for it in p) == list(range(7))
+    with pytest.raises(SystemExit):
+        shard_items(items, "3/3")
+    names = [m.name for m in modes_for(["deviation", "query:0.15/0.3"], [0.1, 0.2], ["deviation"])]
+    assert names == ["full prefill", "daser r=0", "deviation r=0.1", "deviation r=0.2", "deviation r=auto",
+                     "query r=0.15", "query r=0.3"]
+
+    def row(item, mode, sel, ttft, kl):
+        return {"set": "stdlib", "item": item, "position": "last", "mode": mode, "selector": sel, "ratio": 0.1,
+                "ttft_s": ttft, "steps": 2, "agree": 2, "kl_sum": kl, "identical": 1, "f1": 1.0, "correct": 0,
+                "share": 0.1}
+
+    a = {"rows": [row(0, "full prefill", "full", 2.0, 0.0), row(0, "hybrid r=0.1", "hybrid", 1.0, 0.2)],
+         "blend": "B", "command": "daser-rag bench selection --shard 0/2 --json a.json", "minutes": 3.0}
+    b = {"rows": [row(1, "full prefill", "full", 4.0, 0.0), row(1, "hybrid r=0.1", "hybrid", 1.0, 0.6)],
+         "blend": "B", "command": "daser-rag bench selection --shard 1/2 --json b.json", "minutes": 5.0}
+    merged = merge_runs([a, b], "all.json")
+    assert merged["command"] == "daser-rag bench selection --json all.json" and merged["minutes"] == 5.0
+    v = merged["results"]["stdlib"]["hybrid r=0.1"]
+    assert v["prompts"] == 2 and v["mean_kl"] == pytest.approx(0.2) and v["speedup"] == pytest.approx(3.0)
+    with pytest.raises(SystemExit, match="overlap"):
+        merge_runs([a, a], "x.json")
+
+
+def test_prefix_tree_trace_kinds():
+    from benchmarks.prefix_tree import make_trace
+
+    trace = make_trace(40, 4, 10, 0.3, seed=1)
+    kinds = {t["kind"] for t in trace}
+    assert kinds == {"new", "reorder", "repeat"}
+    for i, t in enumerate(trace):
+        assert len(set(t["docs"])) == 4
+        earlier = [u["docs"] for u in trace[:i]]
+        if t["kind"] == "repeat":
+            assert t["docs"] in earlier
+        if t["kind"] == "reorder":
+            assert any(sorted(t["docs"]) == sorted(e) for e in earlier)

@@ -14,6 +14,7 @@ from daser_rag.kv.codecs import encode, to_bytes
 from daser_rag.kv.store import KVStore
 from daser_rag.kv.tiers.redis import RedisLink, RedisTier
 from daser_rag.kv.redis_index import RedisDocIndex
+from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.server.testing import RedisServer, free_port, redis_server_path
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
@@ -112,11 +113,8 @@ def test_removal_wins_over_a_concurrent_add(link):
 
 
 def test_two_stores_share_kv_and_see_each_others_invalidations(link, tmp_path):
-    def make(name):
-        l2 = RedisLink(link.url, namespace=link.namespace)
-        tier = RedisTier(l2)
-        return KVStore(tmp_path / name, codec="fp32", remote=tier, validate=tier.is_live,
-                       index=RedisDocIndex(l2))
+    def make(name):  # the recipe every process of a deployment uses (service, vLLM connector)
+        return open_store(tmp_path / name, redis_url=link.url, namespace=link.namespace, codec="fp32")
 
     a, b = make("a"), make("b")
     a.index.set_document("doc", ["x"], "dx")
@@ -257,3 +255,11 @@ def test_only_unreferenced_kv_expires_and_the_memory_policy_is_checked(link):
     assert link.client.pttl(link.key("kv", "plain")) == -1
     policy = link.memory_policy()
     assert policy["maxmemory"] == 0 and any("maxmemory is 0" in p for p in policy["problems"])
+
+
+def test_open_store_needs_a_namespace_and_derives_it_from_the_model(tmp_path):
+    with pytest.raises(ValueError, match="namespace"):
+        open_store(tmp_path, redis_url="redis://127.0.0.1:1/0")
+    assert default_namespace("0123456789abcdef0123") == "daser:0123456789abcdef"
+    local = open_store(tmp_path / "local", codec="fp32")
+    assert local.remote is None and local.validate is None

@@ -72,31 +72,15 @@ def build_generator(
 ) -> Any:
     """A CacheAwareGenerator whose store adds the shared Redis tier and document index."""
     from daser_rag.engine.factory import build_generator as compose
-    from daser_rag.kv.doc_index import DocIndex
-    from daser_rag.kv.store import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES, KVStore, default_cache_dir
+    from daser_rag.kv.shared import default_namespace, open_store
+    from daser_rag.kv.store import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES, default_cache_dir
     from daser_rag.model.loader import load_model
 
     lm = load_model(model)
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    kw: dict[str, Any] = {"codec": codec, "host_bytes": host_bytes or DEFAULT_HOST_BYTES,
-                          "disk_bytes": disk_bytes or DEFAULT_DISK_BYTES}
-    if redis_url:
-        from daser_rag.kv.redis_index import RedisDocIndex
-        from daser_rag.kv.tiers.redis import RedisLink, RedisTier, RedisUnavailable
-
-        link = RedisLink(redis_url, namespace=namespace or f"daser:{lm.fingerprint[:16]}")
-        remote = RedisTier(link, ttl_s=redis_ttl_s)
-        kw.update(remote=remote, validate=remote.is_live,
-                  index=RedisDocIndex(link, local=DocIndex(root / "index.sqlite")))
-        if not link.ping():
-            log.warning("Redis at %s is not reachable now; starting on local tiers", redis_url)
-        else:
-            try:
-                for problem in link.memory_policy()["problems"]:
-                    log.warning("Redis at %s: %s", redis_url, problem)
-            except (RedisUnavailable, Exception) as exc:  # CONFIG may be disabled on managed Redis
-                log.info("Redis memory policy not checked: %s", exc)
-    store = KVStore(root, **kw)
+    store = open_store(Path(cache_dir) if cache_dir else default_cache_dir(), redis_url=redis_url,
+                       namespace=namespace or default_namespace(lm.fingerprint), redis_ttl_s=redis_ttl_s,
+                       codec=codec, host_bytes=host_bytes or DEFAULT_HOST_BYTES,
+                       disk_bytes=disk_bytes or DEFAULT_DISK_BYTES)
     return compose(lm, store=store, **generator_kw)
 
 

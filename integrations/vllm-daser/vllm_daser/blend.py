@@ -78,7 +78,7 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
 
     `caches[i]`/`layer_modules[i]`: layer i's paged KV tensor and vLLM Attention module.
     `loaded`: (K, V [layers, kv_heads, tokens, dim], first position) as the worker just wrote
-    them; when they cover the whole context the paged cache is not read back.
+    them (tokens [first, ctx_len)); only [0, first) is read back from the paged cache.
     Returns how many tokens were recomputed after the check layer.
     """
     from vllm_daser.layout import slots_for
@@ -108,8 +108,16 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         hk, d = attn.num_kv_heads, attn.head_dim
         k3 = k.reshape(-1, hk, d).transpose(0, 1)
         v3 = v.reshape(-1, hk, d).transpose(0, 1)
-        if loaded is not None and loaded[2] == 0:  # the context exactly as the worker just wrote it
-            K, V = loaded[0][i].clone(), loaded[1][i].clone()
+        if loaded is not None:
+            # the context as the worker just wrote it; only what it did not write (a local
+            # prefix-cache hit, typically the system prompt) is read back from the paged cache
+            first = loaded[2]
+            K, V = loaded[0][i], loaded[1][i]
+            if first > 0:
+                Kp, Vp = layout.read(caches[i], block_ids, 0, first)
+                K, V = torch.cat([Kp.to(K.dtype), K], dim=1), torch.cat([Vp.to(V.dtype), V], dim=1)
+            else:
+                K, V = K.clone(), V.clone()
         else:
             K, V = layout.read(caches[i], block_ids, 0, ctx_len)  # [kv_heads, ctx_len, head_dim]
         K, V = K.to(dev, k3.dtype), V.to(dev, v3.dtype)

@@ -38,6 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.logger import init_logger
 
 from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.kv.store import KVStore
 from daser_rag.model.rope import rerotate_keys
 from vllm_daser.layout import PagedLayout, layer_order, layout_for, slots_for
@@ -123,6 +124,8 @@ class _Settings:
     codec: str
     fingerprint: str
     host_bytes: int
+    redis_url: str = ""
+    redis_namespace: str = ""
 
     @classmethod
     def from_config(cls, vllm_config: VllmConfig) -> _Settings:
@@ -137,9 +140,16 @@ class _Settings:
         h.update(f"{m.model}|{getattr(m, 'revision', None)}|{m.dtype}|{vllm_config.cache_config.cache_dtype}".encode())
         return cls(str(store_dir), vllm_config.cache_config.block_size, vllm_config.cache_config.cache_dtype,
                    bool(get("save", True)), bool(get("block_fallback", True)), str(get("codec", "bf16")),
-                   str(get("fingerprint", "") or h.hexdigest()), int(get("host_bytes", 1 << 30)))
+                   str(get("fingerprint", "") or h.hexdigest()), int(get("host_bytes", 1 << 30)),
+                   str(get("redis_url", "") or ""), str(get("redis_namespace", "") or ""))
 
     def open_store(self, host_bytes: int) -> KVStore:
+        if self.redis_url:
+            # Shared with other vLLM instances and daser processes: KV any of them stored is a
+            # hit here, and a local copy is served only while Redis still holds the entry, so an
+            # invalidation anywhere in the deployment reaches this instance on its next lookup.
+            return open_store(self.store_dir, redis_url=self.redis_url, codec=self.codec, host_bytes=host_bytes,
+                              namespace=self.redis_namespace or default_namespace(self.fingerprint))
         store = KVStore(self.store_dir, codec=self.codec, host_bytes=host_bytes)
         disk = store.disk
         # a RAM copy is served only while the disk copy exists: another process that

@@ -54,16 +54,28 @@ def connector_extra_config(
     block_fallback: bool = True,
     codec: str = "bf16",
     host_bytes: int = 1 << 30,
+    redis_url: str | None = None,
+    redis_namespace: str | None = None,
 ) -> dict[str, Any]:
     """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
 
     `fingerprint`: the daser model fingerprint of the generator that prepares KV (load it in
     the dtype vLLM serves, e.g. bf16); it namespaces the block keys of plan-less prompts.
+    `redis_url`: share KV (and invalidations) with every vLLM instance and daser process on the
+    same Redis; its key namespace is `redis_namespace`, by default derived from `fingerprint`
+    exactly as daser's own processes derive it (`daser_rag.kv.shared.default_namespace`).
     """
     out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
                            "codec": codec, "host_bytes": int(host_bytes)}
     if fingerprint:
         out["fingerprint"] = fingerprint
+    if redis_url:
+        if not (fingerprint or redis_namespace):
+            raise ValueError("redis_url needs fingerprint= (the client's gen.fingerprint) or redis_namespace=, "
+                             "so vLLM reads the keys daser's processes write")
+        out["redis_url"] = redis_url
+        if redis_namespace:
+            out["redis_namespace"] = redis_namespace
     return out
 
 
