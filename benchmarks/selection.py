@@ -61,22 +61,36 @@ def prompt_sets(gen: Any, which: str, n: int, seed: int) -> dict[str, list[dict[
         for qa in QA_BENCH[: n or None]:
             if all(i in docs for i in qa.doc_ids):
                 items.append({"question": qa.question, "chunks": [gen.split(docs[i].text)[0] for i in qa.doc_ids],
-                              "answers": list(qa.answers), "position": "last"})
+                              "answers": list(qa.answers), "position": "last", "idx": len(items)})
         out["qa"] = items
     if which in ("stdlib", "both"):
         items = build_evalset(gen.split, n=n or 120, seed=seed)
         out["stdlib"] = [{"question": it.question, "chunks": list(it.chunks), "answers": list(it.answers),
-                          "position": it.position} for it in items]
+                          "position": it.position, "idx": k} for k, it in enumerate(items)]
     return out
 
 
 def modes_for(selectors: list[str], shares: list[float], auto: list[str]) -> list[Mode]:
+    """`selectors` items are names ("hybrid": every share) or name:share/share ("query:0.15":
+    only those shares), so a long run can spend its time on the selectors that matter most."""
     modes = [FULL, blend_mode(0.0)]
-    for sel in selectors:
-        modes += [blend_mode(s, sel) for s in shares]
+    for spec in selectors:
+        sel, _, own = spec.partition(":")
+        modes += [blend_mode(s, sel) for s in ([float(x) for x in own.split("/")] if own else shares)]
         if sel in auto:
             modes.append(blend_mode("auto", sel))
     return modes
+
+
+def shard_items(items: list[dict[str, Any]], shard: str) -> list[dict[str, Any]]:
+    """Items i with i % k == j for shard "j/k" (keeping their index), so k processes with one
+    torch thread each share a long run; `--merge` joins their JSON files."""
+    if not shard:
+        return items
+    j, k = (int(x) for x in shard.split("/"))
+    if not 0 <= j < k:
+        raise SystemExit(f"--shard must be j/k with 0 <= j < k, got {shard!r}")
+    return [it for it in items if it["idx"] % k == j]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -104,7 +118,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_tokens: int,
             set_name: str, log: bool = True, checkpoint: Any = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for i, it in enumerate(items):
+    for n, it in enumerate(items):
+        i = it["idx"]
         h.ingest(it["chunks"])
         runs = h.request(it["question"], it["chunks"], modes, answer_tokens=answer_tokens, rotate=i)
         ref: Run = runs[FULL.name]
@@ -122,11 +137,39 @@ def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_t
         if checkpoint is not None:
             checkpoint(rows)
         if log:
-            s = summarize([r for r in rows if r["item"] <= i])
+            s = summarize(rows)
             best = sorted(((v["mean_kl"], k) for k, v in s.items() if k != FULL.name))[:3]
-            print(f"[{set_name} {i + 1}/{len(items)}] lowest KL so far: "
+            print(f"[{set_name} {n + 1}/{len(items)}] lowest KL so far: "
                   + ", ".join(f"{k} {kl:.4f}" for kl, k in best), flush=True)
     return rows
+
+
+def results_for(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name in dict.fromkeys(r["set"] for r in rows):
+        rs = [r for r in rows if r["set"] == name]
+        results[name] = summarize(rs)
+        by_pos = {p: summarize([r for r in rs if r["position"] == p]) for p in ("first", "middle", "last")}
+        results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
+    return results
+
+
+def merge_runs(parts: list[dict[str, Any]], out: str) -> dict[str, Any]:
+    """One run from the JSON of its --shard parts (same modes; wall time is the slowest part's)."""
+    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["set"], r["item"]))
+    if len({(r["set"], r["item"], r["mode"]) for r in rows}) != len(rows):
+        raise SystemExit("--merge: the parts overlap (the same prompt and mode twice)")
+    words, kept = parts[0].get("command", "").split(" "), []
+    for i, w in enumerate(words):
+        if w == "--shard" or (i and words[i - 1] == "--shard"):
+            continue
+        kept.append(out if i and words[i - 1] == "--json" else w)
+    command = " ".join(kept)
+    first = parts[0]
+    return {"results": results_for(rows), "rows": rows, "blend": first["blend"],
+            "partial": any(p.get("partial") for p in parts), "command": command,
+            "minutes": max(p.get("minutes", 0.0) for p in parts), "machine": first.get("machine", ""),
+            "threads": f"{first.get('threads')} x {len(parts)} processes"}
 
 
 def format_table(summary: dict[str, dict[str, Any]], modes: list[Mode]) -> str:
@@ -274,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", default="", help="also rewrite the README's compact table (marker readme-MARKER)")
     ap.add_argument("--render", default="", help="no run: report a saved JSON (tables, --img, --update-doc)")
     ap.add_argument("--quick", action="store_true", help="8 prompts per set, shares 0.15 and 0.3")
+    ap.add_argument("--shard", default="", help="j/k: run only prompts i with i %% k == j (see --merge)")
+    ap.add_argument("--merge", nargs="*", default=[], help="no run: join the JSON of --shard runs into --json")
     args = ap.parse_args(argv)
+    if args.merge:
+        data = merge_runs([json.loads(Path(p).read_text()) for p in args.merge], args.json)
+        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
+        print(report(data, img=args.img, update_doc=args.update_doc, marker=args.marker, readme=args.readme))
+        return 0
     if args.render:
         print(report(json.loads(Path(args.render).read_text()), img=args.img, update_doc=args.update_doc,
                      marker=args.marker, readme=args.readme))
@@ -306,13 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         def save(rows: list[dict[str, Any]], partial: bool = True) -> dict[str, Any]:
             """Written after every prompt, so an interrupted run still leaves its measurements."""
             all_rows = done + rows
-            results: dict[str, Any] = {}
-            for name in dict.fromkeys(r["set"] for r in all_rows):
-                rs = [r for r in all_rows if r["set"] == name]
-                results[name] = summarize(rs)
-                by_pos = {p: summarize([r for r in rs if r["position"] == p]) for p in ("first", "middle", "last")}
-                results[f"{name}:by_position"] = {p: v for p, v in by_pos.items() if v}
-            data = {"results": results, "rows": all_rows, "blend": str(gen.blend), "partial": partial,
+            data = {"results": results_for(all_rows), "rows": all_rows, "blend": str(gen.blend), "partial": partial,
                     "command": " ".join(["daser-rag", "bench", "selection", *(argv if argv is not None else sys.argv[1:])]),
                     "minutes": (time.perf_counter() - t0) / 60, "threads": torch.get_num_threads(),
                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
@@ -320,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             return data
 
         for name, items in prompt_sets(gen, args.set, args.n, args.seed).items():
-            done += run_set(h, items, modes, args.answer_tokens, name, checkpoint=save)
+            done += run_set(h, shard_items(items, args.shard), modes, args.answer_tokens, name, checkpoint=save)
         data = save([], partial=False)
     print(report(data, img=args.img, update_doc=args.update_doc, marker=args.marker, readme=args.readme))
     return 0
