@@ -85,6 +85,36 @@ def test_chunk_heads_are_forced_in_and_count_against_the_budget():
     assert len(idx) == 12 and {0, 1, 2, 3, 40, 41, 42, 43} <= set(idx)
 
 
+def test_per_chunk_budget_takes_the_same_share_of_every_chunk():
+    rel = torch.zeros(100)
+    rel[50:100] = torch.linspace(1.0, 2.0, 50)  # the global top share would all come from chunk 2
+    sig = Signals(100, relevance=rel, chunk_starts=[0, 50])
+    assert set(select(BlendConfig(selector="query"), sig, 10).tolist()) <= set(range(50, 100))
+    idx = select(BlendConfig(selector="query", budget="per_chunk"), sig, 10).tolist()
+    assert len([i for i in idx if i < 50]) == 5 and len([i for i in idx if i >= 50]) == 5
+    assert set(i for i in idx if i >= 50) == set(range(95, 100))  # each chunk's own best
+
+
+@pytest.mark.parametrize("variant", [{"funnel": 2.0}, {"budget": "per_chunk"}, {"funnel": 3.0, "chunk_heads": 2}])
+def test_funnel_and_per_chunk_keep_the_budget_and_r1_exactness(generator, variant):
+    chunks = _chunks(generator)
+    q = "What does the pass statement do?"
+    cfg = BlendConfig(recompute_ratio=0.2, selector="hybrid", **variant)
+    fused, _ = generator.prefill(q, chunks, blend=cfg)
+    cand = fused.context_tokens - fused.exact_tokens
+    assert fused.recomputed_tokens == math.ceil(0.2 * cand)
+    full, _ = generator.prefill(q, chunks, use_cache=False)
+    one, _ = generator.prefill(q, chunks, blend=BlendConfig(recompute_ratio=1.0, selector="hybrid", **variant))
+    assert (one.logits - full.logits).abs().max().item() < 1e-3
+
+
+def test_blend_config_rejects_bad_budget_and_funnel():
+    with pytest.raises(ValueError, match="budget"):
+        BlendConfig(budget="per_layer")
+    with pytest.raises(ValueError, match="funnel"):
+        BlendConfig(funnel=0.5)
+
+
 def test_generation_result_reports_selector_and_share(generator):
     chunks = _chunks(generator)
     res = generator.generate("What does pass do?", chunks, max_new_tokens=2, recompute_ratio=0.3, selector="query")

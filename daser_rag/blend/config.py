@@ -12,6 +12,7 @@ from typing import Union
 
 from daser_rag.params import SELECTORS
 DEVIATION_METRICS = ("v", "k", "kv")
+BUDGETS = ("global", "per_chunk")
 
 Ratio = Union[float, str]
 
@@ -31,6 +32,10 @@ class BlendConfig:
     chunk_heads: the first k tokens of every non-exact chunk are always recomputed (EPIC).
     recompute_ratio "auto": the smallest share whose tokens hold `auto_coverage` of the
     question's attention mass over the candidates, clipped to [auto_floor, auto_cap].
+    budget "per_chunk": every non-exact chunk gets the same share of its own tokens (ranked
+    within the chunk), instead of the top share over all candidates together.
+    funnel f > 1 (deviation and hybrid): CacheBlend's gradual filtering, f x the budget kept at
+    the check layer, narrowed to the budget by the deviation one layer later.
     """
 
     recompute_ratio: Ratio = 0.15
@@ -45,6 +50,8 @@ class BlendConfig:
     auto_coverage: float = 0.7
     auto_floor: float = 0.05
     auto_cap: float = 0.5
+    budget: str = "global"  # "global": top share over all candidates; "per_chunk": the same share of every chunk
+    funnel: float = 1.0  # > 1: keep funnel x budget at the check layer, narrow to the budget one layer later
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +70,10 @@ class BlendConfig:
         if self.query_norm not in ("row", "raw") or self.query_heads not in ("mean", "max"):
             raise ValueError(f"query_norm must be 'row' or 'raw' and query_heads 'mean' or 'max', got "
                              f"{self.query_norm!r}, {self.query_heads!r}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {BUDGETS}, got {self.budget!r}")
+        if isinstance(self.funnel, bool) or not isinstance(self.funnel, (int, float)) or self.funnel < 1.0:
+            raise ValueError(f"funnel must be a number >= 1, got {self.funnel!r}")
         if self.chunk_heads < 0 or self.query_tokens < 0:
             raise ValueError("chunk_heads and query_tokens must be >= 0")
         if not 0.0 <= self.auto_floor <= self.auto_cap <= 1.0 or not 0.0 < self.auto_coverage <= 1.0:

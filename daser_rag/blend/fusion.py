@@ -16,6 +16,7 @@ r = 0 is full reuse; r = 1 recomputes every non-exact token in every layer: full
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -175,26 +176,47 @@ def _recompute_selected(runner: LayerRunner, cache: PositionalKVCache, filler: _
 def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,
                           ids: torch.Tensor, exact_len: int, ctx_len: int, total: int, n_sel: int,
                           signals: Signals, config: BlendConfig) -> torch.Tensor:
-    """CacheBlend: every candidate through the check layer, then only the selected ones."""
+    """CacheBlend: every candidate through the check layer, then only the selected ones.
+
+    With `config.funnel` f > 1 the filter has two stages (CacheBlend's gradual filtering):
+    f x n_sel candidates survive the check layer, and the deviation one layer later narrows
+    them to n_sel.
+    """
     dev = runner.device
     n_cand = ctx_len - exact_len
     active = torch.arange(exact_len, total, device=dev)
     h = runner.embed(ids[active])
     cos, sin = runner.rope(active)
     plan = runner.plan_attention(active)
-    check = min(config.check_layer, runner.spec.num_layers - 1)
-    for i in range(runner.spec.num_layers):
+    n_layers = runner.spec.num_layers
+    check = min(config.check_layer, n_layers - 1)
+    stages = {check: n_sel}
+    if config.funnel > 1.0 and check + 1 < n_layers:
+        n_first = min(n_cand, math.ceil(config.funnel * n_sel))
+        if n_first > n_sel:
+            stages = {check: n_first, check + 1: n_sel}
+    subset = torch.arange(n_cand, device=dev)  # candidate indices still active
+    for i in range(n_layers):
         filler(i)
         _, q, k, v = runner.qkv(i, h, cos, sin)
-        if i == check and n_sel < n_cand:
+        n_cur = int(subset.shape[0])
+        if i in stages and stages[i] < n_cur:
             k_old, v_old = cache.view(i, ctx_len)
-            signals.deviation = kv_deviation(k[:, :n_cand], v[:, :n_cand], k_old[:, exact_len:],
-                                             v_old[:, exact_len:], config.deviation)
-            # Every candidate went through all layers below, so its K/V here are exact: keep them
-            # all (free), then carry on with the selected tokens only.
+            pos = active[:n_cur]
+            deviation = kv_deviation(k[:, :n_cur], v[:, :n_cur], k_old[:, pos], v_old[:, pos], config.deviation)
+            # Every active token went through all layers below, so its K/V here are exact: keep
+            # them all (free), then carry on with the selected tokens only.
             cache.write_at(i, active, k, v)
-            chosen = select(config, signals, n_sel).to(dev)
-            keep = torch.cat([chosen, torch.arange(n_cand, active.shape[0], device=dev)])
+            if n_cur == n_cand:
+                signals.deviation = deviation
+                chosen = select(config, signals, stages[i]).to(dev)
+            else:
+                sub = Signals(n_cur, None if signals.relevance is None else signals.relevance[subset],
+                              deviation, sorted({int(torch.searchsorted(subset.cpu(), b)) for b in signals.chunk_starts}
+                                                - {n_cur}))
+                chosen = select(config, sub, stages[i]).to(dev)
+            subset = subset[chosen]
+            keep = torch.cat([chosen, torch.arange(n_cur, active.shape[0], device=dev)])
             active, h, cos, sin = active[keep], h[keep], cos[keep], sin[keep]
             plan = runner.plan_attention(active)
             q, k, v = q[:, keep], k[:, keep], v[:, keep]

@@ -100,14 +100,30 @@ def score(config: BlendConfig, signals: Signals) -> torch.Tensor:
     raise ValueError(f"unknown selector {sel!r}")
 
 
+def _within_chunk_rank(s: torch.Tensor, chunk_starts: list[int]) -> torch.Tensor:
+    """Each candidate's score replaced by minus its rank fraction inside its chunk (0 = the
+    chunk's best), so a global top-k takes about the same share of every chunk."""
+    n = int(s.shape[0])
+    bounds = sorted({0, *[b for b in chunk_starts if 0 < b < n]}) + [n]
+    out = torch.empty(n, dtype=torch.float32)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        order = torch.argsort(s[lo:hi], descending=True)
+        rank = torch.empty(hi - lo, dtype=torch.float32)
+        rank[order] = torch.arange(hi - lo, dtype=torch.float32)
+        out[lo:hi] = -(rank + 0.5) / (hi - lo)
+    return out
+
+
 def select(config: BlendConfig, signals: Signals, n_sel: int) -> torch.Tensor:
     """`n_sel` candidate indices (sorted); chunk heads are forced in and count against the budget."""
     n = signals.num_candidates
     if n_sel <= 0 or n == 0:
         return torch.zeros(0, dtype=torch.long)
-    s = score(config, signals).clone().cpu()
+    s = score(config, signals).clone().cpu().float()
+    if config.budget == "per_chunk":
+        s = _within_chunk_rank(s, signals.chunk_starts)
     if config.chunk_heads > 0:
-        boost = float(s.max()) + 1.0 if s.numel() else 1.0
+        boost = float(s.max() - s.min()) + 1.0  # lifts every head above every other candidate
         for start in signals.chunk_starts:
             s[start: min(n, start + config.chunk_heads)] += boost
     return top_k_sorted(s, min(n_sel, n))
