@@ -110,7 +110,9 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "qa_accuracy": statistics.mean(r["correct"] for r in rs),
             "share": statistics.mean(r["share"] for r in rs),
             "ttft_s": statistics.mean(r["ttft_s"] for r in rs),
-            "speedup": statistics.median(full_ttft[r["item"]] / r["ttft_s"] for r in rs if r["item"] in full_ttft),
+            # paired with the full prefill of the same prompt in the same run
+            "speedup": statistics.median(r.get("full_ttft_s", full_ttft.get(r["item"], 0.0)) / r["ttft_s"]
+                                         for r in rs if "full_ttft_s" in r or r["item"] in full_ttft),
         }
     return out
 
@@ -126,7 +128,7 @@ def run_set(h: Harness, items: list[dict[str, Any]], modes: list[Mode], answer_t
         for m in modes:
             r = runs[m.name]
             rows.append({
-                "set": set_name, "item": i, "position": it["position"], "mode": m.name,
+                "set": set_name, "item": i, "position": it["position"], "mode": m.name, "full_ttft_s": ref.ttft_s,
                 "selector": m.selector or ("full" if m.kind == "full" else "default"), "ratio": m.ratio,
                 "ttft_s": r.ttft_s, "steps": r.fidelity.total, "agree": r.fidelity.agree,
                 "kl_sum": r.fidelity.kl_sum, "identical": int(r.answer_ids == ref.answer_ids),
@@ -155,16 +157,31 @@ def results_for(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def merge_runs(parts: list[dict[str, Any]], out: str) -> dict[str, Any]:
-    """One run from the JSON of its --shard parts (same modes; wall time is the slowest part's)."""
-    rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: (r["set"], r["item"]))
-    if len({(r["set"], r["item"], r["mode"]) for r in rows}) != len(rows):
-        raise SystemExit("--merge: the parts overlap (the same prompt and mode twice)")
-    words, kept = parts[0].get("command", "").split(" "), []
-    for i, w in enumerate(words):
-        if w == "--shard" or (i and words[i - 1] == "--shard"):
-            continue
-        kept.append(out if i and words[i - 1] == "--json" else w)
-    command = " ".join(kept)
+    """One run from the JSON of several parts: --shard parts of one command, and runs that add
+    selectors on the same prompts (their own full prefill and r=0 rows, which every run has, are
+    dropped in favour of the first part's; a blend mode measured twice is an error). Speed-ups
+    stay paired with the full prefill of the run that timed them."""
+    rows, seen = [], set()
+    for p in parts:
+        for r in p["rows"]:
+            key = (r["set"], r["item"], r["mode"])
+            if key in seen:
+                if r["selector"] in ("full", "default"):
+                    continue
+                raise SystemExit(f"--merge: the parts overlap ({r['mode']} on prompt {r['item']} twice)")
+            seen.add(key)
+            rows.append(r)
+    rows.sort(key=lambda r: (r["set"], r["item"]))
+    commands = []
+    for p in parts:
+        words, kept = p.get("command", "").split(" "), []
+        for i, w in enumerate(words):
+            if w == "--shard" or (i and words[i - 1] == "--shard") or w == "--json" or (i and words[i - 1] == "--json"):
+                continue
+            kept.append(w)
+        if " ".join(kept) not in commands:
+            commands.append(" ".join(kept))
+    command = " ; ".join(c + f" --json {out}" for c in commands) if len(commands) > 1 else f"{commands[0]} --json {out}"
     first = parts[0]
     return {"results": results_for(rows), "rows": rows, "blend": first["blend"],
             "partial": any(p.get("partial") for p in parts), "command": command,
@@ -242,8 +259,8 @@ def modes_from_rows(rows: list[dict[str, Any]]) -> list[Mode]:
 def rerun_command(data: dict[str, Any]) -> str:
     """The command that regenerates a saved run (recorded by the run; derived from its rows for
     JSON written before the command was recorded)."""
-    if data.get("command"):
-        return shlex.join(data["command"].split(" "))  # an empty argument ("") stays visible
+    if data.get("command"):  # several runs merged: "cmd1 ; cmd2"
+        return " ; ".join(shlex.join(c.strip().split(" ")) for c in data["command"].split(" ; "))
     rows = data["rows"]
     sets = sorted({r["set"] for r in rows})
     blend = [m for m in modes_from_rows(rows) if m.selector]

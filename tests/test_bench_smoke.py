@@ -194,6 +194,15 @@ def test_selection_shards_partition_the_prompts_and_merge_back():
     assert v["prompts"] == 2 and v["mean_kl"] == pytest.approx(0.2) and v["speedup"] == pytest.approx(3.0)
     with pytest.raises(SystemExit, match="overlap"):
         merge_runs([a, a], "x.json")
+    # a run adding a selector on the same prompts: its own reference rows are dropped, its
+    # speed-up stays paired with its own full prefill
+    extra = {"rows": [dict(row(0, "full prefill", "full", 8.0, 0.0), full_ttft_s=8.0),
+                      dict(row(0, "query r=0.1", "query", 2.0, 0.4), full_ttft_s=8.0)],
+             "blend": "B", "command": "daser-rag bench selection --selectors query --json c.json", "minutes": 1.0}
+    both = merge_runs([a, b, extra], "all.json")
+    assert both["results"]["stdlib"]["full prefill"]["prompts"] == 2
+    assert both["results"]["stdlib"]["query r=0.1"]["speedup"] == pytest.approx(4.0)
+    assert both["command"].count(" ; ") == 1
 
 
 def test_prefix_tree_trace_kinds():
