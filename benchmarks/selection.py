@@ -183,10 +183,14 @@ def merge_runs(parts: list[dict[str, Any]], out: str) -> dict[str, Any]:
             commands.append(" ".join(kept))
     command = " ; ".join(c + f" --json {out}" for c in commands) if len(commands) > 1 else f"{commands[0]} --json {out}"
     first = parts[0]
+    by_command: dict[str, list[float]] = defaultdict(list)  # shards of one command ran side by side
+    for p in parts:
+        by_command[p.get("command", "").split(" --shard")[0]].append(p.get("minutes", 0.0))
+    per_run = max(len(v) for v in by_command.values())
     return {"results": results_for(rows), "rows": rows, "blend": first["blend"],
             "partial": any(p.get("partial") for p in parts), "command": command,
-            "minutes": max(p.get("minutes", 0.0) for p in parts), "machine": first.get("machine", ""),
-            "threads": f"{first.get('threads')} x {len(parts)} processes"}
+            "minutes": sum(max(v) for v in by_command.values()), "machine": first.get("machine", ""),
+            "threads": f"{first.get('threads')} ({per_run} processes side by side)" if per_run > 1 else first.get("threads")}
 
 
 def format_table(summary: dict[str, dict[str, Any]], modes: list[Mode]) -> str:
@@ -246,14 +250,17 @@ def parse_override(pairs: list[str]) -> dict[str, Any]:
 
 
 def modes_from_rows(rows: list[dict[str, Any]]) -> list[Mode]:
-    """The modes of a saved run, in their run order."""
+    """The modes of a saved run: reference rows first, then each selector (in the order first
+    seen) by share, `auto` last."""
     seen: dict[str, Mode] = {}
     for r in rows:
         if r["mode"] not in seen:
             kind = "full" if r["selector"] == "full" else "blend"
             sel = None if r["selector"] in ("full", "default") else r["selector"]
             seen[r["mode"]] = Mode(r["mode"], kind, r["ratio"], sel)
-    return list(seen.values())
+    order = list(dict.fromkeys(m.selector for m in seen.values()))
+    return sorted(seen.values(), key=lambda m: (order.index(m.selector), m.kind != "full", m.ratio == "auto",
+                                                0.0 if m.ratio == "auto" else float(m.ratio)))
 
 
 def rerun_command(data: dict[str, Any]) -> str:
@@ -273,17 +280,32 @@ def rerun_command(data: dict[str, Any]) -> str:
 
 
 def readme_table(data: dict[str, Any]) -> str:
-    """The compact table README shows: full prefill, r=0 and each selector's rows."""
+    """The compact table README shows: per selector and share, mean KL vs full prefill, top-1
+    agreement and the paired TTFT speed-up; full prefill and r=0 in the lead line."""
     name = next(k for k in data["results"] if ":" not in k)
     summ = data["results"][name]
     n = max(v["prompts"] for v in summ.values())
-    lines = [f"{n} held-out questions (`{rerun_command(data)}`):", "",
-             "| mode | share | top-1 | mean KL | greedy answer identical | QA accuracy |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for m in modes_from_rows(data["rows"]):
-        v = summ[m.name]
-        lines.append(f"| {m.name} | {v['share']:.2f} | {v['top1']:.3f} | {v['mean_kl']:.4f} | "
-                     f"{v['greedy_identical']:.0%} | {v['qa_accuracy']:.0%} |")
+    modes = [m for m in modes_from_rows(data["rows"]) if m.selector]
+    shares = sorted({float(m.ratio) for m in modes if m.ratio != "auto"})
+    has_auto = any(m.ratio == "auto" for m in modes)
+    full, r0 = summ.get(FULL.name), summ.get("daser r=0")
+    lead = f"{n} held-out questions (`{rerun_command(data)}`)."
+    if full and r0:
+        lead += (f" Full prefill answers {full['qa_accuracy']:.0%} correctly; r=0 (full reuse): top-1 "
+                 f"{r0['top1']:.3f}, mean KL {r0['mean_kl']:.3f}, {r0['speedup']:.1f}x, QA {r0['qa_accuracy']:.0%}.")
+    head = "| selector | " + " | ".join(f"r={x:g}" for x in shares) + (" | auto |" if has_auto else " |")
+    lines = [lead, "", "Each cell: mean KL vs full prefill / top-1 agreement / TTFT speed-up (paired, both cores busy).", "",
+             head, "|---|" + "---:|" * (len(shares) + has_auto)]
+    for sel in dict.fromkeys(m.selector for m in modes):
+        cells = []
+        for x in [*shares, *(["auto"] if has_auto else [])]:
+            v = next((summ[m.name] for m in modes if m.selector == sel and
+                      (m.ratio == x if x == "auto" else m.ratio != "auto" and float(m.ratio) == x)), None)
+            label = "" if v is None else f"{v['mean_kl']:.3f} / {v['top1']:.3f} / {v['speedup']:.1f}x"
+            if v is not None and x == "auto":
+                label += f" (share {v['share']:.2f})"
+            cells.append(label or "-")
+        lines.append(f"| {sel} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
