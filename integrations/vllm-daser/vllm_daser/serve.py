@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from daser_rag.server.testing import free_port  # one helper for every local test server
 
 
 class VllmServer:
@@ -145,4 +140,4 @@ def _cached(usage: dict[str, Any] | None) -> int | None:
     return details.get("cached_tokens")
 
 
-__all__ = ["VllmServer", "free_port"]
+__all__ = ["VllmServer"]
