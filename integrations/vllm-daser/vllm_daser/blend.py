@@ -8,12 +8,14 @@ worker half in the same process.
 
 After the worker has loaded a request's context (exact prefix + re-positioned chunks) and
 before vLLM's forward pass computes the question, `repair()` runs daser's fusion on the paged
-cache: every non-exact context token goes through the layers up to the check layer, the top-r
-share by value deviation from the loaded KV is kept there, and only those continue through the
-remaining layers; their fresh K/V overwrite the loaded entries in the request's blocks. Then
-vLLM computes the question over the repaired cache as usual. Attention here is torch SDPA over
-the context gathered from the paged cache (vLLM's attention kernels only take the scheduled
-batch), so this costs more than it would inside vLLM's kernels.
+cache with vLLM's loaded weights: the selected context tokens go through the layers (CacheBlend
+deviation: every candidate up to the check layer, then the top-r share; chunk heads: the first
+tokens of every chunk, chosen up front), and each layer's fresh K/V overwrites the loaded
+entries in the request's blocks. Their attention runs in vLLM's own CPU paged-attention kernel
+straight from those blocks (each contiguous run of selected tokens is one pseudo-request over
+the request's block table, causal within the run), so nothing is gathered or masked in torch;
+layouts whose kernel daser does not call (CUDA) use torch attention over the loaded K/V.
+Then vLLM computes the question over the repaired cache as usual.
 """
 
 from __future__ import annotations
@@ -81,11 +83,81 @@ def chunk_head_positions(exact_len: int, ctx_len: int, n_sel: int, chunk_starts:
     return select(BlendConfig(selector="chunk_heads"), Signals(n_cand, chunk_starts=starts), n_sel) + exact_len
 
 
+def _runs(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split sorted positions into maximal contiguous runs: (query_start_loc, seq_lens), int32.
+
+    A run [a, b) attends to keys [0, b) with a causal mask over its own rows: exactly what a
+    paged-attention kernel computes for a request whose last b - a tokens are scheduled, so every
+    run becomes one pseudo-request over the same blocks (chunk heads: one run per chunk)."""
+    pos = active.cpu()
+    cut = torch.nonzero(pos[1:] - pos[:-1] != 1).flatten() + 1
+    bounds = torch.cat([torch.zeros(1, dtype=torch.int64), cut, torch.tensor([pos.numel()])])
+    return bounds.to(torch.int32), (pos[bounds[1:] - 1] + 1).to(torch.int32)
+
+
+class _PagedAttention:
+    """The active rows' attention through vLLM's own CPU paged-attention kernel.
+
+    Reads the context straight from the request's blocks (the loaded KV with this layer's fresh
+    rows already written), causal within each run, so nothing is gathered or masked in torch."""
+
+    def __init__(self, layout: Any, block_ids: list[int], n_heads: int, n_kv: int, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        self.layout, self.blocks = layout, torch.as_tensor(block_ids, dtype=torch.int32)
+        self.n_heads, self.n_kv, self.head_dim, self.dtype = n_heads, n_kv, head_dim, dtype
+        self.active: torch.Tensor | None = None
+
+    def set_active(self, active: torch.Tensor, layer: Any) -> None:
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        self.active = active
+        self.qsl, self.seq_lens = _runs(active)
+        n_runs = self.seq_lens.numel()
+        self.table = self.blocks[None, :].expand(n_runs, -1).contiguous()
+        self.sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=n_runs, num_heads=self.n_heads, num_kv_heads=self.n_kv, head_dim=self.head_dim,
+            seq_lens=self.seq_lens, dtype=self.dtype, query_start_loc=self.qsl, causal=True,
+            sliding_window_size=-1, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            kv_cache_dtype=self.layout.cache_dtype)
+
+    def __call__(self, q: torch.Tensor, layer: Any, cache: torch.Tensor) -> torch.Tensor:
+        from vllm import _custom_ops as ops
+
+        n = q.shape[0]
+        out = torch.empty(n, self.n_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        kc, vc = self.layout._views(cache)
+        ops.cpu_attention_with_kv_cache(
+            query=q.reshape(n, self.n_heads, self.head_dim), key_cache=kc, value_cache=vc, output=out,
+            query_start_loc=self.qsl, seq_lens=self.seq_lens, scale=layer.impl.scale, causal=True,
+            alibi_slopes=None, sliding_window=-1, block_table=self.table, softcap=0.0,
+            scheduler_metadata=self.sched, s_aux=None, k_scale=getattr(layer, "_k_scale_float", 1.0),
+            v_scale=getattr(layer, "_v_scale_float", 1.0), kv_cache_dtype=self.layout.cache_dtype)
+        return out.reshape(n, self.n_heads * self.head_dim)
+
+
+def _torch_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, active: torch.Tensor,
+                     bias: torch.Tensor | None, n_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention of the active rows over K, V [kv_heads, ctx, d] (layouts whose
+    kernel daser cannot call, e.g. CUDA). Returns (output [n, heads * d], the mask for reuse)."""
+    hk, ctx_len, d = K.shape
+    n, g = active.shape[0], n_heads // hk
+    if bias is None:  # additive causal mask, rebuilt only when the active set changes
+        bias = torch.zeros(n, ctx_len, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(torch.arange(ctx_len, device=q.device)[None, :] > active[:, None], float("-inf"))
+        bias = bias.repeat(g, 1)
+    # [kv_heads, group * n, d] x [kv_heads, ctx, d]: no K/V copies per query head
+    q4 = q.reshape(n, hk, g, d).permute(1, 2, 0, 3).reshape(hk, g * n, d)
+    scores = torch.baddbmm(bias.expand(hk, -1, -1), q4, K.transpose(1, 2), alpha=scale)
+    o = torch.bmm(torch.softmax(scores, dim=-1), V)
+    return o.reshape(hk, g, n, d).permute(2, 0, 1, 3).reshape(n, n_heads * d), bias
+
+
 @torch.inference_mode()
 def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch.Tensor], block_ids: list[int],
            token_ids: list[int], exact_len: int, ctx_len: int, ratio: float, check_layer: int,
            loaded: tuple[torch.Tensor, torch.Tensor, int] | None = None, *, selector: str = "deviation",
-           chunk_starts: list[int] | None = None) -> int:
+           chunk_starts: list[int] | None = None, paged_attention: bool | None = None) -> int:
     """Recompute the top-`ratio` share of context tokens [exact_len, ctx_len) in place.
 
     `selector` "deviation": every candidate through layers 0..check_layer, the top share by value
@@ -95,10 +167,15 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
 
     `caches[i]`/`layer_modules[i]`: layer i's paged KV tensor and vLLM Attention module.
     `loaded`: (K, V [layers, kv_heads, tokens, dim], first position) as the worker just wrote
-    them (tokens [first, ctx_len)); only [0, first) is read back from the paged cache.
+    them (tokens [first, ctx_len)); the torch attention path updates it in place.
+    `paged_attention`: attend through vLLM's CPU paged-attention kernel straight from the
+    request's blocks (default where the layout is vLLM's CPU one), else torch attention over
+    `loaded` (plus [0, first) read back from the cache).
+    Each layer's fresh K/V is written before that layer's attention; the last layer stops there
+    (only its K/V is kept, so its attention and MLP would be wasted).
     Returns how many tokens were recomputed after the check layer.
     """
-    from vllm_daser.layout import slots_for
+    from vllm_daser.layout import CpuPagedLayout, slots_for
 
     lm = model.model
     n_cand = ctx_len - exact_len
@@ -113,11 +190,20 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         active = torch.arange(exact_len, ctx_len, device=dev)
     else:
         raise ValueError(f"unknown in-engine selector {selector!r}")
+    if paged_attention is None:
+        paged_attention = isinstance(layout, CpuPagedLayout)
+    if loaded is None and not paged_attention:
+        raise ValueError("torch attention needs the loaded K/V (`loaded`)")
+    a0 = lm.layers[0].self_attn
+    paged = _PagedAttention(layout, block_ids, a0.num_heads, a0.num_kv_heads, a0.head_dim,
+                            next(lm.parameters()).dtype) if paged_attention else None
+    all_slots = slots_for(block_ids, 0, ctx_len, layout.block_size)
     ids = torch.as_tensor(token_ids, device=dev)[active]
     h = lm.embed_tokens(ids)
     residual = None
-    all_pos = torch.arange(ctx_len, device=dev)
-    bias: torch.Tensor | None = None  # additive causal mask of the active rows (rebuilt when they shrink)
+    bias: torch.Tensor | None = None
+    stale = True  # the active set changed since the attention set-up
+    last = len(lm.layers) - 1
     for i, layer in enumerate(lm.layers):
         if residual is None:
             residual = h
@@ -129,44 +215,53 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(active, q, k)
         hk, d = attn.num_kv_heads, attn.head_dim
-        k3 = k.reshape(-1, hk, d).transpose(0, 1)
-        v3 = v.reshape(-1, hk, d).transpose(0, 1)
-        if loaded is not None:
-            # the context as the worker just wrote it; only what it did not write (a local
-            # prefix-cache hit, typically the system prompt) is read back from the paged cache
-            first = loaded[2]
-            K, V = loaded[0][i], loaded[1][i]
-            if first > 0:
-                Kp, Vp = layout.read(caches[i], block_ids, 0, first)
-                K, V = torch.cat([Kp.to(K.dtype), K], dim=1), torch.cat([Vp.to(V.dtype), V], dim=1)
-            else:
-                K, V = K.clone(), V.clone()
-        else:
-            K, V = layout.read(caches[i], block_ids, 0, ctx_len)  # [kv_heads, ctx_len, head_dim]
-        K, V = K.to(dev, k3.dtype), V.to(dev, v3.dtype)
+        k3, v3 = k.reshape(-1, hk, d), v.reshape(-1, hk, d)  # [n, kv_heads, d]
         if i == check_layer and n_sel < active.shape[0]:
-            score = ((v3.float() - V[:, active].float()) ** 2).sum(dim=(0, 2))
+            old_v = _loaded_rows(layout, caches[i], block_ids, loaded, i, active)
+            score = ((v3.float() - old_v.float()) ** 2).sum(dim=(1, 2))
             keep = torch.topk(score, n_sel).indices.sort().values
-            active, q, k3, v3, residual = active[keep], q[keep], k3[:, keep], v3[:, keep], residual[keep]
-            bias = None
-        K[:, active] = k3
-        V[:, active] = v3
-        hq = attn.num_heads
-        if bias is None:
-            # additive causal mask, built once per active set (SDPA's CPU math path spends as long
-            # on mask handling as on the attention itself, so attention is spelled out here)
-            bias = torch.zeros(active.shape[0], ctx_len, dtype=q.dtype, device=dev)
-            bias.masked_fill_(all_pos[None, :] > active[:, None], float("-inf"))
-            bias = bias.repeat(hq // hk, 1)
-        # grouped-query attention as [kv_heads, group * n, d] x [kv_heads, ctx, d]: no K/V copies
-        n = active.shape[0]
-        q4 = q.reshape(n, hk, hq // hk, d).permute(1, 2, 0, 3).reshape(hk, (hq // hk) * n, d)
-        scores = torch.baddbmm(bias.expand(hk, -1, -1), q4, K.transpose(1, 2), alpha=attn.scaling)
-        o = torch.bmm(torch.softmax(scores, dim=-1), V)
-        o = o.reshape(hk, hq // hk, n, d).permute(2, 0, 1, 3).reshape(n, hq * d)
+            active, q, k3, v3, residual = active[keep], q[keep], k3[keep], v3[keep], residual[keep]
+            bias, stale = None, True
+        layout.write(layer_modules[i], caches[i], k3, v3, all_slots[active.cpu()])
+        if i == last:
+            break
+        if paged is not None:
+            if stale:
+                paged.set_active(active, layer_modules[i])
+                stale = False
+            o = paged(q, layer_modules[i], caches[i])
+        else:
+            assert loaded is not None
+            K, V = _context_kv(layout, caches[i], block_ids, loaded, i)
+            K[:, active] = k3.transpose(0, 1).to(K.dtype)
+            V[:, active] = v3.transpose(0, 1).to(V.dtype)
+            o, bias = _torch_attention(q, K.to(dev, q.dtype), V.to(dev, q.dtype), active, bias,
+                                       attn.num_heads, attn.scaling)
         h, _ = attn.o_proj(o)
-        slots = slots_for(block_ids, 0, ctx_len, layout.block_size)[active.cpu()]
-        layout.write(layer_modules[i], caches[i], k3.transpose(0, 1), v3.transpose(0, 1), slots)
         h, residual = layer.post_attention_layernorm(h, residual)
         h = layer.mlp(h)
     return int(active.shape[0])
+
+
+def _context_kv(layout: Any, cache: torch.Tensor, block_ids: list[int],
+                loaded: tuple[torch.Tensor, torch.Tensor, int], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's context K/V [kv_heads, ctx, d] for torch attention: the loaded tensors
+    (updated in place, the caller no longer needs them) behind whatever the worker did not
+    write (a local prefix-cache hit, typically the system prompt), read back from the cache."""
+    first = loaded[2]
+    K, V = loaded[0][i], loaded[1][i]
+    if first > 0:
+        Kp, Vp = layout.read(cache, block_ids, 0, first)
+        return torch.cat([Kp.to(K.dtype), K], dim=1), torch.cat([Vp.to(V.dtype), V], dim=1)
+    return K, V
+
+
+def _loaded_rows(layout: Any, cache: torch.Tensor, block_ids: list[int],
+                 loaded: tuple[torch.Tensor, torch.Tensor, int] | None, i: int,
+                 active: torch.Tensor) -> torch.Tensor:
+    """The loaded V of the active rows at layer i ([n, kv_heads, d]), before they are overwritten."""
+    if loaded is not None and int(active.min()) >= loaded[2]:
+        return loaded[1][i][:, (active - loaded[2]).to(loaded[1].device)].transpose(0, 1)
+    end = int(active.max()) + 1
+    _, V = layout.read(cache, block_ids, 0, end)
+    return V[:, active.cpu()].transpose(0, 1)

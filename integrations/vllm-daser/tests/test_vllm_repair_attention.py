@@ -1,0 +1,88 @@
+"""The in-engine repair's two attention paths agree: vLLM's CPU paged-attention kernel (the
+default on the CPU layout, reading the request's blocks) and torch attention over the loaded
+K/V (the path for layouts whose kernel daser does not call). Same KV written to every layer,
+for both selectors, up to fp32 rounding.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the test can capture one
+real repair call (the served model, the paged caches, the request's blocks) and replay it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+vllm = pytest.importorskip("vllm", reason="vllm is not installed in this environment (it lives in its own venv, see integrations/vllm-daser/README.md)")
+
+import torch
+
+from vllm_daser.env import cpu_defaults
+
+cpu_defaults()
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory):
+    from daser_rag.corpus import python_reference_corpus
+    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.kv.store import KVStore
+    from daser_rag.model.loader import load_model
+    from vllm_daser import blend
+    from vllm_daser.prompts import VllmRagPrompter, kv_transfer_config, vllm_model_dir
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    mp.setenv("DASER_VLLM_BLEND", "1")
+    calls: list[tuple[tuple, dict, tuple]] = []
+    real = blend.repair
+
+    def spy(*args, **kw):
+        ld = kw["loaded"] if "loaded" in kw else args[10]
+        calls.append((args, dict(kw), (ld[0].clone(), ld[1].clone(), ld[2])))
+        return real(*args, **kw)
+
+    mp.setattr(blend, "repair", spy)
+    store_dir = tmp_path_factory.mktemp("daser-vllm-repair")
+    lm = load_model(dtype=torch.float32)
+    gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec="fp32"), chunk_tokens=256)
+    llm = vllm.LLM(model=str(vllm_model_dir(lm)), dtype="float32", max_model_len=2048, enforce_eager=True,
+                   block_size=32, max_num_seqs=2, enable_prefix_caching=True,
+                   kv_transfer_config=kv_transfer_config(store_dir, fingerprint=gen.fingerprint, codec="fp32"))
+    p = VllmRagPrompter(gen, codec="fp32")
+    docs = python_reference_corpus(["pass", "break", "continue", "del"])
+    q = "Is pass useful as a placeholder?"
+    for w in p.reuse(q, docs, exact_nodes=False).prefill:
+        llm.generate([w.prompt], w.sampling_params(vllm.SamplingParams(max_tokens=1)), use_tqdm=False)
+    out = {}
+    for selector in ("chunk_heads", "deviation"):
+        req = p.reuse(q, docs[::-1], exact_nodes=False, recompute_ratio=0.15, selector=selector)
+        assert not req.prefill
+        llm.generate([req.prompt], req.sampling_params(vllm.SamplingParams(max_tokens=1)), use_tqdm=False)
+        assert calls and calls[-1][1]["selector"] == selector
+        out[selector] = calls[-1]
+    yield real, out
+    mp.undo()
+    del llm
+
+
+@pytest.mark.parametrize("selector", ["chunk_heads", "deviation"])
+def test_paged_kernel_repair_equals_torch_attention(captured, selector):
+    real, out = captured
+    args, kw, ld = out[selector]
+    args = list(args)
+    caches, block_ids = args[3], args[4]
+    written = {}
+    for paged in (False, True):
+        loaded = (ld[0].clone(), ld[1].clone(), ld[2])
+        if len(args) > 10:
+            args[10] = loaded
+        else:
+            kw["loaded"] = loaded
+        n = real(*args, **{**kw, "paged_attention": paged})
+        written[paged] = (n, [c[block_ids].clone() for c in caches])
+    assert written[False][0] == written[True][0] > 0
+    scale = max(float(c.abs().max()) for c in written[False][1])
+    diff = max(float((a - b).abs().max()) for a, b in zip(written[False][1], written[True][1]))
+    assert diff <= 1e-5 * max(scale, 1.0) * 10, (diff, scale)
