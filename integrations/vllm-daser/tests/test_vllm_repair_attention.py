@@ -55,7 +55,9 @@ def captured(tmp_path_factory):
     q = "Is pass useful as a placeholder?"
     for w in p.reuse(q, docs, exact_nodes=False).prefill:
         llm.generate([w.prompt], w.sampling_params(vllm.SamplingParams(max_tokens=1)), use_tqdm=False)
-    out = {}
+    out = {"run": lambda req, n: llm.generate([req.prompt], req.sampling_params(
+        vllm.SamplingParams(temperature=0.0, max_tokens=n)), use_tqdm=False)[0].outputs[0].token_ids,
+           "prompter": p, "docs": docs, "q": q, "calls": calls}
     for selector in ("chunk_heads", "deviation"):
         req = p.reuse(q, docs[::-1], exact_nodes=False, recompute_ratio=0.15, selector=selector)
         assert not req.prefill
@@ -86,3 +88,28 @@ def test_paged_kernel_repair_equals_torch_attention(captured, selector):
     scale = max(float(c.abs().max()) for c in written[False][1])
     diff = max(float((a - b).abs().max()) for a, b in zip(written[False][1], written[True][1]))
     assert diff <= 1e-5 * max(scale, 1.0) * 10, (diff, scale)
+
+
+def test_kernel_failure_falls_back_to_torch_attention(captured, monkeypatch):
+    """Fault injected: the paged-attention kernel raises (as a vLLM build with another internal
+    signature would). The worker redoes the pass with torch attention, the request completes with
+    the same greedy tokens, and later repairs go straight to torch attention. Runs last: it
+    switches this engine's worker to torch attention."""
+    from vllm_daser import blend
+
+    _, out = captured
+    req = out["prompter"].reuse(out["q"], out["docs"][1:] + out["docs"][:1], exact_nodes=False,
+                                recompute_ratio=0.15, selector="chunk_heads")
+    want = out["run"](req, 8)
+    calls = out["calls"]
+    n0 = len(calls)
+
+    def broken(self, *a, **k):
+        raise TypeError("cpu_attention_with_kv_cache() got an unexpected keyword argument (injected)")
+
+    monkeypatch.setattr(blend._PagedAttention, "__call__", broken)
+    assert out["run"](req, 8) == want
+    modes = [c[1].get("paged_attention") for c in calls[n0:]]
+    assert modes == [None, False], modes  # tried the kernel, then torch attention
+    assert out["run"](req, 8) == want
+    assert calls[-1][1].get("paged_attention") is False

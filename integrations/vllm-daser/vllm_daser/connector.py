@@ -293,6 +293,7 @@ class DaserConnectorWorker:
         self.inv_freq: torch.Tensor | None = None
         self._load_errors: set[int] = set()
         self._warned_blend = False
+        self._paged_ok = True  # vLLM's paged-attention kernel for the repair (else torch attention)
         self.stats = {"loaded_tokens": 0, "rerotated_tokens": 0, "saved_tokens": 0, "load_errors": 0}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -377,10 +378,21 @@ class DaserConnectorWorker:
             return
         layers = self.vllm_config.compilation_config.static_forward_context
         t0 = time.perf_counter()
-        n = blend.repair(model, self.layout, [layers[n] for n in self.layer_names],
-                         [self.kv_caches[n] for n in self.layer_names], ld.block_ids, ld.context_ids,
-                         ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded,
-                         selector=ld.recompute[2], chunk_starts=ld.chunk_starts)
+        args = (model, self.layout, [layers[n] for n in self.layer_names], [self.kv_caches[n] for n in self.layer_names],
+                ld.block_ids, ld.context_ids, ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded)
+        kw: dict[str, Any] = {"selector": ld.recompute[2], "chunk_starts": ld.chunk_starts}
+        try:
+            n = blend.repair(*args, **kw, paged_attention=None if self._paged_ok else False)
+        except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
+            if not self._paged_ok:
+                raise
+            # vLLM's paged-attention kernel is an internal API: if this vLLM build calls it
+            # differently, say so once and redo the pass with torch attention (every layer's
+            # K/V is rewritten, and the paged path leaves `loaded` untouched)
+            logger.warning("DaserKVConnector: paged-attention repair failed (%s: %s); using torch attention "
+                           "from now on", type(exc).__name__, exc)
+            self._paged_ok = False
+            n = blend.repair(*args, **kw, paged_attention=False)
         self.stats["recomputed_tokens"] = self.stats.get("recomputed_tokens", 0) + n
         logger.debug("DaserKVConnector: recomputed %d of %d tokens for %s in %.1f ms", n, ld.end - ld.exact_len,
                      ld.req_id, 1e3 * (time.perf_counter() - t0))
