@@ -105,13 +105,11 @@ class _PagedAttention:
                  dtype: torch.dtype) -> None:
         self.layout, self.blocks = layout, torch.as_tensor(block_ids, dtype=torch.int32)
         self.n_heads, self.n_kv, self.head_dim, self.dtype = n_heads, n_kv, head_dim, dtype
-        self.active: torch.Tensor | None = None
 
     def set_active(self, active: torch.Tensor, layer: Any) -> None:
         from vllm import _custom_ops as ops
         from vllm import envs
 
-        self.active = active
         self.qsl, self.seq_lens = _runs(active)
         n_runs = self.seq_lens.numel()
         self.table = self.blocks[None, :].expand(n_runs, -1).contiguous()
@@ -126,7 +124,7 @@ class _PagedAttention:
 
         n = q.shape[0]
         out = torch.empty(n, self.n_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        kc, vc = self.layout._views(cache)
+        kc, vc = self.layout.kv_views(cache)
         ops.cpu_attention_with_kv_cache(
             query=q.reshape(n, self.n_heads, self.head_dim), key_cache=kc, value_cache=vc, output=out,
             query_start_loc=self.qsl, seq_lens=self.seq_lens, scale=layer.impl.scale, causal=True,

@@ -66,7 +66,9 @@ class CpuPagedLayout(PagedLayout):
         self.cache_dtype = cache_dtype
         self.k_perm, self.v_perm = self._probe(cache.dtype, layer)
 
-    def _views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def kv_views(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K and V halves of every block, [num_blocks, kv_heads, block_size, head_dim] views, as
+        vLLM's CPU kernels take them."""
         nb = cache.shape[0]
         v = cache.view(nb, self.heads, 2 * self.block_size, self.head_dim)
         return v[:, :, : self.block_size], v[:, :, self.block_size:]
@@ -101,7 +103,7 @@ class CpuPagedLayout(PagedLayout):
     def write(self, layer: Any, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         from vllm import _custom_ops as ops
 
-        kc, vc = self._views(cache)
+        kc, vc = self.kv_views(cache)
         ops.cpu_attn_reshape_and_cache(
             k.to(cache.dtype).contiguous(), v.to(cache.dtype).contiguous(), kc, vc, slots, layer.isa,
             k_scale=getattr(layer, "_k_scale_float", 1.0), v_scale=getattr(layer, "_v_scale_float", 1.0),
@@ -111,7 +113,7 @@ class CpuPagedLayout(PagedLayout):
         bs, h, c = self.block_size, self.heads, self.head_dim
         b0, b1 = start // bs, -(-end // bs)
         blocks = torch.as_tensor(list(block_ids[b0:b1]), dtype=torch.int64)
-        kc, vc = self._views(cache)
+        kc, vc = self.kv_views(cache)
         n = len(blocks)
         k = kc[blocks].reshape(n, -1)[:, self.k_perm].view(n, h, bs, c)
         v = vc[blocks].reshape(n, -1)[:, self.v_perm].view(n, h, bs, c)
