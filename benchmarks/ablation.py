@@ -11,6 +11,8 @@ Presets reproduce the tables in docs/benchmarks.md:
   --preset budget    hybrid vs deviation at 0.1/0.15/0.2/0.3, check layer 2, chunk heads, auto coverage
   --preset placement where selection happens (check layer 1/2/4, two-stage funnel) and how the
                      budget is spread (global top share vs the same share of every chunk)
+  --preset lookahead how deep hybrid's look-ahead pass of the question needs to go (it stops
+                     after the last of `query_layers`) vs deviation and chunk heads (r=0.15)
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ PRESETS: dict[str, list[tuple[str, dict[str, Any], float | str]]] = {
         ("deviation, funnel 2", {"selector": "deviation", "funnel": 2.0}, 0.15),
         ("deviation, per-chunk budget", {"selector": "deviation", "budget": "per_chunk"}, 0.15),
         ("query, per-chunk budget", {"selector": "query", "budget": "per_chunk"}, 0.15),
+    ],
+    "lookahead": [
+        ("hybrid r=0.15 (look-ahead through all 30 layers)", {"selector": "hybrid"}, 0.15),
+        ("hybrid, look-ahead layers 0-19", {"selector": "hybrid", "query_layers": L[:20]}, 0.15),
+        ("hybrid, look-ahead to layer 19, signal from 10-19", {"selector": "hybrid", "query_layers": L[10:20]}, 0.15),
+        ("hybrid, look-ahead layers 0-14", {"selector": "hybrid", "query_layers": L[:15]}, 0.15),
+        ("hybrid, look-ahead to layer 14, signal from 5-14", {"selector": "hybrid", "query_layers": L[5:15]}, 0.15),
+        ("hybrid, look-ahead layers 0-9", {"selector": "hybrid", "query_layers": L[:10]}, 0.15),
+        ("deviation r=0.15", {"selector": "deviation"}, 0.15),
+        ("chunk_heads r=0.15", {"selector": "chunk_heads"}, 0.15),
     ],
 }
 

@@ -57,6 +57,34 @@ def test_r0_query_lookahead_equals_plain_full_reuse(generator):
     assert (look.logits - plain.logits).abs().max().item() < 1e-4
 
 
+def test_lookahead_stops_after_its_last_query_layer_without_changing_the_result(generator, monkeypatch):
+    """With `query_layers` ending at layer 9 the look-ahead runs layers 0-9 only; the selection,
+    logits and every layer's KV are exactly those of a look-ahead through all layers."""
+    from daser_rag.blend import fusion
+
+    chunks = _chunks(generator)
+    q = "What does the pass statement do?"
+    cfg = BlendConfig(recompute_ratio=0.15, selector="hybrid", query_layers=tuple(range(10)))
+    depths: list[int] = []
+    real = fusion._lookahead
+
+    def spy(*args, **kw):
+        logits, rel = real(*args, **kw)
+        depths.append(generator.runner.spec.num_layers if logits is not None else max(cfg.query_layers) + 1)
+        return logits, rel
+
+    monkeypatch.setattr(fusion, "_lookahead", spy)
+    short, _ = generator.prefill(q, chunks, blend=cfg)
+    monkeypatch.setattr(fusion, "_lookahead", lambda *a, **k: spy(*a[:6], need_logits=True))
+    full_depth, _ = generator.prefill(q, chunks, blend=cfg)
+    assert depths == [10, generator.runner.spec.num_layers]
+    assert short.recomputed_tokens == full_depth.recomputed_tokens > 0
+    assert torch.equal(short.logits, full_depth.logits)
+    for i in range(generator.runner.spec.num_layers):
+        assert all(torch.equal(a, b) for a, b in zip(short.cache.view(i, short.cache.length),
+                                                     full_depth.cache.view(i, full_depth.cache.length)))
+
+
 def test_auto_stays_within_floor_and_cap(generator):
     chunks = _chunks(generator)
     for floor, cap in ((0.05, 0.3), (0.2, 0.25), (0.1, 0.9)):

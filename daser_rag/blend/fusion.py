@@ -131,13 +131,18 @@ def _relevance(probs: torch.Tensor, exact_len: int, ctx_len: int, config: BlendC
 
 
 def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.Tensor, ctx_len: int,
-               exact_len: int, config: BlendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+               exact_len: int, config: BlendConfig,
+               need_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Run the question over the stored (re-positioned) KV; return its logits and relevance.
 
-    The logits are exactly the r = 0 answer, so a zero budget costs nothing extra.
+    The logits are exactly the r = 0 answer, so a zero budget costs nothing extra. Without
+    `need_logits` (the budget is known to be > 0) the pass stops after the last of
+    `query_layers`: the layers above it add nothing to the signal, and the recompute pass
+    rewrites the question's K/V at every layer anyway. Logits are then None.
     """
     n_layers = runner.spec.num_layers
     layers = set(range(n_layers) if config.query_layers is None else config.query_layers)
+    depth = n_layers if need_logits or not layers else min(n_layers, max(layers) + 1)
     q_len = int(query_ids.shape[0])
     total = ctx_len + q_len
     positions = torch.arange(ctx_len, total, device=runner.device)
@@ -145,7 +150,7 @@ def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.T
     mask = runner.mask_for(positions, total)
     h = runner.embed(query_ids)
     relevance = torch.zeros(ctx_len - exact_len, dtype=torch.float32, device=runner.device)
-    for i in range(n_layers):
+    for i in range(depth):
         _, q, k, v = runner.qkv(i, h, cos, sin)
         cache.write(i, ctx_len, k, v)
         k_all, v_all = cache.view(i, total)
@@ -155,7 +160,8 @@ def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.T
             h = runner.finish_layer(i, h, out)
         else:
             h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
-    return runner.logits(h[-1:]), relevance / max(1, len(layers))
+    relevance /= max(1, len(layers & set(range(depth))))
+    return (runner.logits(h[-1:]) if depth == n_layers else None), relevance
 
 
 def _recompute_selected(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,
@@ -276,7 +282,10 @@ def fuse(
     lookahead_logits = None
     if config.needs_query_signal:
         filler.fill_all()
-        lookahead_logits, signals.relevance = _lookahead(runner, cache, query_ids, ctx_len, exact_len, config)
+        # logits are needed only if the budget may come out as zero ("auto" with a zero floor)
+        need_logits = config.is_auto and config.auto_floor == 0.0
+        lookahead_logits, signals.relevance = _lookahead(runner, cache, query_ids, ctx_len, exact_len, config,
+                                                         need_logits)
     if config.is_auto:
         assert signals.relevance is not None
         share = auto_share(signals.relevance, config.auto_coverage, config.auto_floor, config.auto_cap)
