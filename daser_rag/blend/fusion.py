@@ -160,8 +160,7 @@ def _lookahead(runner: LayerRunner, cache: PositionalKVCache, query_ids: torch.T
             h = runner.finish_layer(i, h, out)
         else:
             h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
-    relevance /= max(1, len(layers & set(range(depth))))
-    return (runner.logits(h[-1:]) if depth == n_layers else None), relevance
+    return (runner.logits(h[-1:]) if depth == n_layers else None), relevance / max(1, len(layers))
 
 
 def _recompute_selected(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,

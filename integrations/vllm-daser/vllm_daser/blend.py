@@ -20,12 +20,13 @@ Then vLLM computes the question over the repaired cache as usual.
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 from typing import Any
 
 import torch
+
+from daser_rag.blend.selectors import num_selected  # the budget daser's own fusion takes
 
 _MODEL: weakref.ReferenceType[Any] | None = None
 
@@ -64,12 +65,6 @@ def __getattr__(name: str) -> Any:  # the class is built lazily: importing vllm_
         globals()[name] = cls
         return cls
     raise AttributeError(name)
-
-
-def num_selected(n_candidates: int, ratio: float) -> int:
-    if n_candidates <= 0 or ratio <= 0:
-        return 0
-    return min(n_candidates, max(1, math.ceil(ratio * n_candidates)))
 
 
 def chunk_head_positions(exact_len: int, ctx_len: int, n_sel: int, chunk_starts: list[int]) -> torch.Tensor:

@@ -197,8 +197,8 @@ class VllmRagPrompter:
         `recompute_ratio > 0` (experimental, needs DASER_VLLM_BLEND=1 in vLLM's environment):
         the connector's worker recomputes that share of the re-positioned tokens with vLLM's
         weights after loading them, chosen by `selector`: "chunk_heads" (default: the first tokens
-        of every chunk, no check pass; 1.94x vs vLLM prefix caching against 1.67x for deviation on
-        the vllm_serve trace, as faithful per share on the held-out grid) or "deviation"
+        of every chunk, no check pass; 2.19x vs vLLM prefix caching against 2.05x for deviation on
+        the vllm_serve trace, docs/vllm.md; as faithful per share on the held-out grid) or "deviation"
         (CacheBlend, at `check_layer`), see blend.py.
         """
         if not isinstance(question, str) or not question.strip():
