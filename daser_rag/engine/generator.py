@@ -34,6 +34,7 @@ from daser_rag.model.runner import LayerRunner
 from daser_rag.params import GenerationParams
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
+from daser_rag.textcheck import check_text
 from daser_rag.types import Document, GenerationResult, IngestReport, ResolvedChunk, Timings
 
 MIN_QUESTION_ROOM = 64
@@ -143,6 +144,7 @@ class CacheAwareGenerator:
         """Build the prompt's KV (fused or full) and return it with the next-token logits."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
+        check_text(question, "the question")  # lone surrogates: InvalidInputError, not the tokenizer's TypeError
         cfg = (blend or self.blend).with_request(recompute_ratio, selector)
         timings = timings or Timings()
         with self.lock:

@@ -16,21 +16,28 @@ from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.errors import InvalidInputError
 from daser_rag.kv.keys import text_digest
 from daser_rag.kv.store import KVStore
+from daser_rag.textcheck import check_document_text, check_text, check_unique_ids
 from daser_rag.types import Document, IngestReport, ResolvedChunk
 
-Progress = bool | Callable[[int], None]
+Progress = bool | Callable[[int], None] | None
+"""True: a progress bar; None: a bar when the work is long (PROGRESS_AUTO_CHUNKS or more chunks);
+False: none; a callable is called with the number of chunks done since its last call."""
+
+PROGRESS_AUTO_CHUNKS = 16
+"""With progress=None (auto), a bar appears when at least this many chunks are processed."""
 
 
 def check_documents(documents: Iterable[Document]) -> list[Document]:
-    """All-or-nothing validation before anything is written."""
+    """All-or-nothing validation before anything is written: every document has an id and
+    real text (`daser_rag.textcheck`), and no id appears twice in one call."""
     docs = list(documents)
     for d in docs:
         if not isinstance(d, Document):
             raise InvalidInputError(f"add_documents expects Document objects, got {type(d).__name__}")
         if not isinstance(d.doc_id, str) or not d.doc_id:
             raise InvalidInputError("document id must be a non-empty string")
-        if not isinstance(d.text, str):
-            raise InvalidInputError(f"document {d.doc_id!r}: text must be a string")
+        check_document_text(d.doc_id, d.text)
+    check_unique_ids(d.doc_id for d in docs)
     return docs
 
 
@@ -42,11 +49,14 @@ class Ingestor:
         self.chunk_tokens = chunk_tokens
 
     def split(self, text: str) -> list[str]:
+        if isinstance(text, str) and text.strip():
+            check_text(text, "the text to split")  # the tokenizer's raw TypeError otherwise
         return split_text(self.tokenizer, text, self.chunk_tokens)
 
-    def register(self, doc: Document, tenant: str = "") -> tuple[list[str], bool]:
+    def register(self, doc: Document, tenant: str = "", chunks: list[str] | None = None) -> tuple[list[str], bool]:
         """Record a document's chunk texts (no KV computed); return its chunks and whether it changed."""
-        chunks = self.split(doc.text)
+        if chunks is None:
+            chunks = self.split(doc.text)
         changed = self.store.register_document(doc.doc_id, chunks, text_digest(doc.text), tenant)
         return chunks, changed
 
@@ -72,14 +82,19 @@ class Ingestor:
         docs = check_documents(documents)
         report = IngestReport(documents=len(docs))
         t_start = time.perf_counter()
+        # Split everything first: progress is counted in chunks, the unit the time goes to (one
+        # long document is most of a run; counting documents showed 0/1 until it was done).
+        split = [self.split(d.text) for d in docs]
+        total = sum(len(c) for c in split) if precompute else 0
+        show = progress if progress is not None else total >= PROGRESS_AUTO_CHUNKS
         bar = None
-        if progress is True:
+        if show is True and total:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(docs), desc="precomputing chunk KV", unit="doc")
+            bar = tqdm(total=total, desc="precomputing chunk KV", unit="chunk")
         try:
-            for d in docs:
-                chunks, changed = self.register(d, tenant)
+            for d, chunks in zip(docs, split):
+                chunks, changed = self.register(d, tenant, chunks)
                 report.changed_documents += int(changed)
                 keys = []
                 for text in chunks:
@@ -95,11 +110,11 @@ class Ingestor:
                     else:
                         self.store.put(self.computer.compute(ids, key))
                         report.computed_chunks += 1
+                    if bar is not None:
+                        bar.update(1)
+                    elif callable(show):
+                        show(1)
                 report.dropped_chunks += len(self.store.replace_document_refs(d.doc_id, keys, tenant))
-                if bar is not None:
-                    bar.update(1)
-                elif callable(progress):
-                    progress(1)
         finally:
             if bar is not None:
                 bar.close()

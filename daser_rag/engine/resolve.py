@@ -13,6 +13,7 @@ from daser_rag.api import ContextItem
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.errors import InvalidInputError
 from daser_rag.kv.store import KVStore
+from daser_rag.textcheck import check_text
 from daser_rag.types import ChunkRef, Document, ResolvedChunk
 
 
@@ -34,8 +35,7 @@ def resolve(contexts: Sequence[ContextItem] | None, *, computer: ChunkComputer, 
         else:
             raise InvalidInputError(f"context items must be str, ChunkRef or Document, got {type(item).__name__}")
         for text, doc_id in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise InvalidInputError("a context chunk is empty")
+            check_text(text, "a context chunk" if doc_id is None else f"a context chunk of document {doc_id!r}")
             ids = tuple(computer.prompt.chunk_ids(text))
             out.append(ResolvedChunk(text, doc_id, ids, computer.key(ids, tenant)))
     return out

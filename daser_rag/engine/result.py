@@ -12,9 +12,11 @@ from daser_rag.types import GenerationResult, Timings
 
 def pack_result(fused: FusionResult, info: dict[str, Any], emitter: TextEmitter, finish: str, timings: Timings,
                 params: GenerationParams, default_ratio: float | str) -> GenerationResult:
-    """mode "blend" only when stored KV was actually used; with no context chunks (or
-    use_cache=False) the request was a plain full prefill and says so."""
-    reused = params.use_cache and bool(info["keys"])
+    """mode "blend" only when KV was actually reused: a stored chunk hit, or chunk KV computed
+    apart from the rest and fused in (reused_tokens > 0). With no context chunks, use_cache=False,
+    or only misses that were computed in place at their exact positions (0 hits, 0 reused
+    tokens), the prompt's KV is exactly full prefill's, and the result says "full"."""
+    reused = params.use_cache and bool(info["keys"]) and (info["hits"] > 0 or fused.reused_tokens > 0)
     return GenerationResult(
         text=emitter.text, token_ids=list(emitter.ids),
         prompt_tokens=fused.context_tokens + fused.query_tokens, context_tokens=fused.context_tokens,
