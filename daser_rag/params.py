@@ -11,15 +11,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from collections.abc import Sequence
 from typing import Any, Union
 
+from daser_rag.blend.registry import ADAPTIVE_BUDGETS, SELECTOR_REGISTRY, NameView, adaptive_budget_names, get_selector
 from daser_rag.errors import InvalidInputError
 
 DEFAULT_MAX_NEW_TOKENS = 256
 """One default for every entry point (generator, CLI, service, adapters)."""
 
-SELECTORS = ("deviation", "query", "hybrid", "chunk_heads", "random")
-"""Token selectors for selective recompute; see daser_rag/blend/selectors.py."""
+DEFAULT_RECOMPUTE_RATIO = 0.15
+"""The share of non-exact context tokens recomputed when a request does not say (BlendConfig's
+default; `check_recompute_ratio` is the one validator of any ratio)."""
+
+DEFAULT_SELECTOR = "hybrid"
+"""The token selector used when a request does not say (BlendConfig's default)."""
+
+SELECTORS: Sequence[str] = NameView(SELECTOR_REGISTRY)
+"""Token selectors for selective recompute: a live view of daser_rag/blend/registry.py, so a
+selector registered there (or by a plugin or test) is accepted everywhere."""
 
 RecomputeRatio = Union[float, str]
 
@@ -33,20 +43,21 @@ def _is_number(v: Any) -> bool:
 
 
 def check_recompute_ratio(value: Any, name: str = "recompute_ratio") -> RecomputeRatio:
-    """A share in [0, 1], or "auto" (an adaptive budget chosen per request)."""
+    """A share in [0, 1] (returned as a float), or the name of an adaptive budget ("auto": a
+    share chosen per request). The one validator of a ratio: GenerationParams, BlendConfig
+    and the adapters all call it, so a ratio is accepted or refused the same way everywhere."""
     if isinstance(value, str):
-        if value == "auto":
+        if value in ADAPTIVE_BUDGETS:
             return value
-        raise InvalidInputError(f"{name} must be a number in [0, 1] or 'auto', got {value!r}")
-    if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidInputError(f"{name} must be a number in [0, 1] or 'auto', got {value!r}")
-    return float(value)
+    elif _is_number(value) and 0.0 <= float(value) <= 1.0:
+        return float(value)
+    names = " or ".join(repr(n) for n in adaptive_budget_names())
+    raise InvalidInputError(f"{name} must be a number in [0, 1] or {names}, got {value!r}")
 
 
 def check_selector(value: Any) -> str:
-    if value not in SELECTORS:
-        raise InvalidInputError(f"selector must be one of {SELECTORS}, got {value!r}")
-    return value
+    """A registered selector's name (daser_rag/blend/registry.py)."""
+    return get_selector(value).name
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Union
 
-from daser_rag.params import SELECTORS
+from daser_rag.blend.registry import AdaptiveBudget, Selector, Signal, get_adaptive_budget, get_selector
+from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, DEFAULT_SELECTOR, check_recompute_ratio, check_selector
+
 DEVIATION_METRICS = ("v", "k", "kv")
 BUDGETS = ("global", "per_chunk")
 
@@ -21,7 +23,7 @@ Ratio = Union[float, str]
 class BlendConfig:
     """How to choose and recompute context tokens.
 
-    selector:
+    selector: a name in the selector registry (daser_rag/blend/registry.py); the built-ins:
       "deviation"  CacheBlend: tokens whose K/V at `check_layer` deviate most from the stored KV.
       "query"      the question's fresh queries, run over the re-positioned stored KV (a cheap
                    look-ahead pass), rank context tokens by the attention they receive in
@@ -30,7 +32,7 @@ class BlendConfig:
       "chunk_heads" the first tokens of every non-exact chunk, the budget spread evenly (EPIC).
       "random"     a seeded random share (a baseline for measurements).
     chunk_heads: the first k tokens of every non-exact chunk are always recomputed (EPIC).
-    recompute_ratio "auto": the smallest share whose tokens hold `auto_coverage` of the
+    recompute_ratio: a share in [0, 1] or an adaptive budget's name (registry.py); "auto": the smallest share whose tokens hold `auto_coverage` of the
     question's attention mass over the candidates, clipped to [auto_floor, auto_cap].
     budget "per_chunk": every non-exact chunk gets the same share of its own tokens (ranked
     within the chunk), instead of the top share over all candidates together.
@@ -38,8 +40,8 @@ class BlendConfig:
     the check layer, narrowed to the budget by the deviation one layer later.
     """
 
-    recompute_ratio: Ratio = 0.15
-    selector: str = "hybrid"
+    recompute_ratio: Ratio = DEFAULT_RECOMPUTE_RATIO
+    selector: str = DEFAULT_SELECTOR
     check_layer: int = 1
     deviation: str = "v"
     chunk_heads: int = 0
@@ -55,14 +57,9 @@ class BlendConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        r = self.recompute_ratio
-        if isinstance(r, str):
-            if r != "auto":
-                raise ValueError(f"recompute_ratio must be in [0, 1] or 'auto', got {r!r}")
-        elif isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1] or 'auto', got {r!r}")
-        if self.selector not in SELECTORS:
-            raise ValueError(f"selector must be one of {SELECTORS}, got {self.selector!r}")
+        # the validators GenerationParams uses; they raise InvalidInputError, a ValueError
+        object.__setattr__(self, "recompute_ratio", check_recompute_ratio(self.recompute_ratio))
+        check_selector(self.selector)
         if self.deviation not in DEVIATION_METRICS:
             raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
         if self.check_layer < 0:
@@ -80,16 +77,36 @@ class BlendConfig:
             raise ValueError("need 0 <= auto_floor <= auto_cap <= 1 and 0 < auto_coverage <= 1")
 
     @property
+    def selector_entry(self) -> Selector:
+        """The registry entry of `selector`: its signals and its score."""
+        return get_selector(self.selector)
+
+    @property
+    def adaptive_budget(self) -> AdaptiveBudget | None:
+        """The adaptive budget `recompute_ratio` names ("auto"), None for a fixed share."""
+        r = self.recompute_ratio
+        return get_adaptive_budget(r) if isinstance(r, str) else None
+
+    @property
     def is_auto(self) -> bool:
-        return self.recompute_ratio == "auto"
+        """The share is chosen per request (an adaptive budget), not fixed."""
+        return isinstance(self.recompute_ratio, str)
+
+    @property
+    def signals(self) -> frozenset[Signal]:
+        """Every signal fusion must gather for this config: the selector's and the budget's."""
+        budget = self.adaptive_budget
+        return self.selector_entry.signals | (budget.signals if budget is not None else frozenset())
 
     @property
     def needs_query_signal(self) -> bool:
-        return self.selector in ("query", "hybrid") or self.is_auto
+        """A look-ahead pass of the question is needed (its attention is the relevance signal)."""
+        return Signal.RELEVANCE in self.signals
 
     @property
     def needs_deviation(self) -> bool:
-        return self.selector in ("deviation", "hybrid")
+        """Selection happens at the check layer, from the K/V deviation there (CacheBlend)."""
+        return self.selector_entry.needs(Signal.DEVIATION)
 
     def with_request(self, recompute_ratio: Ratio | None = None, selector: str | None = None) -> BlendConfig:
         """This config with a request's own choices (None keeps the default)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from daser_rag.blend.config import BlendConfig
-from daser_rag.blend.selectors import Signals, auto_share, kv_deviation, num_selected, select
+from daser_rag.blend.selectors import Signals, kv_deviation, num_selected, select
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys
@@ -277,17 +277,19 @@ def fuse(
         logits = runner.forward(query_ids, ctx_len, cache, before_layer=filler)
         return result(logits, 0, 0.0)
 
+    # The registry entries of the selector and the budget say which signals to gather; chunk
+    # starts are free and always there (per-chunk budgets and forced chunk heads use them too).
     signals = Signals(n_cand, chunk_starts=_chunk_starts(segments, exact_len))
+    budget = config.adaptive_budget
     lookahead_logits = None
     if config.needs_query_signal:
         filler.fill_all()
         # logits are needed only if the budget may come out as zero ("auto" with a zero floor)
-        need_logits = config.is_auto and config.auto_floor == 0.0
+        need_logits = budget is not None and budget.may_be_zero(config)
         lookahead_logits, signals.relevance = _lookahead(runner, cache, query_ids, ctx_len, exact_len, config,
                                                          need_logits)
-    if config.is_auto:
-        assert signals.relevance is not None
-        share = auto_share(signals.relevance, config.auto_coverage, config.auto_floor, config.auto_cap)
+    if budget is not None:
+        share = budget.share(signals, config)
     else:
         share = float(config.recompute_ratio)
     n_sel = num_selected(n_cand, share)
@@ -296,7 +298,7 @@ def fuse(
 
     ctx_ids = torch.cat([seg.token_ids.to(runner.device) for seg in segments])
     ids = torch.cat([ctx_ids, query_ids])
-    if config.needs_deviation:
+    if config.needs_deviation:  # the selector ranks at the check layer
         logits = _recompute_from_check(runner, cache, filler, ids, exact_len, ctx_len, total, n_sel, signals, config)
     else:
         chosen = select(config, signals, n_sel).to(runner.device) + exact_len

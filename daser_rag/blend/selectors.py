@@ -4,46 +4,28 @@ A selector sees per-candidate signals gathered during fusion (the question's att
 the re-positioned stored KV, the K/V deviation at the check layer) and returns candidate
 indices. Candidates are the non-exact context tokens, indexed from 0; the question's own
 tokens are always computed fresh and never count against the budget.
+
+What each selector needs and how it scores lives in its registry entry
+(`daser_rag/blend/registry.py`); this module holds what every selector shares: the budget,
+the forced chunk heads, the per-chunk ranking and the top-k.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 
 from daser_rag.blend.config import DEVIATION_METRICS, BlendConfig
+from daser_rag.blend.registry import Signals, auto_share, get_selector
 
-
-@dataclass
-class Signals:
-    num_candidates: int
-    relevance: torch.Tensor | None = None  # [n] question attention, normalized to sum 1
-    deviation: torch.Tensor | None = None  # [n] K/V deviation at the check layer
-    chunk_starts: list[int] = field(default_factory=list)  # candidate index of each non-exact chunk's start
+__all__ = ["Signals", "auto_share", "kv_deviation", "num_selected", "score", "select", "top_k_sorted"]
 
 
 def num_selected(num_candidates: int, ratio: float) -> int:
     if num_candidates <= 0 or ratio <= 0:
         return 0
     return min(num_candidates, math.ceil(ratio * num_candidates))
-
-
-def auto_share(relevance: torch.Tensor, coverage: float, floor: float, cap: float) -> float:
-    """Smallest share of candidates whose relevance covers `coverage` of the mass, in [floor, cap].
-
-    Focused questions (attention on a few tokens) get a small budget; diffuse ones a larger one.
-    """
-    n = int(relevance.shape[0])
-    if n == 0:
-        return 0.0
-    mass = torch.sort(relevance.float(), descending=True).values.cumsum(0)
-    total = float(mass[-1])
-    if total <= 0:
-        return floor
-    k = int(torch.searchsorted(mass, torch.tensor(coverage * total, dtype=mass.dtype)).item()) + 1
-    return min(cap, max(floor, k / n))
 
 
 def kv_deviation(
@@ -67,37 +49,9 @@ def top_k_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(score, k, sorted=False).indices.sort().values
 
 
-def _normalized(x: torch.Tensor) -> torch.Tensor:
-    x = x.float().clamp_min(0)
-    s = float(x.sum())
-    return x / s if s > 0 else torch.full_like(x, 1.0 / max(1, x.shape[0]))
-
-
 def score(config: BlendConfig, signals: Signals) -> torch.Tensor:
-    """The ranking score of each candidate under `config.selector`."""
-    sel = config.selector
-    if sel == "deviation":
-        assert signals.deviation is not None
-        return signals.deviation.float()
-    if sel == "query":
-        assert signals.relevance is not None
-        return signals.relevance.float()
-    if sel == "hybrid":
-        assert signals.relevance is not None and signals.deviation is not None
-        # both normalized to distributions; the product favours tokens the question reads
-        # AND whose stored KV is wrong (the square root keeps the product's scale comparable)
-        return (_normalized(signals.relevance) * _normalized(signals.deviation)).sqrt()
-    if sel == "chunk_heads":
-        # rank by position within the chunk: every chunk's k-th token before any chunk's (k+1)-th
-        pos = torch.arange(signals.num_candidates, dtype=torch.float32)
-        starts = torch.zeros(signals.num_candidates, dtype=torch.float32)
-        for start in signals.chunk_starts:
-            starts[start:] = float(start)
-        return -(pos - starts)
-    if sel == "random":
-        g = torch.Generator().manual_seed(config.seed + signals.num_candidates)
-        return torch.rand(signals.num_candidates, generator=g)
-    raise ValueError(f"unknown selector {sel!r}")
+    """The ranking score of each candidate under `config.selector` (its registry entry decides)."""
+    return get_selector(config.selector).score(signals, config)
 
 
 def _within_chunk_rank(s: torch.Tensor, chunk_starts: list[int]) -> torch.Tensor:
