@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
+from daser_rag.blend.registry import Selector, Signal, Signals, get_selector
 from daser_rag.blend.selectors import num_selected  # the budget daser's own fusion takes
+from vllm_daser.plan import ENGINE_SIGNALS
 
 _MODEL: weakref.ReferenceType[Any] | None = None
 
@@ -67,15 +69,47 @@ def __getattr__(name: str) -> Any:  # the class is built lazily: importing vllm_
     raise AttributeError(name)
 
 
-def chunk_head_positions(exact_len: int, ctx_len: int, n_sel: int, chunk_starts: list[int]) -> torch.Tensor:
-    """Prompt positions of the first tokens of every re-positioned chunk, `n_sel` in all: the
-    very choice daser's own `chunk_heads` selector makes (the same function decides)."""
+def engine_selector(name: str) -> Selector:
+    """The registry entry of an in-engine selector; ValueError when it needs a signal the worker
+    cannot gather (`plan.ENGINE_SIGNALS`)."""
+    sel = get_selector(name)
+    if not sel.signals <= ENGINE_SIGNALS:
+        raise ValueError(f"unknown in-engine selector {name!r}")
+    return sel
+
+
+def _candidate_starts(exact_len: int, ctx_len: int, chunk_starts: list[int]) -> list[int]:
+    """Chunk starts (prompt positions) as candidate indices, the first candidate always one."""
+    return sorted({max(0, s - exact_len) for s in chunk_starts if s < ctx_len} | {0})
+
+
+def upfront_positions(selector: str, exact_len: int, ctx_len: int, n_sel: int, chunk_starts: list[int]) -> torch.Tensor:
+    """Prompt positions a selector that needs no check pass picks, `n_sel` in all: the very
+    choice daser's own fusion makes for it (the same function decides)."""
     from daser_rag.blend.config import BlendConfig
-    from daser_rag.blend.selectors import Signals, select
+    from daser_rag.blend.selectors import select
 
     n_cand = ctx_len - exact_len
-    starts = sorted({max(0, s - exact_len) for s in chunk_starts if s < ctx_len} | {0})
-    return select(BlendConfig(selector="chunk_heads"), Signals(n_cand, chunk_starts=starts), n_sel) + exact_len
+    starts = _candidate_starts(exact_len, ctx_len, chunk_starts)
+    return select(BlendConfig(selector=selector), Signals(n_cand, chunk_starts=starts), n_sel) + exact_len
+
+
+def chunk_head_positions(exact_len: int, ctx_len: int, n_sel: int, chunk_starts: list[int]) -> torch.Tensor:
+    """Prompt positions of the first tokens of every re-positioned chunk, `n_sel` in all."""
+    return upfront_positions("chunk_heads", exact_len, ctx_len, n_sel, chunk_starts)
+
+
+def check_layer_keep(selector: Selector, deviation: torch.Tensor, n_sel: int, exact_len: int, ctx_len: int,
+                     chunk_starts: list[int]) -> torch.Tensor:
+    """Which of the candidates (all active at the check layer) carry on, sorted: the top `n_sel`
+    by the selector's registry score of their value `deviation` there (for "deviation" the
+    score is the deviation itself: CacheBlend)."""
+    from daser_rag.blend.config import BlendConfig
+
+    signals = Signals(int(deviation.shape[0]), deviation=deviation,
+                      chunk_starts=_candidate_starts(exact_len, ctx_len, chunk_starts))
+    score = selector.score(signals, BlendConfig(selector=selector.name)).to(deviation.device)
+    return torch.topk(score, n_sel).indices.sort().values
 
 
 def _runs(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,10 +187,12 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
            chunk_starts: list[int] | None = None, paged_attention: bool | None = None) -> int:
     """Recompute the top-`ratio` share of context tokens [exact_len, ctx_len) in place.
 
-    `selector` "deviation": every candidate through layers 0..check_layer, the top share by value
-    deviation carries on (CacheBlend). "chunk_heads": the first tokens of every re-positioned
-    chunk (`chunk_starts`, prompt positions) from layer 0, no check pass: cheaper, and on the
-    held-out grid at least as faithful per share (docs/benchmarks.md).
+    `selector`: a registered selector that needs only `plan.ENGINE_SIGNALS`; its registry entry
+    decides. One that needs the deviation ("deviation"): every candidate through layers
+    0..check_layer, the top share by its score of the value deviation carries on (CacheBlend).
+    Others ("chunk_heads": the first tokens of every re-positioned chunk, `chunk_starts` in
+    prompt positions): chosen up front, recomputed from layer 0, no check pass; chunk heads are
+    cheaper and on the held-out grid at least as faithful per share (docs/benchmarks.md).
 
     `caches[i]`/`layer_modules[i]`: layer i's paged KV tensor and vLLM Attention module.
     `loaded`: (K, V [layers, kv_heads, tokens, dim], first position) as the worker just wrote
@@ -176,13 +212,13 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
     if n_sel == 0:
         return 0
     dev = next(lm.parameters()).device
-    if selector == "chunk_heads":
-        active = chunk_head_positions(exact_len, ctx_len, n_sel, list(chunk_starts or [])).to(dev)
-        check_layer = len(lm.layers)  # chosen up front: no check pass, no filtering
-    elif selector == "deviation":
+    sel = engine_selector(selector)  # its registry entry says whether it ranks at the check layer
+    starts = list(chunk_starts or [])
+    if sel.needs(Signal.DEVIATION):
         active = torch.arange(exact_len, ctx_len, device=dev)
     else:
-        raise ValueError(f"unknown in-engine selector {selector!r}")
+        active = upfront_positions(selector, exact_len, ctx_len, n_sel, starts).to(dev)
+        check_layer = len(lm.layers)  # chosen up front: no check pass, no filtering
     if paged_attention is None:
         paged_attention = isinstance(layout, CpuPagedLayout)
     if loaded is None and not paged_attention:
@@ -211,8 +247,8 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         k3, v3 = k.reshape(-1, hk, d), v.reshape(-1, hk, d)  # [n, kv_heads, d]
         if i == check_layer and n_sel < active.shape[0]:
             old_v = _loaded_rows(layout, caches[i], block_ids, loaded, i, active)
-            score = ((v3.float() - old_v.float()) ** 2).sum(dim=(1, 2))
-            keep = torch.topk(score, n_sel).indices.sort().values
+            deviation = ((v3.float() - old_v.float()) ** 2).sum(dim=(1, 2))
+            keep = check_layer_keep(sel, deviation, n_sel, exact_len, ctx_len, starts)
             active, q, k3, v3, residual = active[keep], q[keep], k3[keep], v3[keep], residual[keep]
             bias, stale = None, True
         layout.write(layer_modules[i], caches[i], k3, v3, all_slots[active.cpu()])

@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from daser_rag.blend.registry import Signal, selectors_using_only
+
 PLAN_FIELD = "daser"
 """Key of the daser plan inside `kv_transfer_params`."""
 
@@ -52,9 +54,16 @@ class Plan:
         return sum(s.num_tokens for s in self.segments)
 
 
-IN_ENGINE_SELECTORS = ("deviation", "chunk_heads")
-"""Selections the connector's worker can run inside vLLM (blend.py): CacheBlend's deviation at the
-check layer, or the first tokens of every re-positioned chunk (no check pass)."""
+ENGINE_SIGNALS = frozenset({Signal.CHUNK_STARTS, Signal.DEVIATION})
+"""What the connector's worker can gather inside vLLM (blend.py): where each re-positioned chunk
+starts (from the plan) and the value deviation at the check layer. Not the question's look-ahead
+attention: vLLM computes the question only after the repair."""
+
+IN_ENGINE_SELECTORS = selectors_using_only(ENGINE_SIGNALS)
+"""Selectors the worker can run inside vLLM: a live view of daser's selector registry
+(daser_rag/blend/registry.py), every selector that needs only `ENGINE_SIGNALS`. Today
+"deviation" (ranked at the check layer, CacheBlend), "chunk_heads" and "random" (chosen up
+front, no check pass)."""
 
 
 class PlanError(ValueError):
