@@ -232,29 +232,39 @@ def test_redis_index_lists_half_switched_documents_for_repair(link, tmp_path):
     store.register_document("d", ["old"], "d1", "acme")
     store.replace_document_refs("d", ["k_old"], "acme")
     assert store.index.pending_documents() == []
-    store.register_document("d", ["new"], "d2", "acme")  # killed here, before the refs switch
+    store.register_document("d", ["new"], "d2", "acme")  # killed here, before the refs switch:
     other = KVStore(tmp_path / "o", codec="fp32", remote=RedisTier(link), index=RedisDocIndex(link))
+    # the store commits text and refs together, so nothing was written: the old version is whole
+    assert other.index.pending_documents() == [] and other.document_chunk_texts("d", "acme") == ["old"]
+    assert other.document_chunk_keys("d", "acme") == ["k_old"]
+    # a two-step writer (the index's own set_document) killed between its steps is repaired
+    store.index.set_document("d", ["new"], "d2", "acme")
     assert other.index.pending_documents() == [("acme", "d")]  # any process can finish it
     assert other.repair_documents(lambda text, tenant: f"k_{text}") == [("acme", "d")]
     assert other.document_chunk_keys("d", "acme") == ["k_new"] and other.index.pending_documents() == []
     assert tier.get("k_old") is None
 
 
-def test_only_unreferenced_kv_expires_and_the_memory_policy_is_checked(link):
-    tier = RedisTier(link, ttl_s=3600)
-    idx = RedisDocIndex(link)
+def test_every_kv_entry_expires_the_registry_never_and_the_memory_policy_is_checked(link):
+    """KV carries a TTL (shorter while unreferenced), so volatile-lru can always make room by
+    evicting recomputable KV; the registry has none, so it is never evicted."""
+    tier = RedisTier(link, ttl_s=3600, doc_ttl_s=7200)
+    idx = RedisDocIndex(link, doc_ttl_s=7200)
     tier.put(encode(_kv("plain"), "fp16"))  # plain-text context: no document uses it
     tier.put(encode(_kv("doc"), "fp16"))
     assert 0 < link.client.pttl(link.key("kv", "plain")) <= 3_600_000
     idx.set_document("d", ["t"], "dg")
     idx.replace_refs("d", ["doc"])
-    assert link.client.pttl(link.key("kv", "doc")) == -1  # referenced: lives until its document goes
-    tier.put(encode(_kv("doc"), "fp16"))  # rewritten while referenced: still no TTL
-    assert link.client.pttl(link.key("kv", "doc")) == -1
-    idx.add_refs("d", ["plain"])  # a chunk read as part of a document: persists too
-    assert link.client.pttl(link.key("kv", "plain")) == -1
+    assert 3_600_000 < link.client.pttl(link.key("kv", "doc")) <= 7_200_000  # referenced: the longer TTL
+    tier.put(encode(_kv("doc"), "fp16"))  # rewritten while referenced: still the longer one
+    assert 3_600_000 < link.client.pttl(link.key("kv", "doc")) <= 7_200_000
+    idx.add_refs("d", ["plain"])  # a chunk read as part of a document: the longer TTL too
+    assert 3_600_000 < link.client.pttl(link.key("kv", "plain")) <= 7_200_000
+    for name in (idx._doc("", "d"), idx._refs("", "d"), idx._docs(""), idx._users_prefix() + "doc"):
+        assert link.client.pttl(name) == -1, name  # the registry never expires
     policy = link.memory_policy()
     assert policy["maxmemory"] == 0 and any("maxmemory is 0" in p for p in policy["problems"])
+    assert policy["fatal"] == []
 
 
 def test_open_store_needs_a_namespace_and_derives_it_from_the_model(tmp_path):

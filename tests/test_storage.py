@@ -163,15 +163,20 @@ def _kv_for(key: str) -> ChunkKV:
                    values=torch.randn(2, 1, 4, 8))
 
 
-def test_an_update_killed_between_text_and_refs_is_repaired_at_start(tmp_path):
+def test_an_update_killed_between_text_and_refs_leaves_the_old_version_or_is_repaired_at_start(tmp_path):
     store = KVStore(tmp_path / "c", codec="fp32")
     store.put(_kv_for("k_old"))
     store.register_document("d", ["old"], "d1")
     store.replace_document_refs("d", ["k_old"])
     assert store.index.pending_documents() == []
-    store.register_document("d", ["new"], "d2")  # ... and the process dies before the refs switch
-    assert store.index.pending_documents() == [("", "d")]
+    store.register_document("d", ["new"], "d2")  # ... and the process dies before the refs switch:
     reopened = KVStore(tmp_path / "c", codec="fp32")
+    # text and refs are committed together, so nothing of the unfinished update was written
+    assert reopened.document_chunk_texts("d") == ["old"] and reopened.document_chunk_keys("d") == ["k_old"]
+    assert reopened.index.pending_documents() == []
+    # a two-step writer (the index's own set_document) killed between its steps is repaired
+    reopened.index.set_document("d", ["new"], "d2")
+    assert reopened.index.pending_documents() == [("", "d")]
     assert reopened.document_chunk_keys("d") == ["k_old"]  # the old KV still referenced
     assert reopened.repair_documents(lambda text, tenant: f"k_{text}") == [("", "d")]
     assert reopened.document_chunk_keys("d") == ["k_new"] and reopened.index.pending_documents() == []

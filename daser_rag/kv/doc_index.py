@@ -3,12 +3,18 @@
 Two documents can share a chunk (same text, same prefix), so a chunk's KV may only be dropped
 when no document references it any more. SQLite gives atomic updates and lets several
 processes on one machine share the index.
+
+An update can be one transaction (`commit_document`: text, version and refs together), so a
+failure (disk full) leaves the previous version whole. A removed document leaves a "gone" mark
+for `GONE_TTL_S`, and refs added to it meanwhile (by a request that resolved it before the
+removal) are refused: no ghost documents.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +34,18 @@ CREATE TABLE IF NOT EXISTS doc_texts (
 CREATE TABLE IF NOT EXISTS doc_pending (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (tenant, doc_id)
 );
+CREATE TABLE IF NOT EXISTS doc_gone (
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (tenant, doc_id)
+);
 CREATE TABLE IF NOT EXISTS doc_meta (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, content_digest TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (tenant, doc_id)
 );
 """
+
+
+GONE_TTL_S = 3600.0
+"""How long refs to a removed document are refused (longer than a request can queue and run)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,9 @@ class DocInfo:
 
 
 class DocIndex:
-    def __init__(self, path: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | None = None, *, track_gone: bool = True) -> None:
+        """`track_gone=False`: no "gone" marks (an index of derived entries, whose documents are
+        registered elsewhere)."""
         self._path = str(path) if path is not None else ":memory:"
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +68,8 @@ class DocIndex:
         if path is not None:
             self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(_SCHEMA)
+        self.gone_ttl_s = GONE_TTL_S
+        self.track_gone = track_gone
 
     # -- writes ----------------------------------------------------------------------------
     def set_document(
@@ -85,34 +102,90 @@ class DocIndex:
                 )
                 if pending:
                     self._conn.execute("INSERT OR IGNORE INTO doc_pending VALUES (?,?)", (tenant, doc_id))
+                self._conn.execute("DELETE FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             return True
 
-    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> None:
-        with self._lock:
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in chunk_keys]
-            )
-
-    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> list[str]:
-        """Make `chunk_keys` the doc's only refs; return keys that became unreferenced."""
+    def commit_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str,
+                        chunk_keys: Iterable[str], tenant: str = "", *,
+                        version: int | None = None) -> tuple[bool, int, list[str]]:
+        """Save the text and make `chunk_keys` the doc's only refs in one transaction (nothing
+        is written if it fails). Returns (changed, version saved, keys nobody references any
+        more). `version` forces the number (a mirror keeps its authority's numbers)."""
         new = set(chunk_keys)
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                old = {r[0] for r in self._conn.execute(
-                    "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))}
-                gone = old - new
-                self._conn.executemany(
-                    "DELETE FROM doc_chunks WHERE tenant=? AND doc_id=? AND chunk_key=?",
-                    [(tenant, doc_id, k) for k in gone])
-                self._conn.executemany(
-                    "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in new - old])
-                orphans = [k for k in gone if self._refcount(k) == 0]
-                self._conn.execute("DELETE FROM doc_pending WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                cur = self._conn.execute(
+                    "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
+                ).fetchone()
+                changed = cur is None or cur[0] != content_digest or (version is not None and version != cur[1])
+                if changed:
+                    if version is None:
+                        version = (cur[1] + 1) if cur else 1
+                    self._conn.execute("DELETE FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                    self._conn.executemany("INSERT INTO doc_texts VALUES (?,?,?,?)",
+                                           [(tenant, doc_id, i, t) for i, t in enumerate(chunk_texts)])
+                    self._conn.execute("INSERT OR REPLACE INTO doc_meta VALUES (?,?,?,?)",
+                                       (tenant, doc_id, content_digest, version))
+                else:
+                    version = cur[1]
+                self._conn.execute("DELETE FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                orphans = self._switch(doc_id, tenant, new)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            return changed, int(version), orphans
+
+    def _gone(self, doc_id: str, tenant: str) -> bool:
+        row = self._conn.execute("SELECT at FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
+        return self.track_gone and row is not None and time.time() - row[0] < self.gone_ttl_s
+
+    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> bool:
+        """Tie chunk keys to a document. Refused (False) for a document removed within
+        `gone_ttl_s` and not re-added: refs a request adds after a removal make no ghost."""
+        with self._lock:
+            known = self._conn.execute(
+                "SELECT 1 FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
+            if known is None and self._gone(doc_id, tenant):
+                return False
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)", [(tenant, doc_id, k) for k in chunk_keys]
+            )
+            return True
+
+    def _switch(self, doc_id: str, tenant: str, new: set[str]) -> list[str]:
+        """Inside a transaction: make `new` the doc's refs, clear its pending mark, return orphans."""
+        old = {r[0] for r in self._conn.execute(
+            "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))}
+        gone = old - new
+        self._conn.executemany("DELETE FROM doc_chunks WHERE tenant=? AND doc_id=? AND chunk_key=?",
+                               [(tenant, doc_id, k) for k in gone])
+        self._conn.executemany("INSERT OR IGNORE INTO doc_chunks VALUES (?,?,?)",
+                               [(tenant, doc_id, k) for k in new - old])
+        self._conn.execute("DELETE FROM doc_pending WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+        return [k for k in gone if self._refcount(k) == 0]
+
+    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "", *,
+                     version: int | None = None) -> list[str]:
+        """Make `chunk_keys` the doc's only refs; return keys that became unreferenced. With
+        `version`: only if the document is still at that version (compare-and-set); otherwise
+        nothing switches and the given keys nobody references are returned (to be dropped)."""
+        new = set(chunk_keys)
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                if version is not None:
+                    row = self._conn.execute("SELECT version FROM doc_meta WHERE tenant=? AND doc_id=?",
+                                             (tenant, doc_id)).fetchone()
+                    if row is None or row[0] != version:
+                        self._conn.execute("COMMIT")
+                        return [k for k in new if self._refcount(k) == 0]
+                orphans = self._switch(doc_id, tenant, new)
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -127,12 +200,16 @@ class DocIndex:
                 keys = [r[0] for r in self._conn.execute(
                     "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))]
                 known = self._conn.execute(
-                    "SELECT 1 FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
+                    "SELECT version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
                 if not keys and not known:
                     self._conn.execute("COMMIT")
                     return None
                 for table in ("doc_chunks", "doc_texts", "doc_meta", "doc_pending"):
                     self._conn.execute(f"DELETE FROM {table} WHERE tenant=? AND doc_id=?", (tenant, doc_id))
+                if self.track_gone:
+                    now = time.time()
+                    self._conn.execute("DELETE FROM doc_gone WHERE at < ?", (now - self.gone_ttl_s,))  # marks expire
+                    self._conn.execute("INSERT OR REPLACE INTO doc_gone VALUES (?,?,?)", (tenant, doc_id, now))
                 orphans = [k for k in keys if self._refcount(k) == 0]
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -142,7 +219,7 @@ class DocIndex:
 
     def clear(self) -> None:
         with self._lock:
-            for table in ("doc_chunks", "doc_texts", "doc_meta", "doc_pending"):
+            for table in ("doc_chunks", "doc_texts", "doc_meta", "doc_pending", "doc_gone"):
                 self._conn.execute(f"DELETE FROM {table}")
 
     # -- reads -----------------------------------------------------------------------------
@@ -183,6 +260,12 @@ class DocIndex:
                 "SELECT doc_id FROM doc_meta WHERE tenant=? UNION SELECT doc_id FROM doc_chunks WHERE tenant=? "
                 "ORDER BY 1", (tenant, tenant)).fetchall()
         return [r[0] for r in rows]
+
+    def num_documents(self, tenant: str = "") -> int:
+        with self._lock:
+            return int(self._conn.execute(
+                "SELECT COUNT(*) FROM (SELECT doc_id FROM doc_meta WHERE tenant=? UNION "
+                "SELECT doc_id FROM doc_chunks WHERE tenant=?)", (tenant, tenant)).fetchone()[0])
 
     def pending_documents(self) -> list[tuple[str, str]]:
         """(tenant, doc_id) of documents whose text changed but whose refs were not switched yet."""

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_REDIS_TTL_S = 24 * 3600.0
-"""TTL of Redis KV that no document references (plain-text context); referenced KV has none."""
+"""TTL of Redis KV that no document references (plain-text context). Referenced KV carries a
+longer one (`DEFAULT_DOC_TTL_S`), so that `volatile-lru` can evict any KV -- recomputable --
+and never the document registry, which has no TTL."""
 
 
 def default_namespace(fingerprint: str) -> str:
@@ -50,22 +52,37 @@ def open_store(
     if not namespace:
         raise ValueError("a Redis-shared store needs a namespace (default_namespace(model fingerprint))")
     from daser_rag.kv.redis_index import RedisDocIndex
-    from daser_rag.kv.tiers.redis import RedisLink, RedisTier, RedisUnavailable
+    from daser_rag.kv.tiers.redis import RedisLink, RedisTier
 
     link = RedisLink(redis_url, namespace=namespace)
     remote = RedisTier(link, ttl_s=redis_ttl_s)
     store = KVStore(root, remote=remote, validate=remote.is_live,
                     index=RedisDocIndex(link, local=DocIndex(root / "index.sqlite")), **store_kw)
     if check_redis:
-        if not link.ping():
-            log.warning("Redis at %s is not reachable now; starting on local tiers", redis_url)
-        else:
-            try:
-                for problem in link.memory_policy()["problems"]:
-                    log.warning("Redis at %s: %s", redis_url, problem)
-            except (RedisUnavailable, Exception) as exc:  # CONFIG may be disabled on managed Redis
-                log.info("Redis memory policy not checked: %s", exc)
+        check_memory_policy(link)
     return store
 
 
-__all__ = ["DEFAULT_REDIS_TTL_S", "default_namespace", "open_store"]
+def check_memory_policy(link: Any) -> None:
+    """Refuse (DaserError) a Redis whose `maxmemory-policy` may evict the document registry
+    (`allkeys-*`: an acknowledged document could vanish); warn about other problems. Under the
+    documented `volatile-lru`, only keys with a TTL are evicted: KV (recomputable) and
+    bookkeeping that may be lost; the registry has none. Where CONFIG is disabled (managed
+    Redis) the policy cannot be read: a warning says so and the operator's setting stands."""
+    from daser_rag.errors import DaserError
+
+    if not link.ping():
+        log.warning("Redis at %s is not reachable now; starting on local tiers", link.url)
+        return
+    try:
+        policy = link.memory_policy()
+    except Exception as exc:  # CONFIG may be disabled on managed Redis
+        log.warning("Redis memory policy not checked (%s); it must not be allkeys-* (use volatile-lru)", exc)
+        return
+    if policy.get("fatal"):
+        raise DaserError(f"refusing Redis at {link.url}: " + "; ".join(policy["fatal"]))
+    for problem in policy["problems"]:
+        log.warning("Redis at %s: %s", link.url, problem)
+
+
+__all__ = ["DEFAULT_REDIS_TTL_S", "check_memory_policy", "default_namespace", "open_store"]

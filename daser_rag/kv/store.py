@@ -5,7 +5,15 @@ Every tier speaks the same `Tier` interface and the store loops over them in ord
 top-down and promote a hit into every local tier above it; writes go through every tier (so a
 restart keeps the cache, and other processes see it through the remote tier); invalidation
 removes entries from every tier, so no stale KV survives anywhere. A tier that fails (a remote
-outage) degrades to a miss or a skipped write, never an error.
+outage, a full local disk) degrades to a miss or a skipped write, never an error; the failure
+is counted and reported (`problems()`, for /health) for a while.
+
+Document writes: `register_document` only stages the new text (after reading the current record
+from the index's authority), and `replace_document_refs` commits text, version and chunk refs
+in one atomic step (`index.commit_document`). A write that fails (Redis full or away, disk
+full) therefore leaves the previous version whole, and concurrent updates of one document are
+ordered by commit: the chunk list always belongs to the text next to it, and each writer learns
+the version it wrote (`written_version`).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +42,10 @@ from daser_rag.kv.tiers.host import HostTier
 
 log = logging.getLogger(__name__)
 
+PROBLEM_WINDOW_S = 60.0
+"""A tier failure is reported by `problems()` (and /health) for this long after it happened."""
 
+_STAGE_MAX_AGE_S = 3600.0
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DASER_RAG_CACHE_DIR", Path.home() / ".cache" / "daser-rag"))
@@ -73,10 +85,14 @@ class KVStore:
         self.index = index if index is not None else DocIndex(
             self.root / "index.sqlite" if self.root is not None else None)
         # entries derived from several documents (prefix-tree nodes): dropped when ANY of them goes
-        self.derived = DocIndex(self.root / "derived.sqlite" if self.root is not None else None)
+        self.derived = DocIndex(self.root / "derived.sqlite" if self.root is not None else None, track_gone=False)
         self.validate = validate
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
+        self._last_error: dict[str, tuple[float, str]] = {}
+        # per thread: the registration waiting for its refs (register -> replace), and the
+        # versions this thread's commits wrote
+        self._tls = threading.local()
 
     # -- tiers -----------------------------------------------------------------------------
     @property
@@ -102,9 +118,31 @@ class KVStore:
         try:
             return getattr(tier, op)(*args)
         except Exception as exc:
-            self.counters[f"error_{tier.name}"] += 1
-            log.warning("tier %s unavailable on %s: %s", tier.name, op, exc)
+            self._note_error(tier.name, op, exc)
             return None
+
+    def _note_error(self, what: str, op: str, exc: BaseException) -> None:
+        self.counters[f"error_{what}"] += 1
+        self._last_error[what] = (time.monotonic(), f"{op}: {exc}")
+        log.warning("tier %s unavailable on %s: %s", what, op, exc)
+
+    def problems(self) -> list[str]:
+        """Storage trouble right now, one line each (empty: none), for /health: a tier that
+        failed within `PROBLEM_WINDOW_S` (a full local disk, ...), the index mirror, Redis
+        refusing commands (OOM, READONLY) or unreachable."""
+        out = []
+        now = time.monotonic()
+        for what, (at, msg) in sorted(self._last_error.items()):
+            if now - at <= PROBLEM_WINDOW_S:
+                kind = "local disk" if what in ("disk", "derived") else what
+                full = "full" if ("No space" in msg or "disk is full" in msg or "full" in msg.lower()) else "failing"
+                out.append(f"{kind} {full} ({now - at:.0f}s ago): {msg[:160]}")
+        for part in (self.index, getattr(self.remote, "link", None)):
+            problem = getattr(part, "problem", None)
+            reason = problem() if callable(problem) else None
+            if reason:
+                out.append(reason)
+        return out
 
     def get_encoded(self, key: str) -> EncodedKV | None:
         tiers = self.tiers
@@ -181,12 +219,38 @@ class KVStore:
     # The document index is written only through these methods (never by callers reaching into
     # `store.index`), so every writer keeps refcounts and derived entries consistent.
     def register_document(self, doc_id: str, chunk_texts: list[str], digest: str, tenant: str = "") -> bool:
-        """Record a document's chunk texts and content digest; True when it is new or changed."""
-        return bool(self.index.set_document(doc_id, chunk_texts, digest, tenant))
+        """Stage a document's chunk texts and content digest; True when it is new or changed.
+        Nothing is written until `replace_document_refs` (same thread) commits text and refs
+        together; an unchanged document needs no commit. Reads the index's authority (Redis),
+        so while it is away this raises at once instead of after the KV was computed."""
+        current = getattr(self.index, "authoritative_info", self.index.info)(doc_id, tenant)
+        if current is not None and current.content_digest == digest:
+            self._tls.stage = None
+            self._written()[(tenant, doc_id)] = current.version
+            return False
+        self._tls.stage = ((tenant, doc_id), list(chunk_texts), digest, time.monotonic())
+        return True
+
+    def _written(self) -> dict[tuple[str, str], int]:
+        w = getattr(self._tls, "written", None)
+        if w is None or len(w) > 10_000:
+            w = self._tls.written = {}
+        return w
+
+    def written_version(self, doc_id: str, tenant: str = "") -> int | None:
+        """The version this thread's last registration of the document wrote (or found
+        unchanged): what an add/update reports, even if another writer committed a newer one
+        since. None if this thread wrote none."""
+        return self._written().get((tenant, doc_id))
 
     def add_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> None:
-        """Tie chunk keys to a document, so invalidating it drops them (unless shared)."""
-        self.index.add_refs(doc_id, list(keys), tenant)
+        """Tie chunk keys to a document, so invalidating it drops them (unless shared). A read's
+        bookkeeping: refused for a document removed meanwhile (no ghost), and a failure (disk
+        full, Redis full) is counted and logged, never raised: losing it costs tidiness only."""
+        try:
+            self.index.add_refs(doc_id, list(keys), tenant)
+        except Exception as exc:
+            self._note_error("index", "add_refs", exc)
 
     def document_info(self, doc_id: str, tenant: str = "") -> Any:
         return self.index.info(doc_id, tenant)
@@ -202,7 +266,9 @@ class KVStore:
 
     def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
         """Drop a document and exactly the chunk KV no other document uses. Idempotent."""
+        self._tls.stage = None
         orphans = self.index.remove_document(doc_id, tenant)
+        self._written().pop((tenant, doc_id), None)
         derived = self._drop_derived(doc_id, tenant)
         if orphans is None:
             return derived
@@ -213,8 +279,26 @@ class KVStore:
         self.counters["invalidated_chunks"] += len(orphans)
         return orphans
 
-    def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> list[str]:
-        orphans = self.index.replace_refs(doc_id, keys, tenant)
+    def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str = "", *,
+                              version: int | None = None) -> list[str]:
+        """Make `keys` the document's chunk refs; returns the chunk keys dropped. After this
+        thread's `register_document` of the same document, text and refs are committed together
+        (atomic; the version written is kept for `written_version`). Otherwise a plain switch,
+        compare-and-set on `version` when given (refused when the document moved on)."""
+        stage, self._tls.stage = getattr(self._tls, "stage", None), None
+        if stage is not None and stage[0] == (tenant, doc_id) and time.monotonic() - stage[3] < _STAGE_MAX_AGE_S:
+            _, texts, digest, _ = stage
+            commit = getattr(self.index, "commit_document", None)
+            if commit is not None:
+                _changed, written, orphans = commit(doc_id, texts, digest, keys, tenant)
+            else:  # an index without atomic commits: two steps
+                self.index.set_document(doc_id, texts, digest, tenant)
+                orphans = self.index.replace_refs(doc_id, keys, tenant)
+                info = self.index.info(doc_id, tenant)
+                written = info.version if info is not None else 0
+            self._written()[(tenant, doc_id)] = written
+        else:
+            orphans = self.index.replace_refs(doc_id, keys, tenant, version=version)
         if orphans:  # the document changed: entries derived from its old text are garbage
             orphans = orphans + [k for k in self._drop_derived(doc_id, tenant) if k not in orphans]
         for key in orphans:
@@ -226,22 +310,34 @@ class KVStore:
     def repair_documents(self, key_for: Callable[[str, str], str]) -> list[tuple[str, str]]:
         """Finish document switches a crash interrupted: a document whose text was registered but
         whose refs still name the old chunks gets the refs of its registered text (the old
-        chunks' KV is dropped unless shared). `key_for(chunk_text, tenant)` is the generator's
-        chunk key. Returns the repaired (tenant, doc_id) pairs. Run at start."""
+        chunks' KV is dropped unless shared), compare-and-set on the version read, so a newer
+        update committed meanwhile is never overwritten. `key_for(chunk_text, tenant)` is the
+        generator's chunk key. Returns the repaired (tenant, doc_id) pairs. Run at start.
+        (Updates through the store commit text and refs together and leave nothing to repair;
+        this finishes what older versions or direct index writers left.)"""
         repaired = []
         for tenant, doc_id in self.index.pending_documents():
+            info = self.index.info(doc_id, tenant)
             try:
                 texts = self.index.chunk_texts(doc_id, tenant)
             except UnknownDocumentError:
                 continue
-            self.replace_document_refs(doc_id, [key_for(t, tenant) for t in texts], tenant)
+            if info is None:
+                continue
+            self.replace_document_refs(doc_id, [key_for(t, tenant) for t in texts], tenant, version=info.version)
             repaired.append((tenant, doc_id))
         return repaired
 
     def add_derived(self, doc_ids: list[str], key: str, tenant: str = "") -> None:
-        """Register an entry built from several documents; invalidating any one drops it."""
-        for d in dict.fromkeys(doc_ids):
-            self.derived.add_refs(d, [key], tenant)
+        """Register an entry built from several documents; invalidating any one drops it. If it
+        cannot be registered (local disk full), the entry is dropped instead of outliving its
+        documents; the request that built it is not failed."""
+        try:
+            for d in dict.fromkeys(doc_ids):
+                self.derived.add_refs(d, [key], tenant)
+        except Exception as exc:
+            self._note_error("derived", "add_derived", exc)
+            self.delete(key)
 
     def _drop_derived(self, doc_id: str, tenant: str) -> list[str]:
         keys = self.derived.chunk_keys(doc_id, tenant)
@@ -255,7 +351,7 @@ class KVStore:
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "codec": self.codec,
-            "documents": len(self.index.documents()),
+            "documents": self._num_documents(),
             "bytes": {t.name: self._safe_nbytes(t) for t in self.tiers},
             "entries": {t.name: self._safe_len(t) for t in self.tiers},
             "host_capacity_bytes": self.host.capacity_bytes,
@@ -296,7 +392,15 @@ class KVStore:
     @staticmethod
     def _safe_len(tier: Tier) -> int:
         try:
-            return len(list(tier.keys()))
+            count = getattr(tier, "num_entries", None)
+            return int(count()) if callable(count) else len(list(tier.keys()))
+        except Exception:
+            return -1
+
+    def _num_documents(self) -> int:
+        try:
+            count = getattr(self.index, "num_documents", None)
+            return int(count()) if callable(count) else len(self.index.documents())
         except Exception:
             return -1
 

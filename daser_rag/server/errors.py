@@ -1,18 +1,27 @@
-"""Errors in OpenAI's shape, `{"error": {"message", "type", "code"}}`: every 4xx and 5xx names
-the problem and carries a stable `code` clients can branch on."""
+"""Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: every 4xx and 5xx
+names the problem and carries a stable `code` clients can branch on; `param` names the request
+field at fault when there is one (null otherwise), as OpenAI's clients expect the key."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sqlite3
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError, UnknownDocumentError
-from daser_rag.kv.tiers.redis import RedisUnavailable
+from daser_rag.errors import (
+    ContextTooLongError,
+    DaserError,
+    EngineUnavailableError,
+    InvalidInputError,
+    UnknownDocumentError,
+)
+from daser_rag.kv.tiers.redis import RedisRefused, RedisUnavailable
 
 log = logging.getLogger("daser_rag.server")
 
@@ -24,15 +33,16 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, code: str, type_: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+        self.param = param
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "code": code}}, status_code=status,
-                        headers=headers)
+                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
 
 
 def busy(message: str, code: str, retry_after: float = 1.0) -> ApiError:
@@ -45,22 +55,36 @@ def unavailable(message: str, code: str, retry_after: float = 1.0) -> ApiError:
                     headers={"Retry-After": str(max(1, round(retry_after)))})
 
 
+def storage_full(exc: BaseException) -> bool:
+    """Is `exc` a full local disk (ENOSPC / quota, or SQLite's "database or disk is full")?"""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.Error) and "full" in str(exc).lower()
+
+
+def _disk_full(exc: BaseException) -> JSONResponse:
+    return error_response(503, f"the service's local disk is full, so this write was not applied; retry later "
+                          f"({type(exc).__name__}: {exc})", "storage_full", "server_error", {"Retry-After": "10"})
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = []
+        param = None
         for e in exc.errors():
             if e.get("type") == "json_invalid":
                 return error_response(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
                                       "invalid_json")
             loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            param = param or loc or None
             msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
             problems.append(f"{loc}: {msg}" if loc else msg)
-        return error_response(400, "invalid request: " + "; ".join(problems[:5]), "invalid_request")
+        return error_response(400, "invalid request: " + "; ".join(problems[:5]), "invalid_request", param=param)
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.code, exc.type, exc.headers)
+        return error_response(exc.status, exc.message, exc.code, exc.type, exc.headers, exc.param)
 
     @app.exception_handler(UnknownDocumentError)
     async def _unknown(request: Request, exc: UnknownDocumentError) -> JSONResponse:
@@ -81,6 +105,40 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(503, f"the shared document registry (Redis) is unavailable, so this write was "
                               f"not applied; retry shortly ({exc})", "redis_unavailable", "server_error",
                               {"Retry-After": "1"})
+
+    @app.exception_handler(EngineUnavailableError)
+    async def _engine_down(request: Request, exc: EngineUnavailableError) -> JSONResponse:
+        return error_response(503, str(exc), "engine_unavailable", "server_error",
+                              {"Retry-After": str(max(1, round(exc.retry_after_s)))})
+
+    @app.exception_handler(RedisRefused)
+    async def _redis_refused(request: Request, exc: RedisRefused) -> JSONResponse:
+        # An error reply (OOM at maxmemory, READONLY during a failover, ...): Redis is there
+        # but cannot take writes now. Nothing was written (each write is one script, refused
+        # whole). Reads of stored documents keep working.
+        if exc.reason == "OOM":
+            return error_response(503, "the shared document registry (Redis) is full (maxmemory), so this write "
+                                  f"was not applied; retry later, or delete documents ({exc})", "redis_full",
+                                  "server_error", {"Retry-After": "5"})
+        return error_response(503, f"the shared document registry (Redis) refused this request ({exc.reason}), so "
+                              f"nothing was applied; retry shortly ({exc})", "redis_refused", "server_error",
+                              {"Retry-After": "2"})
+
+    @app.exception_handler(sqlite3.Error)
+    async def _sqlite(request: Request, exc: sqlite3.Error) -> JSONResponse:
+        # the local index (the authority without Redis): each write is one transaction, rolled
+        # back on failure, so a full disk refuses the write whole
+        if storage_full(exc):
+            return _disk_full(exc)
+        log.error("local index error", exc_info=exc)
+        return error_response(500, f"{type(exc).__name__}: {exc}", "internal_error", "server_error")
+
+    @app.exception_handler(OSError)
+    async def _os(request: Request, exc: OSError) -> JSONResponse:
+        if storage_full(exc):
+            return _disk_full(exc)
+        log.error("request failed", exc_info=exc)
+        return error_response(500, f"{type(exc).__name__}: {exc}", "internal_error", "server_error")
 
     @app.exception_handler(DaserError)
     async def _daser(request: Request, exc: DaserError) -> JSONResponse:

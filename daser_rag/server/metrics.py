@@ -3,7 +3,9 @@
 Request-level numbers (TTFT, recompute share, chunk hits/misses per request) are observed as
 requests finish; store-level numbers (hits per tier, bytes per tier, evictions, invalidations,
 corrupt drops, Redis health) are read from the store at scrape time by a custom collector, so
-scraping never waits for the model lock. Each app gets its own registry, so several apps can
+scraping never waits for the model lock. What a scrape costs Redis does not grow with the
+keyspace: bytes and entries of the Redis tier come from a sampled, incremental SCAN bounded per
+scrape and rate-limited (`tiers.redis._ScanSampler`), the document count is one SCARD. Each app gets its own registry, so several apps can
 live in one process (tests) without colliding.
 """
 
@@ -78,6 +80,29 @@ class _StoreCollector(Collector):
                                     value=float(link.pending))
             yield CounterMetricFamily("daser_redis_fenced_puts", "Writes refused because the entry was invalidated "
                                       "while being computed", value=float(getattr(remote, "fenced_puts", 0)))
+            refusals = CounterMetricFamily("daser_redis_refusals", "Redis error replies that refused a command "
+                                           "(OOM: maxmemory reached; READONLY, LOADING, ...), by reason",
+                                           labels=["reason"])
+            for reason, n in sorted(getattr(link, "refusals", {}).items()):
+                refusals.add_metric([reason], float(n))
+            yield refusals
+            yield CounterMetricFamily("daser_redis_refused_puts", "KV writes Redis refused (skipped; KV is a cache)",
+                                      value=float(getattr(remote, "refused_puts", 0)))
+        index = getattr(self.store, "index", None)
+        if hasattr(index, "mirror_errors"):
+            yield CounterMetricFamily("daser_index_mirror_errors", "Writes of the local index mirror that failed "
+                                      "(local disk full); Redis held them", value=float(index.mirror_errors))
+            yield CounterMetricFamily("daser_refused_refs", "Chunk refs refused because their document was removed "
+                                      "while the request ran", value=float(getattr(index, "refused_refs", 0)))
+        errors = CounterMetricFamily("daser_storage_errors", "Failed storage operations by tier (degraded to a miss "
+                                     "or a skipped write; disk: local disk full or failing)", labels=["tier"])
+        for key, val in sorted(st.items()):
+            if key.startswith("error_"):
+                errors.add_metric([key[6:]], float(val))
+        yield errors
+        problems = getattr(self.store, "problems", None)
+        yield GaugeMetricFamily("daser_storage_degraded", "1 while /health reports a storage problem (see its "
+                                "reasons)", value=float(bool(problems())) if callable(problems) else 0.0)
 
 
 class ServiceMetrics:

@@ -82,15 +82,24 @@ class DiskTier:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = to_bytes(enc)
         tmp = path.parent / f".tmp-{enc.key}-{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
         try:
-            old = path.stat().st_size
-        except FileNotFoundError:
-            old = 0
-        os.replace(tmp, path)
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                old = path.stat().st_size
+            except FileNotFoundError:
+                old = 0
+            os.replace(tmp, path)
+        except BaseException:
+            # a failed write (disk full: ENOSPC on write or fsync) leaves nothing behind; the
+            # store counts the error and treats it as a skipped write
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise
         with self._lock:
             self._bytes += len(blob) - old
             self._puts_since_scan += 1
