@@ -40,3 +40,12 @@ class ModelLoadError(DaserError, RuntimeError):
 
 class CorruptEntryError(DaserError):
     """A stored KV entry failed its integrity check; it is dropped, never served."""
+
+
+class EngineUnavailableError(DaserError):
+    """No engine instance could take the request (all down, hung or overloaded); nothing was
+    generated, so the request may be retried as it is."""
+
+    def __init__(self, message: str, retry_after_s: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -26,6 +26,7 @@ from daser_rag.engine.decode import TextEmitter, TokenStream, decode_n_tokens, s
 from daser_rag.engine.factory import default_store
 from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
+from daser_rag.engine.protocol import EngineHealth
 from daser_rag.engine.resolve import resolve
 from daser_rag.errors import ContextTooLongError, InvalidInputError
 from daser_rag.kv.store import KVStore
@@ -91,6 +92,35 @@ class CacheAwareGenerator:
     @property
     def tokenizer(self) -> Any:
         return self.lm.tokenizer
+
+    # -- the engine protocol (daser_rag/engine/protocol.py) -------------------------------------
+    @property
+    def kind(self) -> str:
+        return "daser"
+
+    @property
+    def model_name(self) -> str:
+        return Path(str(self.lm.source)).stem or "daser"
+
+    @property
+    def context_window(self) -> int:
+        return int(self.runner.max_positions)
+
+    @property
+    def model_lock(self) -> threading.RLock:
+        return self.lock
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        return sum(len(self.prompt.encode(t)) for t in texts)
+
+    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+        return [self.chunk_key_for(t, tenant) for t in self.split(text)]
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(True, "daser", {"device": str(self.runner.device), "selector": self.blend.selector})
+
+    def close(self) -> None:
+        """Nothing to release: the model lives as long as the process."""
 
     def chunk_key_for(self, text: str, tenant: str = "") -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)

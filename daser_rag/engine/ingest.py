@@ -42,11 +42,20 @@ def check_documents(documents: Iterable[Document]) -> list[Document]:
 
 
 class Ingestor:
-    def __init__(self, computer: ChunkComputer, store: KVStore, tokenizer: object, chunk_tokens: int) -> None:
+    def __init__(self, computer: ChunkComputer, store: KVStore, tokenizer: object, chunk_tokens: int,
+                 compute: Callable[[Sequence[int], str], bool] | None = None) -> None:
+        """`compute(ids, key)` makes a missing chunk's KV and stores it under `key`, returning
+        whether it is stored; by default daser's own model computes it here. The vLLM engine
+        passes one that has a vLLM instance compute it (its connector stores it)."""
         self.computer = computer
         self.store = store
         self.tokenizer = tokenizer
         self.chunk_tokens = chunk_tokens
+        self.compute = compute if compute is not None else self._compute_here
+
+    def _compute_here(self, ids: Sequence[int], key: str) -> bool:
+        self.store.put(self.computer.compute(ids, key))
+        return True
 
     def split(self, text: str) -> list[str]:
         if isinstance(text, str) and text.strip():
@@ -107,8 +116,7 @@ class Ingestor:
                         continue
                     if self.store.contains(key):
                         report.reused_chunks += 1
-                    else:
-                        self.store.put(self.computer.compute(ids, key))
+                    elif self.compute(ids, key):
                         report.computed_chunks += 1
                     if bar is not None:
                         bar.update(1)

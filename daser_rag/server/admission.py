@@ -8,6 +8,13 @@
   deadline (the generator polls it between tokens).
 * `TokenBudget`: tokens of new text per key per rolling minute (429).
 * `TenantRegistry`: a bound on the distinct tenant names one key may use (403).
+* `CpuSlots`: a few lanes for CPU-heavy request preparation (parsing a large body, counting
+  tokens, splitting), waited for in arrival order with a per-key share, so a flood of large
+  bodies queues behind its own lanes instead of starving the event loop and everyone else.
+
+Order inside a request (server/service.py, server/routes.py): API key, body shape, cheap
+validation, admission (429), token counting in a `CpuSlots` lane, tenant registration and the
+token budget last, so that a refused request registers nothing and is charged nothing.
 """
 
 from __future__ import annotations
@@ -66,7 +73,8 @@ class Cancelled(Exception):
 
 class ModelGate:
     """Runs model work in dedicated threads, one at a time, in arrival order (the generator's
-    lock is not fair: without a queue, a request could keep losing the race for it)."""
+    lock is not fair: without a queue, a request could keep losing the race for it). With
+    `lock=None` (an engine that batches, vLLM) work runs concurrently, up to `workers`."""
 
     def __init__(self, lock: Any, workers: int, queue_timeout_s: float, poll_s: float = 0.05) -> None:
         self.lock = lock
@@ -89,6 +97,10 @@ class ModelGate:
                            "retry later", "queue_timeout")
 
     def _locked(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
+        if self.lock is None:  # the engine batches (vLLM): run now, bounded by admission and workers
+            if stop.is_set():
+                raise Cancelled()
+            return fn()
         t0 = time.monotonic()
         ticket = object()
         with self._cv:
@@ -173,6 +185,70 @@ class TokenBudget:
                     del self._spent[k]
 
 
+class CpuSlots:
+    """At most `limit` jobs at once, at most `per_key` of them for one key; the others wait in
+    arrival order (a waiter whose key already has its share lets later keys pass) for up to
+    `wait_s`, then 503. Asynchronous, so a waiter holds no thread; loop-agnostic (polls), so one
+    instance serves whatever event loop the app runs on."""
+
+    def __init__(self, name: str, limit: int, per_key: int, wait_s: float, poll_s: float = 0.005) -> None:
+        self.name, self.limit, self.per_key, self.wait_s, self.poll_s = name, int(limit), max(1, int(per_key)), \
+            float(wait_s), poll_s
+        self._n = 0
+        self._per: Counter[str] = Counter()
+        self._line: deque[tuple[object, str]] = deque()
+        self._lock = threading.Lock()
+
+    def _try(self, ticket: object, key: str) -> bool:
+        with self._lock:
+            if self._n >= self.limit or self._per[key] >= self.per_key:
+                return False
+            for t, k in self._line:  # an earlier waiter that could run now goes first
+                if t is ticket:
+                    break
+                if self._per[k] < self.per_key:
+                    return False
+            self._line.remove((ticket, key))
+            self._n += 1
+            self._per[key] += 1
+            return True
+
+    async def acquire(self, key: str) -> None:
+        ticket = object()
+        with self._lock:
+            self._line.append((ticket, key))
+        t0 = time.monotonic()
+        try:
+            while not self._try(ticket, key):
+                waited = time.monotonic() - t0
+                if waited > self.wait_s:
+                    raise unavailable(f"waited {waited:.1f} s for a free {self.name} lane ({self.limit} in use); "
+                                      "retry later", "busy_preparing")
+                await asyncio.sleep(self.poll_s)
+        except BaseException:
+            with self._lock:
+                if (ticket, key) in self._line:
+                    self._line.remove((ticket, key))
+            raise
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._n -= 1
+            self._per[key] -= 1
+            if self._per[key] <= 0:
+                del self._per[key]
+
+    async def run(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in a worker thread, once a lane is free."""
+        from starlette.concurrency import run_in_threadpool
+
+        await self.acquire(key)
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self.release(key)
+
+
 class TenantRegistry:
     """Distinct tenant names per key namespace, bounded: each new tenant costs memory and
     cache space, so one key cannot mint unlimited ones."""
@@ -182,15 +258,26 @@ class TenantRegistry:
         self._seen: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    def admit(self, key_ns: str, tenant: str) -> None:
+    def admit(self, key_ns: str, tenant: str) -> bool:
+        """Register `tenant` (403 past the bound); True if it is new (see `forget`)."""
         with self._lock:
             seen = self._seen.setdefault(key_ns, set())
             if tenant in seen:
-                return
+                return False
             if len(seen) >= self.max_per_key:
                 raise ApiError(403, f"this key already uses {len(seen)} tenant names, the limit is "
                                f"{self.max_per_key}", code="tenant_limit", type_="permission_error")
             seen.add(tenant)
+            return True
+
+    def forget(self, key_ns: str, tenant: str) -> None:
+        """Undo an `admit` that returned True, for a request refused right after it."""
+        with self._lock:
+            seen = self._seen.get(key_ns)
+            if seen is not None:
+                seen.discard(tenant)
+                if not seen:
+                    del self._seen[key_ns]
 
     @property
     def count(self) -> int:

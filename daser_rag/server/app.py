@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from daser_rag.engine.protocol import Engine
 from daser_rag.server.errors import install_handlers
 from daser_rag.server.middleware import Guard
 from daser_rag.server.routes import router
@@ -32,15 +33,16 @@ __all__ = ["Limits", "build_generator", "create_app", "serve"]
 
 
 def create_app(
-    generator: Any,
+    engine: Engine,
     *,
     api_keys: Sequence[str] | None = None,
     limits: Limits | None = None,
     model_name: str | None = None,
     default_tenant: str = "",
 ) -> FastAPI:
-    """An ASGI app around one generator (in-process `CacheAwareGenerator`)."""
-    svc = Service(generator, api_keys=api_keys, limits=limits, model_name=model_name, default_tenant=default_tenant)
+    """An ASGI app around one engine (daser's own `CacheAwareGenerator`, or the vLLM control plane)."""
+    svc = Service(engine, api_keys=api_keys, limits=limits, model_name=model_name, default_tenant=default_tenant)
+    _ = svc.lanes  # built now, not racily on a first request
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -53,7 +55,7 @@ def create_app(
     install_handlers(app)
     app.include_router(router)
     app.state.service = svc
-    app.state.generator = generator
+    app.state.engine = engine
     app.state.metrics = svc.metrics
     return app
 
@@ -115,7 +117,8 @@ def serve(
     api_keys: list[str] | None = None,
     default_tenant: str = "",
     codec: str = "fp16",
-    recompute_ratio: float = 0.15,
+    recompute_ratio: float | str | None = None,
+    selector: str | None = None,
     chunk_tokens: int = 512,
     host_bytes: int | None = None,
     disk_bytes: int | None = None,
@@ -127,31 +130,58 @@ def serve(
     timeout_keep_alive: float = 5.0,
     limit_concurrency: int | None = 256,
     header_timeout_s: float = 10.0,
+    engine: str = "daser",
+    vllm_urls: Sequence[str] = (),
+    vllm_spawn: int = 0,
+    vllm_python: str | None = None,
+    vllm_dtype: str = "float32",
+    router: str = "documents",
     **kw: Any,
 ) -> None:
-    """Run the service until interrupted (`daser-rag serve` / `python -m daser_rag.server`)."""
+    """Run the service until interrupted (`daser-rag serve` / `python -m daser_rag.server`).
+
+    `engine="daser"`: daser's own engine in this process. `engine="vllm"`: this process is the
+    control plane in front of `vllm_urls` and `vllm_spawn` new `vllm serve` processes (it loads
+    no weights; Redis is required)."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    generator = build_generator(model, cache_dir, redis_url, codec=codec, host_bytes=host_bytes,
-                                disk_bytes=disk_bytes, redis_ttl_s=redis_ttl_s, recompute_ratio=recompute_ratio,
-                                chunk_tokens=chunk_tokens, **kw)
+    blend: dict[str, Any] = {}
+    if recompute_ratio is not None:
+        blend["recompute_ratio"] = recompute_ratio
+    if selector is not None:
+        blend["selector"] = selector
+    eng: Engine
+    if engine == "vllm":
+        from daser_rag.control.factory import open_vllm_engine
+
+        eng = open_vllm_engine(model=model, cache_dir=cache_dir, redis_url=redis_url, urls=vllm_urls,
+                               spawn=vllm_spawn, vllm_python=vllm_python, dtype=vllm_dtype, router=router,
+                               chunk_tokens=chunk_tokens, **blend)
+    elif engine == "daser":
+        if vllm_urls or vllm_spawn:
+            raise ValueError("--vllm-url / --vllm-spawn need --engine vllm")
+        eng = build_generator(model, cache_dir, redis_url, codec=codec, host_bytes=host_bytes,
+                              disk_bytes=disk_bytes, redis_ttl_s=redis_ttl_s, chunk_tokens=chunk_tokens, **blend, **kw)
+    else:
+        raise ValueError(f"unknown engine {engine!r}; choose 'daser' or 'vllm'")
     try:  # finish document updates a crash interrupted (text registered, refs not yet switched)
-        for tenant, doc_id in generator.store.repair_documents(generator.chunk_key_for):
+        for tenant, doc_id in eng.store.repair_documents(lambda text, tenant: eng.chunk_keys(text, tenant)[0]):
             log.warning("repaired the references of document %r (tenant %r) left half-updated by a crash",
                         doc_id, tenant)
     except Exception as exc:  # Redis away at start: the next start repairs
         log.warning("document repair skipped: %s", exc)
-    app = create_app(generator, api_keys=api_keys, limits=limits, default_tenant=default_tenant)
+    app = create_app(eng, api_keys=api_keys, limits=limits, default_tenant=default_tenant)
     stop = threading.Event()
     if gc_interval_s > 0:
-        threading.Thread(target=_collect_garbage, args=(generator.store, gc_interval_s, gc_idle_s, stop),
+        threading.Thread(target=_collect_garbage, args=(eng.store, gc_interval_s, gc_idle_s, stop),
                          name="daser-gc", daemon=True).start()
-    log.info("daser-rag service on http://%s:%d (redis: %s, cache: %s)", host, port, redis_url or "off",
-             generator.store.root)
+    log.info("daser-rag service on http://%s:%d (engine: %s, redis: %s, cache: %s)", host, port, eng.kind,
+             redis_url or "off", eng.store.root)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                     timeout_keep_alive=int(timeout_keep_alive), limit_concurrency=limit_concurrency,
                     h11_max_incomplete_event_size=64 * 1024, http=http_protocol(header_timeout_s))
     finally:
         stop.set()
+        eng.close()

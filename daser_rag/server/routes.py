@@ -1,4 +1,10 @@
-"""HTTP routes. Each is a thin adapter from the request to `Service` (server/service.py)."""
+"""HTTP routes. Each is a thin adapter from the request to `Service` (server/service.py).
+
+Order in every route: the API key (401), then the body (server/bodies.py: strict JSON, shape
+limits, validation; a large body in a CPU lane), then the service's admission, token counting
+and budget. No route declares a pydantic body parameter: FastAPI would parse it before the key
+check.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from daser_rag.errors import UnknownDocumentError
 from daser_rag.server import openai
+from daser_rag.server.bodies import read_body
 from daser_rag.server.metrics import CONTENT_TYPE
 from daser_rag.server.schemas import (
     AddDocumentsRequest,
@@ -29,26 +36,44 @@ def _svc(request: Request) -> Service:
 
 
 def _caller(request: Request) -> Caller:
-    """API-key check, before the body is validated (an unauthenticated client learns nothing)."""
+    """API-key check, before the body is read (an unauthenticated client learns nothing)."""
     return _svc(request).auth(request)
 
 
-def _answer(out: Any) -> Response:
+def _share(svc: Service, request: Request, caller: Caller) -> str:
+    """Whose preparation lanes a body's parsing counts against, before the body names a tenant:
+    the key, or without keys the tenant in the header / query (else the default tenant)."""
+    if caller.ns:
+        return caller.ns
+    try:
+        return caller.share_key(svc.tenant_of(request, caller, None))
+    except Exception:  # an invalid tenant is refused later, with its own message
+        return caller.share_key("")
+
+
+async def _body(request: Request, caller: Caller, model: Any, *, openai_fields: bool = False) -> Any:
+    svc = _svc(request)
+    return await read_body(request, model, svc.lanes, _share(svc, request, caller), openai_fields=openai_fields)
+
+
+def _answer(out: Any, chat: bool = False, include_usage: bool = False) -> Response:
     if isinstance(out, dict):
         return JSONResponse(out)
-    return StreamingResponse(out, media_type="text/event-stream",
+    return StreamingResponse(openai.shape_stream(out, chat, include_usage), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.post("/v1/completions")
-async def completions(req: CompletionRequest, request: Request, caller: Caller = Depends(_caller)) -> Response:
-    return _answer(await _svc(request).generate(request, caller, req, req.prompt, False))
+async def completions(request: Request, caller: Caller = Depends(_caller)) -> Response:
+    req = await _body(request, caller, CompletionRequest, openai_fields=True)
+    return _answer(await _svc(request).generate(request, caller, req, req.prompt, False), False, req.include_usage)
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, request: Request,
-                           caller: Caller = Depends(_caller)) -> Response:
-    return _answer(await _svc(request).generate(request, caller, req, openai.chat_question(req.messages), True))
+async def chat_completions(request: Request, caller: Caller = Depends(_caller)) -> Response:
+    req = await _body(request, caller, ChatCompletionRequest, openai_fields=True)
+    return _answer(await _svc(request).generate(request, caller, req, openai.chat_question(req.messages), True),
+                   True, req.include_usage)
 
 
 @router.get("/v1/models")
@@ -59,28 +84,30 @@ async def models(request: Request, caller: Caller = Depends(_caller)) -> dict[st
 
 
 @router.post("/v1/documents")
-async def add_documents(req: AddDocumentsRequest, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
+async def add_documents(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
-    tenant = svc.tenant_of(request, caller, req.tenant, new_ok=True)
+    req = await _body(request, caller, AddDocumentsRequest)
+    tenant = svc.tenant_of(request, caller, req.tenant)
     docs = [Document(d.id, d.text, d.metadata) for d in req.documents]
     return await svc.ingest(request, caller, docs, req.precompute, tenant)
 
 
 @router.put("/v1/documents/{doc_id:path}")
-async def update_document(doc_id: str, req: UpdateDocumentRequest, request: Request,
-                          caller: Caller = Depends(_caller)) -> dict[str, Any]:
+async def update_document(doc_id: str, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
-    tenant = svc.tenant_of(request, caller, req.tenant, new_ok=True)
-    out = await svc.ingest(request, caller, [Document(svc.doc_id(doc_id), req.text, req.metadata)], req.precompute,
-                           tenant)
+    doc_id = svc.doc_id(doc_id)
+    req = await _body(request, caller, UpdateDocumentRequest)
+    tenant = svc.tenant_of(request, caller, req.tenant)
+    out = await svc.ingest(request, caller, [Document(doc_id, req.text, req.metadata)], req.precompute, tenant)
     return {"document": out["documents"][0], "report": out["report"]}
 
 
 @router.delete("/v1/documents/{doc_id:path}")
 async def delete_document(doc_id: str, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
+    doc_id = svc.doc_id(doc_id)
     tenant = svc.tenant_of(request, caller, None)
-    return await svc.delete(request, caller, svc.doc_id(doc_id), tenant)
+    return await svc.delete(request, caller, doc_id, tenant)
 
 
 @router.get("/v1/documents")
@@ -93,8 +120,8 @@ async def list_documents(request: Request, caller: Caller = Depends(_caller)) ->
 @router.get("/v1/documents/{doc_id:path}")
 async def get_document(doc_id: str, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
-    tenant = svc.tenant_of(request, caller, None)
     doc_id = svc.doc_id(doc_id)
+    tenant = svc.tenant_of(request, caller, None)
     info = await run_in_threadpool(svc.store.document_info, doc_id, tenant)
     if info is None:
         raise UnknownDocumentError(doc_id)
@@ -104,9 +131,19 @@ async def get_document(doc_id: str, request: Request, caller: Caller = Depends(_
 
 
 @router.post("/v1/split")
-async def split(req: SplitRequest, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
+async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
+    """Splitting is tokenizing: admitted like a completion (429), its text counted against the
+    per-request limit and charged to the token budget, the split itself run in a CPU lane."""
     svc = _svc(request)
-    return {"chunks": await run_in_threadpool(svc.generator.split, req.text)}
+    req = await _body(request, caller, SplitRequest)
+    tenant = svc.tenant_of(request, caller, None)
+    share = caller.share_key(tenant)
+    svc.completions.acquire(share)
+    try:
+        await svc.charge(caller, tenant, [req.text], window=False, register=False)
+        return {"chunks": await svc.lanes.run(share, svc.engine.split, req.text)}
+    finally:
+        svc.completions.release(share)
 
 
 @router.get("/health")

@@ -4,8 +4,10 @@ checked before any write, and model work run through admission and the model gat
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
+import math
 import threading
 import time
 import uuid
@@ -17,11 +19,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from daser_rag.engine.protocol import Engine
 from daser_rag.errors import ContextTooLongError, InvalidInputError, UnknownDocumentError
 from daser_rag.kv.keys import text_digest
 from daser_rag.params import GenerationParams
 from daser_rag.server import openai
-from daser_rag.server.admission import Admission, Cancelled, ModelGate, TenantRegistry, TokenBudget
+from daser_rag.server.admission import Admission, Cancelled, CpuSlots, ModelGate, TenantRegistry, TokenBudget
 from daser_rag.server.errors import ApiError
 from daser_rag.server.metrics import ServiceMetrics
 from daser_rag.server.schemas import _GenParams, check_id, check_tenant
@@ -40,10 +43,12 @@ class Caller:
 
 
 class Service:
-    def __init__(self, generator: Any, *, api_keys: Sequence[str] | None = None, limits: Limits | None = None,
+    def __init__(self, engine: Engine, *, api_keys: Sequence[str] | None = None, limits: Limits | None = None,
                  model_name: str | None = None, default_tenant: str = "") -> None:
-        self.generator = generator
-        self.store = generator.store
+        if not isinstance(engine, Engine):
+            raise TypeError(f"the service needs an engine (daser_rag.engine.protocol.Engine), got {type(engine).__name__}")
+        self.engine = engine
+        self.store = engine.store
         self.limits = limits = limits or Limits()
         self.keys = [k for k in (api_keys or []) if k]
         self.default_tenant = check_tenant(default_tenant)
@@ -51,14 +56,13 @@ class Service:
         self.completions = Admission("completion", limits.max_pending, limits.fair_share, self.metrics.inflight)
         self.writes = Admission("document", limits.max_pending_documents, limits.fair_share,
                                 self.metrics.inflight_documents)
-        self.gate = ModelGate(generator.lock, limits.max_pending + limits.max_pending_documents,
+        self.gate = ModelGate(engine.model_lock, limits.max_pending + limits.max_pending_documents,
                               limits.queue_timeout_s)
         self.budget = TokenBudget(limits.key_tokens_per_minute)
         self.tenants = TenantRegistry(limits.max_tenants_per_key)
         self.metrics.tenants.set_function(lambda: self.tenants.count)
-        self.served_model = model_name or Path(str(getattr(getattr(generator, "lm", None), "source", "daser"))).stem \
-            or "daser"
-        self.max_new_cap = min(limits.max_new_tokens, int(generator.runner.max_positions) - 1)
+        self.served_model = model_name or engine.model_name
+        self.max_new_cap = min(limits.max_new_tokens, engine.context_window - 1)
         self.link = getattr(getattr(self.store, "remote", None), "link", None)
 
     # -- auth & tenancy ---------------------------------------------------------------------
@@ -74,6 +78,9 @@ class Service:
                        type_="authentication_error", code="invalid_api_key")
 
     def tenant_of(self, request: Request, caller: Caller, body_tenant: str | None, *, new_ok: bool = False) -> str:
+        """The request's tenant (namespaced by its key). Resolving registers nothing: `charge`
+        registers a new tenant name once the request is accepted (`new_ok` is kept for callers
+        written against the older signature and has no effect)."""
         headers = request.headers.getlist("x-daser-tenant")
         queries = request.query_params.getlist("tenant")
         if len(headers) > 1 or len(queries) > 1:
@@ -87,8 +94,6 @@ class Service:
             tenant = check_tenant(given[0] if given else self.default_tenant)
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_tenant") from exc
-        if new_ok:
-            self.tenants.admit(caller.ns, tenant)
         # With API keys, a tenant lives inside its key's namespace: one key can never reach
         # (or time) another key's cache by naming its tenant.
         return f"{caller.ns}/{tenant}" if caller.ns else tenant
@@ -101,21 +106,48 @@ class Service:
             raise ApiError(400, str(exc), code="invalid_document_id") from exc
 
     # -- limits checked before anything is written ---------------------------------------------
-    def count_tokens(self, texts: Sequence[str]) -> int:
-        tok = getattr(self.generator, "tokenizer", None)
-        if tok is None:  # a generator without a tokenizer: a safe over-estimate
-            return sum(len(t.encode()) for t in texts)
-        return sum(len(tok.encode(t, add_special_tokens=False)) for t in texts)
+    def count_tokens(self, texts: Sequence[str], stop_above: int | None = None) -> int:
+        """Tokens of `texts` as user text (control-token strings count as the tokens that spell
+        them, daser_rag/prompt.py). With `stop_above`, counting stops once the total passes it
+        (the result is then some number above it): a request over the limit costs at most the
+        limit's worth of tokenizing plus one text, however large its body."""
+        total = 0
+        for t in texts:
+            total += self.engine.count_tokens([t])
+            if stop_above is not None and total > stop_above:
+                break
+        return total
 
-    async def charge(self, caller: Caller, tenant: str, texts: Sequence[str], *, window: bool) -> int:
-        tokens = await run_in_threadpool(self.count_tokens, texts)
+    @functools.cached_property
+    def lanes(self) -> CpuSlots:
+        """CPU lanes for request preparation (large-body parsing, token counting, splitting)."""
+        lim = self.limits
+        return CpuSlots("request preparation", lim.max_preparing, math.ceil(lim.max_preparing * lim.fair_share),
+                        lim.prepare_wait_s)
+
+    async def charge(self, caller: Caller, tenant: str, texts: Sequence[str], *, window: bool,
+                     register: bool = True) -> int:
+        """The last check before an admitted request's work starts: count its new text (bounded
+        work, in a CPU lane), refuse it over the per-request limit or the context window, then
+        register its tenant name (`register`) and charge its key's token budget. Call it after
+        admission and every other check: only accepted requests use up tenant names and budget."""
+        share = caller.share_key(tenant)
         lim = self.limits.max_request_tokens
+        window_size = self.engine.context_window
+        tokens = await self.lanes.run(share, self.count_tokens, texts, lim)  # exact up to the limit
         if tokens > lim:
-            raise ApiError(413, f"this request asks the model to compute {tokens} tokens of new text; the limit is "
-                           f"{lim} per request (split it)", code="too_many_tokens")
-        if window and tokens > int(self.generator.runner.max_positions):
-            raise ContextTooLongError(tokens, int(self.generator.runner.max_positions))
-        self.budget.charge(caller.share_key(tenant), tokens)
+            raise ApiError(413, f"this request asks the model to compute more than {lim} tokens of new text (the "
+                           f"limit per request; split it)", code="too_many_tokens")
+        if window and tokens > window_size:
+            raise ContextTooLongError(tokens, window_size)
+        bare = tenant.split("/", 1)[1] if caller.ns else tenant
+        new = register and self.tenants.admit(caller.ns, bare)
+        try:
+            self.budget.charge(share, tokens)
+        except BaseException:
+            if new:
+                self.tenants.forget(caller.ns, bare)
+            raise
         return tokens
 
     def check_model(self, model: str | None) -> None:
@@ -145,7 +177,7 @@ class Service:
     # -- generation ----------------------------------------------------------------------------
     async def generate(self, request: Request, caller: Caller, req: _GenParams, question: str, chat: bool) -> Any:
         self.check_model(req.model)
-        tenant = self.tenant_of(request, caller, req.tenant, new_ok=True)
+        tenant = self.tenant_of(request, caller, req.tenant)
         params = self.params(req, tenant)
         ctx = openai.contexts(req.documents)
         inline = [c if isinstance(c, str) else c.text for c in ctx
@@ -153,13 +185,17 @@ class Service:
         # A chunk naming a document must name a known one (no ghost documents), checked, like
         # the size of all new text, before anything is registered or computed.
         refs = {c.doc_id for c in ctx if isinstance(c, ChunkRef) and c.doc_id is not None and c.text is not None}
-        if refs:
-            await run_in_threadpool(self._known_documents, refs, tenant)
-        await self.charge(caller, tenant, [question, *inline], window=True)
+        share = caller.share_key(tenant)
+        self.completions.acquire(share)  # admission before any expensive work (429 costs nothing)
+        try:
+            if refs:
+                await run_in_threadpool(self._known_documents, refs, tenant)
+            await self.charge(caller, tenant, [question, *inline], window=True)  # last: tenant + budget
+        except BaseException:
+            self.completions.release(share)
+            raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, t0 = int(time.time()), time.perf_counter()
-        share = caller.share_key(tenant)
-        self.completions.acquire(share)
         stop = threading.Event()
         deadline = time.monotonic() + self.limits.request_timeout_s
 
@@ -170,7 +206,7 @@ class Service:
             return await self._stream(request, question, ctx, params, cancel, stop, share, rid, created, chat, t0)
         try:
             result = await self.gate.run(
-                lambda: self.generator.generate(question, ctx, params=params, cancel=cancel),
+                lambda: self.engine.generate(question, ctx, params=params, cancel=cancel),
                 stop, request, on_done=lambda: self.completions.release(share))
         except Cancelled:
             self.metrics.cancelled.labels("client_closed").inc()
@@ -199,7 +235,7 @@ class Service:
         def produce() -> None:
             # The whole generation runs in this one thread, which holds the model lock; the
             # generator polls `cancel` between tokens, so a gone client frees the model.
-            stream = self.generator.stream(question, ctx, params=params, cancel=cancel)
+            stream = self.engine.stream(question, ctx, params=params, cancel=cancel)
             for delta in stream:
                 first.setdefault("t", time.perf_counter())
                 emit("delta", delta)
@@ -266,23 +302,29 @@ class Service:
     # -- documents ----------------------------------------------------------------------------
     def _doc_record(self, doc: Document, tenant: str) -> dict[str, Any]:
         info = self.store.document_info(doc.doc_id, tenant)
-        key_for = getattr(self.generator, "chunk_key_for", None)
-        if key_for is not None:
-            keys = [key_for(t, tenant) for t in self.generator.split(doc.text)]
-        else:
-            keys = self.store.document_chunk_keys(doc.doc_id, tenant)
+        keys = self.engine.chunk_keys(doc.text, tenant)
         return {"id": doc.doc_id, "digest": text_digest(doc.text), "version": info.version if info else None,
                 "num_chunks": len(keys), "chunk_keys": keys}
 
     async def ingest(self, request: Request, caller: Caller, docs: list[Document], precompute: bool,
                      tenant: str) -> dict[str, Any]:
-        await self.charge(caller, tenant, [d.text for d in docs], window=False)
         share = caller.share_key(tenant)
-        self.writes.acquire(share)
+        self.writes.acquire(share)  # admission first: a refused request registers and costs nothing
+        try:
+            await self.charge(caller, tenant, [d.text for d in docs], window=False)
+        except BaseException:
+            self.writes.release(share)
+            raise
 
         def work() -> dict[str, Any]:
-            report = self.generator.add_documents(docs, tenant=tenant, precompute=precompute)
-            return {"documents": [self._doc_record(d, tenant) for d in docs], "report": vars(report)}
+            report = self.engine.add_documents(docs, tenant=tenant, precompute=precompute)
+            records = [self._doc_record(d, tenant) for d in docs]
+            written = getattr(self.store, "written_version", None)
+            for rec in records:  # the version this request wrote, not a newer one committed since
+                v = written(rec["id"], tenant) if callable(written) else None
+                if v is not None:
+                    rec["version"] = v
+            return {"documents": records, "report": vars(report)}
 
         try:
             return await self.gate.run(work, threading.Event(), request,
@@ -297,7 +339,7 @@ class Service:
         def work() -> dict[str, Any]:
             known = (self.store.document_info(doc_id, tenant) is not None
                      or bool(self.store.document_chunk_keys(doc_id, tenant)))
-            dropped = self.generator.invalidate(doc_id, tenant)
+            dropped = self.engine.invalidate(doc_id, tenant)
             return {"id": doc_id, "found": known, "dropped_chunks": len(dropped), "dropped_keys": dropped}
 
         try:
@@ -317,6 +359,15 @@ class Service:
             except asyncio.TimeoutError:
                 up = self.link.up
             redis_state = "up" if up else "down"
-        return {"status": "degraded" if redis_state == "down" else "ok", "redis": redis_state,
-                "model": self.served_model, "fingerprint": self.generator.fingerprint,
-                "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight}
+        # storage trouble seen recently: Redis refusing writes (OOM, READONLY), a full local
+        # disk, the index mirror not written (kv.store.KVStore.problems; cheap, no I/O)
+        problems_fn = getattr(self.store, "problems", None)
+        reasons = list(problems_fn()) if callable(problems_fn) else []
+        if redis_state == "down" and not any("unreachable" in r for r in reasons):
+            reasons.insert(0, "Redis unreachable")
+        out = {"status": "degraded" if redis_state == "down" or reasons else "ok", "redis": redis_state,
+               "model": self.served_model, "fingerprint": self.engine.fingerprint,
+               "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight}
+        if reasons:
+            out["reasons"] = reasons
+        return out

@@ -46,6 +46,11 @@ class Limits:
     """Distinct tenant names one API key (or the open service) may use in this process (403 `tenant_limit`)."""
     protect_metrics: bool = False
     """Require an API key for /metrics (when keys are configured)."""
+    max_preparing: int = 2
+    """CPU lanes for request preparation: parsing bodies over 64 KiB, counting tokens, /v1/split.
+    One key (or tenant, without keys) holds at most its fair share of them; others wait."""
+    prepare_wait_s: float = 10.0
+    """Longest a request waits for a preparation lane (503 `busy_preparing`)."""
 
 
 
@@ -65,7 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="accepted API key (repeatable; default: $DASER_RAG_API_KEYS, comma-separated)")
     p.add_argument("--tenant", default="", help="tenant of requests that name none")
     p.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
-    p.add_argument("--recompute-ratio", type=float, default=0.15)
+    p.add_argument("--recompute-ratio", type=_ratio, default=None,
+                   help="share of re-positioned tokens recomputed, in [0, 1], or 'auto' (default: the engine's)")
     p.add_argument("--chunk-tokens", type=int, default=512, help="max tokens per chunk when splitting documents")
     p.add_argument("--host-bytes", type=int, default=DEFAULT_HOST_BYTES, help="host RAM tier cap")
     p.add_argument("--disk-bytes", type=int, default=DEFAULT_DISK_BYTES, help="disk tier cap")
@@ -86,13 +92,37 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--key-tokens-per-minute", type=int, default=d.key_tokens_per_minute)
     p.add_argument("--max-tenants-per-key", type=int, default=d.max_tenants_per_key)
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs an API key")
+    p.add_argument("--max-preparing", type=int, default=d.max_preparing,
+                   help="CPU lanes for parsing large bodies, counting tokens and splitting")
+    p.add_argument("--prepare-wait", type=float, default=d.prepare_wait_s,
+                   help="seconds a request waits for a preparation lane (503)")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="idle keep-alive connection timeout")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection has to deliver a complete request head")
     p.add_argument("--limit-concurrency", type=int, default=256,
                    help="open connections + tasks before new connections get 503")
     p.add_argument("--log-level", default="info")
+    g = p.add_argument_group("engine", "which engine generates: daser's own (embedded, default) or vLLM instances "
+                             "behind this service as control plane (docs/vllm.md)")
+    g.add_argument("--engine", choices=("daser", "vllm"), default="daser")
+    g.add_argument("--vllm-url", action="append", default=[], metavar="URL",
+                   help="a running `vllm serve` with the daser connector on this service's Redis (repeatable)")
+    g.add_argument("--vllm-spawn", type=int, default=0, metavar="N",
+                   help="start N `vllm serve` processes with the daser connector (in the vLLM venv)")
+    g.add_argument("--vllm-python", default=None,
+                   help="the vLLM venv's python (default: $DASER_VLLM_VENV/bin/python or ~/.cache/daser-rag/vllm-venv)")
+    g.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype spawned instances serve (and that the planner's fingerprint names)")
+    g.add_argument("--router", choices=("documents", "round_robin"), default="documents",
+                   help="how a request picks its vLLM instance: by the documents its host tier holds, or in turn")
+    g.add_argument("--selector", default=None,
+                   help="token selector for recompute (default: hybrid on daser's engine, chunk_heads on vLLM)")
     return p
+
+
+def _ratio(value: str) -> float | str:
+    """--recompute-ratio: a share in [0, 1] or "auto" (validated by the engine's own check)."""
+    return value if value == "auto" else float(value)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -107,14 +137,17 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                     max_pending_documents=a.max_pending_documents, fair_share=a.fair_share,
                     queue_timeout_s=a.queue_timeout, request_timeout_s=a.request_timeout,
                     max_request_tokens=a.max_request_tokens, key_tokens_per_minute=a.key_tokens_per_minute,
-                    max_tenants_per_key=a.max_tenants_per_key, protect_metrics=a.protect_metrics)
+                    max_tenants_per_key=a.max_tenants_per_key, protect_metrics=a.protect_metrics,
+                    max_preparing=a.max_preparing, prepare_wait_s=a.prepare_wait)
     return dict(host=a.host, port=a.port, model=a.model, cache_dir=a.cache_dir, redis_url=a.redis_url,
                 api_keys=keys, default_tenant=a.tenant, codec=a.codec, recompute_ratio=a.recompute_ratio,
                 chunk_tokens=a.chunk_tokens, host_bytes=a.host_bytes, disk_bytes=a.disk_bytes,
                 redis_ttl_s=a.redis_ttl or None, gc_interval_s=a.gc_interval, gc_idle_s=a.gc_idle,
                 limits=limits, log_level=a.log_level, timeout_keep_alive=a.timeout_keep_alive,
                 header_timeout_s=a.header_timeout,
-                limit_concurrency=a.limit_concurrency)
+                limit_concurrency=a.limit_concurrency, engine=a.engine, vllm_urls=list(a.vllm_url),
+                vllm_spawn=a.vllm_spawn, vllm_python=a.vllm_python, vllm_dtype=a.vllm_dtype, router=a.router,
+                selector=a.selector)
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",

@@ -28,10 +28,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from daser_rag.blend.registry import Signal, selectors_using_only
-
-PLAN_FIELD = "daser"
-"""Key of the daser plan inside `kv_transfer_params`."""
+from daser_rag.control.wire import (  # noqa: F401 - OFF_PARAMS and plan_params re-exported; written in the core
+    OFF_PARAMS,
+    PLAN_FIELD,
+    engine_signals,
+    in_engine_selectors,
+    plan_params,
+)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,10 @@ class Plan:
         return sum(s.num_tokens for s in self.segments)
 
 
-ENGINE_SIGNALS = frozenset({Signal.CHUNK_STARTS, Signal.DEVIATION})
-"""What the connector's worker can gather inside vLLM (blend.py): where each re-positioned chunk
-starts (from the plan) and the value deviation at the check layer. Not the question's look-ahead
-attention: vLLM computes the question only after the repair."""
+ENGINE_SIGNALS = engine_signals()
+"""What the connector's worker can gather inside vLLM (see `daser_rag.control.wire.engine_signals`)."""
 
-IN_ENGINE_SELECTORS = selectors_using_only(ENGINE_SIGNALS)
+IN_ENGINE_SELECTORS = in_engine_selectors()
 """Selectors the worker can run inside vLLM: a live view of daser's selector registry
 (daser_rag/blend/registry.py), every selector that needs only `ENGINE_SIGNALS`. Today
 "deviation" (ranked at the check layer, CacheBlend), "chunk_heads" and "random" (chosen up
@@ -113,23 +114,6 @@ def _is_key(k: Any) -> bool:
     if "/" in k or "\\" in k or k.startswith(".") or len(k) > 200:
         raise PlanError(f"bad store key {k!r} in plan")
     return True
-
-
-OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
-"""`kv_transfer_params` for a request that must bypass the connector (baselines)."""
-
-
-def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
-                recompute: tuple[float, int] | tuple[float, int, str] | None = None) -> dict[str, Any]:
-    """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
-    out = []
-    for s in segments:
-        out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
-    plan: dict[str, Any] = {"segments": out, "save": save}
-    if recompute is not None:
-        plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1]),
-                             "selector": recompute[2] if len(recompute) > 2 else "deviation"}
-    return {PLAN_FIELD: plan}
 
 
 def block_chain_segments(namespace: str, token_ids: Sequence[int], block_size: int) -> list[Segment]:

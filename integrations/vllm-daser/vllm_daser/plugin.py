@@ -8,7 +8,8 @@ names it) and idempotent.
 
 from __future__ import annotations
 
-CONNECTOR_NAME = "DaserKVConnector"
+from daser_rag.control.wire import CONNECTOR_NAME  # one name for the plugin and the control plane
+
 CONNECTOR_MODULE = "vllm_daser.connector"
 
 

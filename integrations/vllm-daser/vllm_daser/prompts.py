@@ -34,63 +34,19 @@ from typing import Any
 import torch
 
 from daser_rag.api import ContextItem
-from daser_rag.blend.prefix_tree import node_key
+from daser_rag.control.planner import Planner, ReusePlan
+from daser_rag.control.wire import PLAN_FIELD, connector_extra_config, kv_transfer_dict
 from daser_rag.errors import InvalidInputError
 from daser_rag.generate import CacheAwareGenerator
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.keys import prefix_key
 from daser_rag.model.loader import LoadedModel, converted_gguf_dir
 from vllm_daser.plan import IN_ENGINE_SELECTORS, plan_params
-from vllm_daser.plugin import CONNECTOR_MODULE, CONNECTOR_NAME
+from vllm_daser.plugin import CONNECTOR_NAME
 
 CONNECTOR_CLASS = CONNECTOR_NAME
-
-
-def connector_extra_config(
-    store_dir: str | Path,
-    *,
-    fingerprint: str | None = None,
-    save: bool = True,
-    block_fallback: bool = True,
-    codec: str = "bf16",
-    host_bytes: int = 1 << 30,
-    redis_url: str | None = None,
-    redis_namespace: str | None = None,
-) -> dict[str, Any]:
-    """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
-
-    `fingerprint`: the daser model fingerprint of the generator that prepares KV (load it in
-    the dtype vLLM serves, e.g. bf16); it namespaces the block keys of plan-less prompts.
-    `redis_url`: share KV (and invalidations) with every vLLM instance and daser process on the
-    same Redis; its key namespace is `redis_namespace`, by default derived from `fingerprint`
-    exactly as daser's own processes derive it (`daser_rag.kv.shared.default_namespace`).
-    """
-    out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
-                           "codec": codec, "host_bytes": int(host_bytes)}
-    if fingerprint:
-        out["fingerprint"] = fingerprint
-    if redis_url:
-        if not (fingerprint or redis_namespace):
-            raise ValueError("redis_url needs fingerprint= (the client's gen.fingerprint) or redis_namespace=, "
-                             "so vLLM reads the keys daser's processes write")
-        out["redis_url"] = redis_url
-        if redis_namespace:
-            out["redis_namespace"] = redis_namespace
-    return out
-
-
-def kv_transfer_dict(store_dir: str | Path, *, module_path: bool = False, **kwargs: Any) -> dict[str, Any]:
-    """The `--kv-transfer-config` JSON object for `vllm serve` (see `connector_extra_config`).
-
-    The connector is found by name through this distribution's vLLM plugin; `module_path=True`
-    adds `kv_connector_module_path` for a vLLM where the plugin is not installed.
-    """
-    out: dict[str, Any] = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
-                           "kv_load_failure_policy": "recompute",
-                           "kv_connector_extra_config": connector_extra_config(store_dir, **kwargs)}
-    if module_path:
-        out["kv_connector_module_path"] = CONNECTOR_MODULE
-    return out
+__all__ = ["CONNECTOR_CLASS", "VllmRagPrompter", "VllmRequest", "connector_extra_config", "kv_transfer_config",
+           "kv_transfer_dict", "vllm_model_dir"]
 
 
 def kv_transfer_config(store_dir: str | Path, **kwargs: Any) -> Any:
@@ -145,113 +101,73 @@ class VllmRequest:
 
 
 class VllmRagPrompter:
-    """Turns (question, contexts) into `VllmRequest`s using a daser generator's store and keys.
+    """Turns (question, contexts) into `VllmRequest`s with the weight-free control-plane planner.
 
-    The generator's store must be the directory the connector was configured with, and the
-    generator should run in vLLM's dtype (bf16) so that its fingerprint, chunk entries and
-    blended KV describe the same model vLLM serves.
+    Built from a `daser_rag.control.planner.Planner` (tokenizer, fingerprint and the shared
+    store: no model weights, e.g. `Planner.from_files(ModelFiles(path), store)`), or from a daser
+    generator (then `blended()`, which fuses KV outside vLLM, is available too). The store must be
+    the one the connector was configured with, and the fingerprint must describe the weights and
+    dtype vLLM serves (bf16 by default).
     """
 
-    def __init__(self, generator: CacheAwareGenerator, *, codec: str = "bf16") -> None:
-        self.gen = generator
+    def __init__(self, source: CacheAwareGenerator | Planner, *, codec: str = "bf16") -> None:
+        if isinstance(source, Planner):
+            self.gen: CacheAwareGenerator | None = None
+            self.planner = source
+        else:
+            self.gen = source
+            self.planner = Planner.for_generator(source)
         self.codec = codec
 
-    def _pieces(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[Any]:
-        return self.gen.resolve(contexts, tenant)
+    @staticmethod
+    def _request(plan: ReusePlan, mode: str, prep_s: float, info: dict[str, Any]) -> VllmRequest:
+        prompt: dict[str, Any] = {"prompt_token_ids": plan.prompt_ids}
+        if plan.cache_salt is not None:
+            prompt["cache_salt"] = plan.cache_salt
+        n_pre = plan.context_tokens - sum(c.num_tokens for c in plan.chunks)
+        prefill = [VllmRequest({"prompt_token_ids": p.prompt_ids}, p.kv_transfer_params, "prefill", n_pre)
+                   for p in plan.prefill]
+        return VllmRequest(prompt, plan.kv_transfer_params, mode, plan.context_tokens, prep_s, info, prefill)
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "") -> VllmRequest:
         """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored."""
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidInputError("question must be a non-empty string")
         t0 = time.perf_counter()
-        gen = self.gen
-        pieces = self._pieces(contexts, tenant)
-        pk = prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant)
-        segs: list[tuple[str, int]] = [(pk, len(gen.prompt.prefix_ids))]
-        chunk_keys = [p.key for p in pieces]
-        for j, p in enumerate(pieces):
-            key = node_key(pk, chunk_keys[: j + 1])
-            segs.append((key, len(p.token_ids)))
-            doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
-            if j == 0 and p.doc_id is not None:
-                gen.store.add_refs(p.doc_id, [key], tenant)
-            elif j > 0 and doc_ids:
-                gen.store.add_derived(doc_ids, key, tenant)  # invalidating any document drops the node
-        ids = gen.prompt_ids(question, contexts, tenant)
-        ctx = sum(n for _, n in segs)
-        return VllmRequest({"prompt_token_ids": ids}, plan_params(segs), "exact", ctx,
-                           time.perf_counter() - t0, {"node_keys": [k for k, _ in segs]})
+        plan = self.planner.exact(question, contexts, tenant=tenant)
+        info = {"node_keys": [s[0] for s in plan.kv_transfer_params[PLAN_FIELD]["segments"]]}
+        return self._request(plan, "exact", time.perf_counter() - t0, info)
 
     def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
               exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1,
               selector: str = "chunk_heads") -> VllmRequest:
-        """Full reuse (r=0) inside vLLM: every stored context token is an external hit.
+        """Full reuse (r=0) inside vLLM: every stored context token is an external hit
+        (`Planner.reuse` says how). Missing chunk entries come back as `prefill` requests: run
+        them first and the main request loads every chunk.
 
-        Segment j loads the chunk's own entry (computed right after the system prefix) and the
-        connector re-rotates it to its place; vLLM computes only the question. With
-        `exact_nodes`, the longest run of leading chunks whose exact prefix-tree node is stored
-        is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
-        path) only while everything before it was exact. Missing chunk entries come back as
-        `prefill` requests: run them first and the main request loads every chunk.
-
-        `recompute_ratio > 0` (experimental, needs DASER_VLLM_BLEND=1 in vLLM's environment):
-        the connector's worker recomputes that share of the re-positioned tokens with vLLM's
-        weights after loading them, chosen by `selector`: "chunk_heads" (default: the first tokens
-        of every chunk, no check pass; 2.19x vs vLLM prefix caching against 2.05x for deviation on
-        the vllm_serve trace, docs/vllm.md; as faithful per share on the held-out grid) or "deviation"
-        (CacheBlend, at `check_layer`), see blend.py.
+        `recompute_ratio > 0` (needs DASER_VLLM_BLEND=1 in vLLM's environment): the connector's
+        worker recomputes that share of the re-positioned tokens with vLLM's weights after loading
+        them, chosen by `selector`: "chunk_heads" (default: the first tokens of every chunk, no
+        check pass; 2.19x vs vLLM prefix caching against 2.05x for deviation on the vllm_serve
+        trace, docs/vllm.md) or "deviation" (CacheBlend, at `check_layer`), see blend.py.
         """
-        if not isinstance(question, str) or not question.strip():
-            raise InvalidInputError("question must be a non-empty string")
-        t0 = time.perf_counter()
-        gen = self.gen
-        store = gen.store
-        pieces = self._pieces(contexts, tenant)
-        n_pre = len(gen.prompt.prefix_ids)
-        pk = prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant)
-        segs: list[tuple[str, int, str | None]] = [(pk, n_pre, pk)]
-        chunk_keys = [p.key for p in pieces]
-        exact_run = True
-        prefill: list[VllmRequest] = []
-        seen: set[str] = set()
-        for j, p in enumerate(pieces):
-            node = node_key(pk, chunk_keys[: j + 1])
-            if p.doc_id is not None:
-                store.add_refs(p.doc_id, [p.key], tenant)
-            if j > 0:
-                doc_ids = [q.doc_id for q in pieces[: j + 1] if q.doc_id is not None]
-                if doc_ids:
-                    store.add_derived(doc_ids, node, tenant)  # invalidating any document drops the node
-            if exact_run and (j == 0 or (exact_nodes and store.contains(node))):
-                segs.append((node, len(p.token_ids), node))
-            else:
-                exact_run = False
-                segs.append((p.key, len(p.token_ids), node))
-            if not store.contains(p.key) and p.key not in seen:
-                seen.add(p.key)
-                ids = list(gen.prompt.prefix_ids) + list(p.token_ids)
-                prefill.append(VllmRequest({"prompt_token_ids": ids},
-                                           plan_params([(pk, n_pre), (p.key, len(p.token_ids))]),
-                                           "prefill", n_pre))
-        ids = gen.prompt_ids(question, contexts, tenant)
-        ctx = sum(s[1] for s in segs)
-        prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if selector not in IN_ENGINE_SELECTORS:
             raise InvalidInputError(f"in-engine selector must be one of {IN_ENGINE_SELECTORS}, got {selector!r}")
-        recompute = ((float(recompute_ratio), int(check_layer), selector)
-                     if recompute_ratio > 0 and not exact_run else None)
-        if not exact_run:
-            # re-positioned KV must not enter vLLM's prefix cache under plain token hashes
-            h = hashlib.blake2b(digest_size=16)
-            h.update(b"daser-vllm-reuse-v1\0" + "\0".join(s[0] for s in segs).encode())
-            h.update(repr(recompute).encode())
-            prompt["cache_salt"] = "r" + h.hexdigest()
-        return VllmRequest(prompt, plan_params(segs, recompute=recompute), "reuse", ctx, time.perf_counter() - t0,
-                           {"segments": len(segs), "exact_chunks": sum(1 for s in segs[1:] if s[0] == s[2])},
-                           prefill)
+        t0 = time.perf_counter()
+        plan = self.planner.reuse(question, contexts, tenant=tenant, exact_nodes=exact_nodes,
+                                  recompute=(float(recompute_ratio), int(check_layer), selector))
+        info = {"segments": len(plan.chunks) + 1, "exact_chunks": plan.exact_chunks}
+        return self._request(plan, "reuse", time.perf_counter() - t0, info)
+
+    def _generator(self) -> CacheAwareGenerator:
+        if self.gen is None:
+            raise InvalidInputError("blended reuse fuses KV outside vLLM and needs a daser generator; this "
+                                    "prompter was built from a weight-free Planner (use reuse() with recompute)")
+        return self.gen
+
+    def _pieces(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[Any]:
+        return self.planner.resolve(contexts, tenant)
 
     def blend_key(self, pieces: Sequence[Any], ratio: float, tenant: str) -> str:
-        gen = self.gen
+        gen = self._generator()
         h = hashlib.blake2b(digest_size=16)
         h.update(b"daser-vllm-blend-v1\0")
         h.update(prefix_key(gen.fingerprint, gen.prompt.prefix_ids, tenant).encode())
@@ -274,7 +190,7 @@ class VllmRagPrompter:
         tokens never attend to it), so later questions over the same document arrangement
         reuse it without another fusion.
         """
-        gen = self.gen
+        gen = self._generator()
         r = gen.blend.recompute_ratio if recompute_ratio is None else recompute_ratio
         if not isinstance(r, str) and not 0.0 <= r <= 1.0:
             raise InvalidInputError(f"recompute_ratio must be in [0, 1], got {r}")

