@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS doc_pending (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (tenant, doc_id)
 );
 CREATE TABLE IF NOT EXISTS doc_gone (
-    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (tenant, doc_id)
+    tenant TEXT NOT NULL, doc_id TEXT NOT NULL, at REAL NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (tenant, doc_id)
 );
 CREATE TABLE IF NOT EXISTS doc_meta (
     tenant TEXT NOT NULL, doc_id TEXT NOT NULL, content_digest TEXT NOT NULL, version INTEGER NOT NULL,
@@ -89,7 +90,7 @@ class DocIndex:
             if cur is not None and cur[0] == content_digest and (version is None or version == cur[1]):
                 return False
             if version is None:
-                version = (cur[1] + 1) if cur else 1
+                version = (cur[1] if cur else self._last_version(doc_id, tenant)) + 1
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._conn.execute("DELETE FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id))
@@ -125,7 +126,7 @@ class DocIndex:
                 changed = cur is None or cur[0] != content_digest or (version is not None and version != cur[1])
                 if changed:
                     if version is None:
-                        version = (cur[1] + 1) if cur else 1
+                        version = (cur[1] if cur else self._last_version(doc_id, tenant)) + 1
                     self._conn.execute("DELETE FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                     self._conn.executemany("INSERT INTO doc_texts VALUES (?,?,?,?)",
                                            [(tenant, doc_id, i, t) for i, t in enumerate(chunk_texts)])
@@ -140,6 +141,12 @@ class DocIndex:
                 self._conn.execute("ROLLBACK")
                 raise
             return changed, int(version), orphans
+
+    def _last_version(self, doc_id: str, tenant: str) -> int:
+        """The version a removed document had (0 if unknown): a re-add continues from it."""
+        row = self._conn.execute("SELECT version FROM doc_gone WHERE tenant=? AND doc_id=?",
+                                 (tenant, doc_id)).fetchone()
+        return int(row[0]) if row else 0
 
     def _gone(self, doc_id: str, tenant: str) -> bool:
         row = self._conn.execute("SELECT at FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
@@ -209,7 +216,8 @@ class DocIndex:
                 if self.track_gone:
                     now = time.time()
                     self._conn.execute("DELETE FROM doc_gone WHERE at < ?", (now - self.gone_ttl_s,))  # marks expire
-                    self._conn.execute("INSERT OR REPLACE INTO doc_gone VALUES (?,?,?)", (tenant, doc_id, now))
+                    self._conn.execute("INSERT OR REPLACE INTO doc_gone VALUES (?,?,?,?)",
+                                       (tenant, doc_id, now, known[0] if known else 0))
                 orphans = [k for k in keys if self._refcount(k) == 0]
                 self._conn.execute("COMMIT")
             except BaseException:

@@ -90,6 +90,7 @@ class KVStore:
         self._lock = threading.RLock()
         self.counters: Counter[str] = Counter()
         self._last_error: dict[str, tuple[float, str]] = {}
+        self.problem_window_s = PROBLEM_WINDOW_S
         # per thread: the registration waiting for its refs (register -> replace), and the
         # versions this thread's commits wrote
         self._tls = threading.local()
@@ -133,7 +134,7 @@ class KVStore:
         out = []
         now = time.monotonic()
         for what, (at, msg) in sorted(self._last_error.items()):
-            if now - at <= PROBLEM_WINDOW_S:
+            if now - at <= self.problem_window_s:
                 kind = "local disk" if what in ("disk", "derived") else what
                 full = "full" if ("No space" in msg or "disk is full" in msg or "full" in msg.lower()) else "failing"
                 out.append(f"{kind} {full} ({now - at:.0f}s ago): {msg[:160]}")

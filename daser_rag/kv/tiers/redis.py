@@ -161,10 +161,16 @@ class RedisLink:
     def _refused(self, exc: BaseException) -> RedisRefused | None:
         """A RedisRefused for an error reply that means "not now" (None for any other reply)."""
         msg = str(exc)
-        m = _REFUSAL.search(msg[:200])
-        if m is None:
-            return None
-        reason = m.group(1)
+        e = self._redis.exceptions
+        # redis-py turns some prefixes into classes (and strips them from the message)
+        by_class = [("OOM", getattr(e, "OutOfMemoryError", None)), ("READONLY", getattr(e, "ReadOnlyError", None)),
+                    ("LOADING", getattr(e, "BusyLoadingError", None))]
+        reason = next((r for r, cls in by_class if cls is not None and isinstance(exc, cls)), None)
+        if reason is None:
+            m = _REFUSAL.search(msg[:200])
+            if m is None:
+                return None
+            reason = m.group(1)
         with self._lock:
             self.errors += 1
             self.refusals[reason] = self.refusals.get(reason, 0) + 1
