@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from daser_rag.prompt import encode_text
+
 _BREAKS = ("\n\n", "\n", ". ", " ")
 
 
@@ -17,8 +19,8 @@ def split_text(tokenizer: Any, text: str, max_tokens: int) -> list[str]:
     text = text.strip()
     if not text:
         return []
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    # user text: a control-token string in a document is text, counted as the tokens that spell it
+    _, offsets = encode_text(tokenizer, text, offsets=True)
     if len(offsets) <= max_tokens:
         return [text]
     chunks: list[str] = []

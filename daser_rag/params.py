@@ -66,6 +66,8 @@ class GenerationParams:
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
+    """Any finite number >= 0; 0 and values below daser_rag.sampling.MIN_TEMPERATURE (1e-5) are
+    greedy decoding (their limit; dividing logits by them would overflow). The service caps it at 2."""
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None

@@ -1,8 +1,25 @@
-"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seeded generator."""
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seeded generator.
+
+Numerically safe for every temperature `GenerationParams` accepts (any finite number >= 0):
+
+* temperatures below `MIN_TEMPERATURE` (1e-5) decode greedily. That is their limit anyway (as
+  T -> 0 sampling concentrates on the argmax), and dividing float32 logits by 1e-40 or 1e-300
+  overflows to inf (1e-300 even rounds to 0.0 in float32), whose softmax is NaN;
+* logits are shifted so their maximum is 0 before dividing, so a large logit over a small
+  temperature gives a very negative number (or -inf, probability 0), never +inf;
+* temperatures above `MAX_TEMPERATURE` (1e4) sample as 1e4 does: already uniform over the
+  candidates for any real logits, while 1e39 would round to inf in float32 (and -inf / inf is
+  NaN for a masked logit).
+"""
 
 from __future__ import annotations
 
 import torch
+
+MIN_TEMPERATURE = 1e-5
+"""Positive temperatures below this decode greedily (see the module docstring)."""
+MAX_TEMPERATURE = 1e4
+"""Larger temperatures are clamped to this (see the module docstring)."""
 
 
 def sample_next(
@@ -14,9 +31,9 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     logits = logits.reshape(-1).float()
-    if temperature <= 0.0:
+    if not temperature >= MIN_TEMPERATURE:  # 0, tiny, or NaN: the greedy limit
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    logits = (logits - logits.max()) / min(float(temperature), MAX_TEMPERATURE)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[0])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -22,6 +22,7 @@ from daser_rag.errors import (
     UnknownDocumentError,
 )
 from daser_rag.params import GenerationParams
+from daser_rag.server.ids import normalize_id
 from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
 
@@ -38,17 +39,27 @@ class RemoteIngestReport(IngestReport):
     records: list[dict[str, Any]] | None = None  # per document: id, digest, version, chunk_keys
 
 
+def _id(doc_id: Any) -> str:
+    """The id as the service stores it (NFC), or InvalidInputError before anything is sent for
+    an id the service would refuse (daser_rag/server/ids.py): ids such as ".." or "a/../b"
+    cannot even be put in a URL that reaches the document."""
+    try:
+        return normalize_id(doc_id)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+
+
 def _context_item(item: Any) -> Any:
     if isinstance(item, str):
         return item
     if isinstance(item, Document):
-        return {"id": item.doc_id, "text": item.text}
+        return {"id": _id(item.doc_id), "text": item.text}
     if isinstance(item, ChunkRef):
         if item.text is None:
             if not item.doc_id:
                 raise InvalidInputError("a ChunkRef needs text, doc_id, or both")
-            return {"id": item.doc_id}
-        return {"kind": "chunk", "text": item.text, **({"id": item.doc_id} if item.doc_id else {})}
+            return {"id": _id(item.doc_id)}
+        return {"kind": "chunk", "text": item.text, **({"id": _id(item.doc_id)} if item.doc_id else {})}
     raise InvalidInputError(f"context items must be str, ChunkRef or Document, got {type(item).__name__}")
 
 
@@ -190,7 +201,7 @@ class DaserClient:
                 raise InvalidInputError(f"add_documents expects Document objects, got {type(d).__name__}")
         if not docs:
             return RemoteIngestReport(records=[])
-        body: dict[str, Any] = {"documents": [{"id": d.doc_id, "text": d.text, "metadata": _jsonable(d.metadata)}
+        body: dict[str, Any] = {"documents": [{"id": _id(d.doc_id), "text": d.text, "metadata": _jsonable(d.metadata)}
                                               for d in docs], "precompute": precompute}
         if self._tenant(tenant):
             body["tenant"] = self._tenant(tenant)
@@ -202,11 +213,11 @@ class DaserClient:
         body: dict[str, Any] = {"text": text, "precompute": precompute}
         if self._tenant(tenant):
             body["tenant"] = self._tenant(tenant)
-        return self._request("PUT", f"/v1/documents/{_quote(doc_id)}", json=body)
+        return self._request("PUT", f"/v1/documents/{_quote(_id(doc_id))}", json=body)
 
     def invalidate(self, doc_id: str, tenant: str | None = None) -> list[str]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
-        return self._request("DELETE", f"/v1/documents/{_quote(doc_id)}", params=params)["dropped_keys"]
+        return self._request("DELETE", f"/v1/documents/{_quote(_id(doc_id))}", params=params)["dropped_keys"]
 
     def split(self, text: str) -> list[str]:
         return self._request("POST", "/v1/split", json={"text": text})["chunks"]
@@ -218,7 +229,7 @@ class DaserClient:
 
     def document(self, doc_id: str, tenant: str | None = None) -> dict[str, Any]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
-        return self._request("GET", f"/v1/documents/{_quote(doc_id)}", params=params)
+        return self._request("GET", f"/v1/documents/{_quote(_id(doc_id))}", params=params)
 
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/health")

@@ -1,9 +1,14 @@
-"""OpenAI shaping: request contexts and chats in, completion objects and SSE chunks out."""
+"""OpenAI shaping: request contexts and chats in, completion objects and SSE chunks out.
+
+Wire compatibility with the official `openai` client (tests/test_openai_client.py): a streamed
+chat's first chunk carries `delta.role`; `stream_options.include_usage` adds a last chunk with
+`choices: []` and `usage`; errors carry `param`.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from daser_rag.server.schemas import ChatMessage, ContextItem
@@ -69,6 +74,8 @@ def sse_chunk(delta: str | None, rid: str, created: int, model: str, chat: bool,
               **extra: Any) -> str:
     if chat:
         d: dict[str, Any] = {} if delta is None else {"content": delta}
+        if delta == "" and finish is None:  # the role announcement that opens a chat stream
+            d = {"role": "assistant", "content": ""}
         choice = {"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}
     else:
         choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
@@ -78,4 +85,34 @@ def sse_chunk(delta: str | None, rid: str, created: int, model: str, chat: bool,
 
 
 def sse_error(message: str, code: str, type_: str = "server_error") -> str:
-    return f"data: {json.dumps({'error': {'message': message, 'type': type_, 'code': code}})}\n\n"
+    return f"data: {json.dumps({'error': {'message': message, 'type': type_, 'param': None, 'code': code}})}\n\n"
+
+
+async def shape_stream(events: AsyncIterator[str], chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    """The service's SSE events as OpenAI clients expect them: a chat stream opens with a
+    `delta.role` (added if the first chunk lacks it), and with `include_usage` the usage travels
+    in its own last chunk (`choices: []`) before `[DONE]`."""
+    first = True
+    try:
+        async for event in events:
+            if first and chat and event.startswith("data: {"):
+                first = False
+                body = json.loads(event[6:])
+                choices = body.get("choices") or []
+                if choices and "role" not in choices[0].get("delta", {"role": None}):
+                    choices[0]["delta"] = {"role": "assistant", **choices[0]["delta"]}
+                    event = f"data: {json.dumps(body)}\n\n"
+            if include_usage and event.startswith("data: {") and '"usage"' in event:
+                body = json.loads(event[6:])
+                if body.get("usage") is not None and body.get("choices"):
+                    usage_chunk = {k: v for k, v in body.items() if k not in ("usage", "daser")}
+                    usage_chunk["choices"] = []
+                    usage_chunk["usage"] = body["usage"]
+                    yield event
+                    yield f"data: {json.dumps(usage_chunk)}\n\n"
+                    continue
+            yield event
+    finally:
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -8,13 +8,17 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-# Generous but finite caps; the app can tighten them (see Limits).
-MAX_ID_CHARS = 256
+from daser_rag.server.ids import MAX_ID_CHARS, normalize_id
+
+# Generous but finite caps; the app can tighten them (see Limits). docs/service.md lists them.
 MAX_TEXT_CHARS = 200_000
 MAX_PROMPT_CHARS = 32_000
 MAX_CONTEXT_ITEMS = 64
 MAX_DOCS_PER_CALL = 256
 MAX_STOP = 4
+MAX_MESSAGES = 64
+MAX_CONTENT_PARTS = 64
+"""Content parts in one chat message (a list of {"type": "text", "text": ...})."""
 
 # Strict scalars: "3" or true is not a number, 1 is not a boolean (no silent coercion).
 Int = Annotated[int, Strict()]
@@ -24,7 +28,6 @@ Bool = Annotated[bool, Strict()]
 _TENANT_RE = re.compile(r"[A-Za-z0-9._:@-]{0,128}")
 # lone surrogates (not encodable as UTF-8) and control characters other than tab / newline / CR
 _BAD_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
-_ID_BAD_CHAR = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 
 
 def _describe(ch: str) -> str:
@@ -47,13 +50,9 @@ def check_tenant(value: str | None) -> str:
 
 
 def check_id(value: str) -> str:
-    if not value or len(value) > MAX_ID_CHARS:
-        raise ValueError(f"document id must be 1..{MAX_ID_CHARS} characters")
-    m = _ID_BAD_CHAR.search(value)
-    if m is not None:
-        kind = "control characters" if _describe(m.group()) == "a control character" else "lone surrogates"
-        raise ValueError(f"document id must not contain {kind} (U+{ord(m.group()):04X})")
-    return value
+    """A document id as stored: NFC-normalized, addressable by URL, no invisible characters
+    (see daser_rag/server/ids.py for the rules)."""
+    return normalize_id(value)
 
 
 def _walk(value: Any, path: str) -> None:
@@ -110,9 +109,49 @@ class ContextItem(_Strict):
 ContextEntry = Union[ContextItem, str]
 
 
+class StreamOptions(_Strict):
+    """OpenAI's `stream_options`: `include_usage` adds a last chunk with `choices: []` and the
+    usage (ignored without `stream`, as frameworks send it regardless)."""
+
+    include_usage: Bool = False
+    include_obfuscation: Bool | None = None  # accepted, not used (no obfuscation padding is sent)
+
+
+# OpenAI request fields this service does not implement. A request that sends one with its
+# neutral value (what the field means when absent) is served as if it were absent, since common
+# clients send defaults explicitly; any other value is refused, 400 `unsupported_parameter`.
+NEUTRAL_OPENAI_FIELDS: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "tools": (None, []), "tool_choice": (None, "none", "auto"), "parallel_tool_calls": (None, True, False),
+    "functions": (None, []), "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]), "store": (None, False), "metadata": (None, {}), "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,), "prediction": (None,), "audio": (None,), "web_search_options": (None,),
+    "verbosity": (None,), "prompt_cache_key": (None,), "safety_identifier": (None,),
+}
+
+
+def unsupported_openai_field(body: Any, known: set[str]) -> tuple[str, Any] | None:
+    """The first OpenAI field of `body` this service cannot honour, with its value; neutral ones
+    are removed from `body` in place."""
+    if not isinstance(body, dict):
+        return None
+    for name in [k for k in body if k not in known]:
+        if name in NEUTRAL_OPENAI_FIELDS:
+            value = body[name]
+            if any(type(value) is type(n) and value == n for n in NEUTRAL_OPENAI_FIELDS[name]) or value is None:
+                del body[name]
+                continue
+            return name, value
+    return None
+
+
 class _GenParams(_Strict):
     model: str | None = Field(default=None, max_length=256)
     max_tokens: Int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
+    """OpenAI's newer name for `max_tokens` (either may be sent; both must then agree)."""
+    stream_options: StreamOptions | None = None
     temperature: Num = Field(default=0.0, ge=0.0, le=2.0)
     top_p: Num = Field(default=1.0, gt=0.0, le=1.0)
     top_k: Int = Field(default=0, ge=0, le=10_000)
@@ -143,6 +182,18 @@ class _GenParams(_Strict):
             raise ValueError(f"stop takes at most {MAX_STOP} strings of at most 64 characters")
         return [s for s in stops if s]
 
+    @model_validator(mode="after")
+    def _max_tokens_alias(self) -> _GenParams:
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+            self.max_tokens = self.max_completion_tokens
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
     @field_validator("documents")
     @classmethod
     def _plain_texts(cls, v: list[ContextEntry]) -> list[ContextEntry]:
@@ -158,7 +209,7 @@ class CompletionRequest(_GenParams):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] = Field()
+    content: str | Annotated[list[dict[str, Any]], Field(max_length=MAX_CONTENT_PARTS)]
     name: str | None = Field(default=None, max_length=64)
 
     def text(self) -> str:
@@ -173,7 +224,7 @@ class ChatMessage(_Strict):
 
 
 class ChatCompletionRequest(_GenParams):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=64)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
 
     @model_validator(mode="after")
     def _last_is_user(self) -> ChatCompletionRequest:
