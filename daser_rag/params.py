@@ -10,9 +10,9 @@ mistake in the caller, and silently fixing it hides the mistake.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
 from collections.abc import Sequence
-from typing import Any, Union
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from daser_rag.blend.registry import ADAPTIVE_BUDGETS, SELECTOR_REGISTRY, NameView, adaptive_budget_names, get_selector
 from daser_rag.errors import InvalidInputError
@@ -31,7 +31,8 @@ SELECTORS: Sequence[str] = NameView(SELECTOR_REGISTRY)
 """Token selectors for selective recompute: a live view of daser_rag/blend/registry.py, so a
 selector registered there (or by a plugin or test) is accepted everywhere."""
 
-RecomputeRatio = Union[float, str]
+RecomputeRatio = float | str
+"""A share in [0, 1] or an adaptive budget's name ("auto", daser_rag/blend/registry.py)."""
 
 
 def _is_int(v: Any) -> bool:

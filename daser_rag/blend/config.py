@@ -8,15 +8,21 @@ done. r = 0 is full reuse, r = 1 is full prefill; "auto" picks a share per reque
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
 
 from daser_rag.blend.registry import AdaptiveBudget, Selector, Signal, get_adaptive_budget, get_selector
-from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, DEFAULT_SELECTOR, check_recompute_ratio, check_selector
+from daser_rag.params import (
+    DEFAULT_RECOMPUTE_RATIO,
+    DEFAULT_SELECTOR,
+    RecomputeRatio,
+    check_recompute_ratio,
+    check_selector,
+)
 
 DEVIATION_METRICS = ("v", "k", "kv")
 BUDGETS = ("global", "per_chunk")
 
-Ratio = Union[float, str]
+Ratio = RecomputeRatio
+"""A share in [0, 1] or an adaptive budget's name ("auto"); one alias with GenerationParams'."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +116,7 @@ class BlendConfig:
 
     def with_request(self, recompute_ratio: Ratio | None = None, selector: str | None = None) -> BlendConfig:
         """This config with a request's own choices (None keeps the default)."""
-        changes: dict[str, object] = {}
-        if recompute_ratio is not None:
-            changes["recompute_ratio"] = recompute_ratio
-        if selector is not None:
-            changes["selector"] = selector
-        return replace(self, **changes) if changes else self
+        if recompute_ratio is None and selector is None:
+            return self
+        return replace(self, recompute_ratio=self.recompute_ratio if recompute_ratio is None else recompute_ratio,
+                       selector=self.selector if selector is None else selector)

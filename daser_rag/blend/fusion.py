@@ -231,6 +231,10 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
     return runner.logits(h[-1:])
 
 
+_DEFAULT_CONFIG = BlendConfig()
+"""`fuse`'s default (BlendConfig is frozen, so one shared instance is safe)."""
+
+
 @torch.inference_mode()
 def full_prefill(runner: LayerRunner, context_ids: torch.Tensor, query_ids: torch.Tensor, capacity: int) -> FusionResult:
     """No reuse: the whole prompt computed from scratch (the reference every mode is held to)."""
@@ -247,7 +251,7 @@ def fuse(
     query_ids: torch.Tensor,
     *,
     exact_len: int,
-    config: BlendConfig = BlendConfig(),
+    config: BlendConfig = _DEFAULT_CONFIG,
     extra_capacity: int = 0,
 ) -> FusionResult:
     """Build the KV buffer for `segments` + `query_ids` and return the last-token logits.

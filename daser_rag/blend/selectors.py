@@ -12,6 +12,7 @@ the forced chunk heads, the per-chunk ranking and the top-k.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -60,7 +61,7 @@ def _within_chunk_rank(s: torch.Tensor, chunk_starts: list[int]) -> torch.Tensor
     n = int(s.shape[0])
     bounds = sorted({0, *[b for b in chunk_starts if 0 < b < n]}) + [n]
     out = torch.empty(n, dtype=torch.float32)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         order = torch.argsort(s[lo:hi], descending=True)
         rank = torch.empty(hi - lo, dtype=torch.float32)
         rank[order] = torch.arange(hi - lo, dtype=torch.float32)

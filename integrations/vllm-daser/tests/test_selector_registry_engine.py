@@ -14,11 +14,11 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from daser_rag.blend.config import BlendConfig
+from daser_rag.blend.registry import Selector, Signal, Signals, register_selector, unregister_selector
+
 plan = pytest.importorskip("vllm_daser.plan")
 blend = pytest.importorskip("vllm_daser.blend")
-
-from daser_rag.blend.config import BlendConfig  # noqa: E402
-from daser_rag.blend.registry import Selector, Signal, Signals, register_selector, unregister_selector  # noqa: E402
 
 
 @contextmanager
