@@ -72,6 +72,13 @@ class DocIndex:
         self.gone_ttl_s = GONE_TTL_S
         self.track_gone = track_gone
 
+    def _rollback(self) -> None:
+        """Roll back unless SQLite already did: on SQLITE_FULL (disk full) it aborts the
+        transaction itself, and a second ROLLBACK would replace the real error with "cannot
+        rollback - no transaction is active"."""
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
     # -- writes ----------------------------------------------------------------------------
     def set_document(
         self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "",
@@ -106,7 +113,7 @@ class DocIndex:
                 self._conn.execute("DELETE FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return True
 
@@ -138,7 +145,7 @@ class DocIndex:
                 orphans = self._switch(doc_id, tenant, new)
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return changed, int(version), orphans
 
@@ -195,7 +202,7 @@ class DocIndex:
                 orphans = self._switch(doc_id, tenant, new)
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return orphans
 
@@ -221,7 +228,7 @@ class DocIndex:
                 orphans = [k for k in keys if self._refcount(k) == 0]
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._rollback()
                 raise
             return orphans
 

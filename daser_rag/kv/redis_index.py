@@ -277,10 +277,10 @@ class RedisDocIndex:
             raise RedisUnavailable(f"{exc}; the local copy of document {doc_id!r} is not current "
                                    "(it could not be written)") from exc
 
-    def problem(self) -> str | None:
-        """Why the local mirror is degraded (for /health), or None."""
+    def problem(self, window_s: float = 60.0) -> str | None:
+        """Why the local mirror is degraded (a write failed within `window_s`), or None."""
         last = self.last_mirror_error
-        if last is not None and time.monotonic() - last[0] <= 60.0:
+        if last is not None and time.monotonic() - last[0] <= window_s:
             return f"local index mirror not written {time.monotonic() - last[0]:.0f}s ago: {last[1][:120]}"
         return None
 

@@ -47,6 +47,9 @@ PROBLEM_WINDOW_S = 60.0
 
 _STAGE_MAX_AGE_S = 3600.0
 
+MIN_FREE_BYTES = 1 << 20
+"""Below this much free space under the cache directory, `problems()` reports the disk full."""
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DASER_RAG_CACHE_DIR", Path.home() / ".cache" / "daser-rag"))
 
@@ -91,6 +94,7 @@ class KVStore:
         self.counters: Counter[str] = Counter()
         self._last_error: dict[str, tuple[float, str]] = {}
         self.problem_window_s = PROBLEM_WINDOW_S
+        self.min_free_bytes = MIN_FREE_BYTES
         # per thread: the registration waiting for its refs (register -> replace), and the
         # versions this thread's commits wrote
         self._tls = threading.local()
@@ -133,16 +137,27 @@ class KVStore:
         refusing commands (OOM, READONLY) or unreachable."""
         out = []
         now = time.monotonic()
+        if self.root is not None:  # one statvfs: the disk's state now, not only the last write's
+            try:
+                st = os.statvfs(self.root)
+                free = st.f_bavail * st.f_frsize
+                if free < self.min_free_bytes:
+                    out.append(f"local disk full: {free} bytes free under {self.root}")
+            except OSError:
+                pass
         for what, (at, msg) in sorted(self._last_error.items()):
             if now - at <= self.problem_window_s:
                 kind = "local disk" if what in ("disk", "derived") else what
                 full = "full" if ("No space" in msg or "disk is full" in msg or "full" in msg.lower()) else "failing"
                 out.append(f"{kind} {full} ({now - at:.0f}s ago): {msg[:160]}")
-        for part in (self.index, getattr(self.remote, "link", None)):
-            problem = getattr(part, "problem", None)
-            reason = problem() if callable(problem) else None
-            if reason:
-                out.append(reason)
+        problem = getattr(self.index, "problem", None)
+        reason = problem(self.problem_window_s) if callable(problem) else None
+        if reason:
+            out.append(reason)
+        problem = getattr(getattr(self.remote, "link", None), "problem", None)
+        reason = problem() if callable(problem) else None
+        if reason:
+            out.append(reason)
         return out
 
     def get_encoded(self, key: str) -> EncodedKV | None:
