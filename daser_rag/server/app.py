@@ -146,6 +146,7 @@ def serve(
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     blend: dict[str, Any] = {}
     if recompute_ratio is not None:
         blend["recompute_ratio"] = recompute_ratio

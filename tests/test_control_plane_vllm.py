@@ -1,0 +1,166 @@
+"""`daser-rag serve --engine vllm` end to end: the control plane in front of two real `vllm serve`
+instances (spawned by the service itself, in the vLLM venv) and a real redis-server.
+
+Asserted: exact reuse gives full prefill's greedy tokens; in-engine repair at r=1 does too;
+results report vLLM's own count of reused tokens (a request without reuse says "full"); an
+update through a LlamaIndex index and through the document API is never answered from old KV;
+the control plane holds no weight tensors and stays under 500 MB RSS; one instance killed
+mid-trace costs zero failed requests. Runs in the project venv (`-m vllm`); skipped when the
+vLLM venv is missing (integrations/vllm-daser/scripts/setup_vllm_venv.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daser_rag.control.spawn import default_vllm_python
+from daser_rag.server.testing import RedisServer, free_port, redis_server_path
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(not default_vllm_python().exists(), reason="no vLLM venv (setup_vllm_venv.sh)"),
+              pytest.mark.skipif(redis_server_path() is None, reason="no redis-server")]
+
+LIGHTHOUSE = ("The Corran lighthouse was built in 1871 by the engineer Mary Tulloch. Its lamp is visible for "
+              "19 nautical miles and was converted to electricity in 1956.")
+COPPER = ("Copper is a soft, malleable metal with very high thermal and electrical conductivity. Most copper is "
+          "used in electrical wire, roofing and plumbing.")
+ORCHARD = ("The Hallow orchard grows forty varieties of apple. Its oldest tree, a russet, was planted in 1790 "
+           "and still fruits every second autumn.")
+MAX = 16
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory, lm):  # lm: the model loaded once here makes the HF copy vLLM serves
+    base = tmp_path_factory.mktemp("control-plane")
+    redis = RedisServer(workdir=base / "redis").start()
+    port = free_port()
+    cmd = [sys.executable, "-m", "daser_rag.server", "--engine", "vllm", "--vllm-spawn", "2", "--redis-url",
+           redis.url, "--cache-dir", str(base / "cache"), "--port", str(port), "--chunk-tokens", "256",
+           "--max-pending", "16", "--log-level", "warning"]
+    log = open(base / "service.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (base / "service.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("control plane not ready in 900 s")
+        yield {"url": url, "pid": proc.pid, "base": base, "redis": redis}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        redis.stop()
+
+
+def chat(url: str, question: str, docs: list[dict], **kw) -> dict:
+    body = {"messages": [{"role": "user", "content": question}], "documents": docs, "max_tokens": MAX,
+            "temperature": 0, **kw}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_reports_each_instance_and_its_self_check(plane):
+    h = httpx.get(plane["url"] + "/health").json()
+    assert h["status"] == "ok" and h["engine"]["kind"] == "vllm"
+    inst = h["engine"]["instances"]
+    assert len(inst) == 2 and all(i["healthy"] and i["version"].startswith("0.32") for i in inst)
+    assert all(i["self_check"] == {"store": True, "exact_reuse": True, "recompute": True} for i in inst), inst
+
+
+def test_control_plane_holds_no_weights_and_stays_small(plane):
+    status = Path(f"/proc/{plane['pid']}/status").read_text()
+    rss_mb = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+    maps = Path(f"/proc/{plane['pid']}/maps").read_text()
+    assert rss_mb < 500, rss_mb
+    assert ".safetensors" not in maps and ".gguf" not in maps  # no weight file mapped
+
+
+def test_ingest_through_vllm_then_exact_and_repaired_reuse_equal_full_prefill(plane):
+    url = plane["url"]
+    r = httpx.post(url + "/v1/documents", json={"documents": [
+        {"id": "light", "text": LIGHTHOUSE}, {"id": "copper", "text": COPPER}]}, timeout=300)
+    assert r.status_code == 200, r.text
+    rep = r.json()["report"]
+    assert rep["computed_chunks"] == 2 and rep["chunks"] == 2
+    q = "Who built the Corran lighthouse?"
+    # one document: its chunk sits where it was computed, so reuse is exact
+    full1 = chat(url, q, [{"id": "light"}], use_cache=False)
+    hit1 = chat(url, q, [{"id": "light"}])
+    assert full1["daser"]["mode"] == "full" and full1["daser"]["reused_tokens"] == 0
+    assert hit1["daser"]["mode"] == "blend" and hit1["daser"]["cache_hits"] == 1
+    assert hit1["daser"]["exact_tokens"] == hit1["daser"]["context_tokens"]  # vLLM loaded all of it
+    assert hit1["daser"]["token_ids"] == full1["daser"]["token_ids"]
+    # two documents: the second is re-positioned; recomputing every token is full prefill again
+    full2 = chat(url, q, [{"id": "copper"}, {"id": "light"}], use_cache=False)
+    r1 = chat(url, q, [{"id": "copper"}, {"id": "light"}], recompute_ratio=1.0)
+    assert r1["daser"]["recomputed_tokens"] > 0 and r1["daser"]["token_ids"] == full2["daser"]["token_ids"]
+    default = chat(url, q, [{"id": "copper"}, {"id": "light"}])
+    assert default["daser"]["selector"] == "chunk_heads" and 0 < default["daser"]["recomputed_tokens"]
+
+
+def test_update_is_never_answered_from_old_kv(plane):
+    url = plane["url"]
+    q = "How many varieties of apple does the Hallow orchard grow?"
+    assert httpx.put(url + "/v1/documents/orchard", json={"text": ORCHARD}, timeout=300).status_code == 200
+    old = httpx.get(url + "/v1/documents/orchard").json()["chunk_keys"]
+    for _ in range(3):  # both instances see the document
+        chat(url, q, [{"id": "copper"}, {"id": "orchard"}])
+    new_text = ORCHARD.replace("forty", "sixty-three")
+    r = httpx.put(url + "/v1/documents/orchard", json={"text": new_text}, timeout=300)
+    assert r.status_code == 200 and r.json()["document"]["version"] == 2
+    new = httpx.get(url + "/v1/documents/orchard").json()["chunk_keys"]
+    assert set(new).isdisjoint(old)
+    full = chat(url, q, [{"text": new_text}], use_cache=False)
+    for _ in range(4):
+        got = chat(url, q, [{"id": "orchard"}])
+        assert got["daser"]["chunk_keys"] == new and got["daser"]["token_ids"] == full["daser"]["token_ids"]
+    import redis as redis_lib
+
+    client = redis_lib.Redis.from_url(plane["redis"].url)
+    assert not any(client.keys(f"*:kv:{k}") for k in old)  # the old chunk KV is gone from the shared tier
+    assert all(client.keys(f"*:kv:{k}") for k in new)
+
+
+def test_one_instance_killed_mid_trace_fails_no_request(plane):
+    url = plane["url"]
+    inst = httpx.get(url + "/health").json()["engine"]["instances"]
+    questions = ["Who built the Corran lighthouse?", "What is copper used for?", "When was the lamp converted?",
+                 "Which metal conducts electricity?"] * 3
+
+    def ask(i: int) -> int:
+        docs = [{"id": "light"}, {"id": "copper"}] if i % 2 else [{"id": "copper"}, {"id": "light"}]
+        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": questions[i]}], "documents": docs, "max_tokens": 24,
+            "temperature": 0})
+        return r.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, i) for i in range(len(questions))]
+        time.sleep(4)
+        victim = inst[0]["pid"]
+        os.killpg(victim, signal.SIGKILL)
+        codes = [f.result() for f in futures]
+    assert codes == [200] * len(questions)
+    h = httpx.get(url + "/health").json()["engine"]["instances"]
+    assert not h[0]["healthy"] and h[1]["healthy"]
