@@ -142,6 +142,74 @@ def test_update_is_never_answered_from_old_kv(plane):
     assert all(client.keys(f"*:kv:{k}") for k in new)
 
 
+VAULT_V1 = "Harbor Bank notes. The vault at the Harbor Bank opens with the code 4172. Staff arrive at eight."
+VAULT_V2 = "Harbor Bank notes. The vault at the Harbor Bank opens with the code 9035. Staff arrive at eight."
+FERRY = "Ferry notes. The ferry to Gull Island leaves every day at 7 in the morning from pier two."
+VAULT_Q = "What is the code of the vault at the Harbor Bank?"
+
+
+def test_llama_index_query_engine_through_the_control_plane(plane, monkeypatch):
+    pytest.importorskip("llama_index.core")
+    pytest.importorskip("faiss")
+    from llama_index.core import Document as LIDocument
+    from llama_index.core import Settings, VectorStoreIndex
+    from llama_index.core.ingestion import DocstoreStrategy, IngestionPipeline
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.query_engine import RetrieverQueryEngine
+    from llama_index.core.storage.docstore import SimpleDocumentStore
+    from llama_index.llms.daser import DASER_KEY, CacheAwareSynthesizer, DaserLLM, KVPrecomputeTransform, MiniLMEmbedding
+    from llama_index.vector_stores.daser import InvalidatingFaissVectorStore
+
+    from daser_rag.server.client import DaserClient
+    from daser_rag.types import ChunkRef
+
+    client = DaserClient(plane["url"], timeout=300)
+    embed = MiniLMEmbedding()
+    store = InvalidatingFaissVectorStore(generator=client)
+    pipe = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=0), embed,
+                                              KVPrecomputeTransform(client, show_progress=False)],
+                             docstore=SimpleDocumentStore(), vector_store=store,
+                             docstore_strategy=DocstoreStrategy.UPSERTS)
+    pipe.run(documents=[LIDocument(text=VAULT_V1, id_="li-vault"), LIDocument(text=FERRY, id_="li-ferry")])
+    llm = DaserLLM(client, max_new_tokens=MAX)
+    monkeypatch.setattr(Settings, "_llm", llm)
+    index = VectorStoreIndex.from_vector_store(store, embed_model=embed)
+    qe = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=1),
+                                        response_synthesizer=CacheAwareSynthesizer(llm))
+    first = qe.query(VAULT_Q)
+    meta = first.metadata[DASER_KEY]
+    node = first.source_nodes[0].node
+    full = client.generate(VAULT_Q, [ChunkRef(text=node.get_content(), doc_id=node.ref_doc_id)], use_cache=False,
+                           max_new_tokens=MAX)
+    assert meta["mode"] == "blend" and meta["exact_tokens"] == meta["context_tokens"]  # one chunk: exact
+    assert str(first).strip() == full.text.strip() and "4172" in str(first)
+    old_keys = meta["chunk_keys"]
+    pipe.run(documents=[LIDocument(text=VAULT_V2, id_="li-vault"), LIDocument(text=FERRY, id_="li-ferry")])
+    for _ in range(3):  # whichever instance answers, it answers from the new text
+        again = qe.query(VAULT_Q)
+        assert "9035" in str(again) and set(again.metadata[DASER_KEY]["chunk_keys"]).isdisjoint(old_keys)
+
+
+def test_langchain_chain_through_the_control_plane(plane):
+    pytest.importorskip("langchain_core")
+    from langchain_core.documents import Document as LCDocument
+
+    from daser_rag.server.client import DaserClient
+    from langchain_daser import ChatDaser, DaserRetriever, DaserVectorStore, MiniLMEmbeddings, create_daser_rag_chain
+
+    client = DaserClient(plane["url"], timeout=300)
+    store = DaserVectorStore(client, embedding=MiniLMEmbeddings())
+    store.add_documents([LCDocument(page_content=VAULT_V1), LCDocument(page_content=FERRY)], ids=["lc-vault", "lc-ferry"])
+    retriever = DaserRetriever.from_vectorstore(store, k=2)
+    full = create_daser_rag_chain(retriever, ChatDaser(generator=client, max_tokens=MAX, use_cache=False))
+    exact = create_daser_rag_chain(retriever, ChatDaser(generator=client, max_tokens=MAX, recompute_ratio=1.0))
+    ref, got = full.invoke(VAULT_Q), exact.invoke(VAULT_Q)
+    assert ref.response_metadata["daser"]["mode"] == "full"
+    assert got.response_metadata["daser"]["mode"] == "blend"
+    assert got.response_metadata["daser"]["token_ids"] == ref.response_metadata["daser"]["token_ids"]
+    assert "4172" in got.content
+
+
 def test_one_instance_killed_mid_trace_fails_no_request(plane):
     url = plane["url"]
     inst = httpx.get(url + "/health").json()["engine"]["instances"]
