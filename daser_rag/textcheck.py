@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from daser_rag.errors import InvalidInputError
 
-__all__ = ["check_document_text", "check_text", "check_unique_ids", "describe"]
+__all__ = ["check_document_text", "check_text", "check_unique_ids", "describe", "duplicate_ids_error"]
 
 
 def describe(doc_id: object) -> str:
@@ -56,6 +56,11 @@ def check_unique_ids(ids: Iterable[object], what: str = "document") -> None:
             dups.append(i)
         seen.add(i)
     if dups:
-        shown = ", ".join(repr(d) for d in dups[:5]) + (" ..." if len(dups) > 5 else "")
-        raise InvalidInputError(
-            f"duplicate {what} id(s) in one call: {shown}; each id may appear once (nothing was stored)")
+        raise duplicate_ids_error(dups, what)
+
+
+def duplicate_ids_error(dups: list[object], what: str = "document") -> InvalidInputError:
+    """The one message for ids that appear twice in one call (for callers that find them their own way)."""
+    shown = ", ".join(repr(d) for d in dups[:5]) + (" ..." if len(dups) > 5 else "")
+    return InvalidInputError(
+        f"duplicate {what} id(s) in one call: {shown}; each id may appear once (nothing was stored)")

@@ -15,17 +15,22 @@ from __future__ import annotations
 import asyncio
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseAsyncGen,
+    ChatResponseGen,
     CompletionResponse,
+    MessageRole,
     CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from daser_rag.api import KVGenerator
@@ -57,6 +62,7 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
     if result is None:
         return {}
     return {
+        "model_provider": "daser",
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "context_tokens": result.context_tokens,
@@ -64,14 +70,80 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
         "cache_misses": result.cache_misses,
         "reused_tokens": result.reused_tokens,
         "recomputed_tokens": result.recomputed_tokens,
-        # no chunks placed: nothing was fused, whatever the generator calls its path
-        "mode": result.mode if result.cache_hits + result.cache_misses else "full",
+        "exact_tokens": result.exact_tokens,
+        "mode": result.mode,  # the core reports "full" whenever nothing was reused
         "recompute_ratio": result.recompute_ratio,
         "finish_reason": result.finish_reason,
         "ttft_s": result.timings.ttft_s,
         "total_s": result.timings.total_s,
         "chunk_keys": list(result.chunk_keys),
     }
+
+
+def result_raw(result: GenerationResult | None) -> dict[str, Any] | None:
+    """`CompletionResponse.raw` as LlamaIndex expects it: a dict, with OpenAI-style `usage`.
+
+    LlamaIndex's `TokenCountingHandler` (and other callbacks) read `raw` as a mapping and take
+    token counts from `raw["usage"]`; a dataclass there made every call fail. The
+    `GenerationResult` itself stays available as `raw["result"]`.
+    """
+    if result is None:
+        return None
+    return {
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+        "daser": result_summary(result),
+        "result": result,
+    }
+
+
+def model_name_of(generator: Any) -> str:
+    """A name for the model behind `generator`: its file or folder name (in-process), the name a
+    client reports, or "daser-rag" when nothing better is known. Never goes online."""
+    named = getattr(generator, "model_name", None)
+    if isinstance(named, str) and named:
+        return named
+    source = getattr(getattr(generator, "lm", None), "source", None)
+    if isinstance(source, str) and source:
+        from pathlib import PurePath
+
+        name = PurePath(source.rstrip("/\\")).name or source
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    return "daser-rag"
+
+
+def generator_spec(generator: Any) -> dict[str, Any] | None:
+    """How to rebuild `generator` in another process (for `to_dict`/`from_dict`), or None.
+
+    In-process: the model source and cache folder; remote: the service URL (never the API key:
+    `from_dict` reads it from DASER_API_KEY)."""
+    base_url = getattr(generator, "base_url", None)
+    if isinstance(base_url, str) and base_url:
+        return {"kind": "remote", "base_url": base_url}
+    source = getattr(getattr(generator, "lm", None), "source", None)
+    root = getattr(getattr(generator, "store", None), "root", None)
+    if isinstance(source, str):
+        return {"kind": "local", "model": source, "cache_dir": str(root) if root is not None else None}
+    return None
+
+
+def build_from_spec(spec: dict[str, Any]) -> KVGenerator:
+    """The generator `generator_spec` describes (loads the model, or connects to the service)."""
+    import os
+
+    kind = spec.get("kind")
+    if kind == "remote":
+        from daser_rag.server.client import DaserClient
+
+        return DaserClient(spec["base_url"], api_key=os.environ.get("DASER_API_KEY") or None)
+    if kind == "local":
+        from daser_rag.engine.factory import build_generator
+
+        return build_generator(spec.get("model"), cache_dir=spec.get("cache_dir"))
+    raise ValueError(f"unknown generator_spec kind {kind!r}; expected 'local' or 'remote'")
 
 
 class DaserLLM(CustomLLM):
@@ -91,7 +163,7 @@ class DaserLLM(CustomLLM):
     use_cache: bool = Field(default=True, description="False runs full prefill (the baseline).")
     tenant: str = Field(default="", description="Tenant salt: tenants never share chunk KV.")
     context_window: int = Field(default=8192, gt=0)
-    model_name: str = Field(default="daser-rag")
+    model_name: str = Field(default="daser-rag", description="The model's name (default: taken from the generator).")
 
     _generator: Any = PrivateAttr()
     _warned: bool = PrivateAttr(default=False)
@@ -114,8 +186,44 @@ class DaserLLM(CustomLLM):
             window = KVSync(generator).context_window()
             if window:
                 kwargs["context_window"] = window
+        if kwargs.get("model_name") is None:
+            kwargs["model_name"] = model_name_of(generator)
         super().__init__(**kwargs)
         self._generator = generator
+
+    # -- serialization: LlamaIndex's to_dict/from_dict round trip ----------------------------------
+    def to_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The LLM's settings plus `generator_spec` (how to rebuild its generator elsewhere)."""
+        data = super().to_dict(**kwargs)
+        data.pop("callback_manager", None)
+        data["generator_spec"] = generator_spec(self._generator)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> DaserLLM:  # type: ignore[override]
+        """Rebuild from `to_dict()`: pass `generator=` to reuse one already built; otherwise the
+        generator is rebuilt from `generator_spec` (the model is loaded, or the service's URL used)."""
+        data = dict(data)
+        data.update(kwargs)
+        data.pop("class_name", None)
+        data.pop("callback_manager", None)
+        spec = data.pop("generator_spec", None)
+        generator = data.pop("generator", None)
+        if generator is None:
+            if not spec:
+                raise TypeError("DaserLLM.from_dict needs generator=<KVGenerator>, or a dict from DaserLLM.to_dict() "
+                                "that names its generator (generator_spec)")
+            generator = build_from_spec(spec)
+        return cls(generator, **data)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The generator's own token counter (`text -> list of ids`), offline: pass it to
+        `TokenCountingHandler(tokenizer=llm.tokenizer)`. None for a generator without a local tokenizer."""
+        tok = getattr(self._generator, "tokenizer", None)
+        if tok is None:
+            return None
+        return lambda text: tok.encode(text, add_special_tokens=False)
 
     @classmethod
     def class_name(cls) -> str:
@@ -173,17 +281,17 @@ class DaserLLM(CustomLLM):
     def _warn_no_reuse(self) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(NO_REUSE_MESSAGE, NoKVReuseWarning, stacklevel=4)
+            warnings.warn(NO_REUSE_MESSAGE, NoKVReuseWarning, stacklevel=5)
 
-    # -- sync -----------------------------------------------------------------------------------
-    @llm_completion_callback()
-    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+    # -- the work, once; the public methods below add LlamaIndex's instrumentation -------------------
+    # Chat methods call these directly (not complete()), so one chat call is one LLM event and a
+    # TokenCountingHandler counts its tokens once.
+    def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
         contexts, gen = self._request(dict(kwargs))
         result = self._generator.generate(prompt, contexts, **gen)
-        return CompletionResponse(text=result.text, raw=result, additional_kwargs=result_summary(result))
+        return CompletionResponse(text=result.text, raw=result_raw(result), additional_kwargs=result_summary(result))
 
-    @llm_completion_callback()
-    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+    def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
         contexts, gen = self._request(dict(kwargs))
         stream = self._generator.stream(prompt, contexts, **gen)
 
@@ -194,21 +302,18 @@ class DaserLLM(CustomLLM):
                 yield CompletionResponse(text=text, delta=delta)
             result = getattr(stream, "result", None)
             # A closing empty delta carries the result, as OpenAI-style streams end with usage.
-            yield CompletionResponse(text=text, delta="", raw=result, additional_kwargs=result_summary(result))
+            yield CompletionResponse(text=text, delta="", raw=result_raw(result),
+                                     additional_kwargs=result_summary(result))
 
         return responses()
 
-    # -- async: generation is compute bound, so it runs in a worker thread ----------------------------
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+    async def _acomplete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
         contexts, gen = self._request(dict(kwargs))
+        # generation is compute bound, so it runs in a worker thread
         result = await asyncio.to_thread(self._generator.generate, prompt, contexts, **gen)
-        return CompletionResponse(text=result.text, raw=result, additional_kwargs=result_summary(result))
+        return CompletionResponse(text=result.text, raw=result_raw(result), additional_kwargs=result_summary(result))
 
-    @llm_completion_callback()
-    async def astream_complete(
-        self, prompt: str, formatted: bool = False, **kwargs: Any
-    ) -> CompletionResponseAsyncGen:
+    async def _astream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseAsyncGen:
         contexts, gen = self._request(dict(kwargs))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -235,7 +340,7 @@ class DaserLLM(CustomLLM):
                         text += value
                         yield CompletionResponse(text=text, delta=value)
                     elif kind == "done":
-                        yield CompletionResponse(text=text, delta="", raw=value,
+                        yield CompletionResponse(text=text, delta="", raw=result_raw(value),
                                                  additional_kwargs=result_summary(value))
                         break
                     else:
@@ -246,3 +351,54 @@ class DaserLLM(CustomLLM):
 
         return responses()
 
+    @staticmethod
+    def _to_chat(resp: CompletionResponse) -> ChatResponse:
+        """A chat response carrying the daser numbers on the message AND on the response
+        (`ChatResponse.additional_kwargs`), as the completion path does."""
+        return ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=resp.text,
+                                additional_kwargs=dict(resp.additional_kwargs)),
+            delta=resp.delta, raw=resp.raw, additional_kwargs=dict(resp.additional_kwargs))
+
+    # -- completion ---------------------------------------------------------------------------------
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return self._complete(prompt, kwargs)
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return self._stream_complete(prompt, kwargs)
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await self._acomplete(prompt, kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(
+        self, prompt: str, formatted: bool = False, **kwargs: Any
+    ) -> CompletionResponseAsyncGen:
+        return await self._astream_complete(prompt, kwargs)
+
+    # -- chat: messages -> one prompt (messages_to_prompt), then the completion work ------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._to_chat(self._complete(self.messages_to_prompt(messages), kwargs))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        inner = self._stream_complete(self.messages_to_prompt(messages), kwargs)
+        return (self._to_chat(r) for r in inner)
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._to_chat(await self._acomplete(self.messages_to_prompt(messages), kwargs))
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        inner = await self._astream_complete(self.messages_to_prompt(messages), kwargs)
+
+        async def gen() -> ChatResponseAsyncGen:
+            async for resp in inner:
+                yield self._to_chat(resp)
+
+        return gen()

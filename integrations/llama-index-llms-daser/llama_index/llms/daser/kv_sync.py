@@ -22,7 +22,9 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, No
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
+from daser_rag.chunking import split_text
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+from daser_rag.textcheck import check_document_text, duplicate_ids_error
 from daser_rag.types import ChunkRef, Document, ResolvedChunk
 
 PROGRESS_AUTO_NODES = 16
@@ -43,6 +45,47 @@ def node_doc_id(node: BaseNode) -> str:
 def rendered_text(node: BaseNode) -> str:
     """The exact text the LLM sees for this node; its KV is keyed on this."""
     return node.get_content(metadata_mode=MetadataMode.LLM)
+
+
+def node_text(node: BaseNode) -> object:
+    """A node's own text (no metadata): what must not be empty."""
+    try:
+        return node.get_content(metadata_mode=MetadataMode.NONE)
+    except UnicodeError as exc:  # pragma: no cover - defensive: LlamaIndex hashing/encoding a bad str
+        raise InvalidInputError(f"{node_doc_id(node)!r}: {exc}") from None
+
+
+def check_nodes(nodes: Sequence[BaseNode]) -> None:
+    """Reject, before anything is written, what would poison the index: a node with no text (an
+    empty or None Document: every later query retrieving it would fail), text with a lone
+    surrogate, and two versions of one document in the same call (two Documents with one id,
+    which LlamaIndex would store side by side). Same errors as the core's `add_documents`.
+    """
+    source_hash: dict[str, str | None] = {}
+    spans: set[tuple[Any, ...]] = set()
+    node_ids: set[str] = set()
+    dups: list[str] = []
+    for node in nodes:
+        doc = node_doc_id(node)
+        text = node_text(node)
+        check_document_text(doc, text)
+        src = node.source_node
+        if src is None:  # a document (or a node without one): its own id must be unique
+            if node.node_id in node_ids:
+                dups.append(node.node_id)
+            node_ids.add(node.node_id)
+            continue
+        # nodes of one document come from one version of it (one source hash) and do not repeat
+        h = src.hash
+        if doc in source_hash and source_hash[doc] != h:
+            dups.append(doc)
+        source_hash.setdefault(doc, h)
+        span = (doc, getattr(node, "start_char_idx", None), getattr(node, "end_char_idx", None), text)
+        if span in spans:
+            dups.append(doc)
+        spans.add(span)
+    if dups:
+        raise duplicate_ids_error(list(dict.fromkeys(dups)))
 
 
 def node_chunk_ref(node: BaseNode | NodeWithScore) -> ChunkRef:
@@ -85,6 +128,44 @@ class PrecomputeReport:
     skipped_empty: int = 0
     seconds: float = 0.0
     keys: list[str] = field(default_factory=list)
+
+
+def embedding_window(embed_model: Any | None = None, max_tokens: int | None = None) -> tuple[Any, int]:
+    """(count_tokens(text) -> int, window) of the embedding that will read split parts.
+
+    `max_tokens` wins; then `embed_model` (its tokenizer and `max_length`, as MiniLMEmbedding
+    has); then the bundled all-MiniLM-L6-v2 tokenizer (256 tokens), which is what the
+    integration's own embedding reads. (None, 0) when none is known: no embedding limit.
+    """
+    tok = getattr(embed_model, "_tokenizer", None) if embed_model is not None else None
+    window = max_tokens if max_tokens is not None else getattr(embed_model, "max_length", None)
+    if tok is None and (embed_model is None or isinstance(getattr(embed_model, "max_length", None), int)):
+        tok = _bundled_embed_tokenizer()
+        if window is None and tok is not None:
+            window = BUNDLED_EMBED_MAX_TOKENS
+    if tok is None or not window:
+        return (None, 0)
+    return (lambda text: len(tok(text, truncation=False)["input_ids"]), int(window))
+
+
+BUNDLED_EMBED_MAX_TOKENS = 256
+"""all-MiniLM-L6-v2 (MiniLMEmbedding's model) reads at most this many tokens of a text."""
+
+_EMBED_TOKENIZER: list[Any] = []
+
+
+def _bundled_embed_tokenizer() -> Any:
+    """The bundled MiniLM's tokenizer (offline, loaded once), or None when it is not installed."""
+    if not _EMBED_TOKENIZER:
+        try:
+            from transformers import AutoTokenizer
+
+            from llama_index.llms.daser.embeddings import bundled_model_dir
+
+            _EMBED_TOKENIZER.append(AutoTokenizer.from_pretrained(str(bundled_model_dir()), local_files_only=True))
+        except Exception:  # noqa: BLE001 - no bundled embedding: parts are bounded by the LLM's window only
+            _EMBED_TOKENIZER.append(None)
+    return _EMBED_TOKENIZER[0]
 
 
 class _LocalKV:
@@ -186,20 +267,27 @@ class KVSync:
         return window - min(window // 2, RESERVED_TOKENS)
 
     def fit_nodes(
-        self, nodes: Sequence[BaseNode], *, split: bool = True, embed_model: Any | None = None
+        self, nodes: Sequence[BaseNode], *, split: bool = True, embed_model: Any | None = None,
+        embed_max_tokens: int | None = None,
     ) -> list[BaseNode]:
-        """Nodes that fit the model's window: a longer node is split into parts (the generator's
-        `split`, so at most `chunk_tokens` tokens each), or, with `split=False`, rejected with
-        InvalidInputError before anything is written or computed.
+        """Nodes that fit the model's window: a longer node (a `Document` included) is split
+        into parts, or, with `split=False`, rejected with InvalidInputError before anything is
+        written or computed.
 
-        A part keeps its node's metadata and document (SOURCE relationship); its embedding is
-        computed with `embed_model` when given, otherwise the node's embedding is carried over
-        (None if the node had none, so a later embedding step fills it in).
+        Parts also fit the embedding model's window, so that retrieval sees every fact of a part
+        (all-MiniLM-L6-v2 reads 256 tokens and silently drops the rest): the limit is
+        `embed_max_tokens`, else the window of `embed_model` (`max_length`), else that of the
+        bundled MiniLM when it is installed. A part keeps its node's metadata and document
+        (SOURCE relationship); its embedding is computed with `embed_model` when given,
+        otherwise the node's embedding is carried over (None if the node had none, so a later
+        embedding step fills it in; pass `embed_model` when the node was embedded already,
+        since its vector describes only the node's first 256 embedding tokens).
         """
         limit = self.max_chunk_tokens()
         if limit is None or self._local is None:
             return list(nodes)
         out: list[BaseNode] = []
+        embed_fit: tuple[Any, int] | None = None
         for node in nodes:
             text = rendered_text(node)
             size = self._local.piece(text, self.tenant).num_tokens if text.strip() else 0
@@ -210,16 +298,20 @@ class KVSync:
                      f"the model's {self.context_window()}-token window with a question and an answer")
             if not split:
                 raise InvalidInputError(f"{where}: split it first (nothing was written)")
-            if not isinstance(node, TextNode):
-                raise InvalidInputError(f"{where}, and a {type(node).__name__} cannot be split (nothing was written)")
-            out.extend(self._split_node(node, limit, where, embed_model))
+            if embed_fit is None:
+                embed_fit = embedding_window(embed_model, embed_max_tokens)
+            out.extend(self._split_node(node, limit, where, embed_model, embed_fit))
         return out
 
-    def _split_node(self, node: TextNode, limit: int, where: str, embed_model: Any | None) -> list[BaseNode]:
-        source = node.source_node or node.as_related_node_info()
-        parts: list[BaseNode] = []
-        for i, piece in enumerate(self.generator.split(node.get_content(metadata_mode=MetadataMode.NONE))):
-            part = TextNode(
+    def _split_node(self, node: BaseNode, limit: int, where: str, embed_model: Any | None,
+                    embed_fit: tuple[Any, int]) -> list[BaseNode]:
+        source = node.as_related_node_info() if node.source_node is None or node.ref_doc_id is None \
+            else node.source_node
+        count_embed, embed_max = embed_fit
+        tokenizer = self._local.gen.tokenizer  # type: ignore[union-attr]
+
+        def part_node(i: int, piece: str) -> TextNode:
+            return TextNode(
                 id_=f"{node.node_id}#part{i}",
                 text=piece,
                 metadata=dict(node.metadata),
@@ -227,15 +319,34 @@ class KVSync:
                 excluded_llm_metadata_keys=list(node.excluded_llm_metadata_keys),
                 metadata_template=node.metadata_template,
                 metadata_separator=node.metadata_separator,
-                text_template=node.text_template,
+                text_template=getattr(node, "text_template", TextNode.model_fields["text_template"].default),
                 relationships={NodeRelationship.SOURCE: source},
+                # without embed_model a part carries its node's vector (None before an embedding step)
                 embedding=None if embed_model is not None else node.embedding,
             )
-            size = self._local.piece(rendered_text(part), self.tenant).num_tokens  # type: ignore[union-attr]
-            if size > limit:
-                raise InvalidInputError(f"{where}, and a part still has {size} tokens (its metadata is too long, or "
-                                        "the generator's chunk_tokens exceeds the window); nothing was written")
-            parts.append(part)
+
+        def fits(piece: str) -> bool:
+            part = part_node(0, piece)
+            if self._local.piece(rendered_text(part), self.tenant).num_tokens > limit:  # type: ignore[union-attr]
+                return False
+            return embed_max <= 0 or count_embed(part.get_content(metadata_mode=MetadataMode.EMBED)) <= embed_max
+
+        def pieces(text: str, max_tokens: int) -> list[str]:
+            out: list[str] = []
+            for piece in split_text(tokenizer, text, max_tokens):
+                if fits(piece):
+                    out.append(piece)
+                elif max_tokens <= 8:
+                    raise InvalidInputError(
+                        f"{where}, and even an 8-token part does not fit (its metadata is too long for the "
+                        f"model's or the embedding's window); nothing was written")
+                else:
+                    out.extend(pieces(piece, max(8, max_tokens * 3 // 4)))
+            return out
+
+        start = limit if embed_max <= 0 else min(limit, embed_max)
+        parts: list[BaseNode] = [part_node(i, p) for i, p in
+                                 enumerate(pieces(node.get_content(metadata_mode=MetadataMode.NONE), start))]
         if embed_model is not None and parts:
             vectors = embed_model.get_text_embedding_batch(
                 [p.get_content(metadata_mode=MetadataMode.EMBED) for p in parts])

@@ -48,8 +48,9 @@ QUESTION_TEMPLATE = PromptTemplate("{query_str}")
 """The default question template: the query as the user wrote it."""
 
 
-def _record(info: dict[str, Any], result: Any) -> None:
+def _record(info: dict[str, Any], raw: Any) -> None:
     """Put the generation numbers into the response info, and each node's chunk key beside it."""
+    result = raw.get("result") if isinstance(raw, dict) else raw  # DaserLLM's raw is a dict (result_raw)
     info.update(result_summary(result))
     info["result"] = result
     keys = info.get("chunk_keys", [])

@@ -38,7 +38,7 @@ from llama_index.core.vector_stores.utils import (
     node_to_metadata_dict,
 )
 
-from llama_index.llms.daser.kv_sync import KVSync, node_doc_id
+from llama_index.llms.daser.kv_sync import KVSync, check_nodes, node_doc_id
 
 SIDECAR_SUFFIX = ".records.json"
 _FORMAT_VERSION = 1
@@ -67,8 +67,9 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
     delete. Pass `generator=` (any `KVGenerator`) to keep that generator's chunk KV in step.
 
     A node longer than the model's window is split into parts that fit before anything is
-    written (parts are embedded with `embed_model` when given, else they carry the node's
-    embedding); with `split_oversized=False` such a node raises InvalidInputError and neither
+    written; parts also fit the embedding's window (`embed_max_tokens`, default: `embed_model`'s,
+    else the bundled MiniLM's 256 tokens) and are embedded with `embed_model` when given (else
+    they carry the node's embedding, which saw only its start: pass `embed_model=`); with `split_oversized=False` such a node raises InvalidInputError and neither
     FAISS nor the KV store is touched. `show_progress`: True, False, or None (a bar when many
     nodes need KV); `add(nodes, show_progress=...)` overrides it per call.
     """
@@ -85,6 +86,7 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
     _lock: Any = PrivateAttr(default_factory=threading.RLock)
     _split_oversized: bool = PrivateAttr(default=True)
     _embed_model: Any = PrivateAttr(default=None)
+    _embed_max_tokens: int | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -96,10 +98,12 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
         show_progress: bool | None = None,
         split_oversized: bool = True,
         embed_model: Any | None = None,
+        embed_max_tokens: int | None = None,
     ) -> None:
         super().__init__(stores_text=True)
         self._split_oversized = split_oversized
         self._embed_model = embed_model
+        self._embed_max_tokens = embed_max_tokens
         if generator is not None and hook is not None:
             raise ValueError("pass either generator= or hook=, not both")
         if generator is not None:
@@ -165,9 +169,11 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
     def add(self, nodes: Sequence[BaseNode], **add_kwargs: Any) -> list[str]:
         if not nodes:
             return []
+        check_nodes(nodes)  # empty text, lone surrogates, two versions of one document: nothing written
         originals = [n.node_id for n in nodes]
         if isinstance(self._hook, KVSync):  # before any write: nothing longer than the window is stored
-            nodes = self._hook.fit_nodes(nodes, split=self._split_oversized, embed_model=self._embed_model)
+            nodes = self._hook.fit_nodes(nodes, split=self._split_oversized, embed_model=self._embed_model,
+                                         embed_max_tokens=self._embed_max_tokens)
         vectors = []
         for node in nodes:
             if node.embedding is None:
