@@ -64,7 +64,9 @@ def encode_text(tokenizer: Any, text: str, *, offsets: bool = False) -> Any:
     With `offsets=True`: `(ids, [(start, end), ...])` in characters of `text`."""
     literal = _literal_backend(tokenizer)
     if literal is not _NO_COPY:
-        enc = literal.encode(text, add_special_tokens=False)
+        # encode_batch releases the GIL while it works (encode holds it: 100+ ms for a 200k-char
+        # document, during which a service's event loop could not answer anyone)
+        enc = literal.encode_batch([text], add_special_tokens=False)[0]
         ids = list(enc.ids)
         return (ids, list(enc.offsets)) if offsets else ids
     # a slow (pure Python) tokenizer or daser's own TokenizerFiles: both take the flag per call

@@ -1,10 +1,14 @@
 """ASGI middleware (plain ASGI, so `receive` reaches the routes untouched and a route can see
-its client disconnect): body size and body read deadline, request counting, last-resort 500."""
+its client disconnect): body size and body read deadline, request counting, last-resort 500,
+and giving memory back after large bodies."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +19,50 @@ log = logging.getLogger("daser_rag.server")
 
 class _BodyTimeout(Exception):
     pass
+
+
+LARGE_BODY_BYTES = 1 << 20
+"""Bodies at least this large count as large (see `MemoryReturn`)."""
+
+
+class MemoryReturn:
+    """After the last large body in flight is done, return freed heap memory to the OS.
+
+    A large body passes through several multi-megabyte buffers (the bytes, the decoded text,
+    the parsed strings). glibc serves such sizes from its heaps once its dynamic mmap threshold
+    has risen, and keeps the freed pages: twelve concurrent 8 MB bodies left the process 300+ MB
+    larger for good. `malloc_trim(0)` hands free pages back; it runs in a worker thread, at most
+    once per quiet period, and is a no-op where glibc is absent."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+        self._trim: Any = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._trim = libc.malloc_trim
+            self._trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc
+            self._trim = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    def leave(self) -> bool:
+        """True when this was the last large body in flight (the caller then calls `trim`)."""
+        with self._lock:
+            self._n -= 1
+            return self._n == 0 and self._trim is not None
+
+    def trim(self) -> None:
+        import gc
+
+        gc.collect()
+        with self._lock:
+            if self._n:
+                return  # another large body arrived meanwhile; its end trims
+        self._trim(0)
 
 
 class Guard:
@@ -30,6 +78,7 @@ class Guard:
 
     def __init__(self, app: Any, *, limit: int, body_timeout_s: float, requests: Any) -> None:
         self.app, self.limit, self.body_timeout_s, self.requests = app, limit, body_timeout_s, requests
+        self.memory = MemoryReturn()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -42,11 +91,15 @@ class Guard:
                 status["code"], status["started"] = message["status"], True
             await send(message)
 
+        large = False
         try:
             resp = self._refuse_body(scope)
             if resp is not None:
                 await resp(scope, receive, counting_send)
                 return
+            large = self._body_size(scope) >= LARGE_BODY_BYTES
+            if large:
+                self.memory.enter()
             await self.app(scope, self._timed_receive(receive), counting_send)
         except _BodyTimeout:
             if not status["started"]:
@@ -60,6 +113,18 @@ class Guard:
         finally:
             route = scope.get("route")
             self.requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
+            if large and self.memory.leave():
+                asyncio.get_running_loop().run_in_executor(None, self.memory.trim)
+
+    @staticmethod
+    def _body_size(scope: dict) -> int:
+        for k, v in scope.get("headers") or []:
+            if k == b"content-length":
+                try:
+                    return int(v)
+                except ValueError:
+                    return 0
+        return 0
 
     def _refuse_body(self, scope: dict) -> Any:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
