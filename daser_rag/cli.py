@@ -45,7 +45,7 @@ def _generator(args: argparse.Namespace) -> Any:
 # -- demo ---------------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
     """Questions full prefill answers correctly, answered again with reuse: does the fast answer agree?"""
-    from daser_rag.corpus import DEMO_TOPICS, QA_BENCH, python_reference_corpus
+    from daser_rag.corpus import QA_BENCH, demo_topics, python_reference_corpus
     from daser_rag.types import ChunkRef
 
     print("daser-rag demo: Python Language Reference (pydoc_data.topics) on the embedded SmolLM2-135M-Instruct")
@@ -54,8 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"model loaded in {time.perf_counter() - t0:.1f}s  (fingerprint {gen.fingerprint[:12]}, "
           f"device {gen.runner.device}, cache {gen.store.root}; blend: selector {gen.blend.selector}, "
           f"r={gen.blend.recompute_ratio})")
-    topics = sorted({d.split(":", 1)[1] for qa in QA_BENCH for d in qa.doc_ids} | set(DEMO_TOPICS))
-    docs = python_reference_corpus(topics)
+    docs = python_reference_corpus(demo_topics())
     rep = gen.add_documents(docs, progress=True, tenant=args.tenant)
     print(f"ingested {rep.documents} documents -> {rep.chunks} chunks, {rep.tokens} tokens: "
           f"{rep.computed_chunks} chunk KVs computed, {rep.reused_chunks} already cached ({rep.seconds:.1f}s)\n")
@@ -85,6 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"      TTFT full {full.timings.ttft_s * 1000:.0f} ms | daser-rag {fast.timings.ttft_s * 1000:.0f} ms "
               f"(mode {fast.mode}, selector {fast.selector}, recomputed {fast.recompute_share:.0%}, "
               f"hits {fast.cache_hits}, misses {fast.cache_misses}) | speed-up {sp:.1f}x\n")
+    _record_counters(gen.store)
     if speedups:
         import statistics
 
@@ -96,6 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- ingest / ask / cache -------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace) -> int:
     from daser_rag.corpus import python_reference_corpus
+    from daser_rag.engine.ingest import check_documents
     from daser_rag.types import Document
 
     docs: list[Document] = []
@@ -103,17 +104,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         p = Path(f)
         if not p.is_file():
             raise DaserError(f"no such file: {p}")
-        docs.append(Document(doc_id=str(p), text=p.read_text(encoding="utf-8")))
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DaserError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        docs.append(Document(doc_id=str(p), text=text))
     if args.topics:
         topics = None if args.topics == "all" else [t.strip() for t in args.topics.split(",") if t.strip()]
-        try:
-            docs.extend(python_reference_corpus(topics))
-        except KeyError as exc:
-            raise DaserError(str(exc)) from exc
+        docs.extend(python_reference_corpus(topics))  # UnknownTopicError is a DaserError
     if not docs:
         raise DaserError("nothing to ingest: pass files and/or --topics")
+    check_documents(docs)  # empty files, bad text, one file twice: a clear error before the model loads
     gen = _generator(args)
-    rep = gen.add_documents(docs, progress=True, tenant=args.tenant)
+    rep = gen.add_documents(docs, progress=True, tenant=args.tenant)  # the bar counts chunks
+    _record_counters(gen.store)
     print(json.dumps(rep.__dict__, indent=2))
     return 0
 
@@ -125,15 +129,20 @@ def cmd_ask(args: argparse.Namespace) -> int:
     contexts: list[Any] = [ChunkRef(doc_id=d) for d in args.doc] + [ChunkRef(text=t) for t in args.text]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
               use_cache=not args.full, tenant=args.tenant, recompute_ratio=args.ratio, selector=args.selector)
+    # With --json, stdout carries exactly one JSON document (the answer is its "text");
+    # streamed deltas then go to stderr so a human still sees them arrive.
+    answer_out = sys.stderr if args.json else sys.stdout
     if args.stream:
         stream = gen.stream(args.question, contexts, **kw)
         for delta in stream:
-            print(delta, end="", flush=True)
-        print()
+            print(delta, end="", flush=True, file=answer_out)
+        print(file=answer_out)
         res = stream.result
     else:
         res = gen.generate(args.question, contexts, **kw)
-        print(res.text.strip())
+        if not args.json:
+            print(res.text.strip())
+    _record_counters(gen.store)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:
@@ -144,14 +153,67 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+COUNTERS_FILE = "cli_counters.json"
+"""Lookup counters of past CLI runs, kept in the cache folder: a KVStore counts hits per process,
+so `cache stats` in a new process would always say hit_rate 0.0 without them."""
+
+
+def _record_counters(store: Any) -> None:
+    """Add this run's store lookups (hits per tier, misses) to the cache folder's running totals."""
+    root = getattr(store, "root", None)
+    counters = getattr(store, "counters", None)
+    if root is None or not counters:
+        return
+    path = Path(root) / COUNTERS_FILE
+    try:
+        total = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        total = {}
+    for k, v in counters.items():
+        if k.startswith("hit_") or k == "miss":
+            total[k] = int(total.get(k, 0)) + int(v)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(total), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache still answers; only the statistics are lost
+
+
+def _existing_cache(path: Path) -> Path:
+    """The cache folder, which must exist already: `cache` commands never create one (a typo in
+    --cache-dir would otherwise leave an empty cache behind and report it as empty)."""
+    if not path.is_dir():
+        raise DaserError(f"no KV cache at {path}: the folder does not exist (check --cache-dir, or "
+                         "$DASER_RAG_CACHE_DIR; 'daser-rag ingest' creates it)")
+    if not (path / "index.sqlite").exists() and not (path / "kv").is_dir():
+        raise DaserError(f"{path} is not a daser-rag KV cache (no index.sqlite or kv/ inside)")
+    return path
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from daser_rag.kv.store import KVStore, default_cache_dir
 
-    store = KVStore(args.cache_dir or default_cache_dir())
+    root = _existing_cache(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    store = KVStore(root)
     if args.action == "stats":
-        print(json.dumps(store.stats(), indent=2))
+        stats = store.stats()
+        try:
+            past = json.loads((root / COUNTERS_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            past = {}
+        hits = sum(int(v) for k, v in past.items() if k.startswith("hit_"))
+        lookups = hits + int(past.get("miss", 0))
+        stats["lookups"] = lookups
+        stats["hits"] = hits
+        stats["misses"] = lookups - hits
+        # the share of chunk lookups of past runs (ask, ingest, demo) served from this cache;
+        # None until something was looked up (0.0 would claim a measured miss rate)
+        stats["hit_rate"] = hits / lookups if lookups else None
+        print(json.dumps(stats, indent=2))
     elif args.action == "clear":
         store.clear()
+        (root / COUNTERS_FILE).unlink(missing_ok=True)
         print("cache cleared")
     elif args.action == "invalidate":
         if not args.doc:
@@ -196,6 +258,16 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     name = (args.name or "ttft").replace("-", "_")
     if name not in names:
         raise DaserError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    source = (root / "benchmarks" / f"{name}.py").read_text(encoding="utf-8")
+    if "argparse" not in source:  # a script that reads no options would ignore --help and start a run
+        if any(a in ("-h", "--help") for a in rest):
+            import ast
+
+            doc = ast.get_docstring(ast.parse(source)) or ""
+            print(f"usage: daser-rag bench {name}\n\n{doc}\n\n(this benchmark takes no options)".replace("\n\n\n", "\n\n"))
+            return 0
+        if rest:
+            raise DaserError(f"benchmark {name!r} takes no options, got: {' '.join(rest)}")
     # A fresh interpreter with the checkout on its path, in the caller's directory (so relative
     # paths in ARGS mean what the caller expects): `python -m benchmarks.NAME ARGS`.
     env = dict(os.environ)

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daser_rag.errors import InvalidInputError
 from daser_rag.types import Document
+
+
+class UnknownTopicError(InvalidInputError, KeyError):
+    """A pydoc topic name that this Python does not have (a KeyError for old callers; its
+    message prints without the quotes KeyError adds)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 
 DEMO_TOPICS = (
     "pass", "break", "continue", "del", "return", "global", "nonlocal", "assert",
@@ -22,7 +32,9 @@ def python_reference_corpus(topics: tuple[str, ...] | list[str] | None = None) -
     names = sorted(t.topics) if topics is None else list(topics)
     missing = [n for n in names if n not in t.topics]
     if missing:
-        raise KeyError(f"unknown pydoc topics: {missing}")
+        sample = ", ".join(sorted(t.topics)[:8])
+        raise UnknownTopicError(f"unknown pydoc topic(s): {', '.join(missing)} (this Python has {len(t.topics)}, "
+                                f"e.g. {sample}; or pass 'all')")
     return [Document(doc_id=f"pyref:{n}", text=t.topics[n].strip(), metadata={"topic": n, "source": "pydoc_data"})
             for n in names]
 
@@ -74,3 +86,9 @@ QA_EXTRA: tuple[QAItem, ...] = (
            ("pyref:raise", "pyref:exceptions", "pyref:return"), ("finally",)),
 )
 QA_BENCH: tuple[QAItem, ...] = QA_SET + QA_EXTRA
+
+
+def demo_topics() -> list[str]:
+    """The topics `daser-rag demo` ingests: every document its questions use, plus DEMO_TOPICS
+    (the README states this count; a test keeps them equal)."""
+    return sorted({d.split(":", 1)[1] for qa in QA_BENCH for d in qa.doc_ids} | set(DEMO_TOPICS))
