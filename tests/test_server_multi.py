@@ -89,6 +89,46 @@ def test_update_on_one_is_seen_by_the_other(cluster):
     assert cb.document("mp:upd")["digest"] == v2["digest"]
 
 
+def test_concurrent_updates_from_two_processes_report_what_they_wrote(cluster):
+    """Issue 20 item 3: both processes PUT one document at once. Each response reports the
+    version it wrote (never the same one twice), and afterwards GET's chunk list is the one of
+    GET's text, on both processes: the later commit wins whole."""
+    import httpx
+
+    from daser_rag.kv.keys import text_digest
+
+    urls = [cluster["a"].url, cluster["b"].url]
+    httpx.post(urls[0] + "/v1/documents", json={"documents": [{"id": "mp:race", "text": PASS_DOC}]}, timeout=120)
+    texts = [PASS_DOC + " Variant A: it does nothing at all, by design.",
+             BREAK_DOC + " Variant B: the loop ends here."]
+    for round_ in range(5):
+        barrier = threading.Barrier(2)
+        out: list = [None, None]
+
+        def put(i: int) -> None:
+            text = texts[i] + f" Round {round_}."
+            barrier.wait()
+            r = httpx.put(urls[i] + "/v1/documents/mp:race", json={"text": text}, timeout=120)
+            out[i] = (r.status_code, r.json(), text)
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [o[0] for o in out] == [200, 200], out
+        docs = [o[1]["document"] for o in out]
+        for d, o in zip(docs, out):
+            assert d["digest"] == text_digest(o[2])  # each reports its own text ...
+        versions = [d["version"] for d in docs]
+        assert versions[0] != versions[1], versions  # ... and the version it wrote
+        winner = docs[versions.index(max(versions))]
+        for url in urls:
+            got = httpx.get(url + "/v1/documents/mp:race", timeout=30).json()
+            assert got["version"] == winner["version"] and got["digest"] == winner["digest"], (round_, got, docs)
+            assert got["chunk_keys"] == sorted(winner["chunk_keys"]) and got["num_chunks"] == len(got["chunk_keys"])
+
+
 def test_tenant_isolation_across_processes(cluster):
     ca, cb = cluster["ca"], cluster["cb"]
     ca.add_documents([Document("mp:t", PASS_DOC)], tenant="acme")
