@@ -61,15 +61,28 @@ def plane(tmp_path_factory, lm):  # lm: the model loaded once here makes the HF 
             time.sleep(2)
         else:
             pytest.fail("control plane not ready in 900 s")
+        spawned = [i["pid"] for i in httpx.get(url + "/health").json()["engine"]["instances"]]
         yield {"url": url, "pid": proc.pid, "base": base, "redis": redis}
+        # A control plane that dies without cleaning up (SIGKILL) still takes its vLLM servers down.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and any(_alive(p) for p in spawned):
+            time.sleep(1)
+        assert not any(_alive(p) for p in spawned), "spawned vllm serve outlived the control plane"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         redis.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie is gone
 
 
 def chat(url: str, question: str, docs: list[dict], **kw) -> dict:

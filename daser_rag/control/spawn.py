@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -49,6 +50,17 @@ def cpu_env(cores: str | None = None, kv_space_gib: int = 1) -> dict[str, str]:
     want = {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return {k: os.environ.get(k, v) for k, v in want.items()}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the control plane's process ends, however it ends
+    (a crash or SIGKILL runs no cleanup code; without this its vLLM servers would live on)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop() is the only cleanup
 
 
 def vllm_command(python: str | Path, model_dir: str | Path, port: int, *, kv_transfer: dict[str, Any] | None,
@@ -92,7 +104,7 @@ class VllmProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self._env,
-                                     cwd=self._cwd, start_new_session=True)
+                                     cwd=self._cwd, start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     def log_tail(self, lines: int = 15) -> str:
@@ -131,19 +143,31 @@ class VllmProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _signal_group(self, sig: int) -> None:
+        """`sig` to the server and every process it started (engine core, workers): its own group."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def kill(self) -> None:
-        """SIGKILL, as a crash would (tests of failover use it)."""
-        if self.alive and self.proc is not None:
-            self.proc.kill()
+        """SIGKILL to the whole group, as a crash would (tests of failover use it)."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        """SIGTERM to the group (vLLM shuts its engine down), SIGKILL after 60 s."""
+        if self.proc is not None:
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+            self._signal_group(signal.SIGKILL)  # whatever of the group is left
+            if self.proc.poll() is None:
                 self.proc.wait()
         if self._log is not None:
             self._log.close()

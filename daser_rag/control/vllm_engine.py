@@ -336,6 +336,18 @@ class VllmEngine:
     def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
         return self._store.invalidate(doc_id, tenant)
 
+    # -- protocol: look-ahead -------------------------------------------------------------------------
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+        """No prefetch into an instance's host tier yet: the connector has no hook to load KV for a
+        request it has not received (docs/vllm.md, "Not done yet"). Chunks come from Redis when the
+        request runs; the router already prefers the instance that holds them."""
+
+    def started(self, request_id: str) -> None:
+        """See `queued`."""
+
+    def finished(self, request_id: str) -> None:
+        """See `queued`."""
+
     # -- start-up self-check -----------------------------------------------------------------------------
     SELF_CHECK_TENANT = "\x00daser-self-check"
     """Salts the probe's keys: no user tenant can name it (tenant names are printable)."""

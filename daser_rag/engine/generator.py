@@ -26,9 +26,10 @@ from daser_rag.engine.decode import TextEmitter, TokenStream, decode_n_tokens, s
 from daser_rag.engine.factory import default_store
 from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
+from daser_rag.engine.lookahead import DEFAULT_PREFETCH_WINDOW, LookAhead
 from daser_rag.engine.protocol import EngineHealth
 from daser_rag.engine.resolve import resolve
-from daser_rag.errors import ContextTooLongError, InvalidInputError
+from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
@@ -61,6 +62,7 @@ class CacheAwareGenerator:
         device_bytes: int = 4 << 30,
         prefix_tree: PrefixTree | bool = False,
         layerwise: bool = False,
+        prefetch_window: int = DEFAULT_PREFETCH_WINDOW,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -82,6 +84,8 @@ class CacheAwareGenerator:
         self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
         self.lock = threading.RLock()
         """Held for any model work; schedulers and adapters serialize on it."""
+        self.lookahead = LookAhead(store, prefetch_window)
+        """PCR look-ahead driven by the service's queue (engine/lookahead.py)."""
         self.eos_ids = stop_token_ids(self.lm.tokenizer)
 
     # -- identity ----------------------------------------------------------------------------
@@ -116,11 +120,26 @@ class CacheAwareGenerator:
     def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
         return [self.chunk_key_for(t, tenant) for t in self.split(text)]
 
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+        try:
+            keys = [c.key for c in self.resolve(contexts, tenant)]
+        except DaserError:
+            return  # the request reports its own bad input when it runs
+        self.lookahead.queued(request_id, keys)
+
+    def started(self, request_id: str) -> None:
+        self.lookahead.started(request_id)
+
+    def finished(self, request_id: str) -> None:
+        self.lookahead.finished(request_id)
+
     def health(self) -> EngineHealth:
-        return EngineHealth(True, "daser", {"device": str(self.runner.device), "selector": self.blend.selector})
+        return EngineHealth(True, "daser", {"device": str(self.runner.device), "selector": self.blend.selector,
+                                            "prefetch": self.lookahead.stats()})
 
     def close(self) -> None:
-        """Nothing to release: the model lives as long as the process."""
+        """Stops the prefetch thread; the model itself lives as long as the process."""
+        self.lookahead.close()
 
     def chunk_key_for(self, text: str, tenant: str = "") -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)

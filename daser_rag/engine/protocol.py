@@ -105,6 +105,20 @@ class Engine(Protocol):
         """Store keys of the chunks `text` is split into (what ingestion would store)."""
         ...
 
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+        """A request waits in the service's queue and will read these contexts: bring their KV
+        toward the fastest tier and keep it there until `finished` (PCR look-ahead). Never raises
+        for bad contexts: the request itself reports those when it runs."""
+        ...
+
+    def started(self, request_id: str) -> None:
+        """The queued request runs now."""
+        ...
+
+    def finished(self, request_id: str) -> None:
+        """The request is over (done, refused or cancelled): release what `queued` held for it."""
+        ...
+
     def health(self) -> EngineHealth: ...
 
     def close(self) -> None:

@@ -11,9 +11,8 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -196,6 +195,18 @@ class Service:
             raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, t0 = int(time.time()), time.perf_counter()
+        # PCR look-ahead: while this request waits for the model, its chunk KV is prefetched
+        # toward host RAM and protected from eviction (released when it is over, however it ends)
+        await run_in_threadpool(self.engine.queued, rid, ctx, tenant)
+
+        def done() -> None:
+            self.engine.finished(rid)
+            self.completions.release(share)
+
+        def run() -> Any:
+            self.engine.started(rid)
+            return self.engine.generate(question, ctx, params=params, cancel=cancel)
+
         stop = threading.Event()
         deadline = time.monotonic() + self.limits.request_timeout_s
 
@@ -203,11 +214,9 @@ class Service:
             return stop.is_set() or time.monotonic() > deadline
 
         if req.stream:
-            return await self._stream(request, question, ctx, params, cancel, stop, share, rid, created, chat, t0)
+            return await self._stream(request, question, ctx, params, cancel, stop, done, rid, created, chat, t0)
         try:
-            result = await self.gate.run(
-                lambda: self.engine.generate(question, ctx, params=params, cancel=cancel),
-                stop, request, on_done=lambda: self.completions.release(share))
+            result = await self.gate.run(run, stop, request, on_done=done)
         except Cancelled:
             self.metrics.cancelled.labels("client_closed").inc()
             raise ApiError(499, "the client closed the request", code="client_closed") from None
@@ -223,8 +232,8 @@ class Service:
         return openai.completion(result, rid, created, self.served_model, chat)
 
     async def _stream(self, request: Request, question: str, ctx: list[Any], params: GenerationParams,
-                      cancel: Any, stop: threading.Event, share: str, rid: str, created: int, chat: bool,
-                      t0: float) -> AsyncIterator[str] | Any:
+                      cancel: Any, stop: threading.Event, done: Callable[[], None], rid: str, created: int,
+                      chat: bool, t0: float) -> AsyncIterator[str] | Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         first: dict[str, float] = {}
@@ -235,6 +244,7 @@ class Service:
         def produce() -> None:
             # The whole generation runs in this one thread, which holds the model lock; the
             # generator polls `cancel` between tokens, so a gone client frees the model.
+            self.engine.started(rid)
             stream = self.engine.stream(question, ctx, params=params, cancel=cancel)
             for delta in stream:
                 first.setdefault("t", time.perf_counter())
@@ -242,7 +252,7 @@ class Service:
             emit("done", stream.result)
 
         def finished(f: Any) -> None:
-            self.completions.release(share)
+            done()
             exc = f.exception()
             if exc is not None:
                 emit("error", exc)

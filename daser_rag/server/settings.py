@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+from daser_rag.kv import DEFAULT_PREFETCH_WINDOW
 from daser_rag.kv.shared import DEFAULT_REDIS_TTL_S
 
 
@@ -115,6 +116,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="dtype spawned instances serve (and that the planner's fingerprint names)")
     g.add_argument("--router", choices=("documents", "round_robin"), default="documents",
                    help="how a request picks its vLLM instance: by the documents its host tier holds, or in turn")
+    g.add_argument("--prefetch-window", type=int, default=DEFAULT_PREFETCH_WINDOW,
+                   help="queued requests whose chunk KV daser's engine prefetches into host RAM and protects "
+                        "from eviction until they run (PCR look-ahead; 0: off)")
     g.add_argument("--selector", default=None,
                    help="token selector for recompute (default: hybrid on daser's engine, chunk_heads on vLLM)")
     return p
@@ -147,7 +151,7 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 header_timeout_s=a.header_timeout,
                 limit_concurrency=a.limit_concurrency, engine=a.engine, vllm_urls=list(a.vllm_url),
                 vllm_spawn=a.vllm_spawn, vllm_python=a.vllm_python, vllm_dtype=a.vllm_dtype, router=a.router,
-                selector=a.selector)
+                selector=a.selector, **({"prefetch_window": a.prefetch_window} if a.engine == "daser" else {}))
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",

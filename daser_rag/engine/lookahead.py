@@ -1,0 +1,73 @@
+"""PCR on the request path: the service tells the engine which requests wait in its queue, and
+their chunk KV is loaded toward host RAM and protected from eviction until they have run.
+
+Without it a request whose chunks were evicted to disk (or live only in Redis) pays that read
+inside its own TTFT, and a burst of requests can evict each other's KV while they wait. The
+service knows its queue; the queue drives the prefetcher (`kv/prefetch.py`, which never holds a
+lock a running request needs) and the store's look-ahead protection (`KVStore.protect`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from daser_rag.kv import DEFAULT_PREFETCH_WINDOW
+from daser_rag.kv.prefetch import Prefetcher
+from daser_rag.kv.store import KVStore
+
+
+class LookAhead:
+    def __init__(self, store: KVStore, window: int = DEFAULT_PREFETCH_WINDOW) -> None:
+        if not isinstance(window, int) or window < 0:
+            raise ValueError(f"prefetch window must be an integer >= 0, got {window!r}")
+        self.store = store
+        self.window = window
+        self._prefetcher: Prefetcher | None = None  # its thread starts on first use
+        self._keys: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+
+    def queued(self, request_id: str, keys: Sequence[str]) -> None:
+        """`request_id` waits for the model and will read `keys`: protect and prefetch them."""
+        if self.window == 0 or not keys:
+            return
+        keys = list(dict.fromkeys(keys))
+        with self._lock:
+            if self._prefetcher is None:
+                self._prefetcher = Prefetcher(self.store, window=self.window)
+            self._keys[request_id] = keys
+        self.store.protect(keys)
+        self._prefetcher.enqueue(request_id, keys)
+
+    def started(self, request_id: str) -> None:
+        """The request runs now: it reads its keys itself; a load already under way is awaited."""
+        with self._lock:
+            keys, pf = self._keys.get(request_id), self._prefetcher
+        if keys and pf is not None:
+            pf.claim(request_id, keys)
+
+    def finished(self, request_id: str) -> None:
+        """Done (or refused, cancelled): its keys are no longer protected on its behalf."""
+        with self._lock:
+            keys, pf = self._keys.pop(request_id, None), self._prefetcher
+        if keys:
+            if pf is not None:
+                pf.release(request_id, keys)
+            self.store.unprotect(keys)
+
+    def stats(self) -> dict[str, Any]:
+        pf = self._prefetcher
+        out: dict[str, Any] = {"window": self.window, "queued": len(self._keys)}
+        if pf is not None:
+            out.update(vars(pf.stats))
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            pf, self._prefetcher = self._prefetcher, None
+        if pf is not None:
+            pf.close()
+
+
+__all__ = ["DEFAULT_PREFETCH_WINDOW", "LookAhead"]
