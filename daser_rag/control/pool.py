@@ -48,6 +48,10 @@ class InstancePool:
                                    limits=httpx.Limits(max_connections=max_connections, keepalive_expiry=2.0))
         self._probe = httpx.Client(timeout=httpx.Timeout(1.0, connect=0.5))
         self._lock = threading.Lock()
+        self.routed_chunks = 0
+        self.routed_held = 0
+        """Chunks of routed requests, and how many of them the chosen instance held in its host tier
+        by the control plane's record: the routing hit rate `/health` reports."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -65,7 +69,9 @@ class InstancePool:
                         f"{i.name} {i.url}: {i.disabled or i.last_error or 'down'}" for i in self.instances), self.down_s)
             inst = self.router.choose(ok, keys)
             inst.inflight += 1
-            return inst
+            self.routed_chunks += len(keys)
+        self.routed_held += inst.holds(keys)  # the chosen instance's host tier had these (our record)
+        return inst
 
     def release(self, inst: InstanceState, keys: Sequence[str] = (), *, ok: bool = True) -> None:
         with self._lock:

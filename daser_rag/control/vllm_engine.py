@@ -410,6 +410,8 @@ class VllmEngine:
                 i["pid"] = pids[i["url"]]
         return EngineHealth(any(i["healthy"] for i in instances), "vllm",
                             {"instances": instances, "router": self.pool.router.name,
+                             "routed_chunks": self.pool.routed_chunks,
+                             "routing_hit_rate": self.pool.routed_held / max(1, self.pool.routed_chunks),
                              "selector": self.selector, "recompute_ratio": self.recompute_ratio})
 
     def close(self) -> None:

@@ -10,6 +10,17 @@ from daser_rag.server.settings import parse_args, serve_kwargs
 
 
 def run(args: argparse.Namespace) -> None:
+    if getattr(args, "print_vllm_config", False):
+        import json
+
+        from daser_rag.control.factory import instance_config
+
+        if not args.redis_url:
+            raise SystemExit("--print-vllm-config needs --redis-url (the Redis the instances will share)")
+        cfg = instance_config(args.model, redis_url=args.redis_url, dtype=args.vllm_dtype,
+                              store_dir=args.cache_dir or "/var/cache/daser-rag/vllm")
+        print(json.dumps(cfg, indent=2))
+        return
     from daser_rag.server.app import serve
 
     serve(**serve_kwargs(args))

@@ -114,6 +114,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the vLLM venv's python (default: $DASER_VLLM_VENV/bin/python or ~/.cache/daser-rag/vllm-venv)")
     g.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype spawned instances serve (and that the planner's fingerprint names)")
+    g.add_argument("--print-vllm-config", action="store_true",
+                   help="print what a `vllm serve` you run yourself needs (its --kv-transfer-config for this "
+                        "--redis-url and model, environment, flags) and exit")
     g.add_argument("--router", choices=("documents", "round_robin"), default="documents",
                    help="how a request picks its vLLM instance: by the documents its host tier holds, or in turn")
     g.add_argument("--prefetch-window", type=int, default=DEFAULT_PREFETCH_WINDOW,
