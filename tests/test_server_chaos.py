@@ -2,10 +2,14 @@
 hangs (SIGSTOP/SIGCONT), dies (SIGKILL) and restarts, and the service is killed with -9 in the
 middle of an ingest and of an update, then restarted. Afterwards: zero acknowledged writes lost,
 zero stale answers (a read that started after an update returned never resolves an older
-version), zero corrupt entries served or stored, and half-done updates repaired at start."""
+version), zero corrupt entries served or stored, and half-done updates repaired at start.
+Issue 20 adds two phases: the service's local disk fills up (a real tmpfs, where mount is
+allowed) and Redis reaches maxmemory (OOM): still zero acknowledged writes lost, zero stale
+answers and zero 500s (writes refused with 503 while Redis is full, reads answered)."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -62,10 +66,15 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
         return [generator.chunk_key_for(t) for t in generator.split(text)]
 
     srv = RedisServer(workdir=tmp_path / "redis", persistent=True).start()
-    svc = ServiceProcess(tmp_path / "svc", redis_url=srv.url, extra_args=["--queue-timeout", "60"])
+    (tmp_path / "svc").mkdir()
+    # the service's cache dir on a 256 MiB tmpfs, to be filled up in the disk-full phase
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(tmp_path / "svc")],
+                             capture_output=True).returncode == 0
+    svc = ServiceProcess(tmp_path / "svc" / "cache", redis_url=srv.url, extra_args=["--queue-timeout", "60"])
+    svc.log_path = tmp_path / "svc.log"  # off the disk that will be filled
     hist = History()
     stop = threading.Event()
-    stats = {"reads": 0, "stale": [], "read_errors": 0, "acked": 0, "write_errors": 0}
+    stats = {"reads": 0, "stale": [], "read_errors": 0, "acked": 0, "write_errors": 0, "unexpected": []}
     why: Counter[str] = Counter()  # refusals by kind, for the report
     try:
         svc.start().wait_healthy()
@@ -88,7 +97,8 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
                                 hist.ack(rec)
                                 stats["acked"] += 1
                             else:
-                                assert r.status_code in (429, 503), r.text
+                                if r.status_code not in (429, 503):
+                                    stats["unexpected"].append(("write", r.status_code, r.text[:300]))
                                 stats["write_errors"] += 1
                                 why[f"write {r.json()['error']['code']}"] += 1
                         except httpx.HTTPError as exc:
@@ -115,7 +125,8 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
                         continue
                     t1 = time.monotonic()
                     if r.status_code != 200:
-                        assert r.status_code in (429, 503), r.text
+                        if r.status_code not in (429, 503):
+                            stats["unexpected"].append(("read", r.status_code, r.text[:300]))
                         stats["read_errors"] += 1
                         why[f"read {r.json()['error']['code']}"] += 1
                         continue
@@ -138,6 +149,29 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
         time.sleep(1.5)
         srv.start()
         time.sleep(3)
+        # 5. the local disk fills up (writes keep landing in Redis), then room again
+        health: dict[str, dict] = {}
+        if mounted:
+            filler = tmp_path / "svc" / "filler"
+            with open(filler, "wb", buffering=0) as f:
+                for block in (1 << 20, 4096):
+                    try:
+                        while True:
+                            f.write(b"\0" * block)
+                    except OSError:
+                        pass
+            time.sleep(3)
+            health["disk_full"] = httpx.get(svc.url + "/health", timeout=10).json()
+            filler.unlink()
+            time.sleep(1)
+        # 6. Redis at maxmemory: nothing left that may be evicted, every write refused (OOM)
+        raw_cfg = redis.Redis.from_url(srv.url)
+        raw_cfg.config_set("maxmemory-policy", "volatile-lru")
+        raw_cfg.config_set("maxmemory", "1")
+        time.sleep(3)
+        health["redis_full"] = httpx.get(svc.url + "/health", timeout=10).json()
+        raw_cfg.config_set("maxmemory", "0")
+        time.sleep(2)
         # 3. kill -9 mid-ingest, 4. kill -9 mid-update
         big = " ".join(SENTENCES * 50)
         with httpx.Client(base_url=svc.url, timeout=60) as c:
@@ -184,7 +218,7 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
         ns_keys = list(raw.scan_iter(match="*:kv:*", count=1000))
         for name in ns_keys:
             from_bytes(raw.get(name), expect_key=name.decode().rsplit(":", 1)[1])
-        disk = list((tmp_path / "svc" / "kv").rglob("*.kv"))
+        disk = list((tmp_path / "svc" / "cache" / "kv").rglob("*.kv"))
         for p in disk:
             from_bytes(p.read_bytes(), expect_key=p.stem)
         metrics = httpx.get(svc.url + "/metrics").text
@@ -193,10 +227,19 @@ def test_chaos_no_lost_write_no_stale_answer_no_corrupt_entry(tmp_path, generato
         svc.stop()
         srv.resume()
         srv.stop()
+        if mounted:
+            subprocess.run(["umount", "-l", str(tmp_path / "svc")], capture_output=True)
     print(f"chaos: {stats['reads']} reads, {stats['acked']} acknowledged writes, {stats['write_errors']} refused/lost "
           f"writes, {stats['read_errors']} refused reads, {len(ns_keys)} Redis + {len(disk)} disk entries verified; "
-          f"refusals: {dict(why)}")
+          f"refusals: {dict(why)}; health: {health}")
+    assert not stats["unexpected"], stats["unexpected"][:3]  # zero 500s (or other surprises)
     assert not stats["stale"], stats["stale"][:3]
+    assert health["redis_full"]["status"] == "degraded", health
+    assert any("Redis is full" in r for r in health["redis_full"].get("reasons", [])), health
+    assert why["write redis_full"] >= 1  # the OOM phase refused writes with the clear code
+    if mounted:
+        assert health["disk_full"]["status"] == "degraded", health
+        assert any("disk" in r for r in health["disk_full"].get("reasons", [])), health
     assert stats["reads"] >= 20 and stats["acked"] >= 10
     assert stats["write_errors"] >= 1  # the faults were real
     assert "daser_corrupt_dropped_total" in metrics

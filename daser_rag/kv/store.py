@@ -356,9 +356,16 @@ class KVStore:
             self.delete(key)
 
     def _drop_derived(self, doc_id: str, tenant: str) -> list[str]:
+        """Drop the entries derived from a document. Runs after the document's own removal or
+        update was committed, so it must not fail it: if the local derived index cannot be
+        written (disk full), the entries are still deleted (nothing stale is served) and only
+        the bookkeeping rows stay behind (deleting them again later is harmless)."""
         keys = self.derived.chunk_keys(doc_id, tenant)
         if keys:
-            self.derived.remove_document(doc_id, tenant)
+            try:
+                self.derived.remove_document(doc_id, tenant)
+            except Exception as exc:
+                self._note_error("derived", "drop_derived", exc)
         for key in keys:
             self.delete(key)
         return keys
