@@ -18,7 +18,8 @@ TTFT p50/p99, the share of prompt tokens the engine did not compute (daser: exac
 tokens it reports from vLLM's own count; prefix: vLLM's cached_tokens), identical greedy answers
 vs the `prefix` arm, and per-instance request counts.
 
-    daser-rag bench control_plane --update-doc docs/vllm.md --img docs/img/control_plane.png
+    daser-rag bench control_plane --update-doc docs/vllm.md --img docs/img/control_plane.png \
+        --update-readme README.md
 """
 
 from __future__ import annotations
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--update-doc", type=Path, default=None)
     ap.add_argument("--img", type=Path, default=None)
+    ap.add_argument("--update-readme", type=Path, default=None,
+                    help="also rewrite the README's control_plane_summary section (the headline ratios)")
     args = ap.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     args.ratio_note = "0.15 chunk_heads (in-engine default)"
@@ -338,6 +341,11 @@ def main(argv: list[str] | None = None) -> None:
         img = f"\n\n![throughput and TTFT by concurrency]({os.path.relpath(args.img, args.update_doc.parent)})" \
             if args.img else ""
         replace_marked(args.update_doc, MARKER, text + img, append=True)
+    if args.update_readme:
+        summary = [line for line in text.splitlines() if line.startswith("- ")]
+        replace_marked(args.update_readme, MARKER + "_summary",
+                       f"Control plane benchmark ({text.split(':', 1)[0].removeprefix('Measured ')}; "
+                       "table in docs/vllm.md):\n\n" + "\n".join(summary))
 
 
 if __name__ == "__main__":
