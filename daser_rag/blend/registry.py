@@ -149,8 +149,7 @@ class NameView(Sequence[str]):
     def __eq__(self, other: object) -> bool:
         return tuple(self) == (tuple(other) if isinstance(other, (tuple, list, NameView)) else other)
 
-    def __hash__(self) -> int:
-        return hash(self._names())
+    __hash__ = None  # type: ignore[assignment]  # equal to a tuple, but its contents change
 
     def __repr__(self) -> str:
         return repr(self._names())
