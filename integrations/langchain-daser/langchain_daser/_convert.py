@@ -23,6 +23,7 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
 from daser_rag.errors import InvalidInputError
+from daser_rag.textcheck import check_document_text, check_text
 from daser_rag.types import ChunkRef
 from daser_rag.types import Document as DaserDocument
 
@@ -66,8 +67,10 @@ def documents_to_blocks(documents: Sequence[LCDocument]) -> list[dict[str, Any]]
 
 
 def _chunks(text: str, doc_id: str | None, split: Splitter, what: str) -> list[ChunkRef]:
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInputError(f"{what} has empty text; every document passed to ChatDaser needs content")
+    if doc_id:
+        check_document_text(doc_id, text)  # the core's message for an empty / bad document
+    else:
+        check_text(text, what)
     # Split exactly as add_documents does, so the chunk keys match the precomputed KV.
     return [ChunkRef(text=piece, doc_id=doc_id) for piece in split(text)]
 

@@ -27,7 +27,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
@@ -52,11 +52,10 @@ NO_REUSE_MESSAGE = (
 
 
 def result_metadata(result: GenerationResult) -> dict[str, Any]:
-    """The cache accounting of one answer, as plain JSON-able values."""
+    """The cache accounting of one answer, as plain JSON-able values (`mode` as the core
+    reports it: "full" whenever nothing was reused)."""
     d = result.to_dict()
     d.pop("text", None)
-    if not result.cache_hits + result.cache_misses:
-        d["mode"] = "full"  # no chunk was placed: nothing was fused, whatever the generator calls its path
     return d
 
 
@@ -71,6 +70,48 @@ def _usage(result: GenerationResult) -> UsageMetadata:
         # miss the per-chunk split is unknown here, so nothing is claimed
         usage["input_token_details"] = {"cache_read": result.exact_tokens + result.reused_tokens}
     return usage
+
+
+def model_name_of(generator: Any) -> str:
+    """A name for the model behind `generator` (file or folder name in-process, the name a
+    client reports), "daser-rag" when nothing better is known. Offline."""
+    named = getattr(generator, "model_name", None)
+    if isinstance(named, str) and named:
+        return named
+    source = getattr(getattr(generator, "lm", None), "source", None)
+    if isinstance(source, str) and source:
+        from pathlib import PurePath
+
+        name = PurePath(source.rstrip("/\\")).name or source
+        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+    return "daser-rag"
+
+
+def generator_spec(generator: Any) -> dict[str, Any] | None:
+    """How to rebuild `generator` elsewhere (what `dumpd` stores instead of the live object):
+    the service URL of a remote client (its API key is a secret, see `ChatDaser.lc_secrets`),
+    or the model source and cache folder of an in-process generator."""
+    base_url = getattr(generator, "base_url", None)
+    if isinstance(base_url, str) and base_url:
+        return {"kind": "remote", "base_url": base_url}
+    source = getattr(getattr(generator, "lm", None), "source", None)
+    root = getattr(getattr(generator, "store", None), "root", None)
+    if isinstance(source, str):
+        return {"kind": "local", "model": source, "cache_dir": str(root) if root is not None else None}
+    return None
+
+
+def build_from_spec(spec: dict[str, Any], api_key: str | None = None) -> Any:
+    kind = spec.get("kind")
+    if kind == "remote":
+        from daser_rag.server.client import DaserClient
+
+        return DaserClient(spec["base_url"], api_key=api_key)
+    if kind == "local":
+        from daser_rag.engine.factory import build_generator
+
+        return build_generator(spec.get("model"), cache_dir=spec.get("cache_dir"))
+    raise InvalidInputError(f"unknown generator_spec kind {kind!r}; expected 'local' or 'remote'")
 
 
 class ChatDaser(BaseChatModel):
@@ -89,9 +130,16 @@ class ChatDaser(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    generator: Any = Field(exclude=True)
-    """Any object satisfying `daser_rag.api.KVGenerator`."""
+    generator: Any = Field(default=None, exclude=True)
+    """Any object satisfying `daser_rag.api.KVGenerator` (required unless `generator_spec` is given)."""
+    generator_spec: dict[str, Any] | None = None
+    """How to rebuild the generator (filled in from `generator`; used by `langchain_core.load.loads`):
+    `{"kind": "local", "model": path, "cache_dir": path}` or `{"kind": "remote", "base_url": url}`."""
+    api_key: SecretStr | None = None
+    """API key of a remote daser service built from `generator_spec` (a secret: `dumpd` writes
+    a reference to DASER_API_KEY, never the key)."""
     model_name: str = "daser-rag"
+    """The model's name; taken from the generator when not given."""
     max_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -119,6 +167,32 @@ class ChatDaser(BaseChatModel):
     def _check_selector(cls, value: Any) -> Any:
         return None if value is None else check_selector(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _build_generator(cls, data: Any) -> Any:
+        """A generator from `generator_spec` when none is passed (`loads(dumpd(llm))`), the spec
+        from the generator otherwise, and the model's name from the generator."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        gen = data.get("generator")
+        if gen is None:
+            spec = data.get("generator_spec")
+            if not spec:
+                raise TypeError("ChatDaser needs generator=<KVGenerator> (or generator_spec from a serialized "
+                                "ChatDaser)")
+            key = data.get("api_key")
+            key = key.get_secret_value() if isinstance(key, SecretStr) else key
+            data["generator"] = gen = build_from_spec(spec, key)
+        else:
+            if data.get("generator_spec") is None:
+                data["generator_spec"] = generator_spec(gen)
+            if data.get("api_key") is None and isinstance(getattr(gen, "api_key", None), str):
+                data["api_key"] = gen.api_key  # kept as a secret, so that loads() can reconnect
+        if not data.get("model_name"):
+            data["model_name"] = model_name_of(gen)
+        return data
+
     @field_validator("generator")
     @classmethod
     def _check_generator(cls, value: Any) -> Any:
@@ -132,6 +206,43 @@ class ChatDaser(BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "daser-rag"
+
+    # -- serialization (langchain_core.load.dumpd / loads) ------------------------------------
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """Serializable: the settings and `generator_spec` are stored, the live generator is not
+        (`loads` rebuilds it from the spec: the model is loaded again, or the service reached)."""
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["langchain_daser", "chat_models"]
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": "DASER_API_KEY"}
+
+    # -- token counting: the model's own tokenizer, offline ---------------------------------
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids from daser's own tokenizer (LangChain's default fetches GPT-2 online and
+        returns nothing offline, which silently broke `trim_messages`)."""
+        tok = getattr(self.generator, "tokenizer", None)
+        if tok is not None:
+            return list(tok.encode(text, add_special_tokens=False))
+        count = getattr(self.generator, "count_tokens", None)
+        if callable(count):
+            return list(range(int(count(text))))  # ids are not exposed remotely: the count is what matters
+        raise NotImplementedError(
+            f"ChatDaser cannot count tokens with a {type(self.generator).__name__}: it has no local tokenizer "
+            "(use an in-process CacheAwareGenerator, or count on the service)")
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        """Tool calling is not supported: the model is a plain-text RAG answerer whose prompt
+        layout (fixed system prefix + cached chunks) has no place for tool schemas."""
+        raise NotImplementedError(
+            "ChatDaser does not support tool calling (bind_tools): daser-rag answers questions over documents "
+            "with a plain-text model; use a tool-calling chat model for agents and pass ChatDaser the retrieved "
+            "documents instead")
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

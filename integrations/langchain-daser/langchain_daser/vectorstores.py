@@ -29,6 +29,7 @@ from langchain_core.vectorstores import InMemoryVectorStore, VectorStore
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
+from daser_rag.textcheck import check_document_text, check_unique_ids
 from daser_rag.types import Document as DaserDocument
 from langchain_daser._convert import DOC_ID_KEY
 
@@ -37,8 +38,9 @@ PARENT_ID_KEY = "daser_parent_id"
 PART_SEPARATOR = "#"
 RESERVED_TOKENS = DEFAULT_MAX_NEW_TOKENS + 256
 """Room a stored document must leave in the model's window for the system prompt, a question and an answer."""
-PROGRESS_AUTO_DOCS = 16
-"""With show_progress=None (auto), a progress bar appears when at least this many documents are added."""
+PROGRESS_AUTO_CHUNKS = 16
+"""With show_progress=None (auto), a progress bar (counting chunks) appears when at least this
+many chunks are precomputed, however many documents they come from."""
 
 
 class DaserVectorStore(VectorStore):
@@ -53,8 +55,9 @@ class DaserVectorStore(VectorStore):
         precompute: compute chunk KV at `add_documents` time (otherwise on first use).
         tenant: KV namespace passed to the generator.
         split_oversized: split documents longer than the model's window (else reject them).
-        show_progress: progress bar while precomputing KV: True, False, or None (when many
-            documents are added at once; `add_documents(..., show_progress=...)` overrides).
+        show_progress: progress bar (in chunks) while precomputing KV: True, False, or None
+            (when 16+ chunks are computed, even for one long document;
+            `add_documents(..., show_progress=...)` overrides).
     """
 
     def __init__(
@@ -155,6 +158,10 @@ class DaserVectorStore(VectorStore):
                 return found
             batch *= 2
 
+    def _local_generator(self) -> bool:
+        """An in-process generator (its ingest counts chunks and takes progress=None as auto)."""
+        return getattr(self.generator, "ingestor", None) is not None
+
     def _gen_kwargs(self) -> dict[str, Any]:
         return {"tenant": self.tenant} if self.tenant else {}
 
@@ -171,12 +178,12 @@ class DaserVectorStore(VectorStore):
         for i, doc in enumerate(documents):
             if not isinstance(doc, LCDocument):
                 raise InvalidInputError(f"add_documents expects langchain Documents, item {i} is {type(doc).__name__}")
-            if not isinstance(doc.page_content, str) or not doc.page_content.strip():
-                raise InvalidInputError(f"document {i} ({doc.id or 'no id'}) has empty page_content")
         final_ids = [(ids[i] if ids is not None and ids[i] else None) or doc.id or str(uuid.uuid4())
                      for i, doc in enumerate(documents)]
-        if len(set(final_ids)) != len(final_ids):
-            raise InvalidInputError("duplicate ids in one add_documents call")
+        # the core's checks and messages (daser_rag.textcheck), before anything is written
+        for doc_id, doc in zip(final_ids, documents):
+            check_document_text(doc_id, doc.page_content)
+        check_unique_ids(final_ids)
         if not documents:
             return []
         show_progress = kwargs.pop("show_progress", None)
@@ -195,13 +202,18 @@ class DaserVectorStore(VectorStore):
         # by content, so even a failure here can never serve stale KV. A split document is one
         # KV document: the generator splits it into the same parts.
         show = self.show_progress if show_progress is None else show_progress
-        if show is None:
-            show = len(documents) >= PROGRESS_AUTO_DOCS
+        progress: dict[str, Any] = {}
+        if show:
+            progress["progress"] = True
+        elif show is None and self._local_generator():
+            # auto, decided by the generator in chunks (the unit the time goes to): one long
+            # document gets a bar too, a few short ones none
+            progress["progress"] = None
         self.generator.add_documents(
             [DaserDocument(self.kv_doc_id(i), d.page_content, dict(d.metadata or {}))
              for i, d in zip(final_ids, documents)],
             precompute=self.precompute,
-            **({"progress": True} if show else {}),
+            **progress,
             **self._gen_kwargs(),
         )
         return final_ids

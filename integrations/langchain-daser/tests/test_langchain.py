@@ -152,7 +152,7 @@ def test_chat_rejects_bad_input_with_clear_errors(llm):
         llm.invoke("hi", max_new_tokenz=3)
     with pytest.raises(InvalidInputError, match="last message must be a human"):
         llm.invoke([HumanMessage("hi"), AIMessage("hello")])
-    with pytest.raises(InvalidInputError, match="empty text"):
+    with pytest.raises(InvalidInputError, match="is empty"):
         llm.invoke("hi", documents=[Document(page_content="   ")])
     with pytest.raises(InvalidInputError, match="no question text"):
         llm.invoke([HumanMessage(content=[{"type": "text-plain", "mime_type": "text/plain", "text": "x"}])])
@@ -272,11 +272,11 @@ def test_shared_text_survives_deleting_one_of_two_documents(generator, embedding
 def test_vector_store_bad_input_keeps_what_is_stored(generator, embedding):
     store = DaserVectorStore(generator, embedding=embedding)
     store.add_documents([Document(page_content=KB["ferry"])], ids=["ferry"])
-    with pytest.raises(InvalidInputError, match="empty page_content"):
+    with pytest.raises(InvalidInputError, match="'x' is empty"):
         store.add_documents([Document(page_content=KB["vault"]), Document(page_content="  ")], ids=["v", "x"])
     with pytest.raises(InvalidInputError, match="ids for"):
         store.add_documents([Document(page_content=KB["vault"])], ids=["v", "w"])
-    with pytest.raises(InvalidInputError, match="duplicate ids"):
+    with pytest.raises(InvalidInputError, match="duplicate document id"):
         store.add_documents([Document(page_content=KB["vault"]), Document(page_content=KB["museum"])],
                             ids=["v", "v"])
     assert list(store.vectorstore.store) == ["ferry"]
