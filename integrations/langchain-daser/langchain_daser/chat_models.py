@@ -53,9 +53,12 @@ NO_REUSE_MESSAGE = (
 
 def result_metadata(result: GenerationResult) -> dict[str, Any]:
     """The cache accounting of one answer, as plain JSON-able values (`mode` as the core
-    reports it: "full" whenever nothing was reused)."""
+    reports it: "full" whenever nothing was reused, also from a generator that says otherwise)."""
     d = result.to_dict()
     d.pop("text", None)
+    placed = result.cache_hits + result.cache_misses > 0
+    if not (placed and (result.cache_hits > 0 or result.reused_tokens > 0)):
+        d["mode"] = "full"  # nothing reused, whatever a (remote, older) generator calls its path
     return d
 
 

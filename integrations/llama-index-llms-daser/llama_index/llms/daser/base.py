@@ -71,7 +71,9 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
         "reused_tokens": result.reused_tokens,
         "recomputed_tokens": result.recomputed_tokens,
         "exact_tokens": result.exact_tokens,
-        "mode": result.mode,  # the core reports "full" whenever nothing was reused
+        # "full" whenever nothing was reused (0 hits, 0 reused tokens), whatever a generator says
+        "mode": result.mode if result.cache_hits + result.cache_misses > 0
+        and (result.cache_hits > 0 or result.reused_tokens > 0) else "full",
         "recompute_ratio": result.recompute_ratio,
         "finish_reason": result.finish_reason,
         "ttft_s": result.timings.ttft_s,
