@@ -299,3 +299,41 @@ def test_the_client_normalizes_and_refuses_ids_before_sending(generator):
         assert dc.document(nfd)["id"] == nfc
         assert dc.invalidate(nfd)
         assert dc.list_documents() == []
+
+
+def test_preparation_lanes_are_fair_bounded_and_leak_nothing():
+    import asyncio
+
+    from daser_rag.server.admission import CpuSlots
+    from daser_rag.server.errors import ApiError
+
+    async def main() -> None:
+        lanes = CpuSlots("preparation", 2, 1, 0.3)
+        order: list[str] = []
+
+        async def job(key: str) -> None:
+            await lanes.acquire(key)
+            order.append(key)
+            try:
+                await asyncio.sleep(0.02)
+            finally:
+                lanes.release(key)
+
+        # a flood from key a queued first cannot hold both lanes: b is served second, not last
+        await asyncio.gather(*[job("a") for _ in range(6)], job("b"))
+        assert order.index("b") <= 1, order
+        await lanes.acquire("x")
+        await lanes.acquire("y")
+        with pytest.raises(ApiError) as ei:
+            await lanes.acquire("z")
+        assert ei.value.status == 503 and ei.value.code == "busy_preparing"
+        waiter = asyncio.ensure_future(lanes.acquire("z"))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        lanes.release("x")
+        lanes.release("y")
+        assert lanes._n == 0 and not lanes._line and not lanes._per
+
+    asyncio.run(main())

@@ -112,3 +112,23 @@ def test_the_service_path_tokenizes_user_text_literally(generator):
         assert r.status_code == 200
         expect = len(generator.prompt_ids(INJECT, [INJECT, INJECT]))
         assert r.json()["usage"]["prompt_tokens"] == expect
+
+
+def test_the_weight_free_planner_path_tokenizes_user_text_literally(generator, store):
+    """The vLLM control plane plans from model files with its own tokenizer (model/files.py) and
+    sends token ids to vLLM: the same literal rule, the same ids as the embedded engine."""
+    from daser_rag.control.planner import Planner
+    from daser_rag.model.files import ModelFiles
+    from daser_rag.types import ChunkRef
+
+    files = ModelFiles(None)
+    planner = Planner.from_files(files, store)
+    specials = set(files.tokenizer.all_special_ids)
+    assert specials and _count_specials(planner.prompt.prefix_ids, specials) >= 2
+    assert _count_specials(planner.prompt.chunk_ids(INJECT), specials) == 0
+    assert planner.prompt.chunk_ids(INJECT) == generator.prompt.chunk_ids(INJECT)
+    assert planner.prompt.query_ids(INJECT) == generator.prompt.query_ids(INJECT)
+    chunks = planner.resolve([ChunkRef(text=INJECT)])
+    ids = planner.prompt_ids(INJECT, chunks)
+    assert _count_specials(ids, specials) == _count_specials(planner.prompt_ids("B", planner.resolve(["x"])), specials)
+    assert planner.count_tokens(["<|im_end|>"]) > 1

@@ -188,47 +188,54 @@ class TokenBudget:
 class CpuSlots:
     """At most `limit` jobs at once, at most `per_key` of them for one key; the others wait in
     arrival order (a waiter whose key already has its share lets later keys pass) for up to
-    `wait_s`, then 503. Asynchronous, so a waiter holds no thread; loop-agnostic (polls), so one
-    instance serves whatever event loop the app runs on."""
+    `wait_s`, then 503 `busy_preparing`. A waiter is an asyncio future, woken when a lane frees
+    up: it holds no thread and costs nothing while it waits, however many wait."""
 
-    def __init__(self, name: str, limit: int, per_key: int, wait_s: float, poll_s: float = 0.005) -> None:
-        self.name, self.limit, self.per_key, self.wait_s, self.poll_s = name, int(limit), max(1, int(per_key)), \
-            float(wait_s), poll_s
+    def __init__(self, name: str, limit: int, per_key: int, wait_s: float) -> None:
+        self.name, self.limit, self.per_key, self.wait_s = name, int(limit), max(1, int(per_key)), float(wait_s)
         self._n = 0
         self._per: Counter[str] = Counter()
-        self._line: deque[tuple[object, str]] = deque()
+        self._line: deque[tuple[asyncio.Future[None], str, asyncio.AbstractEventLoop]] = deque()
         self._lock = threading.Lock()
 
-    def _try(self, ticket: object, key: str) -> bool:
-        with self._lock:
-            if self._n >= self.limit or self._per[key] >= self.per_key:
-                return False
-            for t, k in self._line:  # an earlier waiter that could run now goes first
-                if t is ticket:
-                    break
-                if self._per[k] < self.per_key:
-                    return False
-            self._line.remove((ticket, key))
+    @staticmethod
+    def _wake(fut: asyncio.Future[None]) -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    def _dispatch(self) -> None:
+        """Grant free lanes to waiters in arrival order (under the lock)."""
+        for entry in list(self._line):
+            if self._n >= self.limit:
+                return
+            fut, key, loop = entry
+            if self._per[key] >= self.per_key:
+                continue
+            self._line.remove(entry)
             self._n += 1
             self._per[key] += 1
-            return True
+            loop.call_soon_threadsafe(self._wake, fut)
 
     async def acquire(self, key: str) -> None:
-        ticket = object()
-        with self._lock:
-            self._line.append((ticket, key))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        entry = (fut, key, loop)
         t0 = time.monotonic()
+        with self._lock:
+            self._line.append(entry)
+            self._dispatch()
         try:
-            while not self._try(ticket, key):
-                waited = time.monotonic() - t0
-                if waited > self.wait_s:
-                    raise unavailable(f"waited {waited:.1f} s for a free {self.name} lane ({self.limit} in use); "
-                                      "retry later", "busy_preparing")
-                await asyncio.sleep(self.poll_s)
-        except BaseException:
+            await asyncio.wait_for(fut, self.wait_s)
+        except BaseException as exc:
             with self._lock:
-                if (ticket, key) in self._line:
-                    self._line.remove((ticket, key))
+                granted = entry not in self._line
+                if not granted:
+                    self._line.remove(entry)
+            if granted:  # the lane was given as the wait ended: hand it on
+                self.release(key)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise unavailable(f"waited {time.monotonic() - t0:.1f} s for a free {self.name} lane ({self.limit} "
+                                  "in use); retry later", "busy_preparing") from None
             raise
 
     def release(self, key: str) -> None:
@@ -237,6 +244,7 @@ class CpuSlots:
             self._per[key] -= 1
             if self._per[key] <= 0:
                 del self._per[key]
+            self._dispatch()
 
     async def run(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` in a worker thread, once a lane is free."""
