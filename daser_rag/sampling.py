@@ -33,7 +33,10 @@ def sample_next(
     logits = logits.reshape(-1).float()
     if not temperature >= MIN_TEMPERATURE:  # 0, tiny, or NaN: the greedy limit
         return int(torch.argmax(logits))
-    logits = (logits - logits.max()) / min(float(temperature), MAX_TEMPERATURE)
+    top = logits.max()
+    if not torch.isfinite(top):  # an overflowed (+inf) or empty (all -inf / NaN) row: nothing to sample
+        return int(torch.argmax(logits))
+    logits = (logits - top) / min(float(temperature), MAX_TEMPERATURE)
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[0])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -231,6 +231,10 @@ def test_sampling_is_finite_for_any_accepted_temperature():
         tok = sample_next(logits, temperature=t, top_k=3, top_p=0.9, generator=g)
         assert 0 <= tok < 4, (t, tok)
     assert sample_next(logits, temperature=1e-300) == 1
+    assert sample_next(logits, temperature=1.0, top_p=1e-300) == 1  # tiny top_p: the top token
+    assert sample_next(logits, temperature=2.0, top_k=10_000, top_p=5e-324) == 1
+    assert sample_next(torch.tensor([3e38, -3e38, 0.0]), temperature=0.5) == 0  # no inf - inf
+    assert sample_next(torch.tensor([float("inf"), 1.0]), temperature=1.0) == 0
 
 
 # -- item 13: document ids ------------------------------------------------------------------------
