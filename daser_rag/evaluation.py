@@ -74,10 +74,10 @@ def measure_fidelity(
             f.prompts += 1
             f.first_token_agree += int(int(torch.argmax(logits[0])) == ref_tokens[0])
             kls = []
-            for ref_l, l, tok in zip(ref_logits, logits, ref_tokens):
+            for ref_l, got, tok in zip(ref_logits, logits, ref_tokens):
                 f.total += 1
-                f.agree += int(int(torch.argmax(l)) == tok)
-                kls.append(kl_divergence(ref_l, l))
+                f.agree += int(int(torch.argmax(got)) == tok)
+                kls.append(kl_divergence(ref_l, got))
             f.kl_sum += sum(kls)
             f.per_prompt_kl.append(sum(kls) / len(kls))
     return results

@@ -61,7 +61,7 @@ def instance_config(model: str | None, *, redis_url: str, store_dir: str | os.Pa
 
     ensure_converted(model)
     files = ModelFiles(model, dtype=dtype)
-    kv = kv_transfer_dict(store_dir, fingerprint=files.fingerprint, redis_url=redis_url,
+    kv = kv_transfer_dict(Path(store_dir), fingerprint=files.fingerprint, redis_url=redis_url,
                           redis_namespace=default_namespace(files.fingerprint), codec=_codec(dtype))
     return {"model_dir": str(files.dir), "dtype": dtype, "kv_transfer_config": kv,
             "env": {"DASER_VLLM_BLEND": "1"}, "flags": ["--enable-prompt-tokens-details", "--dtype", dtype]}

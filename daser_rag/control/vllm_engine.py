@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -167,7 +167,7 @@ class VllmEngine:
         return TokenStream(gen(), holder)
 
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
-             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Iterator[str]:
+             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         p = GenerationParams.from_kwargs(params, **kwargs)
         t_start = time.perf_counter()
         timings = Timings()

@@ -8,16 +8,28 @@ one literal chunk.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from daser_rag.api import ContextItem
-from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.errors import InvalidInputError
-from daser_rag.kv.store import KVStore
+from daser_rag.prompt import PromptFormat
 from daser_rag.textcheck import check_text
 from daser_rag.types import ChunkRef, Document, ResolvedChunk
 
+if TYPE_CHECKING:
+    from daser_rag.kv.store import KVStore
 
-def resolve(contexts: Sequence[ContextItem] | None, *, computer: ChunkComputer, store: KVStore,
+
+class ChunkKeyer(Protocol):
+    """What resolution needs to name a chunk: the prompt layout and the key function (daser's
+    ChunkComputer, or the weight-free control-plane Planner)."""
+
+    prompt: PromptFormat
+
+    def key(self, token_ids: Sequence[int], tenant: str = "") -> str: ...
+
+
+def resolve(contexts: Sequence[ContextItem] | None, *, computer: ChunkKeyer, store: KVStore,
             split: Callable[[str], list[str]], tenant: str = "") -> list[ResolvedChunk]:
     out: list[ResolvedChunk] = []
     for item in contexts or []:

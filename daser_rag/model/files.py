@@ -59,8 +59,9 @@ def _file_digest(path: Path, memo: dict[str, Any]) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
-    memo[tag] = h.hexdigest()
-    return memo[tag]
+    digest = h.hexdigest()
+    memo[tag] = digest
+    return digest
 
 
 def files_fingerprint(model_dir: Path, dtype: str) -> str:

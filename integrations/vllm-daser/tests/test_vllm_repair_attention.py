@@ -9,7 +9,6 @@ real repair call (the served model, the paged caches, the request's blocks) and 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
@@ -55,7 +54,7 @@ def captured(tmp_path_factory):
     q = "Is pass useful as a placeholder?"
     for w in p.reuse(q, docs, exact_nodes=False).prefill:
         llm.generate([w.prompt], w.sampling_params(vllm.SamplingParams(max_tokens=1)), use_tqdm=False)
-    out = {"run": lambda req, n: llm.generate([req.prompt], req.sampling_params(
+    out = {"run": lambda req, n: llm.generate([req.prompt], req.sampling_params(  # noqa: F821 - del'd at teardown
         vllm.SamplingParams(temperature=0.0, max_tokens=n)), use_tqdm=False)[0].outputs[0].token_ids,
            "prompter": p, "docs": docs, "q": q, "calls": calls}
     for selector in ("chunk_heads", "deviation"):
