@@ -368,3 +368,16 @@ def test_a_failed_disk_write_leaves_no_temp_file(full_disk):
     with pytest.raises(OSError):
         tier.put(encode(_kv("big", n=64, dim=256), "fp32"))
     assert not list((full_disk / "kv").rglob(".tmp-*")) and not tier.contains("big")
+
+
+def test_an_unchanged_registration_never_pairs_its_chunks_with_a_newer_text(srv, tmp_path):
+    """A re-sends the current text (unchanged) while B commits a new one: A's refs switch is a
+    compare-and-set on the version A saw, so B's text keeps B's chunks."""
+    a = _store(tmp_path / "a", srv.url, ns="unch")
+    b = _store(tmp_path / "b", srv.url, ns="unch")
+    _update(a, "d", ["v1"], ["k_v1"])
+    assert a.register_document("d", ["v1"], "digest:v1") is False  # unchanged, version 1
+    _update(b, "d", ["v2"], ["k_v2"])  # B commits version 2 meanwhile
+    a.replace_document_refs("d", ["k_v1"])  # A's switch of the old text's chunks: refused
+    assert a.written_version("d") == 1 and b.written_version("d") == 2
+    assert a.document_chunk_texts("d") == ["v2"] and a.document_chunk_keys("d") == ["k_v2"]

@@ -241,10 +241,12 @@ class KVStore:
         so while it is away this raises at once instead of after the KV was computed."""
         current = getattr(self.index, "authoritative_info", self.index.info)(doc_id, tenant)
         if current is not None and current.content_digest == digest:
-            self._tls.stage = None
+            # unchanged: the refs switch that follows is a compare-and-set on this version, so
+            # it cannot pair this text's chunks with a newer text committed meanwhile
+            self._tls.stage = ((tenant, doc_id), None, digest, time.monotonic(), current.version)
             self._written()[(tenant, doc_id)] = current.version
             return False
-        self._tls.stage = ((tenant, doc_id), list(chunk_texts), digest, time.monotonic())
+        self._tls.stage = ((tenant, doc_id), list(chunk_texts), digest, time.monotonic(), None)
         return True
 
     def _written(self) -> dict[tuple[str, str], int]:
@@ -302,8 +304,14 @@ class KVStore:
         (atomic; the version written is kept for `written_version`). Otherwise a plain switch,
         compare-and-set on `version` when given (refused when the document moved on)."""
         stage, self._tls.stage = getattr(self._tls, "stage", None), None
-        if stage is not None and stage[0] == (tenant, doc_id) and time.monotonic() - stage[3] < _STAGE_MAX_AGE_S:
-            _, texts, digest, _ = stage
+        if stage is not None and (stage[0] != (tenant, doc_id) or time.monotonic() - stage[3] >= _STAGE_MAX_AGE_S):
+            stage = None
+        if stage is not None and stage[1] is None:
+            if version is None:
+                version = stage[4]  # registered unchanged: switch only while still at that version
+            stage = None
+        if stage is not None:
+            _, texts, digest, _, _ = stage
             commit = getattr(self.index, "commit_document", None)
             if commit is not None:
                 _changed, written, orphans = commit(doc_id, texts, digest, keys, tenant)
