@@ -239,7 +239,7 @@ class DocIndex:
 
     # -- reads -----------------------------------------------------------------------------
     def _refcount(self, key: str) -> int:
-        return self._conn.execute("SELECT COUNT(*) FROM doc_chunks WHERE chunk_key=?", (key,)).fetchone()[0]
+        return int(self._conn.execute("SELECT COUNT(*) FROM doc_chunks WHERE chunk_key=?", (key,)).fetchone()[0])
 
     def refcount(self, key: str) -> int:
         with self._lock:

@@ -129,7 +129,7 @@ class Prefetcher:
                 while key is None and not self._closed:
                     self._cv.wait()
                     key = self._next_key()
-                if self._closed:
+                if self._closed or key is None:  # (key is set whenever not closed)
                     return
                 ev = threading.Event()
                 self._inflight[key] = ev

@@ -468,7 +468,8 @@ class RedisDocIndex:
             names = self.link.run(lambda c: c.smembers(self._pending()))
         except RedisUnavailable:
             return []
-        return sorted(tuple(json.loads(n)) for n in names)  # type: ignore[misc]
+        pairs = [json.loads(n) for n in names]
+        return sorted((str(t), str(d)) for t, d in pairs)
 
     def referenced_keys(self) -> set[str]:
         prefix = self._users_prefix()

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from daser_rag.kv.tiers.base import Tier
 from daser_rag.kv.tiers.device import DeviceTier
 from daser_rag.kv.tiers.disk import DiskTier
 from daser_rag.kv.tiers.host import HostTier
+
+if TYPE_CHECKING:
+    from daser_rag.kv.redis_index import RedisDocIndex
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class KVStore:
         codec: str = "fp16",
         remote: Tier | None = None,
         policy: EvictionPolicy | None = None,
-        index: DocIndex | None = None,
+        index: DocIndex | RedisDocIndex | None = None,
         validate: Callable[[str], bool] | None = None,
         device: Any = None,
         device_bytes: int = 0,
@@ -163,7 +166,7 @@ class KVStore:
     def get_encoded(self, key: str) -> EncodedKV | None:
         tiers = self.tiers
         for i, tier in enumerate(tiers):
-            enc = self._try(tier, "get", key)
+            enc: EncodedKV | None = self._try(tier, "get", key)
             if enc is None:
                 continue
             if self._is_local(tier) and not self._local_valid(key):
@@ -329,7 +332,7 @@ class KVStore:
             self.delete(key)
         if orphans:
             self.counters["invalidated_chunks"] += len(orphans)
-        return orphans
+        return list(orphans)
 
     def repair_documents(self, key_for: Callable[[str, str], str]) -> list[tuple[str, str]]:
         """Finish document switches a crash interrupted: a document whose text was registered but

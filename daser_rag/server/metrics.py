@@ -89,9 +89,10 @@ class _StoreCollector(Collector):
             yield CounterMetricFamily("daser_redis_refused_puts", "KV writes Redis refused (skipped; KV is a cache)",
                                       value=float(getattr(remote, "refused_puts", 0)))
         index = getattr(self.store, "index", None)
-        if hasattr(index, "mirror_errors"):
+        mirror_errors = getattr(index, "mirror_errors", None)
+        if mirror_errors is not None:
             yield CounterMetricFamily("daser_index_mirror_errors", "Writes of the local index mirror that failed "
-                                      "(local disk full); Redis held them", value=float(index.mirror_errors))
+                                      "(local disk full); Redis held them", value=float(mirror_errors))
             yield CounterMetricFamily("daser_refused_refs", "Chunk refs refused because their document was removed "
                                       "while the request ran", value=float(getattr(index, "refused_refs", 0)))
         errors = CounterMetricFamily("daser_storage_errors", "Failed storage operations by tier (degraded to a miss "

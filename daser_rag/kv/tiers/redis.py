@@ -266,7 +266,10 @@ class RedisLink:
         once full instead of making room."""
         cfg: dict[str, Any] = {}
         for name in ("maxmemory", "maxmemory-policy"):
-            cfg.update(self.run(lambda c, n=name: c.config_get(n)))
+            def get(c: Any, n: str = name) -> dict[str, Any]:
+                return dict(c.config_get(n))
+
+            cfg.update(self.run(get))
         maxmemory = int(cfg.get("maxmemory", 0) or 0)
         policy = str(cfg.get("maxmemory-policy", ""))
         problems, fatal = [], []
@@ -460,7 +463,7 @@ class _ScanSampler:
                     pipe = c.pipeline(transaction=False)
                     for n in names:
                         pipe.strlen(n)
-                    return pipe.execute()
+                    return [int(x) for x in pipe.execute()]
 
                 lens = self.link.run(sizes)
                 self._partial = (self._partial[0] + int(sum(lens)), self._partial[1] + sum(1 for n in lens if n))
