@@ -91,6 +91,7 @@ class PromptFormat:
         self.tail_text = tail
         self.prefix_ids: list[int] = self.encode_template(self.head_text)
         self.tail_ids: list[int] = self.encode_template(self.tail_text)
+        _literal_backend(tokenizer)  # the literal copy is built now, not inside a first request
 
     @staticmethod
     def _split_template(tokenizer: Any, system_prompt: str) -> tuple[str, str]:

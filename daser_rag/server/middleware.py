@@ -58,7 +58,10 @@ class MemoryReturn:
     def trim(self) -> None:
         import gc
 
-        gc.collect()
+        # young generations only: the request's cycles (an exception's traceback holding the
+        # frame that held the body) are young; a full collection of a process with a model
+        # loaded walks ~450k objects and would hold the GIL for most of a second
+        gc.collect(1)
         with self._lock:
             if self._n:
                 return  # another large body arrived meanwhile; its end trims
