@@ -39,7 +39,8 @@ CASTLE_Q = "What is the gate code of the castle?"
 
 def test_package_surface_is_pinned():
     assert pkg.__all__ == [
-        "DASER_KEY", "CacheAwareSynthesizer", "DaserLLM", "KVPrecomputeTransform", "KVSync", "MiniLMEmbedding",
+        "DASER_KEY", "CacheAwareContextChatEngine", "CacheAwareSynthesizer", "DaserLLM", "KVPrecomputeTransform",
+        "KVSync", "MiniLMEmbedding",
         "NoKVReuseWarning", "PrecomputeReport", "__version__", "node_chunk_ref", "node_doc_id", "rendered_text",
         "result_summary",
     ]

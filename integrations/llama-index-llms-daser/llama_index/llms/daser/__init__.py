@@ -7,6 +7,8 @@ One line for KV reuse: `index.as_query_engine(response_synthesizer=CacheAwareSyn
   answered from cached chunk KV.
 - `CacheAwareSynthesizer`: for `RetrieverQueryEngine.from_args(retriever, response_synthesizer=...)`
   or `index.as_query_engine(response_synthesizer=...)`; passes each retrieved node as its own chunk.
+- `CacheAwareContextChatEngine`: a context chat engine (like `chat_mode="context"`) whose every
+  turn reuses the retrieved nodes' KV; stock chat engines flatten nodes into a string.
 - `KVPrecomputeTransform`: an `IngestionPipeline` step that builds chunk KV at index time and
   splits nodes longer than the model's window.
 - `MiniLMEmbedding`: an offline sentence embedding (all-MiniLM-L6-v2 from a PyPI wheel).
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from llama_index.llms.daser import instrumentation as _instrumentation
 from llama_index.llms.daser.base import DaserLLM, NoKVReuseWarning, result_summary
+from llama_index.llms.daser.chat_engine import CacheAwareContextChatEngine
 from llama_index.llms.daser.embeddings import MiniLMEmbedding
 from llama_index.llms.daser.kv_sync import (
     KVSync,
@@ -31,6 +35,8 @@ from llama_index.llms.daser.kv_sync import (
 from llama_index.llms.daser.synthesizer import DASER_KEY, CacheAwareSynthesizer
 from llama_index.llms.daser.transform import KVPrecomputeTransform
 
+_instrumentation.install()  # daser metadata on stock responses; as_query_engine(streaming=True) streams
+
 try:
     __version__ = version("llama-index-llms-daser")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without installing
@@ -38,6 +44,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "DASER_KEY",
+    "CacheAwareContextChatEngine",
     "CacheAwareSynthesizer",
     "DaserLLM",
     "KVPrecomputeTransform",

@@ -42,6 +42,7 @@ from daser_rag.params import (
     check_selector,
 )
 from daser_rag.types import GenerationResult
+from llama_index.llms.daser.instrumentation import current_collector, record, stream_collector
 from llama_index.llms.daser.kv_sync import ContextLike, KVSync, to_context_items
 
 
@@ -52,8 +53,9 @@ class NoKVReuseWarning(UserWarning):
 NO_REUSE_MESSAGE = (
     "DaserLLM got a prompt with no separate documents (a stock LlamaIndex synthesizer formats the "
     "retrieved nodes into the prompt string), so it runs full prefill and reuses no cached KV. "
-    "For KV reuse use index.as_query_engine(response_synthesizer=CacheAwareSynthesizer(llm)) or "
-    "pass contexts= (this warning is shown once per DaserLLM)."
+    "For KV reuse use index.as_query_engine(response_synthesizer=CacheAwareSynthesizer(llm)), for chat "
+    "CacheAwareContextChatEngine.from_defaults(index.as_retriever(), llm=llm), or pass contexts= "
+    "(this warning is shown once per DaserLLM)."
 )
 
 
@@ -291,11 +293,13 @@ class DaserLLM(CustomLLM):
     def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
         contexts, gen = self._request(dict(kwargs))
         result = self._generator.generate(prompt, contexts, **gen)
+        record(current_collector(), result_summary(result))  # -> a stock Response's metadata["daser"]
         return CompletionResponse(text=result.text, raw=result_raw(result), additional_kwargs=result_summary(result))
 
     def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
         contexts, gen = self._request(dict(kwargs))
         stream = self._generator.stream(prompt, contexts, **gen)
+        collector = stream_collector()  # the stream may be consumed elsewhere: keep the synthesis' collector
 
         def responses() -> CompletionResponseGen:
             text = ""
@@ -303,6 +307,7 @@ class DaserLLM(CustomLLM):
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
             result = getattr(stream, "result", None)
+            record(collector, result_summary(result))
             # A closing empty delta carries the result, as OpenAI-style streams end with usage.
             yield CompletionResponse(text=text, delta="", raw=result_raw(result),
                                      additional_kwargs=result_summary(result))
@@ -313,10 +318,12 @@ class DaserLLM(CustomLLM):
         contexts, gen = self._request(dict(kwargs))
         # generation is compute bound, so it runs in a worker thread
         result = await asyncio.to_thread(self._generator.generate, prompt, contexts, **gen)
+        record(current_collector(), result_summary(result))
         return CompletionResponse(text=result.text, raw=result_raw(result), additional_kwargs=result_summary(result))
 
     async def _astream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseAsyncGen:
         contexts, gen = self._request(dict(kwargs))
+        collector = stream_collector()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancelled = threading.Event()
@@ -342,6 +349,7 @@ class DaserLLM(CustomLLM):
                         text += value
                         yield CompletionResponse(text=text, delta=value)
                     elif kind == "done":
+                        record(collector, result_summary(value))
                         yield CompletionResponse(text=text, delta="", raw=result_raw(value),
                                                  additional_kwargs=result_summary(value))
                         break

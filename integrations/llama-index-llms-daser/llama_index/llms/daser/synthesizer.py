@@ -85,6 +85,19 @@ class CacheAwareSynthesizer(BaseSynthesizer):
     def llm(self) -> DaserLLM:
         return self._llm  # type: ignore[return-value]
 
+    @property
+    def streaming(self) -> bool:
+        return bool(self._streaming)
+
+    def with_streaming(self, streaming: bool = True) -> CacheAwareSynthesizer:
+        """A copy that streams (or not); this one is unchanged. `as_query_engine(streaming=True)`
+        uses it, since LlamaIndex applies `streaming` only to synthesizers it builds itself."""
+        import copy
+
+        other = copy.copy(self)
+        other._streaming = streaming
+        return other
+
     @staticmethod
     def _check_template(template: BasePromptTemplate | str) -> BasePromptTemplate:
         if isinstance(template, str):

@@ -1,0 +1,108 @@
+"""Issue 21 item 6: chat and streaming reuse KV, and daser's numbers reach the query-engine level.
+
+A cache-aware context chat engine answers each turn from the retrieved nodes' cached KV (the
+stock chat engines flatten nodes into a string); `as_query_engine(response_synthesizer=
+CacheAwareSynthesizer(llm), streaming=True)` streams; a stock query engine's Response says
+mode "full" in `metadata["daser"]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+
+import pytest
+
+pytest.importorskip("llama_index.core")
+pytest.importorskip("faiss")
+
+from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core.base.response.schema import StreamingResponse
+from llama_index.core.chat_engine.types import StreamingAgentChatResponse
+
+from llama_index.llms.daser import (
+    DASER_KEY,
+    CacheAwareContextChatEngine,
+    CacheAwareSynthesizer,
+    DaserLLM,
+    MiniLMEmbedding,
+    NoKVReuseWarning,
+)
+from llama_index.vector_stores.daser import DaserFaissVectorStore
+
+FACTS = ["The ferry to Gull Island leaves at seven in the morning.",
+         "The vault at the Harbor Bank opens with the code 4172.",
+         "The museum's oldest object is a bronze bell cast in 1310."]
+
+
+@pytest.fixture(scope="module")
+def embed():
+    return MiniLMEmbedding()
+
+
+@pytest.fixture
+def index(generator, embed):
+    store = DaserFaissVectorStore(generator=generator, show_progress=False)
+    return VectorStoreIndex.from_documents([Document(text=t, id_=f"fact{i}") for i, t in enumerate(FACTS)],
+                                           storage_context=StorageContext.from_defaults(vector_store=store),
+                                           embed_model=embed)
+
+
+def test_cache_aware_chat_engine_reuses_kv_on_every_turn(generator, index):
+    llm = DaserLLM(generator, max_new_tokens=6)
+    chat = CacheAwareContextChatEngine.from_defaults(index.as_retriever(similarity_top_k=1), llm=llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoKVReuseWarning)
+        first = chat.chat("When does the ferry to Gull Island leave?")
+        assert first.source_nodes and "ferry" in first.source_nodes[0].node.get_content()
+        info = first.metadata[DASER_KEY]
+        assert info["cache_hits"] == 1 and info["mode"] == "blend"  # the node's KV was precomputed at insert
+        second = chat.stream_chat("And what is the vault code?")
+        assert isinstance(second, StreamingAgentChatResponse)
+        text = "".join(second.response_gen)
+        assert text and second.metadata[DASER_KEY]["cache_hits"] == 1
+    for _ in range(100):  # the engine's writer thread puts the reply into memory as the stream ends
+        if len(chat.chat_history) == 4:
+            break
+        time.sleep(0.05)
+    history = chat.chat_history
+    assert [m.role.value for m in history] == ["user", "assistant", "user", "assistant"]
+    assert history[-1].content == text
+
+    async def later_turns():
+        reply = await chat.achat("Which object is oldest in the museum?")
+        stream = await chat.astream_chat("Say it again.")
+        deltas = [d async for d in stream.async_response_gen()]
+        return reply, stream, deltas
+
+    reply, stream, deltas = asyncio.run(later_turns())
+    assert reply.metadata[DASER_KEY]["cache_hits"] == 1 and deltas
+    assert stream.metadata[DASER_KEY]["completion_tokens"] > 0
+    chat.reset()
+    assert chat.chat_history == []
+
+
+def test_as_query_engine_streaming_with_the_cache_aware_synthesizer_streams(generator, index):
+    llm = DaserLLM(generator, max_new_tokens=6)
+    synth = CacheAwareSynthesizer(llm)
+    engine = index.as_query_engine(llm=llm, similarity_top_k=1, response_synthesizer=synth, streaming=True)
+    resp = engine.query("When does the ferry leave?")
+    assert isinstance(resp, StreamingResponse)
+    assert "".join(resp.response_gen)
+    assert resp.metadata[DASER_KEY]["cache_hits"] == 1
+    assert synth.streaming is False  # the caller's synthesizer is unchanged
+    plain = index.as_query_engine(llm=llm, similarity_top_k=1, response_synthesizer=synth).query("Ferry?")
+    assert not isinstance(plain, StreamingResponse)
+
+
+def test_stock_query_engine_response_carries_daser_metadata(generator, index):
+    llm = DaserLLM(generator, max_new_tokens=4)
+    with pytest.warns(NoKVReuseWarning):
+        resp = index.as_query_engine(llm=llm, similarity_top_k=1).query("When does the ferry leave?")
+    info = resp.metadata[DASER_KEY]
+    assert info["mode"] == "full" and info["cache_hits"] == 0 and info["llm_calls"] >= 1
+    stream = index.as_query_engine(llm=llm, similarity_top_k=1, streaming=True).query("When does the ferry leave?")
+    assert isinstance(stream, StreamingResponse)
+    "".join(stream.response_gen)
+    assert stream.metadata[DASER_KEY]["mode"] == "full"
