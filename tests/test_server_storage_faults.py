@@ -87,6 +87,7 @@ def test_disk_full_no_500_no_lost_or_phantom_write(lm, tmp_path, small_fs, share
         statuses: list[int] = []
         acked: dict[str, str] = {}
         failed: set[str] = set()
+        deleted: set[str] = set()
         with TestClient(create_app(gen), raise_server_exceptions=False) as c:
             assert c.post("/v1/documents", json={"documents": [{"id": "d0", "text": TEXTS[0]}]}).status_code == 200
             acked["d0"] = TEXTS[0]
@@ -112,11 +113,20 @@ def test_disk_full_no_500_no_lost_or_phantom_write(lm, tmp_path, small_fs, share
                 r = c.post("/v1/completions", json={"prompt": Q, "documents": [{"id": doc}], "max_tokens": 1})
                 statuses.append(r.status_code)
                 assert r.status_code in (200, 503), r.text
+            # a DELETE: applied (200) or refused whole (503 storage_full), never half
+            r = c.delete("/v1/documents/d0")
+            statuses.append(r.status_code)
+            assert r.status_code in (200, 503), r.text
+            if r.status_code == 200:
+                acked.pop("d0")
+                deleted.add("d0")
+            else:
+                assert r.json()["error"]["code"] == "storage_full"
             h = _health(c)
             assert h["status"] == "degraded" and any("disk" in x and "full" in x for x in h["reasons"]), h
             metrics = c.get("/metrics").text
             assert 'daser_storage_errors_total{tier="disk"}' in metrics or "daser_index_mirror_errors" in metrics
-            _check_writes(c, acked, failed)
+            _check_writes(c, acked, failed | deleted)
             assert not list((small_fs / "cache").rglob(".tmp-*"))  # no temp files left behind
             filler.unlink()  # room again: writes land, /health recovers
             time.sleep(2.1)
@@ -124,12 +134,12 @@ def test_disk_full_no_500_no_lost_or_phantom_write(lm, tmp_path, small_fs, share
             assert r.status_code == 200
             acked["after"] = TEXTS[1]
             assert _health(c)["status"] == "ok"
-            _check_writes(c, acked, failed)
+            _check_writes(c, acked, failed | deleted)
         if shared:
             # another process (its own disk) sees every acknowledged write
             other = _generator(lm, tmp_path / "other", srv.url)
             with TestClient(create_app(other)) as c2:
-                _check_writes(c2, acked, failed)
+                _check_writes(c2, acked, failed | deleted)
         print(f"disk full ({'redis' if shared else 'local'}): statuses {statuses}")
         assert 500 not in statuses
         if shared:
@@ -166,6 +176,12 @@ def test_redis_full_completions_answer_health_says_why(lm, tmp_path):
             assert int(r.headers["retry-after"]) >= 1
             r = c.put("/v1/documents/d0", json={"text": TEXTS[3]})
             assert r.status_code == 503 and r.json()["error"]["code"] == "redis_full", r.text
+            # an inline document in a completion is a write too: refused whole, streamed or not
+            for stream in (False, True):
+                r = c.post("/v1/completions", json={"prompt": Q, "max_tokens": 1, "stream": stream,
+                                                    "documents": [{"id": "inline", "text": TEXTS[3]}]})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "redis_full", r.text
+            assert c.get("/v1/documents/inline").status_code == 404
             h = _health(c)
             assert h["status"] == "degraded" and any("Redis is full" in x for x in h["reasons"]), h
             assert h["redis"] == "up"
