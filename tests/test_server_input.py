@@ -341,3 +341,32 @@ def test_preparation_lanes_are_fair_bounded_and_leak_nothing():
         assert lanes._n == 0 and not lanes._line and not lanes._per
 
     asyncio.run(main())
+
+
+def test_bytes_of_large_bodies_in_flight_are_bounded(generator):
+    """A body of 1 MiB or more reserves its Content-Length while it is received and prepared; one
+    that would pass `max_large_body_bytes` is refused before it is read (503, Retry-After)."""
+    import socket
+    import time
+
+    import httpx
+
+    from daser_rag.server.testing import AppThread
+
+    app = create_app(generator, limits=Limits(max_large_body_bytes=8 << 20))
+    size = 5 << 20
+    with AppThread(app) as srv:
+        slow = socket.create_connection(("127.0.0.1", srv.port))
+        slow.sendall(f"POST /v1/documents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {size}\r\n\r\n".encode() + b'{"documents": [')  # holds 5 MiB, sends 15 B
+        time.sleep(0.3)
+        body = b'{"text": "' + b"x" * (size - 12) + b'"}'
+        r = httpx.post(srv.url + "/v1/split", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        _err(r, 503, "busy_large_bodies")
+        assert r.headers["retry-after"] == "1"
+        small = httpx.post(srv.url + "/v1/split", json={"text": PASS_DOC}, timeout=60)  # small bodies pass
+        assert small.status_code == 200, small.text
+        slow.close()
+        time.sleep(0.3)
+        r = httpx.post(srv.url + "/v1/split", content=body, headers={"Content-Type": "application/json"}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", r.text  # reached validation

@@ -51,7 +51,7 @@ def create_app(
         ver = "0"
     app = FastAPI(title="daser-rag", version=ver, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Guard, limit=svc.limits.max_body_bytes, body_timeout_s=svc.limits.body_timeout_s,
-                       requests=svc.metrics.requests)
+                       requests=svc.metrics.requests, large_bytes=svc.limits.max_large_body_bytes)
     install_handlers(app)
     app.include_router(router)
     app.state.service = svc

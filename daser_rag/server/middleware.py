@@ -26,7 +26,8 @@ LARGE_BODY_BYTES = 1 << 20
 
 
 class MemoryReturn:
-    """After the last large body in flight is done, return freed heap memory to the OS.
+    """Large bodies in flight: their bytes are bounded (`reserve`), and after the last one is done
+    freed heap memory is returned to the OS.
 
     A large body passes through several multi-megabyte buffers (the bytes, the decoded text,
     the parsed strings). glibc serves such sizes from its heaps once its dynamic mmap threshold
@@ -34,8 +35,10 @@ class MemoryReturn:
     larger for good. `malloc_trim(0)` hands free pages back; it runs in a worker thread, at most
     once per quiet period, and is a no-op where glibc is absent."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
         self._n = 0
+        self._bytes = 0
         self._lock = threading.Lock()
         self._trim: Any = None
         try:
@@ -45,14 +48,21 @@ class MemoryReturn:
         except (OSError, AttributeError):  # not glibc
             self._trim = None
 
-    def enter(self) -> None:
+    def enter(self, size: int) -> bool:
+        """Reserve `size` bytes for a large body; False when that would pass `max_bytes` (one body
+        alone is always admitted, so a limit below the body limit cannot lock every upload out)."""
         with self._lock:
+            if self._n and self._bytes + size > self.max_bytes:
+                return False
             self._n += 1
+            self._bytes += size
+            return True
 
-    def leave(self) -> bool:
+    def leave(self, size: int) -> bool:
         """True when this was the last large body in flight (the caller then calls `trim`)."""
         with self._lock:
             self._n -= 1
+            self._bytes -= size
             return self._n == 0 and self._trim is not None
 
     def trim(self) -> None:
@@ -79,9 +89,10 @@ class Guard:
       in the API's error shape (the traceback goes to the log).
     """
 
-    def __init__(self, app: Any, *, limit: int, body_timeout_s: float, requests: Any) -> None:
+    def __init__(self, app: Any, *, limit: int, body_timeout_s: float, requests: Any,
+                 large_bytes: int = 64 << 20) -> None:
         self.app, self.limit, self.body_timeout_s, self.requests = app, limit, body_timeout_s, requests
-        self.memory = MemoryReturn()
+        self.memory = MemoryReturn(large_bytes)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -94,15 +105,21 @@ class Guard:
                 status["code"], status["started"] = message["status"], True
             await send(message)
 
-        large = False
+        large = 0
         try:
             resp = self._refuse_body(scope)
             if resp is not None:
                 await resp(scope, receive, counting_send)
                 return
-            large = self._body_size(scope) >= LARGE_BODY_BYTES
-            if large:
-                self.memory.enter()
+            size = self._body_size(scope)
+            if size >= LARGE_BODY_BYTES:
+                if not self.memory.enter(size):
+                    await error_response(503, f"too many large request bodies in flight (at most "
+                                         f"{self.memory.max_bytes} bytes of bodies of 1 MiB and over at once); "
+                                         "retry shortly", "busy_large_bodies", "server_error",
+                                         {"Retry-After": "1"})(scope, receive, counting_send)
+                    return
+                large = size
             await self.app(scope, self._timed_receive(receive), counting_send)
         except _BodyTimeout:
             if not status["started"]:
@@ -116,7 +133,7 @@ class Guard:
         finally:
             route = scope.get("route")
             self.requests.labels(getattr(route, "path", "unmatched"), str(status["code"])).inc()
-            if large and self.memory.leave():
+            if large and self.memory.leave(large):
                 asyncio.get_running_loop().run_in_executor(None, self.memory.trim)
 
     @staticmethod

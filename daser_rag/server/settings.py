@@ -52,6 +52,10 @@ class Limits:
     One key (or tenant, without keys) holds at most its fair share of them; others wait."""
     prepare_wait_s: float = 10.0
     """Longest a request waits for a preparation lane (503 `busy_preparing`)."""
+    max_large_body_bytes: int = 64 << 20
+    """Bytes of large request bodies (1 MiB and over) being received and prepared at once; a large
+    body that would pass it is refused before it is read (503 `busy_large_bodies`), so a burst of
+    big uploads cannot hold more than this in memory."""
 
 
 
@@ -97,6 +101,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="CPU lanes for parsing large bodies, counting tokens and splitting")
     p.add_argument("--prepare-wait", type=float, default=d.prepare_wait_s,
                    help="seconds a request waits for a preparation lane (503)")
+    p.add_argument("--max-large-body-bytes", type=int, default=d.max_large_body_bytes,
+                   help="bytes of bodies of 1 MiB and over received and prepared at once (503 beyond)")
     p.add_argument("--timeout-keep-alive", type=float, default=5.0, help="idle keep-alive connection timeout")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection has to deliver a complete request head")
@@ -145,7 +151,8 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                     queue_timeout_s=a.queue_timeout, request_timeout_s=a.request_timeout,
                     max_request_tokens=a.max_request_tokens, key_tokens_per_minute=a.key_tokens_per_minute,
                     max_tenants_per_key=a.max_tenants_per_key, protect_metrics=a.protect_metrics,
-                    max_preparing=a.max_preparing, prepare_wait_s=a.prepare_wait)
+                    max_preparing=a.max_preparing, prepare_wait_s=a.prepare_wait,
+                    max_large_body_bytes=a.max_large_body_bytes)
     return dict(host=a.host, port=a.port, model=a.model, cache_dir=a.cache_dir, redis_url=a.redis_url,
                 api_keys=keys, default_tenant=a.tenant, codec=a.codec, recompute_ratio=a.recompute_ratio,
                 chunk_tokens=a.chunk_tokens, host_bytes=a.host_bytes, disk_bytes=a.disk_bytes,
