@@ -2,7 +2,9 @@
 
 Arms (each started fresh, one at a time, on 127.0.0.1; the same trace, the same prompts):
   own      `daser-rag serve` on daser's own embedded engine (one request at a time, model lock)
-  cp1      `daser-rag serve --engine vllm --vllm-spawn 1` (the control plane, document routing)
+  cp1      `daser-rag serve --engine vllm --vllm-spawn 1` (the control plane, default in-engine repair
+           r=0.15 chunk_heads)
+  cp1r0    the same at r=0 (full reuse, no repair)
   cp2      the same with 2 instances (`--router documents`)
   cp2rr    2 instances with `--router round_robin` (the routing baseline)
   prefix   one plain `vllm serve` with its own prefix caching, sent the same prompt token ids
@@ -45,7 +47,7 @@ from benchmarks.markdown import replace_marked
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["pass", "break", "continue", "del", "assert", "global", "for", "else", "dict", "exceptions",
           "context-managers", "booleans", "while", "return", "import", "raise"]
-ARMS = ("own", "cp1", "cp2", "cp2rr", "prefix")
+ARMS = ("own", "cp1", "cp1r0", "cp2", "cp2rr", "prefix")
 MARKER = "control_plane"
 
 
@@ -121,8 +123,10 @@ class Arm:
                    "--queue-timeout", "600", "--request-timeout", "600", "--key-tokens-per-minute", "0",
                    "--log-level", "warning", "--codec", "fp32"]
             if name != "own":
-                cmd += ["--engine", "vllm", "--vllm-spawn", "1" if name == "cp1" else "2",
+                cmd += ["--engine", "vllm", "--vllm-spawn", "2" if name.startswith("cp2") else "1",
                         "--router", "round_robin" if name == "cp2rr" else "documents"]
+            if name == "cp1r0":
+                cmd += ["--recompute-ratio", "0"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, cwd=ROOT)
         wait_http(self.url, self.proc, 900, self.log)
@@ -254,7 +258,7 @@ def report(results: dict[str, dict[int, Row]], levels: dict[int, list[Req]], arg
                       f"{(len(levels[top]) / results['cp2'][top].wall_s) / (len(levels[top]) / results['own'][top].wall_s):.1f}x "
                       "the own-engine service's throughput")
     if "prefix" in results:
-        for name in ("cp1", "cp2"):
+        for name in ("cp1r0", "cp1", "cp2"):
             if name in results:
                 r = [statistics.median(results["prefix"][c].ttft) / statistics.median(results[name][c].ttft)
                      for c in levels]

@@ -97,6 +97,10 @@ def test_health_reports_each_instance_and_its_self_check(plane):
     h = httpx.get(plane["url"] + "/health").json()
     assert h["status"] == "ok" and h["engine"]["kind"] == "vllm"
     inst = h["engine"]["instances"]
+    long = " ".join(["word"] * 2100)  # more than the instances' --max-model-len 2048
+    r = httpx.post(plane["url"] + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Why?"}], "documents": [{"text": long}], "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert len(inst) == 2 and all(i["healthy"] and i["version"].startswith("0.32") for i in inst)
     assert all(i["self_check"] == {"store": True, "exact_reuse": True, "recompute": True} for i in inst), inst
 

@@ -126,6 +126,8 @@ def open_vllm_engine(
             proc.stop()
         raise
     try:
+        windows = [w for w in (engine.pool.max_model_len(i) for i in engine.pool.instances) if w]
+        engine.instance_window = min(windows) if windows else None
         for inst in engine.pool.instances:
             inst.version = engine.pool.version(inst)
             if inst.version is None or not inst.version.startswith(SUPPORTED_VLLM):

@@ -134,6 +134,15 @@ class InstancePool:
             inst.forget_all()
         return up
 
+    def max_model_len(self, inst: InstanceState) -> int | None:
+        """The instance's `--max-model-len` (from /v1/models): prompts plus answers must fit it."""
+        try:
+            r = self._probe.get(inst.url + "/v1/models")
+            lens = [int(m["max_model_len"]) for m in r.json().get("data", []) if m.get("max_model_len")]
+            return min(lens) if r.status_code == 200 and lens else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
     def version(self, inst: InstanceState) -> str | None:
         try:
             r = self._probe.get(inst.url + "/version")

@@ -73,6 +73,8 @@ class VllmEngine:
         self._prefills = ThreadPoolExecutor(max(1, prefill_workers), thread_name_prefix="daser-prefill")
         self.ingestor = Ingestor(self.planner, store, files.tokenizer, chunk_tokens,  # type: ignore[arg-type]
                                  compute=self._compute_chunk)
+        self.instance_window: int | None = None
+        """The smallest `--max-model-len` of the instances (set at start-up by the factory)."""
         self.self_check: dict[str, dict[str, Any]] = {}
         """Per instance URL: what the start-up self-check found (`run_self_check`)."""
         self.eos = files.tokenizer.eos_token_id
@@ -88,7 +90,8 @@ class VllmEngine:
 
     @property
     def context_window(self) -> int:
-        return int(self.files.spec.max_positions)
+        """The model's window, or the smallest `--max-model-len` among the instances if less."""
+        return min(int(self.files.spec.max_positions), self.instance_window or 1 << 62)
 
     @property
     def store(self) -> KVStore:
