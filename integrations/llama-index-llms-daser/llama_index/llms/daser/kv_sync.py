@@ -22,6 +22,7 @@ from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, No
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
+from daser_rag.kv.keys import text_digest
 from daser_rag.chunking import split_text
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.textcheck import check_document_text, duplicate_ids_error
@@ -199,8 +200,17 @@ class _LocalKV:
             self.store.put(self.gen.compute_chunk(list(piece.token_ids), piece.key, tenant))
             return True
 
-    def add_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> None:
-        self.store.add_refs(doc_id, list(keys), tenant)
+    def add_refs(self, doc_id: str, keys: Sequence[str], tenant: str, texts: Sequence[str] = ()) -> None:
+        """Tie keys to the node's document. A document the store does not know (new, or removed
+        by an upsert a moment ago) is registered first, with these texts: the store refuses bare
+        refs to a removed document (no ghost refs), which would leave the new version's KV
+        without an owner and so never invalidated."""
+        with self.gen.lock:
+            if texts and self.store.document_info(doc_id, tenant) is None:
+                self.store.register_document(doc_id, list(texts), text_digest("\n\n".join(texts)), tenant)
+                self.store.replace_document_refs(doc_id, list(keys), tenant)
+            else:
+                self.store.add_refs(doc_id, list(keys), tenant)
 
     def replace_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> list[str]:
         with self.gen.lock:
@@ -372,6 +382,7 @@ class KVSync:
 
             bar = tqdm(total=len(nodes), desc="daser-rag: chunk KV", unit="chunk")
         refs: dict[str, list[str]] = {}
+        texts: dict[str, list[str]] = {}
         try:
             for node in nodes:
                 text = rendered_text(node)
@@ -386,13 +397,14 @@ class KVSync:
                         report.reused += 1
                     report.keys.append(key)
                     refs.setdefault(node_doc_id(node), []).append(key)
+                    texts.setdefault(node_doc_id(node), []).append(text)
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
         for doc_id, keys in refs.items():
-            self._local.add_refs(doc_id, keys, self.tenant)
+            self._local.add_refs(doc_id, keys, self.tenant, texts[doc_id])
         report.seconds = time.perf_counter() - t0
         return report
 
