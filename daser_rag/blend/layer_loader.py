@@ -77,7 +77,7 @@ class LayerLoader:
         self._error: BaseException | None = None
         self._cv = threading.Condition()
         self._stop = False
-        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None
+        self._stream = torch.cuda.Stream(device=self.device) if self.cuda else None  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._run, name="daser-layer-loader", daemon=True)
         self._thread.start()
 
@@ -129,7 +129,7 @@ class LayerLoader:
                 if self.cuda:
                     with torch.cuda.stream(self._stream):
                         ready = self._prepare(layer)
-                        ev = torch.cuda.Event()
+                        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
                         ev.record(self._stream)
                 else:
                     ready, ev = self._prepare(layer), None
