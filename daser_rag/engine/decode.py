@@ -6,7 +6,7 @@ The generator, the fidelity evaluation and the benchmark harness all decode thro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Generator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -98,15 +98,24 @@ class TextEmitter:
 
 
 class TokenStream:
-    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished."""
+    """Iterate to receive text deltas; `.result` holds the GenerationResult once finished.
 
-    def __init__(self, gen: Iterator[str], holder: dict[str, Any]) -> None:
-        self._gen = gen
-        self._holder = holder
+    Wraps an engine's request generator (yields deltas, returns the result), so every engine
+    streams and drains the same way."""
+
+    def __init__(self, run: Generator[str, None, Any]) -> None:
+        self._run = run
+        self._result: Any = None
 
     def __iter__(self) -> Iterator[str]:
-        yield from self._gen
+        self._result = yield from self._run
 
     @property
     def result(self) -> Any:
-        return self._holder.get("result")
+        return self._result
+
+    def drain(self) -> Any:
+        """Run to the end without reading the deltas (a non-streamed request); the result."""
+        for _ in self:
+            pass
+        return self._result

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,24 +227,15 @@ class CacheAwareGenerator:
     # -- generation --------------------------------------------------------------------------
     def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
                  params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
-        it = self._run(question, contexts, params, **kwargs)
-        while True:
-            try:
-                next(it)
-            except StopIteration as stop:
-                return stop.value
+        result: GenerationResult = self.stream(question, contexts, params, **kwargs).drain()
+        return result
 
     def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
                params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
-        holder: dict[str, GenerationResult] = {}
-
-        def gen() -> Iterator[str]:
-            holder["result"] = yield from self._run(question, contexts, params, **kwargs)
-
-        return TokenStream(gen(), holder)
+        return TokenStream(self._run(question, contexts, params, **kwargs))
 
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
-             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Iterator[str]:
+             *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         """`cancel()` is polled before prefill and between tokens; when it returns True the
         request stops with finish_reason "cancelled" (a gone client frees the model)."""
         p = GenerationParams.from_kwargs(params, **kwargs)
