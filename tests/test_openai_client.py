@@ -94,6 +94,13 @@ def test_errors_carry_param_and_code(served):
         client.chat.completions.create(model="daser", messages=[{"role": "user", "content": Q}], max_tokens=2,
                                        max_completion_tokens=3)
     assert "max_completion_tokens" in ei.value.message
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="daser", messages=[{"role": "user", "content": Q}], max_tokens=10_000)
+    assert ei.value.code == "max_tokens_exceeded" and ei.value.param == "max_tokens", ei.value.body
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="daser", messages=[{"role": "user", "content": Q}],
+                                       extra_headers={"X-Daser-Tenant": "not a tenant!"})
+    assert ei.value.code == "invalid_tenant" and ei.value.param == "tenant", ei.value.body
     with pytest.raises(openai.NotFoundError) as ei:
         client.chat.completions.create(model="gpt-nope", messages=[{"role": "user", "content": Q}])
     assert ei.value.code == "model_not_found" and "param" in ei.value.body

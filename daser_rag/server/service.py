@@ -84,15 +84,15 @@ class Service:
         queries = request.query_params.getlist("tenant")
         if len(headers) > 1 or len(queries) > 1:
             raise ApiError(400, "the tenant was given more than once (repeated X-Daser-Tenant header or ?tenant=)",
-                           code="duplicate_tenant")
+                           code="duplicate_tenant", param="tenant")
         given = [t for t in (body_tenant, *headers, *queries) if t]
         if len(set(given)) > 1:
             raise ApiError(400, "conflicting tenant ids in body, X-Daser-Tenant header and query",
-                           code="conflicting_tenant")
+                           code="conflicting_tenant", param="tenant")
         try:
             tenant = check_tenant(given[0] if given else self.default_tenant)
         except ValueError as exc:
-            raise ApiError(400, str(exc), code="invalid_tenant") from exc
+            raise ApiError(400, str(exc), code="invalid_tenant", param="tenant") from exc
         # With API keys, a tenant lives inside its key's namespace: one key can never reach
         # (or time) another key's cache by naming its tenant.
         return f"{caller.ns}/{tenant}" if caller.ns else tenant
@@ -159,7 +159,7 @@ class Service:
                                                                             self.max_new_cap)
         if max_tokens > self.max_new_cap:
             raise ApiError(400, f"max_tokens={max_tokens} exceeds this service's limit of {self.max_new_cap}",
-                           code="max_tokens_exceeded")
+                           code="max_tokens_exceeded", param="max_tokens")
         try:
             return GenerationParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
