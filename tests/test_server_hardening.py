@@ -387,3 +387,17 @@ def test_the_model_gate_serves_waiters_in_arrival_order():
         f.result(10)
     assert order == list(range(8))
     gate.close()
+
+
+def test_a_request_that_never_ran_is_not_charged(generator):
+    """Admitted, charged, then timed out in the queue (503): its tokens go back to the key's budget."""
+    app = create_app(generator, limits=Limits(queue_timeout_s=0.5, key_tokens_per_minute=60))
+    body = {"prompt": "Count: " + " ".join(["one"] * 30), "max_tokens": 1}
+    with TestClient(app) as c:
+        assert generator.lock.acquire(timeout=10)
+        try:
+            for _ in range(3):  # each ~35 tokens; 3 charged would exceed 60 for good
+                _err(c.post("/v1/completions", json=body), 503, "queue_timeout")
+        finally:
+            generator.lock.release()
+        assert c.post("/v1/completions", json=body).status_code == 200

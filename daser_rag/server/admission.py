@@ -185,6 +185,21 @@ class TokenBudget:
                     del self._spent[k]
 
 
+    def refund(self, key: str, tokens: int) -> None:
+        """Give back a charge for work that never ran (it timed out in the queue, or its client
+        left before it started): a refused or abandoned request must not use up the budget."""
+        if tokens <= 0 or self.per_minute <= 0:
+            return
+        with self._lock:
+            q = self._spent.get(key)
+            if not q:
+                return
+            for i in range(len(q) - 1, -1, -1):
+                if q[i][1] == tokens:
+                    del q[i]
+                    return
+
+
 class CpuSlots:
     """At most `limit` jobs at once, at most `per_key` of them for one key; the others wait in
     arrival order (a waiter whose key already has its share lets later keys pass) for up to

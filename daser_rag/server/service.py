@@ -189,7 +189,7 @@ class Service:
         try:
             if refs:
                 await run_in_threadpool(self._known_documents, refs, tenant)
-            await self.charge(caller, tenant, [question, *inline], window=True)  # last: tenant + budget
+            tokens = await self.charge(caller, tenant, [question, *inline], window=True)  # last: tenant + budget
         except BaseException:
             self.completions.release(share)
             raise
@@ -199,11 +199,16 @@ class Service:
         # toward host RAM and protected from eviction (released when it is over, however it ends)
         await run_in_threadpool(self.engine.queued, rid, ctx, tenant)
 
+        ran = threading.Event()
+
         def done() -> None:
             self.engine.finished(rid)
+            if not ran.is_set():  # timed out in the queue or abandoned before it started
+                self.budget.refund(share, tokens)
             self.completions.release(share)
 
         def run() -> Any:
+            ran.set()
             self.engine.started(rid)
             return self.engine.generate(question, ctx, params=params, cancel=cancel)
 
@@ -214,7 +219,8 @@ class Service:
             return stop.is_set() or time.monotonic() > deadline
 
         if req.stream:
-            return await self._stream(request, question, ctx, params, cancel, stop, done, rid, created, chat, t0)
+            return await self._stream(request, question, ctx, params, cancel, stop, done, ran, rid, created, chat,
+                                      t0)
         try:
             result = await self.gate.run(run, stop, request, on_done=done)
         except Cancelled:
@@ -232,8 +238,8 @@ class Service:
         return openai.completion(result, rid, created, self.served_model, chat)
 
     async def _stream(self, request: Request, question: str, ctx: list[Any], params: GenerationParams,
-                      cancel: Any, stop: threading.Event, done: Callable[[], None], rid: str, created: int,
-                      chat: bool, t0: float) -> AsyncIterator[str] | Any:
+                      cancel: Any, stop: threading.Event, done: Callable[[], None], ran: threading.Event,
+                      rid: str, created: int, chat: bool, t0: float) -> AsyncIterator[str] | Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         first: dict[str, float] = {}
@@ -244,6 +250,7 @@ class Service:
         def produce() -> None:
             # The whole generation runs in this one thread, which holds the model lock; the
             # generator polls `cancel` between tokens, so a gone client frees the model.
+            ran.set()
             self.engine.started(rid)
             stream = self.engine.stream(question, ctx, params=params, cancel=cancel)
             for delta in stream:
@@ -321,12 +328,19 @@ class Service:
         share = caller.share_key(tenant)
         self.writes.acquire(share)  # admission first: a refused request registers and costs nothing
         try:
-            await self.charge(caller, tenant, [d.text for d in docs], window=False)
+            tokens = await self.charge(caller, tenant, [d.text for d in docs], window=False)
         except BaseException:
             self.writes.release(share)
             raise
+        ran = threading.Event()
+
+        def done() -> None:
+            if not ran.is_set():  # timed out in the queue or abandoned: nothing was written
+                self.budget.refund(share, tokens)
+            self.writes.release(share)
 
         def work() -> dict[str, Any]:
+            ran.set()
             report = self.engine.add_documents(docs, tenant=tenant, precompute=precompute)
             records = [self._doc_record(d, tenant) for d in docs]
             written = getattr(self.store, "written_version", None)
@@ -337,8 +351,7 @@ class Service:
             return {"documents": records, "report": vars(report)}
 
         try:
-            return await self.gate.run(work, threading.Event(), request,
-                                       on_done=lambda: self.writes.release(share))
+            return await self.gate.run(work, threading.Event(), request, on_done=done)
         except Cancelled:
             raise ApiError(499, "the client closed the request", code="client_closed") from None
 
