@@ -126,6 +126,7 @@ class DaserClient:
         # request goes out on a socket the server is closing and fails with "connection reset".
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
                                   limits=httpx.Limits(keepalive_expiry=keepalive_expiry))
+        self._model_card: dict[str, Any] | None = None
 
     # -- plumbing ------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
@@ -221,6 +222,25 @@ class DaserClient:
 
     def split(self, text: str) -> list[str]:
         return self._request("POST", "/v1/split", json={"text": text})["chunks"]
+
+    def _model(self) -> dict[str, Any]:
+        if self._model_card is None:
+            self._model_card = dict(self._request("GET", "/v1/models")["data"][0])
+        return self._model_card
+
+    @property
+    def model_name(self) -> str:
+        """The model the service serves (its OpenAI `model` id)."""
+        return str(self._model()["id"])
+
+    @property
+    def context_window(self) -> int:
+        """Positions the service's engine attends over (prompt + answer)."""
+        return int(self._model()["context_window"])
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the texts take in a prompt, counted by the service's own tokenizer."""
+        return sum(int(self._request("POST", "/v1/tokenize", json={"text": t})["tokens"]) for t in texts if t)
 
     # -- extras ----------------------------------------------------------------------------------
     def list_documents(self, tenant: str | None = None) -> list[str]:

@@ -80,7 +80,8 @@ async def chat_completions(request: Request, caller: Caller = Depends(_caller)) 
 async def models(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
     return {"object": "list", "data": [{"id": svc.served_model, "object": "model", "owned_by": "daser-rag",
-                                        "created": 0}]}
+                                        "created": 0, "context_window": svc.engine.context_window,
+                                        "engine": svc.engine.kind}]}
 
 
 @router.post("/v1/documents")
@@ -142,6 +143,22 @@ async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str
     try:
         await svc.charge(caller, tenant, [req.text], window=False, register=False)
         return {"chunks": await svc.lanes.run(share, svc.engine.split, req.text)}
+    finally:
+        svc.completions.release(share)
+
+
+@router.post("/v1/tokenize")
+async def tokenize(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
+    """How many tokens `text` takes in a prompt (as user text), so that a remote client counts
+    like the engine does (LangChain's trim_messages, LlamaIndex's token counting). Admitted and
+    charged like /v1/split: counting is tokenizing."""
+    svc = _svc(request)
+    req = await _body(request, caller, SplitRequest)
+    tenant = svc.tenant_of(request, caller, None)
+    share = caller.share_key(tenant)
+    svc.completions.acquire(share)
+    try:
+        return {"tokens": await svc.charge(caller, tenant, [req.text], window=False, register=False)}
     finally:
         svc.completions.release(share)
 
