@@ -233,3 +233,20 @@ def test_delete_racing_a_chunk_reference_leaves_no_ghost(lm, tmp_path):
                 assert not any(raw.scan_iter(match=f"{ns}:idx:refs:*{doc}*"))
     finally:
         srv.stop()
+
+
+def test_service_start_is_refused_on_a_policy_that_evicts_the_registry(tmp_path):
+    from daser_rag.server.testing import ServiceProcess
+
+    srv = RedisServer(port=free_port(), workdir=tmp_path / "redis").start()
+    try:
+        redis.Redis.from_url(srv.url).config_set("maxmemory-policy", "allkeys-lru")
+        svc = ServiceProcess(tmp_path / "svc", redis_url=srv.url).start()
+        try:
+            with pytest.raises(RuntimeError, match="exited"):
+                svc.wait_healthy(timeout=240)
+        finally:
+            svc.stop()
+        assert "allkeys-lru" in svc.log() and "volatile-lru" in svc.log()
+    finally:
+        srv.stop()
