@@ -4,6 +4,8 @@ Precompute each chunk's KV once, fuse stored chunk KV at query time (RoPE re-rot
 CacheBlend selective recompute), and invalidate exactly what a knowledge-base change touches.
 """
 
+from typing import Any
+
 from daser_rag.errors import (
     ContextTooLongError,
     CorruptEntryError,
@@ -38,7 +40,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # lazy: importing the package must not import torch eagerly
+def __getattr__(name: str) -> Any:  # lazy: importing the package must not import torch eagerly
     if name == "CacheAwareGenerator":
         from daser_rag.generate import CacheAwareGenerator
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import Any, Literal, overload
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer questions using only the provided documents."
 DEFAULT_INSTRUCTION = "Read the documents below, then answer the question briefly.\n\n"
@@ -59,7 +59,16 @@ def _literal_backend(tokenizer: Any) -> Any:
     return literal
 
 
-def encode_text(tokenizer: Any, text: str, *, offsets: bool = False) -> Any:
+@overload
+def encode_text(tokenizer: Any, text: str, *, offsets: Literal[False] = False) -> list[int]: ...
+
+
+@overload
+def encode_text(tokenizer: Any, text: str, *, offsets: Literal[True]) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+
+def encode_text(tokenizer: Any, text: str, *,
+                offsets: bool = False) -> list[int] | tuple[list[int], list[tuple[int, int]]]:
     """Token ids of user `text`, special-token strings tokenized as text (no BOS/EOS added).
     With `offsets=True`: `(ids, [(start, end), ...])` in characters of `text`."""
     literal = _literal_backend(tokenizer)

@@ -10,9 +10,10 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -169,8 +170,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # transformers' logging helpers carry no annotations
+    cast(Callable[[], None], hf_logging.disable_progress_bar)()
+    cast(Callable[[], None], hf_logging.set_verbosity_error)()
 
     src = Path(path) if path is not None else default_model_path()
     if not src.exists():
@@ -211,7 +213,8 @@ def load_model(
 
     if kwargs.get("gguf_file"):
         _save_converted(src, model, tokenizer)
-    model.to(dev).eval()
+    module: torch.nn.Module = model  # PreTrainedModel's decorated `to` confuses mypy; nn.Module's is the one called
+    module.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     spec = spec_from_config(model.config)

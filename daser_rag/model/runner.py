@@ -51,7 +51,8 @@ class LayerRunner:
         )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.body.embed_tokens(ids.to(self.device))
+        out: torch.Tensor = self.body.embed_tokens(ids.to(self.device))
+        return out
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions.to(self.device), self.inv_freq.to(self.device), self.rope_scaling, self.dtype)
@@ -86,7 +87,8 @@ class LayerRunner:
         blk = self.layers[layer]
         t = attn_out.shape[1]
         h = h + blk.self_attn.o_proj(attn_out.transpose(0, 1).reshape(t, -1))
-        return h + blk.mlp(blk.post_attention_layernorm(h))
+        out: torch.Tensor = h + blk.mlp(blk.post_attention_layernorm(h))
+        return out
 
     def attend_and_mlp(
         self,
@@ -124,7 +126,8 @@ class LayerRunner:
         return self.finish_layer(layer, h, outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.body.norm(h)).float()
+        out: torch.Tensor = self.lm_head(self.body.norm(h))
+        return out.float()
 
     @staticmethod
     def mask_for(positions: torch.Tensor, kv_len: int) -> torch.Tensor:

@@ -25,10 +25,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from daser_rag.server.errors import ApiError, busy, unavailable
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -96,7 +98,7 @@ class ModelGate:
         return unavailable(f"waited {waited:.1f} s for the model (queue deadline {self.queue_timeout_s:g} s); "
                            "retry later", "queue_timeout")
 
-    def _locked(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
+    def _locked(self, fn: Callable[[], T], stop: threading.Event) -> T:
         if self.lock is None:  # the engine batches (vLLM): run now, bounded by admission and workers
             if stop.is_set():
                 raise Cancelled()
@@ -133,12 +135,12 @@ class ModelGate:
                 self._running = False
                 self._cv.notify_all()
 
-    def submit(self, fn: Callable[[], Any], stop: threading.Event) -> Any:
+    def submit(self, fn: Callable[[], T], stop: threading.Event) -> Future[T]:
         """A concurrent future of `fn()` run under the model lock (no client watching)."""
         return self.executor.submit(self._locked, fn, stop)
 
-    async def run(self, fn: Callable[[], Any], stop: threading.Event, request: Any = None,
-                  on_done: Callable[[], None] | None = None) -> Any:
+    async def run(self, fn: Callable[[], T], stop: threading.Event, request: Any = None,
+                  on_done: Callable[[], None] | None = None) -> T:
         """Await `fn()` under the model lock. While it waits or runs, a disconnect of `request`'s
         client sets `stop` (fn's cancel callback should read it). `on_done` runs when the work
         has really finished (also if this coroutine is cancelled first)."""
@@ -261,7 +263,7 @@ class CpuSlots:
                 del self._per[key]
             self._dispatch()
 
-    async def run(self, key: str, fn: Callable[..., Any], *args: Any) -> Any:
+    async def run(self, key: str, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in a worker thread, once a lane is free."""
         from starlette.concurrency import run_in_threadpool
 

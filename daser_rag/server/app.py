@@ -75,7 +75,8 @@ def build_generator(
     """A CacheAwareGenerator whose store adds the shared Redis tier and document index."""
     from daser_rag.engine.factory import build_generator as compose
     from daser_rag.kv.shared import default_namespace, open_store
-    from daser_rag.kv.store import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES, default_cache_dir
+    from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
+    from daser_rag.kv.store import default_cache_dir
     from daser_rag.model.loader import load_model
 
     lm = load_model(model)

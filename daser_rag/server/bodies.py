@@ -22,13 +22,16 @@ once on the event loop would stall /health for a second.
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from daser_rag.server.errors import ApiError
+
+if TYPE_CHECKING:
+    from daser_rag.server.admission import CpuSlots
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting of objects / arrays in a request body (metadata included)."""
@@ -145,7 +148,7 @@ def validate(model: type[M], raw: bytes, known_openai: bool = False) -> M:
         raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
-async def read_body(request: Request, model: type[M], lanes: Any, share: str, *, openai_fields: bool = False) -> M:
+async def read_body(request: Request, model: type[M], lanes: CpuSlots, share: str, *, openai_fields: bool = False) -> M:
     """The request's body as `model`; call only after the API key was checked."""
     raw = await request.body()
     if len(raw) <= INLINE_BYTES:

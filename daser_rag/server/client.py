@@ -214,14 +214,18 @@ class DaserClient:
         body: dict[str, Any] = {"text": text, "precompute": precompute}
         if self._tenant(tenant):
             body["tenant"] = self._tenant(tenant)
-        return self._request("PUT", f"/v1/documents/{_quote(_id(doc_id))}", json=body)
+        out: dict[str, Any] = self._request("PUT", f"/v1/documents/{_quote(_id(doc_id))}", json=body)
+        return out
 
     def invalidate(self, doc_id: str, tenant: str | None = None) -> list[str]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
-        return self._request("DELETE", f"/v1/documents/{_quote(_id(doc_id))}", params=params)["dropped_keys"]
+        dropped: list[str] = self._request("DELETE", f"/v1/documents/{_quote(_id(doc_id))}",
+                                           params=params)["dropped_keys"]
+        return dropped
 
     def split(self, text: str) -> list[str]:
-        return self._request("POST", "/v1/split", json={"text": text})["chunks"]
+        chunks: list[str] = self._request("POST", "/v1/split", json={"text": text})["chunks"]
+        return chunks
 
     def _model(self) -> dict[str, Any]:
         if self._model_card is None:
@@ -245,14 +249,17 @@ class DaserClient:
     # -- extras ----------------------------------------------------------------------------------
     def list_documents(self, tenant: str | None = None) -> list[str]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
-        return self._request("GET", "/v1/documents", params=params)["data"]
+        ids: list[str] = self._request("GET", "/v1/documents", params=params)["data"]
+        return ids
 
     def document(self, doc_id: str, tenant: str | None = None) -> dict[str, Any]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None
-        return self._request("GET", f"/v1/documents/{_quote(_id(doc_id))}", params=params)
+        out: dict[str, Any] = self._request("GET", f"/v1/documents/{_quote(_id(doc_id))}", params=params)
+        return out
 
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+        out: dict[str, Any] = self._request("GET", "/health")
+        return out
 
     def metrics(self) -> str:
         resp = self._http.get("/metrics")

@@ -9,8 +9,10 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
+
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daser_rag.server.errors import error_response
 
@@ -89,18 +91,18 @@ class Guard:
       in the API's error shape (the traceback goes to the log).
     """
 
-    def __init__(self, app: Any, *, limit: int, body_timeout_s: float, requests: Any,
+    def __init__(self, app: ASGIApp, *, limit: int, body_timeout_s: float, requests: Any,
                  large_bytes: int = 64 << 20) -> None:
         self.app, self.limit, self.body_timeout_s, self.requests = app, limit, body_timeout_s, requests
         self.memory = MemoryReturn(large_bytes)
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = {"code": 500, "started": False}
 
-        async def counting_send(message: dict) -> None:
+        async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
             await send(message)
@@ -137,7 +139,7 @@ class Guard:
                 asyncio.get_running_loop().run_in_executor(None, self.memory.trim)
 
     @staticmethod
-    def _body_size(scope: dict) -> int:
+    def _body_size(scope: Scope) -> int:
         for k, v in scope.get("headers") or []:
             if k == b"content-length":
                 try:
@@ -146,7 +148,7 @@ class Guard:
                     return 0
         return 0
 
-    def _refuse_body(self, scope: dict) -> Any:
+    def _refuse_body(self, scope: Scope) -> Response | None:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
         headers = dict(scope.get("headers") or [])
@@ -166,12 +168,12 @@ class Guard:
                                   "body_too_large")
         return None
 
-    def _timed_receive(self, receive: Callable) -> Callable:
+    def _timed_receive(self, receive: Receive) -> Receive:
         state = {"body_done": False}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.body_timeout_s
 
-        async def timed() -> dict:
+        async def timed() -> Message:
             if state["body_done"]:
                 return await receive()  # after the body: disconnect notices, untouched
             left = deadline - loop.time()

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from daser_rag.server.schemas import ChatMessage, ContextItem
-from daser_rag.types import ChunkRef, Document
+from daser_rag.types import ChunkRef, Document, GenerationResult
 
 
 def contexts(items: Sequence[ContextItem | str]) -> list[Any]:
@@ -47,18 +47,18 @@ def chat_question(messages: Sequence[ChatMessage]) -> str:
     return "\n\n".join(parts)
 
 
-def daser_block(result: Any) -> dict[str, Any]:
+def daser_block(result: GenerationResult) -> dict[str, Any]:
     d = result.to_dict()
     d.pop("text", None)
     return d
 
 
-def usage(result: Any) -> dict[str, int]:
+def usage(result: GenerationResult) -> dict[str, int]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-def completion(result: Any, rid: str, created: int, model: str, chat: bool) -> dict[str, Any]:
+def completion(result: GenerationResult, rid: str, created: int, model: str, chat: bool) -> dict[str, Any]:
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
                   "finish_reason": result.finish_reason, "logprobs": None}

@@ -29,7 +29,7 @@ def timed_h11(header_timeout_s: float) -> type:
             if self._heads_seen == heads_seen and not self.transport.is_closing():
                 self.transport.close()  # no complete request head in time
 
-        def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._arm()
 

@@ -32,7 +32,8 @@ router = APIRouter()
 
 
 def _svc(request: Request) -> Service:
-    return request.app.state.service
+    svc: Service = request.app.state.service
+    return svc
 
 
 def _caller(request: Request) -> Caller:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from daser_rag.server.ids import MAX_ID_CHARS, normalize_id
+from daser_rag.server.ids import normalize_id
 
 # Generous but finite caps; the app can tighten them (see Limits). docs/service.md lists them.
 MAX_TEXT_CHARS = 200_000

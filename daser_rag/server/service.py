@@ -279,8 +279,8 @@ class Service:
             raise head[1]
         return self._sse(events, head, stop, rid, created, chat, t0, first)
 
-    async def _sse(self, events: asyncio.Queue, head: tuple[str, Any], stop: threading.Event, rid: str,
-                   created: int, chat: bool, t0: float, first: dict[str, float]) -> AsyncIterator[str]:
+    async def _sse(self, events: asyncio.Queue[tuple[str, Any]], head: tuple[str, Any], stop: threading.Event,
+                   rid: str, created: int, chat: bool, t0: float, first: dict[str, float]) -> AsyncIterator[str]:
         model = self.served_model
         ended = False
         try:
@@ -391,10 +391,11 @@ class Service:
         engine = await run_in_threadpool(self.engine.health)  # in-memory state, no model or network call
         if not engine.ok:
             reasons.append(f"engine {engine.engine}: no instance available")
-        out = {"status": "degraded" if redis_state == "down" or reasons else "ok", "redis": redis_state,
-               "model": self.served_model, "fingerprint": self.engine.fingerprint,
-               "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight,
-               "engine": {"kind": engine.engine, "ok": engine.ok, **engine.detail}}
+        out: dict[str, Any] = {
+            "status": "degraded" if redis_state == "down" or reasons else "ok", "redis": redis_state,
+            "model": self.served_model, "fingerprint": self.engine.fingerprint,
+            "inflight": self.completions.inflight, "inflight_documents": self.writes.inflight,
+            "engine": {"kind": engine.engine, "ok": engine.ok, **engine.detail}}
         if reasons:
             out["reasons"] = reasons
         return out

@@ -70,7 +70,10 @@ def test_embedding_is_normalized_and_semantic(embed):
     q, a, b = embed.get_text_embedding_batch(["Which loop does break end?", TEXTS["doc-break"][0], TEXTS["doc-del"][0]])
     assert len(q) == 384
     assert abs(sum(x * x for x in q) - 1.0) < 1e-4
-    dot = lambda u, v: sum(x * y for x, y in zip(u, v))
+
+    def dot(u, v):
+        return sum(x * y for x, y in zip(u, v))
+
     assert dot(q, a) > dot(q, b) + 0.2
 
 
