@@ -281,7 +281,7 @@ def report(results: dict[str, dict[int, Row]], levels: dict[int, list[Req]], arg
             ratios.append(f"{name}: mean TTFT {statistics.mean(allt) * 1000:.0f} ms, cached share {share:.2f}, "
                           "routing hit rate (chunks the chosen instance held in host RAM) "
                           + (f"{hit:.2f}" if hit is not None else "n/a"))
-    head = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `daser-rag bench control_plane "
+    head = (f"Measured {args.measured} by `daser-rag bench control_plane "
             f"{' '.join(args.argv)}`: {args.docs_per_request} documents of <= {args.doc_tokens} tokens per request, "
             f"{args.max_tokens} greedy answer "
             f"tokens, requests per level {', '.join(f'{c}: {len(r)}' for c, r in levels.items())}, "
@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             arm.stop()
             redis.stop()
+    args.measured = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     text = report({k: results[k] for k in arms if k in results}, levels, args)
     print(text)
     if args.img:
@@ -359,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.update_readme:
         summary = [line for line in text.splitlines() if line.startswith("- ")]
         replace_marked(args.update_readme, MARKER + "_summary",
-                       f"Control plane benchmark ({text.split(':', 1)[0].removeprefix('Measured ')}; "
+                       f"Control plane benchmark ({args.measured}, machine load average {os.getloadavg()[0]:.1f}; "
                        "table in docs/vllm.md):\n\n" + "\n".join(summary))
 
 
