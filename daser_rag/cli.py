@@ -11,29 +11,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daser_rag import settings as s
 from daser_rag.errors import DaserError
-from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, SELECTORS
+from daser_rag.params import SELECTORS
+from daser_rag.settings import add_option
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--cache-dir", default=None, help="KV cache directory (default: $DASER_RAG_CACHE_DIR or ~/.cache/daser-rag)")
-    p.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"], help="KV storage codec")
-    p.add_argument("--tenant", default="", help="tenant id / cache salt")
-    p.add_argument("--chunk-tokens", type=int, default=512, help="max tokens per chunk when splitting documents")
+    """The engine options of demo, ingest and ask (flags, defaults and help from daser_rag/settings.py)."""
+    for setting in (s.MODEL, s.CACHE_DIR, s.CODEC, s.TENANT, s.CHUNK_TOKENS):
+        add_option(p, setting)
 
 
-def _ratio(value: str) -> float | str:
-    """--ratio: a share in [0, 1] or "auto" (adaptive budget per request)."""
-    if value == "auto":
-        return value
-    try:
-        r = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {value!r}") from None
-    if not 0.0 <= r <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {value!r}")
-    return r
+def _add_blend(p: argparse.ArgumentParser) -> None:
+    """--ratio / --selector: None means the generator's default (the table's), so a request that names
+    neither is the generator's own choice, as with the service and the adapters."""
+    add_option(p, s.RECOMPUTE_RATIO, "--ratio", "--recompute-ratio", default=None,
+               help=f"{s.RECOMPUTE_RATIO.help} (default: the generator's, {s.RECOMPUTE_RATIO.default})")
+    add_option(p, s.SELECTOR, default=None, choices=list(SELECTORS),
+               help=f"{s.SELECTOR.help} (default: the generator's, {s.SELECTOR.default})")
 
 
 def _generator(args: argparse.Namespace) -> Any:
@@ -290,10 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="ingest a real corpus, answer multi-document questions, compare TTFT")
     _add_common(p)
-    p.add_argument("--questions", type=int, default=4, help="how many correctly answered questions to show")
-    p.add_argument("--ratio", type=_ratio, default=None, help="recompute share or 'auto' (default: the generator's)")
-    p.add_argument("--selector", default=None, choices=list(SELECTORS))
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    add_option(p, s.DEMO_QUESTIONS)
+    _add_blend(p)
+    add_option(p, s.DEMO_MAX_NEW_TOKENS)
 
     p = sub.add_parser("ingest", help="precompute and store chunk KV for documents")
     _add_common(p)
@@ -305,22 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--doc", action="append", default=[], help="document id (repeatable)")
     p.add_argument("--text", action="append", default=[], help="literal chunk text (repeatable)")
-    p.add_argument("--ratio", type=_ratio, default=None,
-                   help="recompute share r in [0, 1] or 'auto' (default: the generator's)")
-    p.add_argument("--selector", default=None, choices=list(SELECTORS),
-                   help="which tokens to recompute (default: the generator's)")
+    _add_blend(p)
     p.add_argument("--full", action="store_true", help="full prefill, no cache (baseline)")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    for setting in (s.MAX_NEW_TOKENS, s.TEMPERATURE, s.SEED):
+        add_option(p, setting)
 
     p = sub.add_parser("cache", help="inspect or manage the KV cache")
     p.add_argument("action", choices=["stats", "clear", "invalidate"])
-    p.add_argument("--cache-dir", default=None)
+    add_option(p, s.CACHE_DIR)
     p.add_argument("--doc", action="append", default=[])
-    p.add_argument("--tenant", default="")
+    add_option(p, s.TENANT)
 
     p = sub.add_parser("bench", add_help=False,  # -h/--help goes to the benchmark itself
                        help="run a benchmark of the checkout: ttft (default), suite, selection, prefix_tree, scaling, quality, "

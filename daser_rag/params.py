@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from daser_rag.blend.registry import ADAPTIVE_BUDGETS, SELECTOR_REGISTRY, NameView, adaptive_budget_names, get_selector
 from daser_rag.errors import InvalidInputError
+from daser_rag import settings
 
-DEFAULT_MAX_NEW_TOKENS = 256
-"""One default for every entry point (generator, CLI, service, adapters)."""
+DEFAULT_MAX_NEW_TOKENS = settings.MAX_NEW_TOKENS.default
+"""One default for every entry point (generator, CLI, service, adapters); declared in daser_rag/settings.py."""
 
-DEFAULT_RECOMPUTE_RATIO = 0.15
+DEFAULT_RECOMPUTE_RATIO = settings.RECOMPUTE_RATIO.default
 """The share of non-exact context tokens recomputed when a request does not say (BlendConfig's
 default; `check_recompute_ratio` is the one validator of any ratio)."""
 
-DEFAULT_SELECTOR = "hybrid"
+DEFAULT_SELECTOR = settings.SELECTOR.default
 """The token selector used when a request does not say (BlendConfig's default)."""
 
 SELECTORS: Sequence[str] = NameView(SELECTOR_REGISTRY)
@@ -66,17 +67,17 @@ class GenerationParams:
     """What one request asks for. `None` for recompute_ratio / selector: the generator's default."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0
+    temperature: float = settings.TEMPERATURE.default
     """Any finite number >= 0; 0 and values below daser_rag.sampling.MIN_TEMPERATURE (1e-5) are
     greedy decoding (their limit; dividing logits by them would overflow). The service caps it at 2."""
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
+    top_p: float = settings.TOP_P.default
+    top_k: int = settings.TOP_K.default
+    seed: int | None = settings.SEED.default
+    stop: tuple[str, ...] = settings.STOP.default
     recompute_ratio: RecomputeRatio | None = None
     selector: str | None = None
-    use_cache: bool = True
-    tenant: str = ""
+    use_cache: bool = settings.USE_CACHE.default
+    tenant: str = settings.TENANT.default
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from daser_rag import settings as s
 from daser_rag.blend.registry import AdaptiveBudget, Selector, Signal, get_adaptive_budget, get_selector
 from daser_rag.params import (
     DEFAULT_RECOMPUTE_RATIO,
@@ -18,8 +19,8 @@ from daser_rag.params import (
     check_selector,
 )
 
-DEVIATION_METRICS = ("v", "k", "kv")
-BUDGETS = ("global", "per_chunk")
+DEVIATION_METRICS = s.DEVIATION.choices
+BUDGETS = s.BUDGET.choices
 
 Ratio = RecomputeRatio
 """A share in [0, 1] or an adaptive budget's name ("auto"); one alias with GenerationParams'."""
@@ -48,19 +49,20 @@ class BlendConfig:
 
     recompute_ratio: Ratio = DEFAULT_RECOMPUTE_RATIO
     selector: str = DEFAULT_SELECTOR
-    check_layer: int = 1
-    deviation: str = "v"
-    chunk_heads: int = 0
-    query_layers: tuple[int, ...] | None = None  # None: every layer
-    query_tokens: int = 0  # 0: every question token; k: the last k only
-    query_norm: str = "row"  # "row": each (head, question token)'s attention over candidates sums to 1; "raw"
-    query_heads: str = "mean"  # "mean" or "max" over heads
-    auto_coverage: float = 0.7
-    auto_floor: float = 0.05
-    auto_cap: float = 0.5
-    budget: str = "global"  # "global": top share over all candidates; "per_chunk": the same share of every chunk
-    funnel: float = 1.0  # > 1: keep funnel x budget at the check layer, narrow to the budget one layer later
-    seed: int = 0
+    # every default (and its meaning) is declared in daser_rag/settings.py, section "blend"
+    check_layer: int = s.CHECK_LAYER.default
+    deviation: str = s.DEVIATION.default
+    chunk_heads: int = s.CHUNK_HEADS.default
+    query_layers: tuple[int, ...] | None = s.QUERY_LAYERS.default  # None: every layer
+    query_tokens: int = s.QUERY_TOKENS.default  # 0: every question token; k: the last k only
+    query_norm: str = s.QUERY_NORM.default
+    query_heads: str = s.QUERY_HEADS.default
+    auto_coverage: float = s.AUTO_COVERAGE.default
+    auto_floor: float = s.AUTO_FLOOR.default
+    auto_cap: float = s.AUTO_CAP.default
+    budget: str = s.BUDGET.default
+    funnel: float = s.FUNNEL.default
+    seed: int = s.BLEND_SEED.default
 
     def __post_init__(self) -> None:
         # the validators GenerationParams uses; they raise InvalidInputError, a ValueError
@@ -70,7 +72,7 @@ class BlendConfig:
             raise ValueError(f"deviation must be one of {DEVIATION_METRICS}, got {self.deviation!r}")
         if self.check_layer < 0:
             raise ValueError(f"check_layer must be >= 0, got {self.check_layer}")
-        if self.query_norm not in ("row", "raw") or self.query_heads not in ("mean", "max"):
+        if self.query_norm not in s.QUERY_NORM.choices or self.query_heads not in s.QUERY_HEADS.choices:
             raise ValueError(f"query_norm must be 'row' or 'raw' and query_heads 'mean' or 'max', got "
                              f"{self.query_norm!r}, {self.query_heads!r}")
         if self.budget not in BUDGETS:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from daser_rag import settings
 from daser_rag.control.spawn import (
     SUPPORTED_VLLM,
     EngineStartError,
@@ -23,10 +24,10 @@ from daser_rag.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VLLM_DTYPE = "float32"
+DEFAULT_VLLM_DTYPE = settings.VLLM_DTYPE.default
 """What spawned instances serve on CPU: fp32, the dtype daser's exactness tests are stated in."""
-DEFAULT_SPAWN_MAX_MODEL_LEN = 2048
-DEFAULT_SPAWN_MAX_NUM_SEQS = 8
+DEFAULT_SPAWN_MAX_MODEL_LEN = settings.VLLM_MAX_MODEL_LEN.default
+DEFAULT_SPAWN_MAX_NUM_SEQS = settings.VLLM_MAX_NUM_SEQS.default
 
 
 def _codec(dtype: str) -> str:
@@ -76,11 +77,11 @@ def open_vllm_engine(
     spawn: int = 0,
     vllm_python: str | os.PathLike[str] | None = None,
     dtype: str = DEFAULT_VLLM_DTYPE,
-    served_name: str = "daser",
+    served_name: str = settings.VLLM_SERVED_NAME.default,
     max_model_len: int = DEFAULT_SPAWN_MAX_MODEL_LEN,
     max_num_seqs: int = DEFAULT_SPAWN_MAX_NUM_SEQS,
     self_check: bool = True,
-    start_timeout_s: float = 600.0,
+    start_timeout_s: float = settings.VLLM_START_TIMEOUT.default,
     **engine_kw: Any,
 ) -> Any:
     """A `VllmEngine` over `urls` plus `spawn` new `vllm serve` processes (in the vLLM venv's

@@ -24,6 +24,7 @@ from daser_rag.errors import InvalidInputError
 from daser_rag.kv.keys import chunk_key, prefix_key
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.types import ResolvedChunk
+from daser_rag.settings import CHUNK_TOKENS
 
 if TYPE_CHECKING:
     from daser_rag.kv.store import KVStore
@@ -69,7 +70,7 @@ class Planner:
     records which documents a chunk's KV belongs to, so invalidation reaches it)."""
 
     def __init__(self, tokenizer: Any, fingerprint: str, store: KVStore, *, context_window: int,
-                 chunk_tokens: int = 512, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 chunk_tokens: int = CHUNK_TOKENS.default, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  prompt: PromptFormat | None = None) -> None:
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from daser_rag.errors import DaserError
+from daser_rag.settings import VLLM_DTYPE, VLLM_MAX_MODEL_LEN, VLLM_MAX_NUM_SEQS, VLLM_VENV
 
 SUPPORTED_VLLM = ("0.32.",)
 """vLLM versions the daser connector is written and tested against (its KV-connector API moves)."""
@@ -35,8 +36,7 @@ class EngineStartError(DaserError):
 
 def default_vllm_python() -> Path:
     """The vLLM venv's interpreter: $DASER_VLLM_VENV, else ~/.cache/daser-rag/vllm-venv."""
-    venv = os.environ.get("DASER_VLLM_VENV") or str(Path.home() / ".cache" / "daser-rag" / "vllm-venv")
-    return Path(venv) / "bin" / "python"
+    return Path(VLLM_VENV.value()).expanduser() / "bin" / "python"
 
 
 def cpu_env(cores: str | None = None, kv_space_gib: int = 1) -> dict[str, str]:
@@ -64,7 +64,8 @@ def _die_with_parent() -> None:
 
 
 def vllm_command(python: str | Path, model_dir: str | Path, port: int, *, kv_transfer: dict[str, Any] | None,
-                 served_name: str, dtype: str = "float32", max_model_len: int = 2048, max_num_seqs: int = 8,
+                 served_name: str, dtype: str = VLLM_DTYPE.default, max_model_len: int = VLLM_MAX_MODEL_LEN.default,
+                 max_num_seqs: int = VLLM_MAX_NUM_SEQS.default,
                  prefix_caching: bool = True, block_size: int = 32, extra_args: Sequence[str] = ()) -> list[str]:
     """The command line of one OpenAI-API vLLM server on 127.0.0.1:`port`.
 

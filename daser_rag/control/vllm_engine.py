@@ -25,6 +25,7 @@ from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
+from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.selectors import num_selected
 from daser_rag.control.planner import Planner, PrefillPlan, ReusePlan
@@ -38,15 +39,15 @@ from daser_rag.engine.protocol import EngineHealth
 from daser_rag.errors import ContextTooLongError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.files import ModelFiles
-from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, GenerationParams
+from daser_rag.params import GenerationParams
 from daser_rag.types import Document, GenerationResult, IngestReport, Timings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_VLLM_SELECTOR = "chunk_heads"
+DEFAULT_VLLM_SELECTOR = settings.VLLM_SELECTOR.default
 """In-engine selection by default: the first tokens of every re-positioned chunk (no check pass);
 2.19x vs vLLM prefix caching at r=0.15 on the vllm_serve trace (docs/vllm.md)."""
-DEFAULT_PREFILL_WORKERS = 4
+DEFAULT_PREFILL_WORKERS = settings.VLLM_PREFILL_WORKERS.default
 """Chunk prefills in flight at once during ingestion (vLLM batches them)."""
 
 
@@ -55,10 +56,12 @@ class VllmEngine:
 
     kind = "vllm"
 
-    def __init__(self, files: ModelFiles, store: KVStore, urls: Sequence[str], *, served_name: str = "daser",
-                 model_name: str | None = None, router: str = "documents", chunk_tokens: int = 512,
-                 recompute_ratio: float = DEFAULT_RECOMPUTE_RATIO, selector: str = DEFAULT_VLLM_SELECTOR,
-                 check_layer: int = 1, prefill_workers: int = DEFAULT_PREFILL_WORKERS,
+    def __init__(self, files: ModelFiles, store: KVStore, urls: Sequence[str], *,
+                 served_name: str = settings.VLLM_SERVED_NAME.default, model_name: str | None = None,
+                 router: str = settings.VLLM_ROUTER.default, chunk_tokens: int = settings.CHUNK_TOKENS.default,
+                 recompute_ratio: float | str = settings.RECOMPUTE_RATIO.default,
+                 selector: str = DEFAULT_VLLM_SELECTOR, check_layer: int = settings.CHECK_LAYER.default,
+                 prefill_workers: int = DEFAULT_PREFILL_WORKERS,
                  processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None) -> None:
         self.files = files
         self._store = store

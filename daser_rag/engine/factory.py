@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from daser_rag import settings
 from daser_rag.kv.store import KVStore, default_cache_dir
 
 
-def default_store(cache_dir: str | Path | None = None, *, codec: str = "fp16", host_bytes: int | None = None,
-                  device: Any = None, device_bytes: int = 4 << 30) -> KVStore:
+def default_store(cache_dir: str | Path | None = None, *, codec: str = settings.CODEC.default,
+                  host_bytes: int | None = None, device: Any = None,
+                  device_bytes: int = settings.DEVICE_BYTES.default) -> KVStore:
     """Host RAM + disk under `cache_dir` (default ~/.cache/daser-rag), plus a GPU tier on CUDA."""
     kwargs: dict[str, Any] = {"codec": codec}
     if host_bytes is not None:

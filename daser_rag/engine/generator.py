@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.config import BlendConfig
 from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
@@ -26,7 +27,7 @@ from daser_rag.engine.decode import TextEmitter, TokenStream, decode_n_tokens, s
 from daser_rag.engine.factory import default_store
 from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
-from daser_rag.engine.lookahead import DEFAULT_PREFETCH_WINDOW, LookAhead
+from daser_rag.engine.lookahead import LookAhead
 from daser_rag.engine.protocol import EngineHealth
 from daser_rag.engine.resolve import resolve
 from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
@@ -51,18 +52,18 @@ class CacheAwareGenerator:
         *,
         cache_dir: str | Path | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-        recompute_ratio: float | str = 0.15,
-        selector: str = "hybrid",
-        check_layer: int = 1,
+        recompute_ratio: float | str = settings.RECOMPUTE_RATIO.default,
+        selector: str = settings.SELECTOR.default,
+        check_layer: int = settings.CHECK_LAYER.default,
         blend: BlendConfig | None = None,
-        chunk_tokens: int = 512,
-        codec: str = "fp16",
+        chunk_tokens: int = settings.CHUNK_TOKENS.default,
+        codec: str = settings.CODEC.default,
         host_bytes: int | None = None,
         device: str | None = None,
-        device_bytes: int = 4 << 30,
+        device_bytes: int = settings.DEVICE_BYTES.default,
         prefix_tree: PrefixTree | bool = False,
         layerwise: bool = False,
-        prefetch_window: int = DEFAULT_PREFETCH_WINDOW,
+        prefetch_window: int = settings.PREFETCH_WINDOW.default,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)

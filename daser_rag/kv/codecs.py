@@ -17,12 +17,13 @@ import torch
 
 from daser_rag.errors import CorruptEntryError
 from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag import settings
 
 MAGIC = b"DASERKV1"
 _DIGEST_LEN = 32  # hex chars of blake2b-16
 
 _FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CODECS = ("fp32", "fp16", "bf16", "int8", "fp8")
+CODECS = settings.CODECS
 _FP8_MAX = 448.0
 
 

@@ -14,12 +14,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from daser_rag.settings import REDIS_TTL
+
 if TYPE_CHECKING:
     from daser_rag.kv.store import KVStore
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REDIS_TTL_S = 24 * 3600.0
+DEFAULT_REDIS_TTL_S = REDIS_TTL.default
 """TTL of Redis KV that no document references (plain-text context). Referenced KV carries a
 longer one (`DEFAULT_DOC_TTL_S`), so that `volatile-lru` can evict any KV -- recomputable --
 and never the document registry, which has no TTL."""

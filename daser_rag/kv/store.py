@@ -39,6 +39,7 @@ from daser_rag.kv.tiers.base import Tier
 from daser_rag.kv.tiers.device import DeviceTier
 from daser_rag.kv.tiers.disk import DiskTier
 from daser_rag.kv.tiers.host import HostTier
+from daser_rag.settings import CACHE_DIR, CODEC, GC_IDLE
 
 if TYPE_CHECKING:
     from daser_rag.kv.redis_index import RedisDocIndex
@@ -54,7 +55,8 @@ MIN_FREE_BYTES = 1 << 20
 """Below this much free space under the cache directory, `problems()` reports the disk full."""
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DASER_RAG_CACHE_DIR", Path.home() / ".cache" / "daser-rag"))
+    """$DASER_RAG_CACHE_DIR (declared in daser_rag/settings.py), else ~/.cache/daser-rag."""
+    return Path(CACHE_DIR.value() or Path.home() / ".cache" / "daser-rag")
 
 
 class KVStore:
@@ -64,7 +66,7 @@ class KVStore:
         *,
         host_bytes: int = DEFAULT_HOST_BYTES,
         disk_bytes: int | None = DEFAULT_DISK_BYTES,
-        codec: str = "fp16",
+        codec: str = CODEC.default,
         remote: Tier | None = None,
         policy: EvictionPolicy | None = None,
         index: DocIndex | RedisDocIndex | None = None,
@@ -398,7 +400,7 @@ class KVStore:
         out["hit_rate"] = hits / total if total else 0.0
         return out
 
-    def collect_garbage(self, max_idle_s: float = 3600.0) -> list[str]:
+    def collect_garbage(self, max_idle_s: float = GC_IDLE.default) -> list[str]:
         """Drop local KV that no document (and no multi-document entry) references and that
         nobody read for `max_idle_s`: the KV of plain-text context. Returns the dropped keys.
         (In Redis such entries carry a TTL instead; see RedisTier.)"""

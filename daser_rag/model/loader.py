@@ -104,8 +104,10 @@ def spec_from_config(cfg: Any) -> ModelSpec:
 
 
 def _conversion_root() -> Path:
-    base = os.environ.get("DASER_RAG_CACHE_DIR") or str(Path.home() / ".cache" / "daser-rag")
-    return Path(base) / "models"
+    """Converted models live beside the KV cache (its folder: $DASER_RAG_CACHE_DIR or the default)."""
+    from daser_rag.kv.store import default_cache_dir
+
+    return default_cache_dir() / "models"
 
 
 def _gguf_id(src: Path) -> str:

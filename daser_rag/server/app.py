@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from daser_rag import settings as s
 from daser_rag.engine.protocol import Engine
 from daser_rag.server.errors import install_handlers
 from daser_rag.server.middleware import Guard
@@ -65,7 +66,7 @@ def build_generator(
     cache_dir: str | None = None,
     redis_url: str | None = None,
     *,
-    codec: str = "fp16",
+    codec: str = s.CODEC.default,
     namespace: str | None = None,
     host_bytes: int | None = None,
     disk_bytes: int | None = None,
@@ -75,15 +76,14 @@ def build_generator(
     """A CacheAwareGenerator whose store adds the shared Redis tier and document index."""
     from daser_rag.engine.factory import build_generator as compose
     from daser_rag.kv.shared import default_namespace, open_store
-    from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
     from daser_rag.kv.store import default_cache_dir
     from daser_rag.model.loader import load_model
 
     lm = load_model(model)
     store = open_store(Path(cache_dir) if cache_dir else default_cache_dir(), redis_url=redis_url,
                        namespace=namespace or default_namespace(lm.fingerprint), redis_ttl_s=redis_ttl_s,
-                       codec=codec, host_bytes=host_bytes or DEFAULT_HOST_BYTES,
-                       disk_bytes=disk_bytes or DEFAULT_DISK_BYTES)
+                       codec=codec, host_bytes=host_bytes or s.HOST_BYTES.default,
+                       disk_bytes=disk_bytes or s.DISK_BYTES.default)
     return compose(lm, store=store, **generator_kw)
 
 
@@ -109,34 +109,34 @@ def _collect_garbage(store: Any, interval_s: float, idle_s: float, stop: threadi
 
 
 def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: str = s.HOST.default,
+    port: int = s.PORT.default,
     *,
-    model: str | None = None,
-    cache_dir: str | None = None,
-    redis_url: str | None = None,
-    api_keys: list[str] | None = None,
-    default_tenant: str = "",
-    codec: str = "fp16",
+    model: str | None = s.MODEL.default,
+    cache_dir: str | None = s.CACHE_DIR.default,
+    redis_url: str | None = s.REDIS_URL.default,
+    api_keys: list[str] | None = s.API_KEYS.default,
+    default_tenant: str = s.TENANT.default,
+    codec: str = s.CODEC.default,
     recompute_ratio: float | str | None = None,
     selector: str | None = None,
-    chunk_tokens: int = 512,
+    chunk_tokens: int = s.CHUNK_TOKENS.default,
     host_bytes: int | None = None,
     disk_bytes: int | None = None,
     redis_ttl_s: float | None = DEFAULT_REDIS_TTL_S,
-    gc_interval_s: float = 600.0,
-    gc_idle_s: float = 3600.0,
+    gc_interval_s: float = s.GC_INTERVAL.default,
+    gc_idle_s: float = s.GC_IDLE.default,
     limits: Limits | None = None,
-    log_level: str = "info",
-    timeout_keep_alive: float = 5.0,
-    limit_concurrency: int | None = 256,
-    header_timeout_s: float = 10.0,
-    engine: str = "daser",
+    log_level: str = s.LOG_LEVEL.default,
+    timeout_keep_alive: float = s.TIMEOUT_KEEP_ALIVE.default,
+    limit_concurrency: int | None = s.LIMIT_CONCURRENCY.default,
+    header_timeout_s: float = s.HEADER_TIMEOUT.default,
+    engine: str = s.ENGINE.default,
     vllm_urls: Sequence[str] = (),
-    vllm_spawn: int = 0,
-    vllm_python: str | None = None,
-    vllm_dtype: str = "float32",
-    router: str = "documents",
+    vllm_spawn: int = s.VLLM_SPAWN.default,
+    vllm_python: str | None = s.VLLM_PYTHON.default,
+    vllm_dtype: str = s.VLLM_DTYPE.default,
+    router: str = s.VLLM_ROUTER.default,
     **kw: Any,
 ) -> None:
     """Run the service until interrupted (`daser-rag serve` / `python -m daser_rag.server`).

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daser_rag.server.errors import error_response
+from daser_rag.settings import LIMIT_MAX_LARGE_BODY_BYTES
 
 log = logging.getLogger("daser_rag.server")
 
@@ -92,7 +93,7 @@ class Guard:
     """
 
     def __init__(self, app: ASGIApp, *, limit: int, body_timeout_s: float, requests: Any,
-                 large_bytes: int = 64 << 20) -> None:
+                 large_bytes: int = LIMIT_MAX_LARGE_BODY_BYTES.default) -> None:
         self.app, self.limit, self.body_timeout_s, self.requests = app, limit, body_timeout_s, requests
         self.memory = MemoryReturn(large_bytes)
 
