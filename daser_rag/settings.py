@@ -185,7 +185,7 @@ USE_CACHE = declare("generation.use_cache", True, "bool", "reuse stored chunk KV
                     used_by=("GenerationParams",))
 TENANT = declare("generation.tenant", "", "str",
                  "tenant id: salts chunk keys so tenants never share KV (serve: the tenant of requests that "
-                 "name none)", parse=str, flag="--tenant", used_by=(_CLI, _SERVE, "GenerationParams"))
+                 "name none)", parse=str, flag="--tenant", used_by=(_CLI, _SERVE, "GenerationParams", "DaserClient"))
 
 # -- cli: options of single commands ---------------------------------------------------------------
 DEMO_QUESTIONS = declare("cli.demo_questions", 4, "int", "how many correctly answered questions to show",
@@ -195,8 +195,9 @@ DEMO_MAX_NEW_TOKENS = declare("cli.demo_max_new_tokens", 32, "int", "tokens each
 
 # -- service ---------------------------------------------------------------------------------------
 HOST = declare("service.host", "127.0.0.1", "str", "address to listen on", parse=str, flag="--host",
-               used_by=(_SERVE,))
-PORT = declare("service.port", 8000, "int", "port to listen on", parse=int, flag="--port", used_by=(_SERVE,))
+               used_by=(_SERVE, "DaserClient's base_url"))
+PORT = declare("service.port", 8000, "int", "port to listen on", parse=int, flag="--port",
+               used_by=(_SERVE, "DaserClient's base_url"))
 REDIS_URL = declare("service.redis_url", None, "str",
                     "shared tier, e.g. redis://127.0.0.1:6379/0 (default: $DASER_RAG_REDIS_URL)",
                     parse=_opt_str, env="DASER_RAG_REDIS_URL", flag="--redis-url", used_by=(_SERVE,))

@@ -135,6 +135,10 @@ def test_engine_constructors_take_their_defaults_from_the_table() -> None:
     store = _signature_defaults(KVStore.__init__)
     assert (store["codec"], store["host_bytes"], store["disk_bytes"]) == (
         s.CODEC.default, s.HOST_BYTES.default, s.DISK_BYTES.default)
+    from daser_rag.server.client import DaserClient
+
+    client = _signature_defaults(DaserClient.__init__)
+    assert client["base_url"] == f"http://{s.HOST.default}:{s.PORT.default}" and client["tenant"] == s.TENANT.default
     # serve(...) called from Python means what `serve` with no options means
     from_python = _signature_defaults(serve)
     from_cli = serve_kwargs(parse_args([]))

@@ -23,6 +23,7 @@ from daser_rag.errors import (
 )
 from daser_rag.params import GenerationParams
 from daser_rag.server.ids import normalize_id
+from daser_rag.settings import HOST, PORT, TENANT
 from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
 
@@ -110,10 +111,10 @@ class DaserClient:
 
     def __init__(
         self,
-        base_url: str = "http://127.0.0.1:8000",
+        base_url: str = f"http://{HOST.default}:{PORT.default}",  # where `serve` listens by default
         *,
         api_key: str | None = None,
-        tenant: str = "",
+        tenant: str = TENANT.default,
         timeout: float = 300.0,
         transport: httpx.BaseTransport | None = None,
         keepalive_expiry: float = 2.0,
