@@ -42,6 +42,7 @@ from benchmarks.harness import Harness, Run, standard_modes
 from benchmarks.markdown import replace_marked
 from benchmarks.quality import answer_correct, exact_match, format_qa_table, rouge_l
 from benchmarks.ttft import make_chunks
+from daser_rag import settings
 from daser_rag.corpus import QA_BENCH, QAItem, python_reference_corpus
 from daser_rag.evaluation import Fidelity
 
@@ -55,7 +56,7 @@ class SuiteConfig:
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.15, 0.3, 0.5, 1.0])
     answer_tokens: int = 32
     seed: int = 0
-    codec: str = "fp16"
+    codec: str = settings.CODEC.default
     scaling: bool = True
     scaling_contexts: list[int] = field(default_factory=lambda: [1000, 2000, 4000, 8000])
     scaling_context_chunks: int = 4
@@ -436,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--questions", type=int, default=None, help=f"QA requests (max {len(QA_BENCH)})")
     ap.add_argument("--context-tokens", type=int, default=None, help="target context per QA request")
     ap.add_argument("--ratios", default=None, help="comma-separated recompute ratios, e.g. 0,0.15,1")
-    ap.add_argument("--codec", default="fp16", choices=["fp32", "fp16", "bf16", "int8", "fp8"])
+    ap.add_argument("--codec", default=settings.CODEC.default, choices=list(settings.CODECS))
     ap.add_argument("--no-scaling", action="store_true", help="skip the context/chunk-count sweeps")
     ap.add_argument("--scaling-contexts", default=None, help="comma-separated context lengths, e.g. 1000,2000")
     ap.add_argument("--scaling-chunks", default=None, help="comma-separated chunk counts, e.g. 2,4,6")

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from daser_rag import settings
 from daser_rag.corpus import python_reference_corpus
 
 QUESTION = ("Based on the documents above, which statements can change the normal flow of control in a loop "
@@ -63,7 +64,8 @@ def measure_modes(
 
 
 def run_ttft_benchmark(
-    gen: Any, *, n_chunks: int = 4, chunk_tokens: int = 512, ratios: Sequence[float | str] | None = None,
+    gen: Any, *, n_chunks: int = 4, chunk_tokens: int = settings.CHUNK_TOKENS.default,
+    ratios: Sequence[float | str] | None = None,
     repeats: int = 3, question: str = QUESTION,
 ) -> dict[str, Any]:
     ratios = ratios if ratios is not None else [0.15, 0.0]
@@ -109,13 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="daser-rag bench ttft", description=__doc__)
     ap.add_argument("--model", default=None)
     ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("--chunk-tokens", type=int, default=512)
+    ap.add_argument("--chunk-tokens", type=int, default=settings.CHUNK_TOKENS.default)
     ap.add_argument("--ratios", default="0.15,0",
                     help="comma-separated modes: a share or 'auto' (the default selector), or SELECTOR:SHARE, "
                          "e.g. deviation:0.15,hybrid:0.15,hybrid:auto,0")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--codec", default="fp16")
+    ap.add_argument("--codec", default=settings.CODEC.default, choices=list(settings.CODECS))
     ap.add_argument("--json", default=None, help="also write the result here")
     ap.add_argument("--readme", default=None, help="rewrite the marked TTFT table (readme-ttft) of this markdown file")
     args = ap.parse_args(argv)
