@@ -195,3 +195,17 @@ def test_print_vllm_config_names_the_planners_namespace(tmp_path):
     fp = ModelFiles(None, dtype="float32").fingerprint
     assert extra["fingerprint"] == fp and extra["redis_namespace"] == default_namespace(fp)
     assert cfg["kv_transfer_config"]["kv_connector"] == "DaserKVConnector" and cfg["env"]["DASER_VLLM_BLEND"] == "1"
+
+
+def test_vllm_engine_ratio_uses_the_one_validator_and_refuses_auto():
+    from daser_rag.control.vllm_engine import VllmEngine
+    from daser_rag.errors import InvalidInputError
+
+    assert VllmEngine._check_ratio(1) == 1.0 and VllmEngine._check_ratio(0.15) == 0.15
+    for bad in (1.5, -0.1, True, "0.3", float("nan")):
+        with pytest.raises(InvalidInputError, match="recompute_ratio must be"):
+            VllmEngine._check_ratio(bad)
+    with pytest.raises(InvalidInputError, match="not available on the vLLM engine"):
+        VllmEngine._check_ratio("auto")
+    with pytest.raises(InvalidInputError, match="cannot run inside vLLM"):
+        VllmEngine._check_selector("hybrid")

@@ -39,7 +39,7 @@ from daser_rag.engine.protocol import EngineHealth
 from daser_rag.errors import ContextTooLongError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.files import ModelFiles
-from daser_rag.params import GenerationParams
+from daser_rag.params import GenerationParams, check_recompute_ratio
 from daser_rag.types import Document, GenerationResult, IngestReport, Timings
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,13 @@ class VllmEngine:
     # -- request options ---------------------------------------------------------------------------
     @staticmethod
     def _check_ratio(r: object) -> float:
-        if isinstance(r, str):
-            raise InvalidInputError("recompute_ratio 'auto' is not available on the vLLM engine (its in-engine "
-                                    "repair takes a fixed share); pass a number in [0, 1]")
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
-            raise InvalidInputError(f"recompute_ratio must be a number in [0, 1], got {r!r}")
-        return float(r)
+        """The one ratio validator (`params.check_recompute_ratio`), then what vLLM cannot do: an
+        adaptive budget ("auto") needs the question's look-ahead, which vLLM runs after the repair."""
+        checked = check_recompute_ratio(r)
+        if isinstance(checked, str):
+            raise InvalidInputError(f"recompute_ratio {checked!r} is not available on the vLLM engine (its "
+                                    "in-engine repair takes a fixed share); pass a number in [0, 1]")
+        return float(checked)
 
     @staticmethod
     def _check_selector(name: object) -> str:
