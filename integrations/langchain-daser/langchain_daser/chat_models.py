@@ -31,6 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator,
 
 from daser_rag.api import KVGenerator
 from daser_rag.errors import InvalidInputError
+from daser_rag.generator_spec import build_from_spec, generator_spec, model_name_of
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_recompute_ratio, check_selector
 from daser_rag.types import GenerationResult
 from langchain_daser._convert import DaserRequest, messages_to_request
@@ -73,48 +74,6 @@ def _usage(result: GenerationResult) -> UsageMetadata:
         # miss the per-chunk split is unknown here, so nothing is claimed
         usage["input_token_details"] = {"cache_read": result.exact_tokens + result.reused_tokens}
     return usage
-
-
-def model_name_of(generator: Any) -> str:
-    """A name for the model behind `generator` (file or folder name in-process, the name a
-    client reports), "daser-rag" when nothing better is known. Offline."""
-    named = getattr(generator, "model_name", None)
-    if isinstance(named, str) and named:
-        return named
-    source = getattr(getattr(generator, "lm", None), "source", None)
-    if isinstance(source, str) and source:
-        from pathlib import PurePath
-
-        name = PurePath(source.rstrip("/\\")).name or source
-        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-    return "daser-rag"
-
-
-def generator_spec(generator: Any) -> dict[str, Any] | None:
-    """How to rebuild `generator` elsewhere (what `dumpd` stores instead of the live object):
-    the service URL of a remote client (its API key is a secret, see `ChatDaser.lc_secrets`),
-    or the model source and cache folder of an in-process generator."""
-    base_url = getattr(generator, "base_url", None)
-    if isinstance(base_url, str) and base_url:
-        return {"kind": "remote", "base_url": base_url}
-    source = getattr(getattr(generator, "lm", None), "source", None)
-    root = getattr(getattr(generator, "store", None), "root", None)
-    if isinstance(source, str):
-        return {"kind": "local", "model": source, "cache_dir": str(root) if root is not None else None}
-    return None
-
-
-def build_from_spec(spec: dict[str, Any], api_key: str | None = None) -> Any:
-    kind = spec.get("kind")
-    if kind == "remote":
-        from daser_rag.server.client import DaserClient
-
-        return DaserClient(spec["base_url"], api_key=api_key)
-    if kind == "local":
-        from daser_rag.engine.factory import build_generator
-
-        return build_generator(spec.get("model"), cache_dir=spec.get("cache_dir"))
-    raise InvalidInputError(f"unknown generator_spec kind {kind!r}; expected 'local' or 'remote'")
 
 
 class ChatDaser(BaseChatModel):

@@ -34,6 +34,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from daser_rag.api import KVGenerator
+from daser_rag.generator_spec import build_from_spec as _build_from_spec
+from daser_rag.generator_spec import generator_spec, model_name_of
 from daser_rag.params import (
     DEFAULT_MAX_NEW_TOKENS,
     SELECTORS,
@@ -104,50 +106,12 @@ def result_raw(result: GenerationResult | None) -> dict[str, Any] | None:
     }
 
 
-def model_name_of(generator: Any) -> str:
-    """A name for the model behind `generator`: its file or folder name (in-process), the name a
-    client reports, or "daser-rag" when nothing better is known. Never goes online."""
-    named = getattr(generator, "model_name", None)
-    if isinstance(named, str) and named:
-        return named
-    source = getattr(getattr(generator, "lm", None), "source", None)
-    if isinstance(source, str) and source:
-        from pathlib import PurePath
-
-        name = PurePath(source.rstrip("/\\")).name or source
-        return name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-    return "daser-rag"
-
-
-def generator_spec(generator: Any) -> dict[str, Any] | None:
-    """How to rebuild `generator` in another process (for `to_dict`/`from_dict`), or None.
-
-    In-process: the model source and cache folder; remote: the service URL (never the API key:
-    `from_dict` reads it from DASER_API_KEY)."""
-    base_url = getattr(generator, "base_url", None)
-    if isinstance(base_url, str) and base_url:
-        return {"kind": "remote", "base_url": base_url}
-    source = getattr(getattr(generator, "lm", None), "source", None)
-    root = getattr(getattr(generator, "store", None), "root", None)
-    if isinstance(source, str):
-        return {"kind": "local", "model": source, "cache_dir": str(root) if root is not None else None}
-    return None
-
-
 def build_from_spec(spec: dict[str, Any]) -> KVGenerator:
-    """The generator `generator_spec` describes (loads the model, or connects to the service)."""
+    """The generator `generator_spec` describes; a remote one takes its API key from DASER_API_KEY."""
     import os
 
-    kind = spec.get("kind")
-    if kind == "remote":
-        from daser_rag.server.client import DaserClient
-
-        return DaserClient(spec["base_url"], api_key=os.environ.get("DASER_API_KEY") or None)
-    if kind == "local":
-        from daser_rag.engine.factory import build_generator
-
-        return build_generator(spec.get("model"), cache_dir=spec.get("cache_dir"))
-    raise ValueError(f"unknown generator_spec kind {kind!r}; expected 'local' or 'remote'")
+    generator: KVGenerator = _build_from_spec(spec, api_key=os.environ.get("DASER_API_KEY") or None)
+    return generator
 
 
 class DaserLLM(CustomLLM):
