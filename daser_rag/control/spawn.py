@@ -98,8 +98,8 @@ class VllmProcess:
         self._log: Any = None
 
     def start(self) -> VllmProcess:
-        python = Path(self.cmd[0])
-        if not python.exists():
+        python = Path(next((c for c in self.cmd if c.endswith("python") or "/python" in c), self.cmd[0]))
+        if python.is_absolute() and not python.exists():
             raise EngineStartError(f"no vLLM interpreter at {python}; create the vLLM venv with `{SETUP_HINT}` "
                                    "(or pass --vllm-python / set DASER_VLLM_VENV)")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

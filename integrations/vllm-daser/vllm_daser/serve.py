@@ -9,20 +9,20 @@ vllm.entrypoints.openai.api_server`, which takes every `vllm serve` flag.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from daser_rag.control.spawn import VllmProcess, vllm_command
 from daser_rag.server.testing import free_port  # one helper for every local test server
 
 
-class VllmServer:
-    """One `vllm serve` process. `kv_transfer` is the `--kv-transfer-config` object
-    (`vllm_daser.prompts.kv_transfer_dict(...)`), None for plain vLLM."""
+class VllmServer(VllmProcess):
+    """One `vllm serve` process in this interpreter's venv (`daser_rag.control.spawn.VllmProcess`:
+    start, readiness, group stop), plus `complete()` for tests and benchmarks. `kv_transfer` is the
+    `--kv-transfer-config` object (`vllm_daser.prompts.kv_transfer_dict(...)`), None for plain vLLM."""
 
     def __init__(
         self,
@@ -40,55 +40,14 @@ class VllmServer:
         nice: int = 0,
         cwd: str | Path | None = None,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
+        cmd = vllm_command(sys.executable, model_dir, port, kv_transfer=kv_transfer, served_name=served_name,
+                           dtype=dtype, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           prefix_caching=prefix_caching, extra_args=extra_args)
+        if nice:
+            cmd = ["nice", "-n", str(nice), *cmd]
+        super().__init__(cmd, port, log_path, env=env, cwd=cwd)
         self.served_name = served_name
-        self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                    "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", served_name,
-                    "--dtype", dtype, "--block-size", "32", "--max-model-len", str(max_model_len),
-                    "--enforce-eager", "--max-num-seqs", str(max_num_seqs), "--disable-log-stats",
-                    "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", *extra_args]
-        if kv_transfer is not None:
-            self.cmd += ["--kv-transfer-config", json.dumps(kv_transfer)]
-        self._env = {**os.environ, **(env or {})}
-        self._nice = nice
-        self._cwd = str(cwd) if cwd is not None else None
-        self.log_path = Path(log_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> VllmServer:
-        self.log = open(self.log_path, "w")
-        cmd = ["nice", "-n", str(self._nice), *self.cmd] if self._nice else self.cmd
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self._env, cwd=self._cwd)
-        return self
-
-    def wait_ready(self, timeout: float = 600) -> float:
-        """Seconds until /health answered 200; raises (with the log's path) if the process died."""
-        import httpx
-
-        assert self.proc is not None, "start() first"
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"vllm serve not ready after {timeout} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc is not None:
-            self.log.close()
 
     def complete(self, body: dict[str, Any], *, stream: bool = False, timeout: float = 600) -> dict[str, Any]:
         """POST /v1/completions (greedy unless the body says otherwise). Returns {"ttft_s",
@@ -129,7 +88,8 @@ class VllmServer:
         return out
 
     def __enter__(self) -> VllmServer:
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
