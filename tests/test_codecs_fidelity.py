@@ -28,6 +28,7 @@ def test_codec_recorded_and_bytes():
         kv.keys.bfloat16().float())  # bf16 is lossless from bf16
 
 
+@pytest.mark.slow  # ~45 s of teacher-forced decoding: CI's slow step runs it
 @pytest.mark.parametrize("codec", ["int8"])
 def test_int8_top1_agreement_vs_bf16(lm, codec):
     from benchmarks.codecs import codec_fidelity

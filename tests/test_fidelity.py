@@ -8,6 +8,9 @@ continuation and compared token by token (see daser_rag/evaluation.py).
 
 import pytest
 
+# ~5 minutes of teacher-forced evaluation: in CI's slow step, not the default run (issue 21)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def fidelity(lm, tmp_path_factory):
