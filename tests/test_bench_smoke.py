@@ -85,6 +85,7 @@ def suite_result(lm, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow  # benchmark-sized: CI's slow step runs it; the default run stays under 5 minutes
 def test_suite_writes_consistent_json(suite_result):
     _, out = suite_result
     saved = json.loads((out / "bench.json").read_text())
@@ -117,6 +118,7 @@ def test_suite_writes_consistent_json(suite_result):
     assert saved["main"]["vllm"]["status"]
 
 
+@pytest.mark.slow  # shares the benchmark-sized suite run above
 def test_suite_scaling_and_artifacts(suite_result):
     result, out = suite_result
     sc = result["scaling"]
@@ -148,6 +150,7 @@ def test_update_doc_replaces_only_the_results_section(tmp_path):
         update_doc(bad, "x")
 
 
+@pytest.mark.slow  # benchmark-sized: CI's slow step runs it; the default run stays under 5 minutes
 def test_harness_fidelity_matches_evaluation_module(lm, one_thread):
     """The suite's one-pass teacher forcing agrees with daser_rag.evaluation's step-by-step loop."""
     from benchmarks.harness import Harness, standard_modes

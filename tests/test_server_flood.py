@@ -53,6 +53,7 @@ def _bodies() -> dict[str, tuple[str, bytes]]:
             "docs": ("/v1/documents", docs)}
 
 
+@pytest.mark.slow  # 12 x 8 MB bodies three times (~25 s): CI's slow step runs it
 @pytest.mark.parametrize("kind", ["texts", "parts", "docs"])
 def test_twelve_concurrent_8mb_bodies_keep_health_fast_and_memory_flat(service, kind):
     path, body = _bodies()[kind]
