@@ -33,7 +33,7 @@ from daser_rag.control.pool import InstanceFailed, InstancePool
 from daser_rag.control.routing import InstanceState, make_router
 from daser_rag.control.spawn import VllmProcess
 from daser_rag.control.wire import in_engine_selectors, plan_params
-from daser_rag.engine.decode import TokenStream
+from daser_rag.engine.decode import StreamingEngine
 from daser_rag.engine.ingest import PROGRESS_AUTO_CHUNKS, Ingestor, Progress, check_documents
 from daser_rag.engine.protocol import EngineHealth
 from daser_rag.errors import ContextTooLongError, InvalidInputError
@@ -51,7 +51,7 @@ DEFAULT_PREFILL_WORKERS = settings.VLLM_PREFILL_WORKERS.default
 """Chunk prefills in flight at once during ingestion (vLLM batches them)."""
 
 
-class VllmEngine:
+class VllmEngine(StreamingEngine):
     """The engine protocol over N vLLM instances (see the module docstring)."""
 
     kind = "vllm"
@@ -154,15 +154,6 @@ class VllmEngine:
         return body
 
     # -- protocol: generation ------------------------------------------------------------------------
-    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
-                 params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
-        result: GenerationResult = self.stream(question, contexts, params, **kwargs).drain()
-        return result
-
-    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
-               params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
-        return TokenStream(self._run(question, contexts, params, **kwargs))
-
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
              *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         p = GenerationParams.from_kwargs(params, **kwargs)

@@ -119,3 +119,23 @@ class TokenStream:
         for _ in self:
             pass
         return self._result
+
+
+class StreamingEngine:
+    """`generate` and `stream` for an engine that runs one request as `_run(...)`: a generator of
+    text deltas that returns the request's GenerationResult. Both engines (daser's own, vLLM)
+    stream and drain through this one pair."""
+
+    def _run(self, question: str, contexts: Sequence[Any] | None, params: Any,
+             **kwargs: Any) -> Generator[str, None, Any]:
+        raise NotImplementedError
+
+    def generate(self, question: str, contexts: Sequence[Any] | None = None, params: Any = None,
+                 **kwargs: Any) -> Any:
+        """The whole answer (the request's GenerationResult)."""
+        return self.stream(question, contexts, params, **kwargs).drain()
+
+    def stream(self, question: str, contexts: Sequence[Any] | None = None, params: Any = None,
+               **kwargs: Any) -> TokenStream:
+        """Text deltas as they are decoded; `.result` once exhausted."""
+        return TokenStream(self._run(question, contexts, params, **kwargs))

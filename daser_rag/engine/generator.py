@@ -23,7 +23,7 @@ from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.engine.assemble import SegmentAssembler
 from daser_rag.engine.chunks import ChunkComputer
-from daser_rag.engine.decode import TextEmitter, TokenStream, decode_n_tokens, stop_token_ids
+from daser_rag.engine.decode import StreamingEngine, TextEmitter, decode_n_tokens, stop_token_ids
 from daser_rag.engine.factory import default_store
 from daser_rag.engine.result import pack_result
 from daser_rag.engine.ingest import Ingestor, Progress
@@ -44,7 +44,7 @@ MIN_QUESTION_ROOM = 64
 """Tokens of the window a chunk must leave free for the question and the answer's start."""
 
 
-class CacheAwareGenerator:
+class CacheAwareGenerator(StreamingEngine):
     def __init__(
         self,
         model: LoadedModel | str | Path | None = None,
@@ -226,15 +226,6 @@ class CacheAwareGenerator:
             return fused, info
 
     # -- generation --------------------------------------------------------------------------
-    def generate(self, question: str, contexts: Sequence[ContextItem] | None = None,
-                 params: GenerationParams | None = None, **kwargs: Any) -> GenerationResult:
-        result: GenerationResult = self.stream(question, contexts, params, **kwargs).drain()
-        return result
-
-    def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
-               params: GenerationParams | None = None, **kwargs: Any) -> TokenStream:
-        return TokenStream(self._run(question, contexts, params, **kwargs))
-
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
              *, cancel: Callable[[], bool] | None = None, **kwargs: Any) -> Generator[str, None, GenerationResult]:
         """`cancel()` is polled before prefill and between tokens; when it returns True the

@@ -132,18 +132,30 @@ async def get_document(doc_id: str, request: Request, caller: Caller = Depends(_
             "chunk_keys": keys}
 
 
-@router.post("/v1/split")
-async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
-    """Splitting is tokenizing: admitted like a completion (429), its text counted against the
-    per-request limit and charged to the token budget, the split itself run in a CPU lane."""
+async def _charged_text(request: Request, caller: Caller) -> tuple[Service, str, str, int]:
+    """A text-only request (split, tokenize) admitted like a completion (429) and its text counted
+    against the per-request limit and charged to the token budget: (service, share, text, tokens).
+    The caller releases the admission slot (`svc.completions.release(share)`)."""
     svc = _svc(request)
     req = await _body(request, caller, SplitRequest)
     tenant = svc.tenant_of(request, caller, None)
     share = caller.share_key(tenant)
     svc.completions.acquire(share)
     try:
-        await svc.charge(caller, tenant, [req.text], window=False, register=False)
-        return {"chunks": await svc.lanes.run(share, svc.engine.split, req.text)}
+        tokens = await svc.charge(caller, tenant, [req.text], window=False, register=False)
+    except BaseException:
+        svc.completions.release(share)
+        raise
+    return svc, share, req.text, tokens
+
+
+@router.post("/v1/split")
+async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
+    """Splitting is tokenizing: admitted and charged (`_charged_text`), the split itself run in a
+    CPU lane."""
+    svc, share, text, _ = await _charged_text(request, caller)
+    try:
+        return {"chunks": await svc.lanes.run(share, svc.engine.split, text)}
     finally:
         svc.completions.release(share)
 
@@ -153,15 +165,9 @@ async def tokenize(request: Request, caller: Caller = Depends(_caller)) -> dict[
     """How many tokens `text` takes in a prompt (as user text), so that a remote client counts
     like the engine does (LangChain's trim_messages, LlamaIndex's token counting). Admitted and
     charged like /v1/split: counting is tokenizing."""
-    svc = _svc(request)
-    req = await _body(request, caller, SplitRequest)
-    tenant = svc.tenant_of(request, caller, None)
-    share = caller.share_key(tenant)
-    svc.completions.acquire(share)
-    try:
-        return {"tokens": await svc.charge(caller, tenant, [req.text], window=False, register=False)}
-    finally:
-        svc.completions.release(share)
+    svc, share, _, tokens = await _charged_text(request, caller)
+    svc.completions.release(share)
+    return {"tokens": tokens}
 
 
 @router.get("/health")
