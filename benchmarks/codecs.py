@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from daser_rag.corpus import QA_SET, python_reference_corpus
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.codecs import CODECS, decode, encode
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model

@@ -28,7 +28,7 @@ def _ttft(gen: Any, chunks: list[str], **kw: Any) -> float:
 
 
 def exactness(model: str | None, dtype: torch.dtype) -> dict[str, Any]:
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
 
@@ -82,7 +82,7 @@ def synthetic_model(name: str, tokenizer_model: str | None) -> Any:
 
 
 def ttft_table(model: str | None, sizes: list[tuple[int, int]], repeats: int, lm: Any = None) -> list[dict[str, Any]]:
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
 

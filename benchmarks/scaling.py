@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(ns.threads)
     from pathlib import Path
 
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(ns.model, store=KVStore(None, codec=cfg.codec, host_bytes=8 << 30), device=ns.device)

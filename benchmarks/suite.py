@@ -472,7 +472,7 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     args = build_parser().parse_args(argv)

@@ -136,7 +136,7 @@ def run_arm(arm: str, args: argparse.Namespace, trace: list[TraceRequest], workd
     import torch
 
     from daser_rag.corpus import python_reference_corpus
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
     from daser_rag.types import Document

@@ -56,7 +56,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     from daser_rag.corpus import DEMO_TOPICS, python_reference_corpus
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
     from vllm_daser.prompts import (

@@ -37,7 +37,7 @@ import torch
 
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.corpus import python_reference_corpus
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.codecs import EncodedKV
 from daser_rag.kv.policies import (
     CostAwarePolicy,

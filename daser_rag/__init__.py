@@ -42,7 +42,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:  # lazy: importing the package must not import torch eagerly
     if name == "CacheAwareGenerator":
-        from daser_rag.generate import CacheAwareGenerator
+        from daser_rag.engine.generator import CacheAwareGenerator
 
         return CacheAwareGenerator
     if name == "KVStore":

@@ -24,7 +24,7 @@ from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.types import GenerationResult
 
 if TYPE_CHECKING:  # the scheduler needs only the generator's public members: lock, store, plan_keys, generate
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
 
 @dataclass

@@ -31,7 +31,7 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,

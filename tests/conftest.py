@@ -25,7 +25,7 @@ def store(tmp_path):
 
 @pytest.fixture
 def generator(lm, store):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
     return CacheAwareGenerator(lm, store=store)
 

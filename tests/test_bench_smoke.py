@@ -66,7 +66,7 @@ def test_prefix_cache_is_exact_and_block_aligned(lm, one_thread):
 @pytest.fixture(scope="module")
 def suite_result(lm, tmp_path_factory):
     from benchmarks.suite import SuiteConfig, run_suite
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     out = tmp_path_factory.mktemp("bench")
@@ -156,7 +156,7 @@ def test_harness_fidelity_matches_evaluation_module(lm, one_thread):
     from benchmarks.harness import Harness, standard_modes
     from benchmarks.ttft import QUESTION, make_chunks
     from daser_rag.evaluation import measure_fidelity
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32"))

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def fidelity(lm, tmp_path_factory):
     from benchmarks.evalset import build_evalset
     from daser_rag.evaluation import measure_fidelity
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(lm, store=KVStore(tmp_path_factory.mktemp("fid"), codec="fp32"), chunk_tokens=128)

@@ -43,7 +43,7 @@ def test_lone_surrogates_in_question_and_context_are_invalid_input(generator):
 
 
 def test_progress_counts_chunks_not_documents(lm, store):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
     gen = CacheAwareGenerator(lm, store=store, chunk_tokens=16)
     text = " ".join(f"Fact {i}: the blue kite number {i} flies high." for i in range(8))
@@ -56,7 +56,7 @@ def test_progress_counts_chunks_not_documents(lm, store):
 def test_progress_bar_unit_is_chunks(lm, store, monkeypatch):
     import tqdm.auto
 
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
     seen: dict = {}
 

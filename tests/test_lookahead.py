@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.store import KVStore
 from daser_rag.types import ChunkRef, Document
 

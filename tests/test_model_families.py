@@ -33,7 +33,7 @@ def family_dir(request, lm, tmp_path):
 
 
 def test_family_matches_transformers_and_r1_equals_full(family_dir, tmp_path):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
     from daser_rag.model.runner import LayerRunner

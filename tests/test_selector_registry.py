@@ -54,7 +54,7 @@ class Recorder:
 
 @pytest.fixture
 def generator(lm, store):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
     return CacheAwareGenerator(lm, store=store, chunk_tokens=64)  # three small chunks: quick
 

@@ -15,7 +15,7 @@ from daser_rag.params import SELECTORS, GenerationParams
 @pytest.fixture
 def generator(lm, store):
     """128-token chunks: three chunks and a question, ~450 tokens, keep these checks quick."""
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
 
     return CacheAwareGenerator(lm, store=store, chunk_tokens=128)
 

@@ -24,7 +24,7 @@ Q = "What happens?"
 
 
 def _generator(lm, root, url, namespace):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.doc_index import DocIndex
     from daser_rag.kv.redis_index import RedisDocIndex
     from daser_rag.kv.store import KVStore

@@ -30,7 +30,7 @@ Q = "What happens?"
 
 
 def _generator(lm, root: Path, url: str | None, namespace: str = "sf"):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.shared import open_store
 
     store = open_store(root, redis_url=url, namespace=namespace if url else None, codec="fp32")

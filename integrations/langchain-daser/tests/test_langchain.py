@@ -237,7 +237,7 @@ def test_aindex_async_path_invalidates_too(generator, embedding):
 
 
 def test_upsert_of_multichunk_document_drops_only_changed_chunks(lm, tmp_path, embedding):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(lm, store=KVStore(tmp_path / "kv", codec="fp32"), chunk_tokens=16)

@@ -87,7 +87,7 @@ def test_bad_text_is_the_core_error_in_store_and_chat(generator, embedding, kind
 def test_one_long_document_gets_a_progress_bar_counted_in_chunks(lm, tmp_path, embedding, monkeypatch):
     import tqdm.auto
 
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     bars: list[dict] = []

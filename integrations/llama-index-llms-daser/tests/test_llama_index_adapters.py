@@ -161,7 +161,7 @@ def long_document(generator, window: int) -> str:
 @pytest.fixture
 def small_window(lm, tmp_path, monkeypatch):
     """The real model with a 512-token window and 64-token chunks: oversized input stays cheap."""
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(lm, store=KVStore(tmp_path / "small", codec="fp32"), chunk_tokens=64)

@@ -127,7 +127,7 @@ def test_empty_none_and_duplicate_documents_through_the_index(generator, embed):
 
 @pytest.fixture
 def small_window(lm, tmp_path, monkeypatch):
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
 
     gen = CacheAwareGenerator(lm, store=KVStore(tmp_path / "small", codec="fp32"), chunk_tokens=64)

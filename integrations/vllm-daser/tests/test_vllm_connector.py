@@ -31,7 +31,7 @@ cpu_defaults()
 os.environ["DASER_VLLM_BLEND"] = "1"  # the model hook for in-engine selective recompute (blend.py)
 
 from daser_rag.corpus import python_reference_corpus
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import load_model
 from vllm_daser.plan import OFF_PARAMS, plan_params

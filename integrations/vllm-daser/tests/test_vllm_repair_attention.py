@@ -25,7 +25,7 @@ cpu_defaults()
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory):
     from daser_rag.corpus import python_reference_corpus
-    from daser_rag.generate import CacheAwareGenerator
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.loader import load_model
     from vllm_daser import blend

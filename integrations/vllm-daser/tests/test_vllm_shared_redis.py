@@ -19,7 +19,7 @@ import torch
 
 from daser_rag.corpus import python_reference_corpus
 from daser_rag.errors import UnknownDocumentError
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.model.loader import load_model
 from daser_rag.server.testing import RedisServer, redis_server_path

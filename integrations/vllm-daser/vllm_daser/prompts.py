@@ -37,7 +37,7 @@ from daser_rag.api import ContextItem
 from daser_rag.control.planner import Planner, ReusePlan
 from daser_rag.control.wire import PLAN_FIELD, connector_extra_config, kv_transfer_dict
 from daser_rag.errors import InvalidInputError
-from daser_rag.generate import CacheAwareGenerator
+from daser_rag.engine.generator import CacheAwareGenerator
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.keys import prefix_key
 from daser_rag.model.loader import LoadedModel, converted_gguf_dir
