@@ -125,6 +125,22 @@ PREFETCH_WINDOW = declare("engine.prefetch_window", 4, "int",
                           "queued requests whose chunk KV daser's engine prefetches into host RAM and protects "
                           "from eviction until they run (PCR look-ahead; 0: off)",
                           parse=int, flag="--prefetch-window", used_by=(_SERVE, _GEN, "LookAhead"))
+PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
+                      "exact reuse of repeated ordered chunk paths (blend/prefix_tree.py): 'off'; 'background' "
+                      "(a path requested prefix_tree_after times is computed exactly while the engine is idle, "
+                      "and background work yields the model within one layer when a request arrives); "
+                      "'inline' (the request that crosses the threshold computes it: ~1.2x a full prefill)",
+                      parse=str, choices=("off", "background", "inline"), flag="--prefix-tree",
+                      used_by=(_SERVE, _GEN))
+PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
+                            "requests of the same ordered chunk path before it is materialized",
+                            parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))
+PREFIX_TREE_QUEUE = declare("engine.prefix_tree_queue", 32, "int",
+                            "paths waiting for background materialization (the oldest is dropped beyond it)",
+                            parse=int, used_by=(_GEN, "BackgroundMaterializer"))
+PREFIX_TREE_IDLE_MS = declare("engine.prefix_tree_idle_ms", 50, "int",
+                              "how long no request must want the model before background materialization starts",
+                              parse=int, used_by=(_GEN, "BackgroundMaterializer"))
 
 # -- blend: how stored KV is repaired (BlendConfig's fields) -------------------------------------
 RECOMPUTE_RATIO: Setting[float | str] = declare("blend.recompute_ratio", 0.15, "ratio",
@@ -313,6 +329,16 @@ VLLM_SERVED_NAME = declare("vllm.served_name", "daser", "str", "the model name i
                            used_by=("open_vllm_engine", _VLLM))
 VLLM_START_TIMEOUT = declare("vllm.start_timeout_s", 600.0, "seconds", "longest a spawned instance may take to start",
                              parse=float, used_by=("open_vllm_engine",))
+VLLM_PREFETCH_MAX_REQUESTS = declare("vllm.prefetch_max_requests", 8, "int",
+                                     "queued requests whose chunk KV a vLLM instance's connector prefetches into its "
+                                     "host tier and pins at once (more are refused and load when they run; 0: off)",
+                                     parse=int, used_by=("DaserKVConnector", _VLLM))
+VLLM_PREFETCH_MAX_BYTES = declare("vllm.prefetch_max_bytes", 512 << 20, "bytes",
+                                  "bytes of chunk KV a vLLM instance's connector keeps pinned for queued requests "
+                                  "(never more than its host tier)", parse=int, used_by=("DaserKVConnector",))
+VLLM_PREFETCH_TTL = declare("vllm.prefetch_ttl_s", 60.0, "seconds",
+                            "a prefetch pin whose request never reaches the instance ends after this long",
+                            parse=float, used_by=("DaserKVConnector", _VLLM))
 
 
 def add_option(p: argparse.ArgumentParser | argparse._ArgumentGroup, setting: Setting[Any], *flags: str,

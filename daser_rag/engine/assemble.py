@@ -10,8 +10,9 @@ the chunks after them.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daser_rag.blend.layer_loader import LayerLoader, source_token_ids
 from daser_rag.blend.prefix_tree import PrefixTree
@@ -20,6 +21,9 @@ from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.store import KVStore
 from daser_rag.model.runner import LayerRunner
 from daser_rag.types import ResolvedChunk, Timings
+
+if TYPE_CHECKING:
+    from daser_rag.engine.materialize import BackgroundMaterializer
 
 
 @dataclass
@@ -46,6 +50,9 @@ class SegmentAssembler:
         self.computer = computer
         self.prefix_tree = prefix_tree
         self.layerwise = layerwise
+        self.materializer: BackgroundMaterializer | None = None
+        """When set, paths that cross the tree's threshold are materialized in the background
+        (engine/materialize.py) instead of inside the request that crossed it."""
 
     # -- fetch ------------------------------------------------------------------------------
     def lookup(self, key: str, timings: Timings) -> Any:
@@ -94,10 +101,13 @@ class SegmentAssembler:
             match = PrefixTree.longest_stored(pk, node_keys, self.store.contains)
             depth, node_keys = match.depth, match.node_keys
             if self.prefix_tree.should_materialize(count, depth, len(chunks)):
-                t0 = time.perf_counter()
-                depth = self._materialize(prefix, chunks, node_keys, depth, tenant, timings)
-                timings.precompute_s += time.perf_counter() - t0
-                materialized = True
+                if self.materializer is not None:  # off the request path: this request blends as usual
+                    self.materializer.submit(chunks, tenant)
+                else:
+                    t0 = time.perf_counter()
+                    depth = self._materialize(prefix, chunks, node_keys, depth, tenant, timings)
+                    timings.precompute_s += time.perf_counter() - t0
+                    materialized = True
         asm = Assembly([prefix], 0, depth, materialized=materialized, keys=[c.key for c in chunks])
         for j, c in enumerate(chunks):
             kv = self.lookup(node_keys[j], timings) if 0 < j < asm.exact_chunks else None
@@ -124,9 +134,24 @@ class SegmentAssembler:
             asm.segments = list(asm.loader.segments())
         return asm
 
+    def materialize_path(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
+                         before_layer: Callable[[int], None] | None = None) -> bool:
+        """Store every tree node of this ordered path not stored yet (the background job; the
+        caller holds the model lock). False when the whole path was already stored."""
+        if self.prefix_tree is None or len(chunks) < 2:
+            return False
+        match = PrefixTree.longest_stored(self.computer.prefix_key(tenant), [c.key for c in chunks],
+                                          self.store.contains)
+        if match.depth >= len(chunks):
+            return False
+        self._materialize(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
+                          before_layer=before_layer)
+        return True
+
     def _materialize(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
-                     tenant: str, timings: Timings) -> int:
-        """Compute chunks depth.. exactly after the exact run and store them as tree nodes."""
+                     tenant: str, timings: Timings, *, before_layer: Callable[[int], None] | None = None) -> int:
+        """Compute chunks depth.. exactly after the exact run and store them as tree nodes
+        (all of them or, when `before_layer` raises, none)."""
         runs = [prefix]
         for j in range(depth):
             if j == 0:
@@ -138,7 +163,8 @@ class SegmentAssembler:
                     break
             runs.append(kv)
         rest = chunks[depth:]
-        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:])
+        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:],
+                                            before_layer=before_layer)
         for j, kv in enumerate(nodes, start=depth):
             self.store.put(kv)
             doc_ids = [q.doc_id for q in chunks[: j + 1] if q.doc_id is not None]

@@ -7,7 +7,7 @@ computed once per generator and shared: a new tenant name costs no model memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -78,13 +78,14 @@ class ChunkComputer:
 
     @torch.inference_mode()
     def compute_after(self, runs: Sequence[ChunkKV], pieces: Sequence[Sequence[int]],
-                      keys: Sequence[str]) -> list[ChunkKV]:
-        """Compute `pieces` exactly after the exact `runs` (prefix-tree nodes); one entry each."""
+                      keys: Sequence[str], *, before_layer: Callable[[int], None] | None = None) -> list[ChunkKV]:
+        """Compute `pieces` exactly after the exact `runs` (prefix-tree nodes); one entry each.
+        `before_layer` may raise to abandon the work between layers (background materialization)."""
         rest = [i for ids in pieces for i in ids]
         total = sum(r.num_tokens for r in runs) + len(rest)
         cache = self.runner.new_cache(total)
         start = write_runs(self.runner, cache, runs)
-        self.runner.forward(torch.tensor(rest, dtype=torch.long), start, cache)
+        self.runner.forward(torch.tensor(rest, dtype=torch.long), start, cache, before_layer=before_layer)
         out = []
         for ids, key in zip(pieces, keys):
             out.append(extract(self.runner, cache, key, torch.tensor(list(ids), dtype=torch.long), start,

@@ -22,6 +22,8 @@ from daser_rag.blend.config import BlendConfig
 from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.engine.assemble import SegmentAssembler
+from daser_rag.engine.materialize import BackgroundMaterializer
+from daser_rag.engine.model_lock import ModelLock
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.engine.decode import StreamingEngine, TextEmitter, decode_n_tokens, stop_token_ids
 from daser_rag.engine.factory import default_store
@@ -61,7 +63,8 @@ class CacheAwareGenerator(StreamingEngine):
         host_bytes: int | None = None,
         device: str | None = None,
         device_bytes: int = settings.DEVICE_BYTES.default,
-        prefix_tree: PrefixTree | bool = False,
+        prefix_tree: PrefixTree | bool | str = settings.PREFIX_TREE.default,
+        prefix_tree_after: int = settings.PREFIX_TREE_AFTER.default,
         layerwise: bool = False,
         prefetch_window: int = settings.PREFETCH_WINDOW.default,
     ) -> None:
@@ -81,10 +84,13 @@ class CacheAwareGenerator(StreamingEngine):
         self.chunk_tokens = chunk_tokens
         self.computer = ChunkComputer(self.runner, self.prompt, self.lm.fingerprint)
         self.ingestor = Ingestor(self.computer, store, self.lm.tokenizer, chunk_tokens)
-        tree = (prefix_tree if isinstance(prefix_tree, PrefixTree) else PrefixTree()) if prefix_tree else None
+        tree, tree_mode = _prefix_tree(prefix_tree, prefix_tree_after)
         self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
-        self.lock = threading.RLock()
-        """Held for any model work; schedulers and adapters serialize on it."""
+        self.lock = ModelLock()
+        """Held for any model work; schedulers and adapters serialize on it. It knows when a request
+        wants the model, so background work (prefix-tree materialization) yields to requests."""
+        if tree_mode == "background":
+            self.assembler.materializer = BackgroundMaterializer(self.assembler, self.lock)
         self.lookahead = LookAhead(store, prefetch_window)
         """PCR look-ahead driven by the service's queue (engine/lookahead.py)."""
         self.eos_ids = stop_token_ids(self.lm.tokenizer)
@@ -126,12 +132,14 @@ class CacheAwareGenerator(StreamingEngine):
             keys = [c.key for c in self.resolve(contexts, tenant)]
         except DaserError:
             return  # the request reports its own bad input when it runs
+        self.lock.note_queued(request_id)
         self.lookahead.queued(request_id, keys)
 
     def started(self, request_id: str) -> None:
         self.lookahead.started(request_id)
 
     def finished(self, request_id: str) -> None:
+        self.lock.note_done(request_id)
         self.lookahead.finished(request_id)
 
     def health(self) -> EngineHealth:
@@ -139,8 +147,10 @@ class CacheAwareGenerator(StreamingEngine):
                                             "prefetch": self.lookahead.stats()})
 
     def close(self) -> None:
-        """Stops the prefetch thread; the model itself lives as long as the process."""
+        """Stops the prefetch and materialization threads; the model lives as long as the process."""
         self.lookahead.close()
+        if self.assembler.materializer is not None:
+            self.assembler.materializer.close()
 
     def chunk_key_for(self, text: str, tenant: str = "") -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)
@@ -268,3 +278,20 @@ class CacheAwareGenerator(StreamingEngine):
                 timings.decode_s = time.perf_counter() - t_dec
         timings.total_s = time.perf_counter() - t_start
         return pack_result(fused, info, emitter, finish, timings, p, self.blend.recompute_ratio)
+
+
+def _prefix_tree(spec: PrefixTree | bool | str, after: int) -> tuple[PrefixTree | None, str]:
+    """The tree and how it materializes, from the constructor's `prefix_tree` (a PrefixTree or
+    True: background; False: off; or a mode name from the settings table)."""
+    if isinstance(spec, PrefixTree):
+        return spec, "background"
+    if isinstance(spec, bool):
+        spec = "background" if spec else "off"
+    if spec not in settings.PREFIX_TREE.choices:
+        raise InvalidInputError(f"prefix_tree must be one of {', '.join(settings.PREFIX_TREE.choices)} "
+                                f"(or a bool / PrefixTree), got {spec!r}")
+    if spec == "off":
+        return None, spec
+    if not isinstance(after, int) or after < 1:
+        raise InvalidInputError(f"prefix_tree_after must be an integer >= 1, got {after!r}")
+    return PrefixTree(materialize_after=after), spec

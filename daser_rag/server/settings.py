@@ -70,6 +70,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "--redis-url and model, environment, flags) and exit")
     add_option(g, s.VLLM_ROUTER)
     add_option(g, s.PREFETCH_WINDOW)
+    add_option(g, s.PREFIX_TREE)
+    add_option(g, s.PREFIX_TREE_AFTER)
     add_option(g, s.SELECTOR, default=None,
                help=f"{s.SELECTOR.help} (default: {s.SELECTOR.default} on daser's engine, "
                     f"{s.VLLM_SELECTOR.default} on vLLM)")
@@ -99,7 +101,8 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 header_timeout_s=a.header_timeout,
                 limit_concurrency=a.limit_concurrency, engine=a.engine, vllm_urls=list(a.vllm_url),
                 vllm_spawn=a.vllm_spawn, vllm_python=a.vllm_python, vllm_dtype=a.vllm_dtype, router=a.router,
-                selector=a.selector, **({"prefetch_window": a.prefetch_window} if a.engine == "daser" else {}))
+                selector=a.selector, **({"prefetch_window": a.prefetch_window, "prefix_tree": a.prefix_tree,
+                   "prefix_tree_after": a.prefix_tree_after} if a.engine == "daser" else {}))
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",

@@ -1,0 +1,144 @@
+"""Prefix-tree materialization off the request path (engine/materialize.py): no request computes
+a tree node, background work yields the model to a request within a layer, stale paths are dropped,
+and the nodes it stores make the path exactly full prefill."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.engine.materialize import BackgroundMaterializer
+from daser_rag.engine.model_lock import ModelLock
+from daser_rag.errors import InvalidInputError
+from daser_rag.types import ChunkRef
+
+Q = "What does pass do?"
+
+
+@pytest.fixture
+def ctx(generator: Any, corpus: Any) -> list[ChunkRef]:
+    by_id = {d.doc_id: d for d in corpus}
+    docs = [by_id[i] for i in ("pyref:pass", "pyref:while", "pyref:del")]
+    return [ChunkRef(text=generator.split(d.text)[0][:400], doc_id=d.doc_id) for d in docs]
+
+
+@pytest.fixture
+def background(generator: Any) -> Iterator[BackgroundMaterializer]:
+    asm = generator.assembler
+    saved = asm.prefix_tree, asm.materializer
+    asm.prefix_tree = PrefixTree(materialize_after=2)
+    asm.materializer = BackgroundMaterializer(asm, generator.lock, idle_s=0.02)
+    try:
+        yield asm.materializer
+    finally:
+        asm.materializer.close()
+        asm.prefix_tree, asm.materializer = saved
+
+
+def _nodes_stored(generator: Any, ctx: list[ChunkRef]) -> list[bool]:
+    return [generator.store.contains(k) for k in generator.plan_keys(ctx) if k.startswith("s")]
+
+
+def test_no_request_materializes_and_the_background_nodes_are_exact(generator: Any, ctx: list[ChunkRef],
+                                                                     background: BackgroundMaterializer) -> None:
+    full, _ = generator.prefill(Q, ctx, use_cache=False)
+    for _ in range(2):  # the second request crosses the threshold
+        _, info = generator.prefill(Q, ctx, recompute_ratio=0.0)
+        assert "materialized" not in info and info["exact_chunks"] == 1  # it blended; nobody computed nodes
+    assert background.wait_idle(120)
+    assert background.stats.materialized == 1 and background.stats.submitted == 1
+    fused, info = generator.prefill(Q, ctx, recompute_ratio=0.0)
+    assert info["exact_chunks"] == 3 and fused.exact_tokens == fused.context_tokens
+    assert (fused.logits - full.logits).abs().max().item() < 1e-3  # exact: equals full prefill
+
+
+def test_a_waiting_request_preempts_background_work_within_a_layer(generator: Any, ctx: list[ChunkRef],
+                                                                  background: BackgroundMaterializer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for _ in range(2):
+        generator.prefill("Why del?", ctx, recompute_ratio=0.0)
+    # the job was submitted; hold the model "wanted" by a queued request: nothing may start
+    lock: ModelLock = generator.lock
+    lock.note_queued("r1")
+    time.sleep(0.3)
+    assert background.stats.materialized == 0 and background.stats.preempted == 0
+    assert not any(_nodes_stored(generator, ctx))
+    # now a request arrives while the job is at layer 3: the job must stop at the next layer
+    real_forward = generator.runner.forward
+    layers_run: list[int] = []
+    arrived = threading.Event()
+
+    def forward(*args: Any, before_layer: Any = None, **kw: Any) -> Any:
+        def hook(layer: int) -> None:
+            layers_run.append(layer)
+            if layer == 3 and not arrived.is_set():
+                arrived.set()
+                lock.note_queued("r2")
+            if before_layer is not None:
+                before_layer(layer)
+        return real_forward(*args, before_layer=hook if before_layer is not None else None, **kw)
+
+    monkeypatch.setattr(generator.runner, "forward", forward)
+    lock.note_done("r1")
+    assert arrived.wait(60)
+    deadline = time.monotonic() + 30
+    while background.stats.preempted == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert background.stats.preempted == 1
+    assert max(layers_run) == 3  # gave the model back before computing layer 3
+    assert not any(_nodes_stored(generator, ctx))  # all or nothing: no partial path stored
+    t0 = time.monotonic()
+    with lock:  # the "request" gets the model at once
+        waited = time.monotonic() - t0
+    assert waited < 1.0
+    lock.note_done("r2")
+    assert background.wait_idle(120)
+    assert background.stats.materialized == 1 and all(_nodes_stored(generator, ctx))
+
+
+def test_invalidated_paths_are_dropped_not_materialized(generator: Any, ctx: list[ChunkRef],
+                                                       background: BackgroundMaterializer) -> None:
+    lock: ModelLock = generator.lock
+    lock.note_queued("busy")
+    try:
+        for _ in range(2):
+            generator.prefill("What is pass for?", ctx, recompute_ratio=0.0)
+        generator.invalidate("pyref:while")  # the document changes before the background turn
+    finally:
+        lock.note_done("busy")
+    assert background.wait_idle(60)
+    assert background.stats.dropped_stale == 1 and background.stats.materialized == 0
+
+
+def test_queue_is_bounded(generator: Any, background: BackgroundMaterializer) -> None:
+    small = BackgroundMaterializer(generator.assembler, ModelLock(), queue_max=2)
+    small.lock.note_queued("hold")  # never idle: jobs only queue
+    try:
+        chunks = generator.resolve([ChunkRef(text=f"Passage number {i}.") for i in range(5)], "")
+        for i in range(4):
+            assert small.submit([chunks[i], chunks[i + 1]], "")
+        assert not small.submit([chunks[3], chunks[4]], "")  # already waiting
+        assert small.stats.pending == 2 and small.stats.dropped_full == 2
+    finally:
+        small.close()
+
+
+def test_prefix_tree_option(lm: Any, store: Any) -> None:
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    g = CacheAwareGenerator(lm, store, prefix_tree="background")
+    assert g.assembler.prefix_tree is not None and g.assembler.materializer is not None
+    g.close()
+    g = CacheAwareGenerator(lm, store, prefix_tree="inline", prefix_tree_after=3)
+    assert g.assembler.materializer is None and g.assembler.prefix_tree is not None
+    assert g.assembler.prefix_tree.materialize_after == 3
+    assert CacheAwareGenerator(lm, store).assembler.prefix_tree is None  # the default: off
+    with pytest.raises(InvalidInputError, match="prefix_tree must be one of"):
+        CacheAwareGenerator(lm, store, prefix_tree="sometimes")
+    with pytest.raises(InvalidInputError, match="prefix_tree_after"):
+        CacheAwareGenerator(lm, store, prefix_tree="inline", prefix_tree_after=0)
