@@ -57,13 +57,19 @@ def make_trace(n: int, per_request: int, n_docs: int, repeat_share: float, seed:
 
 
 def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, answer_tokens: int,
-        log: Any = print) -> list[dict[str, Any]]:
+        log: Any = print, materialize: str = "inline") -> list[dict[str, Any]]:
+    """`materialize`: "inline" (the request crossing the threshold computes the path) or
+    "background" (engine/materialize.py computes it after the request, in idle time, which this
+    trace grants between requests: the background seconds are reported, never charged to a TTFT)."""
     from daser_rag.blend.prefix_tree import PrefixTree
+    from daser_rag.engine.materialize import BackgroundMaterializer
 
     h = Harness(gen, answer_tokens=answer_tokens)
     h.ingest(chunks)
     tree = PrefixTree(materialize_after=2)
-    off, on = Mode(f"blend r={ratio:g}, tree off", "blend", ratio), Mode(f"blend r={ratio:g}, tree on", "blend", ratio)
+    mat = BackgroundMaterializer(gen.assembler, gen.lock, idle_s=0.0) if materialize == "background" else None
+    off = Mode(f"blend r={ratio:g}, tree off", "blend", ratio)
+    on = Mode(f"blend r={ratio:g}, tree on ({materialize})", "blend", ratio)
     rows = []
     for i, tr in enumerate(trace):
         ctx = [chunks[d] for d in tr["docs"]]
@@ -72,11 +78,19 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
         order = [off, on] if i % 2 == 0 else [on, off]  # neither always runs second
         for m in order:
             gen.assembler.prefix_tree = tree if m is on else None
+            gen.assembler.materializer = mat if m is on else None
             r = h.run(m, tr["question"], ctx, ref, answer_tokens=answer_tokens)
             rows.append(_row(i, tr, r, ref))
+            if mat is not None and m is on:  # the idle time after the request: background work runs
+                t0 = time.perf_counter()
+                mat.wait_idle(600)
+                rows[-1]["background_s"] = time.perf_counter() - t0
         gen.assembler.prefix_tree = None
+        gen.assembler.materializer = None
         log(f"[{i + 1}/{len(trace)}] {tr['kind']:7s} " + ", ".join(
             f"{r['mode']} {r['ttft_s'] * 1000:.0f} ms" for r in rows[-3:]))
+    if mat is not None:
+        mat.close()
     return rows
 
 
@@ -102,21 +116,32 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
             "top1": sum(r["agree"] for r in rs) / steps, "mean_kl": sum(r["kl_sum"] for r in rs) / steps,
             "identical": statistics.fmean(r["identical"] for r in rs),
             "exact_share": sum(r["exact"] for r in rs) / max(1, sum(r["context_tokens"] for r in rs)),
+            "ttft_p50_s": _pct([r["ttft_s"] for r in rs], 0.5), "ttft_p90_s": _pct([r["ttft_s"] for r in rs], 0.9),
+            "ttft_max_s": max(r["ttft_s"] for r in rs),
+            "background_s": sum(r.get("background_s", 0.0) for r in rs),
         }
     return dict(out)
 
 
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
 def table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
-    lines = ["| mode | requests | exact context | TTFT mean | paired speed-up (median) | top-1 | mean KL | greedy identical |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | requests | exact context | TTFT mean | TTFT p50 / p90 / max | paired speed-up (median) "
+             "| top-1 | mean KL | greedy identical | background work |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, kinds in summary.items():
         for kind in ("all", *KINDS):
             v = kinds.get(kind)
             if v is None:
                 continue
+            bg = f"{v['background_s']:.1f} s" if v["background_s"] else "-"
             lines.append(f"| {mode} | {kind} ({v['requests']}) | {v['exact_share']:.0%} | {v['ttft_s'] * 1000:.0f} ms | "
+                         f"{v['ttft_p50_s'] * 1000:.0f} / {v['ttft_p90_s'] * 1000:.0f} / {v['ttft_max_s'] * 1000:.0f} ms | "
                          f"{v['speedup']:.1f}x | "
-                         f"{v['top1']:.3f} | {v['mean_kl']:.4f} | {v['identical']:.0%} |")
+                         f"{v['top1']:.3f} | {v['mean_kl']:.4f} | {v['identical']:.0%} | {bg} |")
     return "\n".join(lines)
 
 
@@ -130,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answer-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--materialize", choices=("inline", "background"), default="background",
+                    help="how the tree-on mode stores a repeated path: in the request that crosses the threshold, "
+                         "or in idle time after it (engine/materialize.py)")
     ap.add_argument("--json", default="")
     ap.add_argument("--update-doc", default="", help="rewrite the marked section (prefix-tree) of this markdown file")
     args = ap.parse_args(argv)
@@ -147,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         chunks = [gen.split(d.text)[0] for d in docs]  # the first chunk of each document
         trace = make_trace(args.requests, args.per_request, len(chunks), args.repeat_share, args.seed)
         t0 = time.perf_counter()
-        rows = run(gen, trace, chunks, args.ratio, args.answer_tokens)
+        rows = run(gen, trace, chunks, args.ratio, args.answer_tokens, materialize=args.materialize)
         minutes = (time.perf_counter() - t0) / 60
     summary = summarize(rows)
     cmd = "daser-rag bench prefix_tree " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
