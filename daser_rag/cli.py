@@ -314,9 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_option(p, s.TENANT)
 
     p = sub.add_parser("bench", add_help=False,  # -h/--help goes to the benchmark itself
-                       help="run a benchmark of the checkout: ttft (default), suite, selection, prefix_tree, scaling, quality, "
-                       "plots, codecs, workload, load_test, gpu, vllm_serve, vllm_trace (extra args pass through; see "
-                       "docs/benchmarks.md)")
+                       help="run a benchmark of the checkout (benchmarks/NAME.py; default ttft): 'daser-rag bench "
+                       "--help' lists them, 'daser-rag bench NAME --help' shows a benchmark's options; see "
+                       "docs/benchmarks.md")
     p.add_argument("name", nargs="?", default=None)
 
     p = sub.add_parser("serve", help="run the HTTP service (same options as python -m daser_rag.server)")
