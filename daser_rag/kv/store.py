@@ -165,6 +165,16 @@ class KVStore:
             out.append(reason)
         return out
 
+    def remote_health(self, *, probe: bool = True) -> bool | None:
+        """The remote (Redis) tier for /health: None without one; with `probe`, whether it
+        answers a PING now (bounded by the link's probe timeout), else the circuit breaker's
+        current verdict (no I/O)."""
+        from daser_rag.kv.tiers.redis import RedisTier
+
+        if not isinstance(self.remote, RedisTier):
+            return None
+        return self.remote.link.ping() if probe else self.remote.link.up
+
     def get_encoded(self, key: str) -> EncodedKV | None:
         tiers = self.tiers
         for i, tier in enumerate(tiers):

@@ -62,7 +62,6 @@ class Service:
         self.metrics.tenants.set_function(lambda: self.tenants.count)
         self.served_model = model_name or engine.model_name
         self.max_new_cap = min(limits.max_new_tokens, engine.context_window - 1)
-        self.link = getattr(getattr(self.store, "remote", None), "link", None)
 
     # -- auth & tenancy ---------------------------------------------------------------------
     def auth(self, request: Request) -> Caller:
@@ -374,13 +373,13 @@ class Service:
     # -- operations ----------------------------------------------------------------------------
     async def health(self) -> dict[str, Any]:
         redis_state = "disabled"
-        if self.link is not None:
+        if self.store.remote_health(probe=False) is not None:
             # a PING with a 0.25 s timeout (or the breaker's verdict while it holds Redis down);
             # should the thread pool be slow to run it, the breaker's current state answers
             try:
-                up = await asyncio.wait_for(run_in_threadpool(self.link.ping), 0.5)
+                up = await asyncio.wait_for(run_in_threadpool(self.store.remote_health), 0.5)
             except asyncio.TimeoutError:
-                up = self.link.up
+                up = self.store.remote_health(probe=False)
             redis_state = "up" if up else "down"
         # storage trouble seen recently: Redis refusing writes (OOM, READONLY), a full local
         # disk, the index mirror not written (kv.store.KVStore.problems; cheap, no I/O)
