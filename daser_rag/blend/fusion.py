@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.rope import rerotate_keys
 from daser_rag.model.runner import LayerRunner
+
+if TYPE_CHECKING:
+    from daser_rag.calibration.adapter import Calibration
 
 __all__ = ["BlendConfig", "FusionResult", "full_prefill", "fuse"]
 
@@ -43,6 +47,8 @@ class FusionResult:
     query_tokens: int
     selector: str = "none"
     target_share: float = 0.0  # the share asked for (the auto budget's choice when "auto")
+    calibrated: bool = False  # a calibration (daser_rag/calibration) acted on reused KV
+    link_tokens: int = 0  # learned link tokens placed before the question (not in query_tokens)
 
     @property
     def recompute_share(self) -> float:
@@ -55,11 +61,16 @@ class _LayerFiller:
 
     Segments from a `LayerLoader` (with `ready_layer`) were decoded and re-rotated in the
     background while the previous layer computed; plain `ChunkKV`s are re-rotated here, all
-    layers at once on first use. Each layer is written once.
+    layers at once on first use. Each layer is written once. With a calibration, the K/V of
+    segments at or past `exact_len` (reused, stale) are scaled per layer and KV head as they
+    are written; exact runs are written as they are.
     """
 
-    def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV]) -> None:
+    def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV], calibration: Calibration | None = None,
+                 exact_len: int = 0) -> None:
         self.runner = runner
+        self.calibration = calibration
+        self.exact_len = exact_len
         self.cache: PositionalKVCache | None = None
         self.placements: list[tuple[ChunkKV, int]] = []
         offset = 0
@@ -76,17 +87,20 @@ class _LayerFiller:
         self._done.add(layer)
         assert self.cache is not None
         dev, dt = self.runner.device, self.runner.dtype
+        scales = None if self.calibration is None else self.calibration.scales(layer, dev, dt)
         for i, (seg, offset) in enumerate(self.placements):
             ready = getattr(seg, "ready_layer", None)
             if ready is not None:
                 k, v = ready(layer, offset)
-                self.cache.write(layer, offset, k, v)
-                continue
-            if offset != seg.start_pos and i not in self._rotated:
-                keys = seg.keys.to(device=dev, dtype=torch.float32)
-                self._rotated[i] = rerotate_keys(keys, offset - seg.start_pos, self.runner.inv_freq).to(dt)
-            k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
-            self.cache.write(layer, offset, k, seg.values[layer].to(device=dev, dtype=dt))
+            else:
+                if offset != seg.start_pos and i not in self._rotated:
+                    keys = seg.keys.to(device=dev, dtype=torch.float32)
+                    self._rotated[i] = rerotate_keys(keys, offset - seg.start_pos, self.runner.inv_freq).to(dt)
+                k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
+                v = seg.values[layer].to(device=dev, dtype=dt)
+            if scales is not None and offset >= self.exact_len:
+                k, v = k * scales[0], v * scales[1]
+            self.cache.write(layer, offset, k, v)
 
     def fill_all(self) -> None:
         for i in range(self.runner.spec.num_layers):
@@ -253,28 +267,39 @@ def fuse(
     exact_len: int,
     config: BlendConfig = _DEFAULT_CONFIG,
     extra_capacity: int = 0,
+    calibration: Calibration | None = None,
 ) -> FusionResult:
     """Build the KV buffer for `segments` + `query_ids` and return the last-token logits.
 
     `exact_len`: positions [0, exact_len) hold KV that is already exactly what full prefill
     would produce (the caller guarantees it); they are never candidates for recompute.
+    `calibration` (daser_rag/calibration): scales the reused KV and places its link tokens
+    before the question; it is not used when nothing is reused (no candidates, or a fixed
+    share that recomputes every candidate: r = 1 stays exactly full prefill).
     """
-    filler = _LayerFiller(runner, segments)
-    ctx_len = filler.length
-    q_len = int(query_ids.shape[0])
-    if q_len == 0:
+    ctx_len = sum(seg.num_tokens for seg in segments)
+    if int(query_ids.shape[0]) == 0:
         raise ValueError("query must contain at least one token")
-    total = ctx_len + q_len
-    cache = runner.new_cache(total + extra_capacity)
-    filler.cache = cache
     exact_len = min(exact_len, ctx_len)
     n_cand = ctx_len - exact_len
+    if calibration is not None and (n_cand == 0 or (not config.is_auto and num_selected(
+            n_cand, float(config.recompute_ratio)) >= n_cand)):
+        calibration = None
+    n_link = calibration.link_tokens if calibration is not None else 0
     query_ids = query_ids.to(runner.device)
+    q_len = int(query_ids.shape[0])
+    if calibration is not None and n_link:
+        runner = runner.with_link_embeddings(calibration.link)
+        query_ids = torch.cat([runner.link_ids(n_link), query_ids])
+    filler = _LayerFiller(runner, segments, calibration, exact_len)
+    total = ctx_len + n_link + q_len
+    cache = runner.new_cache(total + extra_capacity)
+    filler.cache = cache
 
     def result(logits: torch.Tensor, n_sel: int, share: float) -> FusionResult:
         cache.length = total
         return FusionResult(cache, logits, ctx_len, exact_len, n_cand - n_sel, n_sel, q_len,
-                            config.selector if n_sel else "none", share)
+                            config.selector if n_sel else "none", share, calibration is not None, n_link)
 
     if n_cand == 0 or (not config.is_auto and num_selected(n_cand, float(config.recompute_ratio)) == 0):
         cache.length = ctx_len

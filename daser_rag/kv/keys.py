@@ -20,12 +20,20 @@ def prefix_digest(fingerprint: str, prefix_ids: Sequence[int], salt: str = "") -
     return h.hexdigest()
 
 
-def chunk_key(fingerprint: str, prefix_ids: Sequence[int], chunk_ids: Sequence[int], salt: str = "") -> str:
-    """Key of a chunk's KV when computed right after `prefix_ids` (its stored positions follow)."""
+def chunk_key(fingerprint: str, prefix_ids: Sequence[int], chunk_ids: Sequence[int], salt: str = "",
+              adapter: str = "") -> str:
+    """Key of a chunk's KV when computed right after `prefix_ids` (its stored positions follow).
+
+    `adapter`: the digest of an adapter that changes stored chunk KV (daser_rag/calibration's
+    `chunk_digest`), so KV made with and without it, or with another one, never share a key.
+    Empty (no such adapter) keeps the key every earlier version wrote.
+    """
     h = hashlib.blake2b(digest_size=16)
     h.update(b"daser-chunk-v1\0")
     h.update(prefix_digest(fingerprint, prefix_ids, salt).encode())
     h.update(_ids_bytes(chunk_ids))
+    if adapter:
+        h.update(b"\0adapter\0" + adapter.encode())
     return "c" + h.hexdigest()
 
 

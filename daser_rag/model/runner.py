@@ -9,6 +9,7 @@ Batch size is 1: a request is one sequence.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,8 @@ class LayerRunner:
         if window and use_window and window < self.max_positions:
             # We attend over the full context; capping the window keeps that exact.
             self.max_positions = int(window)
+        self.vocab_size = int(self.body.embed_tokens.num_embeddings)
+        self._link: torch.Tensor | None = None  # rows for ids >= vocab_size (with_link_embeddings)
 
     # -- building blocks ---------------------------------------------------------------
     def new_cache(self, capacity: int) -> PositionalKVCache:
@@ -51,8 +54,27 @@ class LayerRunner:
         )
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.body.embed_tokens(ids.to(self.device))
+        ids = ids.to(self.device)
+        if self._link is None:
+            out: torch.Tensor = self.body.embed_tokens(ids)
+            return out
+        extra = ids >= self.vocab_size
+        out = self.body.embed_tokens(ids.clamp(max=self.vocab_size - 1))
+        if bool(extra.any()):
+            out = out.clone()
+            out[extra] = self._link[ids[extra] - self.vocab_size].to(out.dtype)
         return out
+
+    def with_link_embeddings(self, link: torch.Tensor) -> LayerRunner:
+        """A shallow copy (same weights) whose ids vocab_size + j embed as `link[j]`: learned link
+        tokens (daser_rag/calibration) ride through every pass as ordinary ids."""
+        other = copy.copy(self)
+        other._link = link.detach().to(device=self.device, dtype=self.dtype)
+        return other
+
+    def link_ids(self, k: int) -> torch.Tensor:
+        """The ids `with_link_embeddings` maps to its k link embeddings."""
+        return torch.arange(self.vocab_size, self.vocab_size + k, device=self.device)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(positions.to(self.device), self.inv_freq.to(self.device), self.rope_scaling, self.dtype)

@@ -1,0 +1,94 @@
+"""The calibration's parameters and what they do to a prompt's buffer.
+
+`key_log_scale[l, h]` / `value_log_scale[l, h]` scale the keys / values of reused context
+tokens in layer l, KV head h (exp of the stored number, so 0 is "no change"); scaling the keys
+is an attention temperature on the context, scaling the values rescales what the context
+contributes. `link` holds k embeddings placed between the context and the question.
+
+The digest names the parameters exactly (it is part of the file's checksum and of
+`GenerationResult`); `chunk_digest` is what chunk keys must include: the part of the adapter
+that changes *stored* chunk KV. These adapters act when stored KV is placed in a prompt, not
+when it is computed, so stored KV is the same with and without them and `chunk_digest` is
+empty; an adapter that changed stored KV (soft tokens computed with every chunk) would set it,
+and `daser_rag.kv.keys.chunk_key` keys it in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+VERSION = 1
+
+
+@dataclass
+class Calibration:
+    fingerprint: str
+    key_log_scale: torch.Tensor  # [layers, kv_heads]
+    value_log_scale: torch.Tensor  # [layers, kv_heads]
+    link: torch.Tensor  # [k, hidden]; k may be 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    chunk_side: bool = False
+    """True only for adapters whose tensors change stored chunk KV (none are built here yet)."""
+
+    @classmethod
+    def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
+                 link_init: torch.Tensor | None = None) -> Calibration:
+        """No change at all; `link_init` ([hidden]) seeds every link token's embedding."""
+        link = torch.zeros(link_tokens, hidden)
+        if link_tokens and link_init is not None:
+            link = link_init.detach().float().reshape(1, hidden).repeat(link_tokens, 1).clone()
+        return cls(fingerprint, torch.zeros(layers, kv_heads), torch.zeros(layers, kv_heads), link)
+
+    @property
+    def link_tokens(self) -> int:
+        return int(self.link.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
+                "value_log_scale": self.value_log_scale.detach().float().contiguous(),
+                "link": self.link.detach().float().contiguous()}
+
+    def digest(self) -> str:
+        """blake2b over the version, the fingerprint and every tensor's shape and bytes."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"daser-calibration-v{VERSION}\0{self.fingerprint}\0".encode())
+        for name, t in sorted(self.tensors().items()):
+            h.update(f"{name}:{tuple(t.shape)}\0".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def chunk_digest(self) -> str:
+        """What chunk keys include: empty while the adapter leaves stored chunk KV unchanged."""
+        return self.digest() if self.chunk_side else ""
+
+    def scales(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """([kvH, 1, 1] key factor, [kvH, 1, 1] value factor) for one layer."""
+        k = self.key_log_scale[layer].exp().to(device=device, dtype=dtype).view(-1, 1, 1)
+        v = self.value_log_scale[layer].exp().to(device=device, dtype=dtype).view(-1, 1, 1)
+        return k, v
+
+    def check_shape(self, layers: int, kv_heads: int, hidden: int) -> None:
+        """The tensors fit a model of this shape (a mismatching file is an error, not a guess)."""
+        want = {"key_log_scale": (layers, kv_heads), "value_log_scale": (layers, kv_heads)}
+        for name, shape in want.items():
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"calibration tensor {name} has shape {got}, the model needs {shape}")
+        if self.link.dim() != 2 or (self.link_tokens and int(self.link.shape[1]) != hidden):
+            raise ValueError(f"calibration link tokens have shape {tuple(self.link.shape)}, the model needs [k, {hidden}]")
+        for name, t in self.tensors().items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"calibration tensor {name} holds non-finite numbers")
+
+    def without_link(self) -> Calibration:
+        return Calibration(self.fingerprint, self.key_log_scale, self.value_log_scale,
+                           self.link[:0], dict(self.meta), self.chunk_side)
+
+    def without_scales(self) -> Calibration:
+        return Calibration(self.fingerprint, torch.zeros_like(self.key_log_scale),
+                           torch.zeros_like(self.value_log_scale), self.link, dict(self.meta), self.chunk_side)

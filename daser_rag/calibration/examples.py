@@ -1,0 +1,136 @@
+"""Training and held-out prompts from the user's own documents, with full prefill as teacher.
+
+A prompt is a few chunks in a random order and a question that needs no labels: a cloze
+sentence from one of its chunks (a word blanked out) or a generic one. Documents are split
+into a training part and a held-out part by document, so the held-out check measures
+documents the calibration never saw. For each prompt we keep what the reuse path needs and
+what it is held to:
+
+* the r = 0 context buffer (system prefix exact, chunks computed after the prefix alone and
+  re-rotated to their places: exactly what `fuse` builds), and which positions are reused;
+* the tail fed after it: question tokens plus full prefill's greedy answer (teacher-forced);
+* full prefill's log-probabilities at the last question tokens and along the answer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from daser_rag.blend.fusion import _LayerFiller
+from daser_rag.engine.decode import decode_n_tokens
+from daser_rag.evaluation import GENERIC_QUESTIONS
+from daser_rag.kv.chunk_kv import ChunkKV
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{5,}")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    question: str
+    chunks: tuple[str, ...]
+
+
+@dataclass
+class ReuseExample:
+    """One prompt prepared for distillation (tensors are ordinary, autograd-usable ones)."""
+
+    keys: list[torch.Tensor]  # per layer [kvH, C, D]: the r=0 buffer's context keys
+    values: list[torch.Tensor]
+    reused: torch.Tensor  # [C] bool: reused (stale) positions, the ones calibration may scale
+    tail_ids: torch.Tensor  # [T] question ids + teacher answer ids (all but the last)
+    teacher_logp: torch.Tensor  # [n, vocab] full prefill's log-probs at the last n tail positions
+    answer_ids: list[int]  # teacher's greedy answer
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self.reused.shape[0])
+
+
+def split_documents(doc_ids: Sequence[str], held_out: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) document ids; at least one of each when there are two or more."""
+    ids = sorted(doc_ids)
+    random.Random(seed).shuffle(ids)
+    n_hold = max(1, round(held_out * len(ids))) if len(ids) > 1 else 0
+    return ids[n_hold:], ids[:n_hold]
+
+
+def _cloze(rng: random.Random, chunk: str) -> str | None:
+    flat = re.sub(r"\s+", " ", chunk)
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", flat) if 8 <= len(s.split()) <= 32]
+    rng.shuffle(sentences)
+    for s in sentences:
+        words = [w for w in _WORD.findall(s) if s.count(w) == 1]
+        if words:
+            w = rng.choice(words)
+            return f'Fill in the blank with the missing word, as written in the documents: "{s.replace(w, "____", 1)}"'
+    return None
+
+
+def make_prompts(chunks_by_doc: dict[str, list[str]], n: int, chunks_per_prompt: int, seed: int) -> list[PromptSpec]:
+    """n prompts, each `chunks_per_prompt` chunks of distinct documents in a random order; the
+    question is a cloze of one of them (generic when no sentence fits), often about the last."""
+    rng = random.Random(seed)
+    docs = sorted(d for d, cs in chunks_by_doc.items() if cs)
+    if not docs:
+        return []
+    k = max(1, min(chunks_per_prompt, len(docs)))
+    out: list[PromptSpec] = []
+    for i in range(n):
+        picked = rng.sample(docs, k)
+        chunks = tuple(rng.choice(chunks_by_doc[d]) for d in picked)
+        target = chunks[-1] if i % 2 == 0 else rng.choice(chunks)
+        q = _cloze(rng, target) if i % 4 != 3 else None
+        out.append(PromptSpec(q or rng.choice(GENERIC_QUESTIONS), chunks))
+    return out
+
+
+@torch.inference_mode()
+def _teacher(gen: Any, ctx_ids: list[int], q_ids: list[int], answer_tokens: int,
+             loss_question_tokens: int) -> tuple[list[int], torch.Tensor]:
+    runner = gen.runner
+    cache = runner.new_cache(len(ctx_ids) + len(q_ids) + answer_tokens)
+    runner.forward(torch.tensor(ctx_ids), 0, cache)
+    q_logits = runner.forward(torch.tensor(q_ids), len(ctx_ids), cache, all_logits=True)
+    pairs = list(decode_n_tokens(runner, cache, q_logits[-1], answer_tokens))
+    answer = [t for t, _ in pairs]
+    rows = [q_logits[-min(loss_question_tokens, len(q_ids)):-1]] if loss_question_tokens > 1 else []
+    rows.append(torch.stack([lg.reshape(-1) for _, lg in pairs]))
+    logits = torch.cat(rows)
+    return answer, torch.log_softmax(logits.float(), -1).to(torch.float16)
+
+
+@torch.inference_mode()
+def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    runner = gen.runner
+    prefix: ChunkKV = gen.computer.prefix()
+    segs = [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
+    filler = _LayerFiller(runner, segs)
+    cache = runner.new_cache(filler.length)
+    filler.cache = cache
+    filler.fill_all()
+    n = filler.length
+    keys = [cache.keys[i][:, :n].clone() for i in range(runner.spec.num_layers)]
+    values = [cache.values[i][:, :n].clone() for i in range(runner.spec.num_layers)]
+    reused = torch.zeros(n, dtype=torch.bool)
+    reused[prefix.num_tokens:] = True
+    return keys, values, reused
+
+
+def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4) -> ReuseExample:
+    """The teacher's targets and the r = 0 buffer for one prompt."""
+    chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in spec.chunks]
+    q_ids = list(gen.prompt.query_ids(spec.question))
+    ctx_ids = list(gen.prompt.prefix_ids) + [i for ids in chunk_ids for i in ids]
+    answer, logp = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
+    keys, values, reused = _reuse_buffer(gen, chunk_ids)
+    # inference tensors cannot be saved for backward: plain copies
+    keys = [k.clone() for k in keys]
+    values = [v.clone() for v in values]
+    tail = torch.tensor(q_ids + answer[:-1], dtype=torch.long)
+    return ReuseExample(keys, values, reused.clone(), tail, logp.clone(), answer)

@@ -1,0 +1,88 @@
+"""The calibration file: safetensors with a header that names the model and a checksum.
+
+Header metadata: format, version, the model fingerprint, the digest of the tensors (which
+covers the fingerprint too) and free-form JSON (`meta`: how it was trained, held-out numbers).
+Loading checks all of it: a file for another model, a changed or truncated file, tensors of the
+wrong shape or non-finite numbers raise `CalibrationFileError`, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from daser_rag.errors import DaserError
+
+FORMAT = "daser-calibration"
+
+
+class CalibrationFileError(DaserError, ValueError):
+    """A calibration file that cannot be used: corrupt, for another model, or of the wrong shape."""
+
+
+def default_path(cache_dir: str | Path, fingerprint: str) -> Path:
+    """Where `daser-rag calibrate` writes a model's calibration: one file per fingerprint."""
+    return Path(cache_dir) / "calibration" / f"{fingerprint[:32]}.safetensors"
+
+
+def save(cal: Any, path: str | Path) -> Path:
+    """Write atomically (a temp file renamed into place), so a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    from daser_rag.calibration.adapter import VERSION
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": cal.fingerprint, "checksum": cal.digest(),
+            "chunk_side": "1" if cal.chunk_side else "0", "meta": json.dumps(cal.meta, default=str)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(cal.tensors(), str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidden: int) -> Any:
+    """The calibration in `path`, checked against the model it is meant for."""
+    from safetensors import safe_open
+
+    from daser_rag.calibration.adapter import VERSION, Calibration
+
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationFileError(f"calibration file {str(path)!r} does not exist (run `daser-rag calibrate`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise CalibrationFileError(f"calibration file {str(path)!r} is corrupt: {e}") from e
+    if header.get("format") != FORMAT or header.get("version") != str(VERSION):
+        raise CalibrationFileError(f"{str(path)!r} is not a version-{VERSION} daser calibration file "
+                                   f"(format {header.get('format')!r}, version {header.get('version')!r})")
+    if header.get("fingerprint") != fingerprint:
+        raise CalibrationFileError(f"calibration file {str(path)!r} was made for model {header.get('fingerprint')!r}, "
+                                   f"not this model ({fingerprint}); recalibrate")
+    missing = {"key_log_scale", "value_log_scale", "link"} - set(tensors)
+    if missing:
+        raise CalibrationFileError(f"calibration file {str(path)!r} lacks {sorted(missing)}")
+    try:
+        meta = json.loads(header.get("meta", "{}"))
+    except json.JSONDecodeError as e:
+        raise CalibrationFileError(f"calibration file {str(path)!r} has a corrupt header: {e}") from e
+    cal = Calibration(fingerprint, tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
+                      header.get("chunk_side") == "1")
+    if cal.digest() != header.get("checksum"):
+        raise CalibrationFileError(f"calibration file {str(path)!r} fails its checksum (changed or damaged)")
+    try:
+        cal.check_shape(layers, kv_heads, hidden)
+    except ValueError as e:
+        raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
+    return cal
+
+
+def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
+    """`load` with the shape facts of a LayerRunner's model."""
+    spec = runner.spec
+    return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
+                hidden=spec.hidden_size)

@@ -1,0 +1,50 @@
+"""The reuse path, differentiable in the calibration's parameters (the model stays frozen).
+
+Same arithmetic as `fuse` at r = 0 with a calibration: the stored (re-rotated) context KV, its
+reused positions scaled per layer and KV head, then [link tokens | question | answer] run
+through the model over it with LayerRunner's own blocks. Only the tail is computed, so a step
+costs about a forward and backward over ~20-60 tokens, not over the whole prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from daser_rag.calibration.examples import ReuseExample
+from daser_rag.model.runner import LayerRunner
+
+
+def student_logits(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.Tensor,
+                   value_log_scale: torch.Tensor, link: torch.Tensor, n_last: int) -> torch.Tensor:
+    """Logits [n_last, vocab] at the last `n_last` tail positions (link tokens excluded)."""
+    c = ex.context_tokens
+    k_link = int(link.shape[0])
+    h = runner.embed(ex.tail_ids)
+    if k_link:
+        h = torch.cat([link.to(h.dtype), h])
+    t = int(h.shape[0])
+    positions = torch.arange(c, c + t, device=runner.device)
+    cos, sin = runner.rope(positions)
+    mask = runner.mask_for(positions, c + t)
+    reused = ex.reused.to(runner.device).view(1, -1, 1)
+    for i in range(runner.spec.num_layers):
+        _, q, k, v = runner.qkv(i, h, cos, sin)
+        kf = torch.where(reused, key_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=k.dtype))
+        vf = torch.where(reused, value_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=v.dtype))
+        k_all = torch.cat([ex.keys[i] * kf, k], dim=1)
+        v_all = torch.cat([ex.values[i] * vf, v], dim=1)
+        h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
+    return runner.logits(h[-n_last:])
+
+
+def kl_loss(teacher_logp: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student)."""
+    p_log = teacher_logp.float()
+    q_log = torch.log_softmax(student.float(), -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).mean()
+
+
+def example_kl(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.Tensor, value_log_scale: torch.Tensor,
+               link: torch.Tensor) -> torch.Tensor:
+    n = int(ex.teacher_logp.shape[0])
+    return kl_loss(ex.teacher_logp, student_logits(runner, ex, key_log_scale, value_log_scale, link, n))

@@ -1,0 +1,175 @@
+"""Self-distillation of the calibration, and the held-out check that decides whether to use it.
+
+The teacher is full prefill on the user's own documents; the student is the r = 0 reuse path
+with the calibration (`student.py`). Adam on the adapter's parameters only (the model's are
+frozen for the run and restored after). Documents are split before any prompt is built: the
+held-out prompts use only documents no training prompt used, and the calibration is accepted
+only if it lowers the mean KL there (by `min_gain`, relative); otherwise the report says so and
+nothing should be enabled.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from daser_rag.calibration.adapter import Calibration
+from daser_rag.calibration.examples import ReuseExample, make_prompts, prepare, split_documents
+from daser_rag.calibration.student import example_kl
+from daser_rag.types import Document
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    link_tokens: int = 4
+    """Learned link tokens between context and question (0: scales only, the APE-style part)."""
+    scales: bool = True
+    """Learn the per-layer, per-head key/value scales on reused context."""
+    steps: int = 60
+    batch: int = 4
+    lr_scale: float = 0.05
+    lr_link: float = 0.01
+    train_prompts: int = 24
+    held_out_prompts: int = 20
+    held_out_share: float = 0.3
+    chunks_per_prompt: int = 4
+    chunks_per_document: int = 2
+    answer_tokens: int = 8
+    min_gain: float = 0.05
+    """Accept only if held-out mean KL drops by at least this share."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.link_tokens < 0 or self.steps < 0 or self.batch < 1 or self.train_prompts < 1:
+            raise ValueError("link_tokens and steps must be >= 0, batch and train_prompts >= 1")
+        if not 0.0 < self.held_out_share < 1.0 or self.held_out_prompts < 1:
+            raise ValueError("held_out_share must be in (0, 1) and held_out_prompts >= 1")
+        if not self.scales and not self.link_tokens:
+            raise ValueError("nothing to calibrate: scales off and no link tokens")
+
+
+@dataclass
+class CalibrationReport:
+    calibration: Calibration
+    accepted: bool
+    reason: str
+    held_out_before: list[float]  # per held-out prompt, mean KL vs full prefill, no calibration
+    held_out_after: list[float]
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, batch loss, seconds)
+    train_documents: list[str] = field(default_factory=list)
+    held_out_documents: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def kl_before(self) -> float:
+        return sum(self.held_out_before) / max(1, len(self.held_out_before))
+
+    @property
+    def kl_after(self) -> float:
+        return sum(self.held_out_after) / max(1, len(self.held_out_after))
+
+    @property
+    def improved_share(self) -> float:
+        pairs = list(zip(self.held_out_before, self.held_out_after))
+        return sum(a < b for b, a in pairs) / max(1, len(pairs))
+
+    def summary(self) -> dict[str, Any]:
+        return {"accepted": self.accepted, "reason": self.reason, "held_out_prompts": len(self.held_out_after),
+                "held_out_kl_before": self.kl_before, "held_out_kl_after": self.kl_after,
+                "held_out_improved_share": self.improved_share, "seconds": self.seconds,
+                "train_documents": len(self.train_documents), "held_out_documents": len(self.held_out_documents)}
+
+
+class _Frozen:
+    """Model parameters without gradients for the run (nothing of the model is trained)."""
+
+    def __init__(self, model: Any) -> None:
+        self.params = list(model.parameters())
+        self.flags = [p.requires_grad for p in self.params]
+
+    def __enter__(self) -> None:
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, f in zip(self.params, self.flags):
+            p.requires_grad_(f)
+
+
+def mean_kls(gen: Any, examples: Sequence[ReuseExample], cal: Calibration) -> list[float]:
+    with torch.no_grad():
+        return [float(example_kl(gen.runner, e, cal.key_log_scale, cal.value_log_scale, cal.link)) for e in examples]
+
+
+def chunks_by_document(gen: Any, documents: Sequence[Document], per_document: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for d in documents:
+        chunks = gen.split(d.text)[:per_document]
+        if chunks:
+            out[d.doc_id] = chunks
+    return out
+
+
+def calibrate(gen: Any, documents: Sequence[Document], config: CalibrationConfig = CalibrationConfig(),
+              log: Callable[[str], None] | None = None) -> CalibrationReport:
+    """Train a calibration for `gen`'s model on `documents`; check it on held-out documents."""
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    runner = gen.runner
+    spec = runner.spec
+    by_doc = chunks_by_document(gen, documents, config.chunks_per_document)
+    if len(by_doc) < 2:
+        raise ValueError("calibration needs at least 2 documents (some are held out to check it)")
+    train_ids, held_ids = split_documents(list(by_doc), config.held_out_share, config.seed)
+    train_specs = make_prompts({d: by_doc[d] for d in train_ids}, config.train_prompts, config.chunks_per_prompt,
+                               config.seed)
+    held_specs = make_prompts({d: by_doc[d] for d in held_ids}, config.held_out_prompts, config.chunks_per_prompt,
+                              config.seed + 1)
+    say(f"{len(train_ids)} training / {len(held_ids)} held-out documents; preparing "
+        f"{len(train_specs)} + {len(held_specs)} prompts (teacher: full prefill)")
+    train = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in train_specs]
+    held = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in held_specs]
+    say(f"prepared in {time.perf_counter() - t0:.0f} s")
+    newline = gen.prompt.encode("\n\n")[:1] or [0]
+    init = runner.embed(torch.tensor(newline)).detach()[0]
+    cal = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size,
+                               config.link_tokens, init)
+    before = mean_kls(gen, held, cal)
+    ks = cal.key_log_scale.clone().requires_grad_(config.scales)
+    vs = cal.value_log_scale.clone().requires_grad_(config.scales)
+    link = cal.link.clone().requires_grad_(bool(config.link_tokens))
+    groups: list[dict[str, Any]] = []
+    if config.scales:
+        groups.append({"params": [ks, vs], "lr": config.lr_scale})
+    if config.link_tokens:
+        groups.append({"params": [link], "lr": config.lr_link})
+    opt = torch.optim.Adam(groups)
+    rng = random.Random(config.seed)
+    curve: list[tuple[int, float, float]] = []
+    with _Frozen(gen.lm.hf_model), torch.enable_grad():
+        for step in range(config.steps):
+            batch = rng.sample(train, min(config.batch, len(train)))
+            opt.zero_grad()
+            loss = sum((example_kl(runner, e, ks, vs, link) for e in batch), torch.zeros(())) / len(batch)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            curve.append((step, float(loss.detach()), time.perf_counter() - t0))
+            if step % 10 == 9 or step == config.steps - 1:
+                say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
+    trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone())
+    after = mean_kls(gen, held, trained)
+    kl_b, kl_a = sum(before) / len(before), sum(after) / len(after)
+    accepted = kl_a < kl_b * (1.0 - config.min_gain)
+    reason = (f"held-out mean KL {kl_b:.4f} -> {kl_a:.4f} on {len(held)} prompts from {len(held_ids)} documents "
+              f"it never trained on")
+    reason += "" if accepted else f": not {config.min_gain:.0%} better, refused"
+    report = CalibrationReport(trained, accepted, reason, before, after, curve, train_ids, held_ids,
+                               time.perf_counter() - t0)
+    trained.meta = {"config": config.__dict__, **report.summary()}
+    say(reason)
+    return report

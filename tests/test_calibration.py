@@ -1,0 +1,138 @@
+"""Calibration (issue 19): exactness where nothing is reused, the file's checks, chunk keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from daser_rag.corpus import python_reference_corpus
+
+
+def _segments(gen, topics=("pass", "break", "continue")):
+    docs = python_reference_corpus(topics)
+    chunks = [gen.split(d.text)[0] for d in docs]
+    segs = [gen.computer.prefix()] + [gen.computer.compute(gen.prompt.chunk_ids(c), f"t{i}") for i, c in enumerate(chunks)]
+    return chunks, segs
+
+
+def _random_calibration(gen, link_tokens=3, seed=0):
+    from daser_rag.calibration.adapter import Calibration
+
+    g = torch.Generator().manual_seed(seed)
+    spec = gen.runner.spec
+    return Calibration(gen.fingerprint, 0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                       0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                       0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g))
+
+
+def test_r1_with_calibration_equals_full_prefill(generator):
+    from daser_rag.blend.config import BlendConfig
+    from daser_rag.blend.fusion import full_prefill, fuse
+
+    gen = generator
+    chunks, segs = _segments(gen)
+    q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
+    ctx = torch.tensor(list(gen.prompt.prefix_ids) + [i for c in chunks for i in gen.prompt.chunk_ids(c)])
+    full = full_prefill(gen.runner, ctx, q, len(ctx) + len(q))
+    cal = _random_calibration(gen)
+    for selector in ("hybrid", "deviation", "chunk_heads"):
+        fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens,
+                     config=BlendConfig(recompute_ratio=1.0, selector=selector), calibration=cal)
+        assert not fused.calibrated and fused.link_tokens == 0
+        assert fused.cache.length == full.cache.length
+        assert (fused.logits - full.logits).abs().max().item() < 1e-3
+        for i in range(gen.runner.spec.num_layers):
+            k1, v1 = fused.cache.view(i, fused.cache.length)
+            k2, v2 = full.cache.view(i, full.cache.length)
+            assert (k1 - k2).abs().max().item() < 1e-3
+            assert (v1 - v2).abs().max().item() < 1e-3
+
+
+def test_calibration_acts_at_r0_and_identity_changes_nothing(generator):
+    from daser_rag.blend.config import BlendConfig
+    from daser_rag.blend.fusion import fuse
+    from daser_rag.calibration.adapter import Calibration
+
+    gen = generator
+    _, segs = _segments(gen)
+    q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
+    cfg = BlendConfig(recompute_ratio=0.0)
+    plain = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg)
+    spec = gen.runner.spec
+    ident = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size)
+    same = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=ident)
+    assert same.calibrated and (same.logits - plain.logits).abs().max().item() < 1e-5
+    cal = _random_calibration(gen)
+    moved = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=cal)
+    assert moved.calibrated and moved.link_tokens == 3 and moved.query_tokens == plain.query_tokens
+    assert moved.cache.length == plain.cache.length + 3
+    assert (moved.logits - plain.logits).abs().max().item() > 1e-2
+    # the exact system prefix is never scaled
+    n = segs[0].num_tokens
+    k1, _ = moved.cache.view(0, n)
+    k2, _ = plain.cache.view(0, n)
+    assert torch.equal(k1, k2)
+
+
+def test_student_matches_fuse_at_r0(generator):
+    """The differentiable training path computes what serving computes (same KL target)."""
+    from daser_rag.blend.config import BlendConfig
+    from daser_rag.blend.fusion import fuse
+    from daser_rag.calibration.examples import PromptSpec, prepare
+    from daser_rag.calibration.student import student_logits
+
+    gen = generator
+    chunks, segs = _segments(gen)
+    question = "What does the pass statement do?"
+    ex = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2)
+    cal = _random_calibration(gen)
+    q = torch.tensor(gen.prompt.query_ids(question))
+    fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=BlendConfig(recompute_ratio=0.0),
+                 calibration=cal)
+    with torch.no_grad():
+        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+    # tail = question + first answer token: the second-to-last row is the question's last token
+    assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
+
+
+def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
+    from daser_rag.calibration import storage
+
+    gen = generator
+    cal = _random_calibration(gen)
+    path = storage.save(cal, tmp_path / "cal.safetensors")
+    back = storage.load_for(path, gen.runner, gen.fingerprint)
+    assert back.digest() == cal.digest() and back.link_tokens == 3
+    with pytest.raises(storage.CalibrationFileError, match="made for model"):
+        storage.load_for(path, gen.runner, "another-model")
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped bit in the tensor data
+    bad = tmp_path / "flipped.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(storage.CalibrationFileError, match="checksum"):
+        storage.load_for(bad, gen.runner, gen.fingerprint)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(storage.CalibrationFileError, match="corrupt"):
+        storage.load_for(cut, gen.runner, gen.fingerprint)
+    with pytest.raises(storage.CalibrationFileError, match="does not exist"):
+        storage.load_for(tmp_path / "none.safetensors", gen.runner, gen.fingerprint)
+    with pytest.raises(storage.CalibrationFileError, match="shape"):
+        storage.load(path, fingerprint=gen.fingerprint, layers=3, kv_heads=3, hidden=576)
+
+
+def test_chunk_keys_include_chunk_side_adapters_only(generator):
+    from daser_rag.kv.keys import chunk_key
+
+    gen = generator
+    ids = gen.prompt.chunk_ids("Some chunk text.")
+    cal = _random_calibration(gen)
+    plain = chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids)
+    # placement-time adapters leave stored KV unchanged: same KV, same key
+    assert chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids, adapter=cal.chunk_digest) == plain
+    cal.chunk_side = True  # an adapter whose tensors change stored chunk KV
+    keyed = chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids, adapter=cal.chunk_digest)
+    assert keyed != plain
+    other = _random_calibration(gen, seed=1)
+    other.chunk_side = True
+    assert chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids, adapter=other.chunk_digest) not in (plain, keyed)
