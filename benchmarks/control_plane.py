@@ -43,6 +43,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.markdown import replace_marked
+from daser_rag.context import SHARED_TENANT
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["pass", "break", "continue", "del", "assert", "global", "for", "else", "dict", "exceptions",
@@ -160,9 +161,9 @@ def prompt_ids_for(trace: list[Req], texts: dict[str, str], chunk_tokens: int) -
     planner = Planner.from_files(files, KVStore(None), chunk_tokens=chunk_tokens)
     out = {}
     for r in trace:
-        chunks = planner.resolve([c for d in r.docs for c in planner.split(texts[d])])
+        chunks = planner.resolve([c for d in r.docs for c in planner.split(texts[d])], SHARED_TENANT)
         out[r] = planner.prompt_ids(r.question, chunks)
-    warm = [list(planner.prompt.prefix_ids) + [i for c in planner.resolve(planner.split(t)) for i in c.token_ids]
+    warm = [list(planner.prompt.prefix_ids) + [i for c in planner.resolve(planner.split(t), SHARED_TENANT) for i in c.token_ids]
             for t in texts.values()]
     return out, warm
 

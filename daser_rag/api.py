@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, Union, runtime_checkable
 
+from daser_rag.context import SHARED_TENANT
 from daser_rag.types import ChunkRef, Document, GenerationResult
 
 ContextItem = Union[str, ChunkRef, Document]
@@ -26,6 +27,6 @@ class KVGenerator(Protocol):
 
     def add_documents(self, documents: Iterable[Document], **kwargs: Any) -> Any: ...
 
-    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]: ...
+    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]: ...
 
     def split(self, text: str) -> list[str]: ...

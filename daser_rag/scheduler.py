@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from daser_rag.errors import InvalidInputError
 from daser_rag.api import ContextItem
+from daser_rag.context import SHARED_TENANT
 from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.types import GenerationResult
 
@@ -121,7 +122,7 @@ class RequestScheduler:
     ) -> Future[ScheduledResult]:
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
-        keys = self.generator.plan_keys(contexts, tenant=kwargs.get("tenant", ""))
+        keys = self.generator.plan_keys(contexts, tenant=kwargs.get("tenant", SHARED_TENANT))
         fut: Future[ScheduledResult] = Future()
         with self._cv:
             if self._closed:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class ResolvedChunk:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+class PrefillInfo(TypedDict):
+    """What a prefill found in the store (`CacheAwareGenerator.prefill`'s second value)."""
+
+    hits: int
+    misses: int
+    keys: list[str]  # the request's chunk keys, in prompt order
+    exact_chunks: NotRequired[int]  # leading chunks whose KV is exactly full prefill's
+    materialized: NotRequired[bool]  # present (True) when prefix-tree nodes were built
 
 
 @dataclass

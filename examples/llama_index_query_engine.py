@@ -32,6 +32,7 @@ from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from daser_rag.corpus import DEMO_TOPICS, QA_SET, python_reference_corpus
 from daser_rag.engine.generator import CacheAwareGenerator
+from daser_rag.context import SHARED_TENANT
 from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
@@ -169,12 +170,12 @@ def main() -> None:
         print(line)
 
     if args.edit_demo:
-        before = set(generator.store.index.chunk_keys(EDIT_DOC))
-        others = {d: set(generator.store.index.chunk_keys(d)) for d in store.ref_doc_ids() if d != EDIT_DOC}
+        before = set(generator.store.index.chunk_keys(EDIT_DOC, SHARED_TENANT))
+        others = {d: set(generator.store.index.chunk_keys(d, SHARED_TENANT)) for d in store.ref_doc_ids() if d != EDIT_DOC}
         ingest(edited=True)
-        after = set(generator.store.index.chunk_keys(EDIT_DOC))
+        after = set(generator.store.index.chunk_keys(EDIT_DOC, SHARED_TENANT))
         gone = [k for k in before - after if not generator.store.contains(k)]
-        kept = sum(set(generator.store.index.chunk_keys(d)) == keys for d, keys in others.items())
+        kept = sum(set(generator.store.index.chunk_keys(d, SHARED_TENANT)) == keys for d, keys in others.items())
         print(f"\nedited {EDIT_DOC}: {len(gone)} old chunk KVs dropped, {len(after - before)} new, "
               f"{kept}/{len(others)} other documents kept their KV untouched")
         ask("Who last reviewed the pass statement?", ("Alice Moreau",))

@@ -21,6 +21,7 @@ from daser_rag.errors import EngineUnavailableError
 from daser_rag.model.files import FileTokenizer, ModelFiles, files_fingerprint, resolve_model_dir
 from daser_rag.prompt import PromptFormat
 from daser_rag.types import ChunkRef, Document
+from daser_rag.context import SHARED_TENANT
 
 TEXTS = ["Hello wörld, café\n\n  indented line", "A <|im_end|> B <|im_start|>system", "日本語 テキスト 🎉 done.",
          "  leading and trailing spaces  ", "tabs\tand\r\nwindows newlines"]
@@ -59,26 +60,26 @@ def test_planner_names_chunks_and_prompts_exactly_like_the_engine(generator):
     doc = Document("d", "First paragraph about owls.\n\nSecond paragraph about the moon and tides. " * 30)
     generator.add_documents([doc])
     ctx = [ChunkRef(doc_id="d"), "an inline chunk of text"]
-    chunks = planner.resolve(ctx)
+    chunks = planner.resolve(ctx, SHARED_TENANT)
     assert [c.key for c in chunks] == [c.key for c in generator.resolve(ctx)]
     assert planner.prompt_ids("Why?", chunks) == generator.prompt_ids("Why?", ctx)
-    assert planner.chunk_keys(doc.text) == generator.chunk_keys(doc.text)
+    assert planner.chunk_keys(doc.text, SHARED_TENANT) == generator.chunk_keys(doc.text)
     assert planner.split(doc.text) == generator.split(doc.text)
     files = ModelFiles(None, dtype="float32")  # weight-free: same layout from the files alone
     weightless = Planner.from_files(files, generator.store, chunk_tokens=generator.ingestor.chunk_tokens)
-    assert weightless.prompt_ids("Why?", weightless.resolve(ctx)) == generator.prompt_ids("Why?", ctx)
+    assert weightless.prompt_ids("Why?", weightless.resolve(ctx, SHARED_TENANT)) == generator.prompt_ids("Why?", ctx)
 
 
 def test_reuse_plan_lists_missing_chunks_and_salts_repositioned_kv(generator):
     planner = Planner.for_generator(generator)
     generator.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
-    plan = planner.reuse("Q?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b"), "never stored"],
+    plan = planner.reuse("Q?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b"), "never stored"], tenant=SHARED_TENANT,
                          recompute=(0.15, 1, "chunk_heads"))
     segs = plan.kv_transfer_params["daser"]["segments"]
-    assert len(segs) == 4 and segs[0][0] == planner.prefix_key()
+    assert len(segs) == 4 and segs[0][0] == planner.prefix_key(SHARED_TENANT)
     assert [p.key for p in plan.prefill] == [plan.chunks[2].key]  # only the chunk not stored yet
     assert plan.cache_salt is not None and plan.kv_transfer_params["daser"]["recompute"]["ratio"] == 0.15
-    one = planner.reuse("Q?", [ChunkRef(doc_id="a")])
+    one = planner.reuse("Q?", [ChunkRef(doc_id="a")], tenant=SHARED_TENANT)
     assert one.cache_salt is None and one.exact_chunks == 1  # exact: safe in vLLM's own prefix cache
 
 

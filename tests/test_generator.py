@@ -10,6 +10,7 @@ from daser_rag import (
     ModelLoadError,
     UnknownDocumentError,
 )
+from daser_rag.context import SHARED_TENANT
 
 
 def test_add_documents_then_ask_by_doc_id_hits(generator, corpus):
@@ -28,8 +29,8 @@ def test_edit_invalidates_only_changed_document(generator):
     a = Document("a", "The capital of Atlantis is Poseidonia.")
     b = Document("b", "The river of Atlantis is the Silverflow.")
     generator.add_documents([a, b])
-    old_a = generator.store.index.chunk_keys("a")
-    b_keys = generator.store.index.chunk_keys("b")
+    old_a = generator.store.index.chunk_keys("a", SHARED_TENANT)
+    b_keys = generator.store.index.chunk_keys("b", SHARED_TENANT)
     rep = generator.add_documents([Document("a", "The capital of Atlantis is Coralhaven.")])
     assert rep.changed_documents == 1 and rep.dropped_chunks == 1
     assert not any(generator.store.contains(k) for k in old_a)
@@ -51,18 +52,40 @@ def test_stream_matches_generate(generator):
     assert stream.result is not None and stream.result.token_ids == full.token_ids
 
 
-def test_sampling_is_seeded(generator):
-    chunks = ["The pass statement does nothing."]
-    kw = dict(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=123)
-    a = generator.generate("Tell me about pass.", chunks, **kw)
-    b = generator.generate("Tell me about pass.", chunks, **kw)
-    assert a.token_ids == b.token_ids
+SAMPLING_PROMPTS = [
+    ("Tell me about pass.", ["The pass statement does nothing."]),
+    ("What does break do?", ["The break statement ends the nearest enclosing loop."]),
+    ("Describe a river.", ["The river of Atlantis is the Silverflow."]),
+]
 
 
-def test_stop_strings(generator):
-    res = generator.generate("Count: one, two, three", ["Numbers: one, two, three, four."], max_new_tokens=24,
-                             stop=["\n"])
-    assert "\n" not in res.text
+def test_sampling_is_seeded_and_really_samples(generator):
+    """Same seed -> same tokens; another seed -> other tokens on at least one prompt; and the
+    sampled answer is not greedy decoding's (silent greedy would pass the first check only)."""
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.95)
+    other_seed_differs = sampled_differs_from_greedy = 0
+    for q, ctx in SAMPLING_PROMPTS:
+        a = generator.generate(q, ctx, seed=123, **kw)
+        b = generator.generate(q, ctx, seed=123, **kw)
+        assert a.token_ids == b.token_ids and len(a.token_ids) > 0
+        c = generator.generate(q, ctx, seed=7, **kw)
+        greedy = generator.generate(q, ctx, max_new_tokens=12)
+        other_seed_differs += c.token_ids != a.token_ids
+        sampled_differs_from_greedy += a.token_ids != greedy.token_ids
+    assert other_seed_differs >= 1 and sampled_differs_from_greedy >= 1
+
+
+def test_stop_string_ends_the_text_before_what_greedy_decoding_produces(generator):
+    """The stop string is one the unstopped (greedy) answer really contains, past its start: the
+    stopped answer is exactly the unstopped one cut before it, and ends early with "stop"."""
+    q, ctx = "Count: one, two, three", ["Numbers: one, two, three, four."]
+    generator.generate(q, ctx, max_new_tokens=1)  # the chunk's KV is stored: both runs below hit it
+    free = generator.generate(q, ctx, max_new_tokens=24)
+    stop = next(w for w in free.text.split()[1:] if len(w) >= 3 and free.text.index(w) > 0)
+    cut = free.text.index(stop)
+    res = generator.generate(q, ctx, max_new_tokens=24, stop=[stop])
+    assert res.text == free.text[:cut] and stop not in res.text
+    assert res.finish_reason == "stop" and len(res.token_ids) < len(free.token_ids)
 
 
 @pytest.mark.parametrize("question", ["", "   ", None])

@@ -8,6 +8,7 @@ import pytest
 from daser_rag.errors import InvalidInputError
 from daser_rag.textcheck import check_document_text
 from daser_rag.types import Document
+from daser_rag.context import SHARED_TENANT
 
 BAD_TEXTS = {"empty": "", "whitespace": " \n\t ", "none": None, "surrogate": "caf\udce9 menu"}
 
@@ -15,7 +16,7 @@ BAD_TEXTS = {"empty": "", "whitespace": " \n\t ", "none": None, "surrogate": "ca
 @pytest.mark.parametrize("kind", sorted(BAD_TEXTS))
 def test_bad_document_text_is_one_clear_error_and_keeps_what_is_stored(generator, kind):
     generator.add_documents([Document("kept", "The lighthouse lamp is green.")])
-    before = generator.store.document_chunk_keys("kept")
+    before = generator.store.document_chunk_keys("kept", SHARED_TENANT)
     bad = Document("bad", BAD_TEXTS[kind])
     with pytest.raises(InvalidInputError) as err:
         generator.add_documents([Document("kept", "Edited text that must not be stored."), bad])
@@ -23,14 +24,14 @@ def test_bad_document_text_is_one_clear_error_and_keeps_what_is_stored(generator
         check_document_text("bad", BAD_TEXTS[kind])
     assert str(err.value) == str(same.value)
     assert "'bad'" in str(err.value)
-    assert generator.store.document_chunk_keys("kept") == before
-    assert generator.store.document_info("bad") is None
+    assert generator.store.document_chunk_keys("kept", SHARED_TENANT) == before
+    assert generator.store.document_info("bad", SHARED_TENANT) is None
 
 
 def test_duplicate_ids_in_one_call_are_rejected_before_any_write(generator):
     with pytest.raises(InvalidInputError, match="duplicate document id"):
         generator.add_documents([Document("twin", "First text."), Document("twin", "Second text.")])
-    assert generator.store.document_info("twin") is None
+    assert generator.store.document_info("twin", SHARED_TENANT) is None
 
 
 def test_lone_surrogates_in_question_and_context_are_invalid_input(generator):

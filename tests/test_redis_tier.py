@@ -16,6 +16,7 @@ from daser_rag.kv.tiers.redis import RedisLink, RedisTier
 from daser_rag.kv.redis_index import RedisDocIndex
 from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.server.testing import RedisServer, free_port, redis_server_path
+from daser_rag.context import SHARED_TENANT
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
 
@@ -86,30 +87,30 @@ def test_doc_index_refcounts_and_removal(link):
     idx, tier = RedisDocIndex(link), RedisTier(link)
     for k in ("k1", "k2", "k3"):
         tier.put(encode(_kv(k), "fp16"))
-    assert idx.set_document("a", ["t1", "t2"], "dA") is True
-    assert idx.set_document("a", ["t1", "t2"], "dA") is False
-    assert idx.replace_refs("a", ["k1", "k2"]) == []
-    assert idx.set_document("b", ["t2"], "dB")
-    assert idx.replace_refs("b", ["k2", "k3"]) == []
-    assert idx.refcount("k2") == 2 and idx.documents() == ["a", "b"]
-    assert idx.info("a").version == 1 and idx.chunk_texts("a") == ["t1", "t2"]
-    assert sorted(idx.remove_document("a")) == ["k1"]  # k2 still used by b
+    assert idx.set_document("a", ["t1", "t2"], "dA", SHARED_TENANT) is True
+    assert idx.set_document("a", ["t1", "t2"], "dA", SHARED_TENANT) is False
+    assert idx.replace_refs("a", ["k1", "k2"], SHARED_TENANT) == []
+    assert idx.set_document("b", ["t2"], "dB", SHARED_TENANT)
+    assert idx.replace_refs("b", ["k2", "k3"], SHARED_TENANT) == []
+    assert idx.refcount("k2") == 2 and idx.documents(SHARED_TENANT) == ["a", "b"]
+    assert idx.info("a", SHARED_TENANT).version == 1 and idx.chunk_texts("a", SHARED_TENANT) == ["t1", "t2"]
+    assert sorted(idx.remove_document("a", SHARED_TENANT)) == ["k1"]  # k2 still used by b
     assert tier.get("k1") is None and tier.get("k2") is not None
-    assert idx.remove_document("a") is None  # idempotent
-    assert sorted(idx.replace_refs("b", ["k3"])) == ["k2"]
+    assert idx.remove_document("a", SHARED_TENANT) is None  # idempotent
+    assert sorted(idx.replace_refs("b", ["k3"], SHARED_TENANT)) == ["k2"]
     assert tier.get("k2") is None
-    assert idx.set_document("a", ["t9"], "dA2") and idx.info("a").version == 2  # versions never repeat
+    assert idx.set_document("a", ["t9"], "dA2", SHARED_TENANT) and idx.info("a", SHARED_TENANT).version == 2  # versions never repeat
     # tenants never see each other's documents
     assert idx.documents("other") == [] and idx.info("b", "other") is None
 
 
 def test_removal_wins_over_a_concurrent_add(link):
     idx, tier = RedisDocIndex(link), RedisTier(link)
-    idx.set_document("d", ["t"], "dig")
+    idx.set_document("d", ["t"], "dig", SHARED_TENANT)
     tier.put(encode(_kv("kd"), "fp16"))
-    assert idx.remove_document("d") == []  # removed while the adder was computing
-    assert idx.replace_refs("d", ["kd"]) == ["kd"]  # the adder's refs are orphans: dropped
-    assert tier.get("kd") is None and idx.info("d") is None and idx.documents() == []
+    assert idx.remove_document("d", SHARED_TENANT) == []  # removed while the adder was computing
+    assert idx.replace_refs("d", ["kd"], SHARED_TENANT) == ["kd"]  # the adder's refs are orphans: dropped
+    assert tier.get("kd") is None and idx.info("d", SHARED_TENANT) is None and idx.documents(SHARED_TENANT) == []
 
 
 def test_two_stores_share_kv_and_see_each_others_invalidations(link, tmp_path):
@@ -117,12 +118,12 @@ def test_two_stores_share_kv_and_see_each_others_invalidations(link, tmp_path):
         return open_store(tmp_path / name, redis_url=link.url, namespace=link.namespace, codec="fp32")
 
     a, b = make("a"), make("b")
-    a.index.set_document("doc", ["x"], "dx")
+    a.index.set_document("doc", ["x"], "dx", SHARED_TENANT)
     a.put(_kv("ck"))
-    a.replace_document_refs("doc", ["ck"])
+    a.replace_document_refs("doc", ["ck"], SHARED_TENANT)
     assert b.get("ck") is not None and b.counters["hit_redis"] == 1
     assert b.get("ck") is not None and b.counters["hit_host"] == 1  # now cached locally on b
-    assert a.invalidate("doc") == ["ck"]
+    assert a.invalidate("doc", SHARED_TENANT) == ["ck"]
     assert b.get("ck") is None  # b's local copy is not served: Redis no longer holds it
     assert b.counters["stale_dropped"] == 1
     assert not b.contains("ck") and not list((tmp_path / "b" / "kv").rglob("ck.kv"))
@@ -164,24 +165,24 @@ def test_index_writes_are_refused_while_redis_is_away_and_the_mirror_never_goes_
     try:
         link = RedisLink(srv.url, namespace="mirror", retry_s=0.2)
         idx = RedisDocIndex(link, local=DocIndex(tmp_path / "idx.sqlite"))
-        assert idx.set_document("d", ["v1"], "d1") and idx.set_document("d", ["v2"], "d2")
-        assert idx.local.info("d").version == 2  # the mirror keeps Redis's version numbers
+        assert idx.set_document("d", ["v1"], "d1", SHARED_TENANT) and idx.set_document("d", ["v2"], "d2", SHARED_TENANT)
+        assert idx.local.info("d", SHARED_TENANT).version == 2  # the mirror keeps Redis's version numbers
         # Redis goes back to an older record (a restored snapshot, a lagging replica): reads
         # follow Redis, but the newer local record is not overwritten by the older one ...
         link.client.hset(idx._doc("", "d"), mapping={"digest": "d1", "version": 1, "texts": '["v1"]'})
-        assert idx.info("d").version == 1
-        assert idx.local.info("d").content_digest == "d2" and idx.local.info("d").version == 2
+        assert idx.info("d", SHARED_TENANT).version == 1
+        assert idx.local.info("d", SHARED_TENANT).content_digest == "d2" and idx.local.info("d", SHARED_TENANT).version == 2
         # ... and the next write gets a version above anything this process has seen
-        idx.set_document("d", ["v3"], "d3")
-        assert idx.info("d").version == 3 and idx.local.info("d").version == 3
+        idx.set_document("d", ["v3"], "d3", SHARED_TENANT)
+        assert idx.info("d", SHARED_TENANT).version == 3 and idx.local.info("d", SHARED_TENANT).version == 3
         srv.kill()
         with pytest.raises(RedisUnavailable):
-            idx.set_document("d", ["v4"], "d4")
+            idx.set_document("d", ["v4"], "d4", SHARED_TENANT)
         with pytest.raises(RedisUnavailable):
-            idx.remove_document("d")
+            idx.remove_document("d", SHARED_TENANT)
         with pytest.raises(RedisUnavailable):
-            idx.replace_refs("d", ["k"])
-        assert idx.info("d").version == 3 and idx.chunk_texts("d") == ["v3"]  # degraded reads: the mirror
+            idx.replace_refs("d", ["k"], SHARED_TENANT)
+        assert idx.info("d", SHARED_TENANT).version == 3 and idx.chunk_texts("d", SHARED_TENANT) == ["v3"]  # degraded reads: the mirror
     finally:
         srv.stop()
 
@@ -253,12 +254,12 @@ def test_every_kv_entry_expires_the_registry_never_and_the_memory_policy_is_chec
     tier.put(encode(_kv("plain"), "fp16"))  # plain-text context: no document uses it
     tier.put(encode(_kv("doc"), "fp16"))
     assert 0 < link.client.pttl(link.key("kv", "plain")) <= 3_600_000
-    idx.set_document("d", ["t"], "dg")
-    idx.replace_refs("d", ["doc"])
+    idx.set_document("d", ["t"], "dg", SHARED_TENANT)
+    idx.replace_refs("d", ["doc"], SHARED_TENANT)
     assert 3_600_000 < link.client.pttl(link.key("kv", "doc")) <= 7_200_000  # referenced: the longer TTL
     tier.put(encode(_kv("doc"), "fp16"))  # rewritten while referenced: still the longer one
     assert 3_600_000 < link.client.pttl(link.key("kv", "doc")) <= 7_200_000
-    idx.add_refs("d", ["plain"])  # a chunk read as part of a document: the longer TTL too
+    idx.add_refs("d", ["plain"], SHARED_TENANT)  # a chunk read as part of a document: the longer TTL too
     assert 3_600_000 < link.client.pttl(link.key("kv", "plain")) <= 7_200_000
     for name in (idx._doc("", "d"), idx._refs("", "d"), idx._docs(""), idx._users_prefix() + "doc"):
         assert link.client.pttl(name) == -1, name  # the registry never expires

@@ -11,6 +11,7 @@ from daser_rag.kv.codecs import decode, encode, from_bytes, to_bytes
 from daser_rag.kv.store import KVStore
 from daser_rag.kv.tiers.disk import DiskTier
 from daser_rag.kv.tiers.host import HostTier
+from daser_rag.context import SHARED_TENANT
 
 
 def _kv(key="c" + "ab" * 16, t=20, layers=4, seed=0):
@@ -112,16 +113,16 @@ def test_doc_index_refcounts_and_invalidation(tmp_path):
     a, b, shared = "c" + "aa" * 16, "c" + "bb" * 16, "c" + "cc" * 16
     for k in (a, b, shared):
         store.put(_kv(k))
-    store.index.set_document("doc1", ["x", "s"], "d1")
-    store.index.set_document("doc2", ["y", "s"], "d2")
-    store.index.add_refs("doc1", [a, shared])
-    store.index.add_refs("doc2", [b, shared])
+    store.index.set_document("doc1", ["x", "s"], "d1", SHARED_TENANT)
+    store.index.set_document("doc2", ["y", "s"], "d2", SHARED_TENANT)
+    store.index.add_refs("doc1", [a, shared], SHARED_TENANT)
+    store.index.add_refs("doc2", [b, shared], SHARED_TENANT)
     assert store.index.refcount(shared) == 2
-    dropped = store.invalidate("doc1")
+    dropped = store.invalidate("doc1", SHARED_TENANT)
     assert dropped == [a]
     assert not store.contains(a) and store.contains(shared) and store.contains(b)
-    assert store.invalidate("doc1") == []  # idempotent
-    assert sorted(store.invalidate("doc2")) == sorted([b, shared])
+    assert store.invalidate("doc1", SHARED_TENANT) == []  # idempotent
+    assert sorted(store.invalidate("doc2", SHARED_TENANT)) == sorted([b, shared])
     assert not store.contains(shared)
     assert store.stats()["bytes"]["disk"] == 0
 
@@ -130,12 +131,12 @@ def test_disk_survives_restart(tmp_path):
     s1 = KVStore(tmp_path, codec="fp16")
     kv = _kv()
     s1.put(kv)
-    s1.index.set_document("d", ["t"], "x")
-    s1.index.add_refs("d", [kv.key])
+    s1.index.set_document("d", ["t"], "x", SHARED_TENANT)
+    s1.index.add_refs("d", [kv.key], SHARED_TENANT)
     s2 = KVStore(tmp_path)
     got = s2.get(kv.key)
     assert got is not None and s2.counters["hit_disk"] == 1
-    assert s2.index.chunk_keys("d") == [kv.key]
+    assert s2.index.chunk_keys("d", SHARED_TENANT) == [kv.key]
     assert os.path.exists(tmp_path / "index.sqlite")
 
 
@@ -147,9 +148,9 @@ def test_device_tier_serves_from_gpu_and_invalidates(tmp_path):
     store.put(kv)
     got = store.get(kv.key, device="cuda")
     assert got is not None and got.keys.is_cuda and store.counters["hit_device"] == 1
-    store.index.set_document("d", ["t"], "x")
-    store.index.add_refs("d", [kv.key])
-    store.invalidate("d")
+    store.index.set_document("d", ["t"], "x", SHARED_TENANT)
+    store.index.add_refs("d", [kv.key], SHARED_TENANT)
+    store.invalidate("d", SHARED_TENANT)
     assert not store.device.contains(kv.key) and store.get(kv.key) is None
 
 
@@ -166,20 +167,20 @@ def _kv_for(key: str) -> ChunkKV:
 def test_an_update_killed_between_text_and_refs_leaves_the_old_version_or_is_repaired_at_start(tmp_path):
     store = KVStore(tmp_path / "c", codec="fp32")
     store.put(_kv_for("k_old"))
-    store.register_document("d", ["old"], "d1")
-    store.replace_document_refs("d", ["k_old"])
+    store.register_document("d", ["old"], "d1", SHARED_TENANT)
+    store.replace_document_refs("d", ["k_old"], SHARED_TENANT)
     assert store.index.pending_documents() == []
-    store.register_document("d", ["new"], "d2")  # ... and the process dies before the refs switch:
+    store.register_document("d", ["new"], "d2", SHARED_TENANT)  # ... and the process dies before the refs switch:
     reopened = KVStore(tmp_path / "c", codec="fp32")
     # text and refs are committed together, so nothing of the unfinished update was written
-    assert reopened.document_chunk_texts("d") == ["old"] and reopened.document_chunk_keys("d") == ["k_old"]
+    assert reopened.document_chunk_texts("d", SHARED_TENANT) == ["old"] and reopened.document_chunk_keys("d", SHARED_TENANT) == ["k_old"]
     assert reopened.index.pending_documents() == []
     # a two-step writer (the index's own set_document) killed between its steps is repaired
-    reopened.index.set_document("d", ["new"], "d2")
+    reopened.index.set_document("d", ["new"], "d2", SHARED_TENANT)
     assert reopened.index.pending_documents() == [("", "d")]
-    assert reopened.document_chunk_keys("d") == ["k_old"]  # the old KV still referenced
+    assert reopened.document_chunk_keys("d", SHARED_TENANT) == ["k_old"]  # the old KV still referenced
     assert reopened.repair_documents(lambda text, tenant: f"k_{text}") == [("", "d")]
-    assert reopened.document_chunk_keys("d") == ["k_new"] and reopened.index.pending_documents() == []
+    assert reopened.document_chunk_keys("d", SHARED_TENANT) == ["k_new"] and reopened.index.pending_documents() == []
     assert not reopened.contains("k_old")  # the old version's KV is gone with the switch
     assert reopened.repair_documents(lambda text, tenant: f"k_{text}") == []  # nothing left to do
 
@@ -190,8 +191,8 @@ def test_disk_cap_holds_and_garbage_collection_drops_idle_unreferenced_kv(tmp_pa
     for i in range(6):
         store.put(_kv_for(f"k{i}"))
     assert store.disk.nbytes() <= 3 * one + 10 and store.disk.evictions == 3
-    store.register_document("d", ["t"], "dg")
-    store.replace_document_refs("d", ["k5"])
+    store.register_document("d", ["t"], "dg", SHARED_TENANT)
+    store.replace_document_refs("d", ["k5"], SHARED_TENANT)
     old = os.path.getmtime(next((tmp_path / "c" / "kv").rglob("k5.kv"))) - 7200
     for p in (tmp_path / "c" / "kv").rglob("*.kv"):
         os.utime(p, (old, old))

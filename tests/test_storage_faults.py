@@ -33,6 +33,7 @@ from daser_rag.kv.shared import open_store
 from daser_rag.kv.store import KVStore
 from daser_rag.kv.tiers.redis import RedisLink, RedisRefused, RedisTier, RedisUnavailable
 from daser_rag.server.testing import RedisServer, free_port, redis_server_path
+from daser_rag.context import SHARED_TENANT
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
 
@@ -84,10 +85,10 @@ def test_redis_full_refuses_writes_whole_reads_work_deletes_free(srv, tmp_path):
             _update(store, "d", ["t1 changed"], ["k9"])
         assert err.value.reason == "OOM"
         # nothing of the refused update was written: the old version is whole, nothing pending
-        assert store.document_chunk_texts("d") == ["t1"] and store.document_chunk_keys("d") == ["k1"]
-        assert store.document_info("d").version == 1 and store.index.pending_documents() == []
+        assert store.document_chunk_texts("d", SHARED_TENANT) == ["t1"] and store.document_chunk_keys("d", SHARED_TENANT) == ["k1"]
+        assert store.document_info("d", SHARED_TENANT).version == 1 and store.index.pending_documents() == []
         # a read's bookkeeping (refs) and a computed entry's put are skipped, never raised
-        store.add_refs("d", ["k7"])
+        store.add_refs("d", ["k7"], SHARED_TENANT)
         store.put(_kv("k8"))
         assert store.remote.refused_puts >= 1
         assert store.get("k1") is not None  # reads work
@@ -95,12 +96,12 @@ def test_redis_full_refuses_writes_whole_reads_work_deletes_free(srv, tmp_path):
         problems = store.problems()
         assert any("Redis is full" in p for p in problems), problems
         # a delete frees memory, so Redis lets it through even when full
-        assert store.invalidate("e") == ["k2"]
-        assert store.documents() == ["d"] and not raw.exists(link.key("kv", "k2"))
+        assert store.invalidate("e", SHARED_TENANT) == ["k2"]
+        assert store.documents(SHARED_TENANT) == ["d"] and not raw.exists(link.key("kv", "k2"))
     finally:
         _config(srv.url, maxmemory="0")
     _update(store, "d", ["t1 changed"], ["k9"])  # room again: the same write lands
-    assert store.document_chunk_texts("d") == ["t1 changed"] and store.document_info("d").version == 2
+    assert store.document_chunk_texts("d", SHARED_TENANT) == ["t1 changed"] and store.document_info("d", SHARED_TENANT).version == 2
 
 
 def test_volatile_lru_evicts_kv_and_never_the_registry(srv, tmp_path):
@@ -114,17 +115,17 @@ def test_volatile_lru_evicts_kv_and_never_the_registry(srv, tmp_path):
     written = []
     for i in range(60):
         texts = [f"document {i}"]
-        changed = store.register_document(f"d{i}", texts, f"dg{i}")
+        changed = store.register_document(f"d{i}", texts, f"dg{i}", SHARED_TENANT)
         store.put(_kv(f"k{i}", n=4, dim=680, seed=i))
-        store.replace_document_refs(f"d{i}", [f"k{i}"])
+        store.replace_document_refs(f"d{i}", [f"k{i}"], SHARED_TENANT)
         assert changed
         written.append(i)
     assert int(raw.info("stats")["evicted_keys"]) > 0  # Redis did evict ...
     assert store.remote.link.refusals == {}  # ... and never refused a write
-    assert store.documents() == sorted(f"d{i}" for i in written)  # every document kept
+    assert store.documents(SHARED_TENANT) == sorted(f"d{i}" for i in written)  # every document kept
     for i in written:
-        assert store.document_chunk_texts(f"d{i}") == [f"document {i}"]
-        assert store.document_chunk_keys(f"d{i}") == [f"k{i}"]
+        assert store.document_chunk_texts(f"d{i}", SHARED_TENANT) == [f"document {i}"]
+        assert store.document_chunk_keys(f"d{i}", SHARED_TENANT) == [f"k{i}"]
 
 
 def test_start_up_refuses_a_policy_that_evicts_the_registry(srv, tmp_path):
@@ -151,18 +152,18 @@ def test_concurrent_updates_commit_whole_in_order_and_report_their_own_version(s
     b = _store(tmp_path / "b", srv.url, ns="cas")
     _update(a, "d", ["v1"], ["k_v1"])
     # A and B register (stage) at once; B finishes first, then A (the interleaving)
-    assert a.register_document("d", ["a1", "a2"], "dA")
-    assert b.register_document("d", ["b1"], "dB")
+    assert a.register_document("d", ["a1", "a2"], "dA", SHARED_TENANT)
+    assert b.register_document("d", ["b1"], "dB", SHARED_TENANT)
     for k in ("k_a1", "k_a2"):
         a.put(_kv(k))
     b.put(_kv("k_b1"))
-    b.replace_document_refs("d", ["k_b1"])
-    a.replace_document_refs("d", ["k_a1", "k_a2"])
-    va, vb = a.written_version("d"), b.written_version("d")
+    b.replace_document_refs("d", ["k_b1"], SHARED_TENANT)
+    a.replace_document_refs("d", ["k_a1", "k_a2"], SHARED_TENANT)
+    va, vb = a.written_version("d", SHARED_TENANT), b.written_version("d", SHARED_TENANT)
     assert (vb, va) == (2, 3)  # each reports the version it wrote, in commit order
     for s in (a, b):  # the text and its chunk list belong together, on every process
-        assert s.document_info("d").version == 3 and s.document_chunk_texts("d") == ["a1", "a2"]
-        assert s.document_chunk_keys("d") == ["k_a1", "k_a2"]
+        assert s.document_info("d", SHARED_TENANT).version == 3 and s.document_chunk_texts("d", SHARED_TENANT) == ["a1", "a2"]
+        assert s.document_chunk_keys("d", SHARED_TENANT) == ["k_a1", "k_a2"]
     raw = redis.Redis.from_url(srv.url)
     link = a.remote.link
     # the loser's and the old version's KV are dropped; the winner's is referenced (with a TTL)
@@ -180,12 +181,12 @@ def test_concurrent_updates_from_threads_never_mix_text_and_chunks(srv, tmp_path
         s = stores[i]
         for n in range(15):
             text = f"w{i}-{n}"
-            s.register_document("d", [text], "dg-" + text)
+            s.register_document("d", [text], "dg-" + text, SHARED_TENANT)
             s.put(_kv("k_" + text))
             time.sleep(0.001 * ((n + i) % 3))
-            s.replace_document_refs("d", ["k_" + text])
+            s.replace_document_refs("d", ["k_" + text], SHARED_TENANT)
             with lock:
-                seen.append((s.written_version("d"), text))
+                seen.append((s.written_version("d", SHARED_TENANT), text))
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
     for t in threads:
@@ -194,10 +195,10 @@ def test_concurrent_updates_from_threads_never_mix_text_and_chunks(srv, tmp_path
         t.join()
     versions = [v for v, _ in seen]
     assert len(set(versions)) == len(versions) == 30  # no two writes report one version
-    final = stores[1].document_info("d")
+    final = stores[1].document_info("d", SHARED_TENANT)
     text = dict(seen)[final.version]
     assert final.version == max(versions)
-    assert stores[1].document_chunk_texts("d") == [text] and stores[1].document_chunk_keys("d") == ["k_" + text]
+    assert stores[1].document_chunk_texts("d", SHARED_TENANT) == [text] and stores[1].document_chunk_keys("d", SHARED_TENANT) == ["k_" + text]
 
 
 # -- item 4: ghosts ------------------------------------------------------------------------------
@@ -205,15 +206,15 @@ def test_concurrent_updates_from_threads_never_mix_text_and_chunks(srv, tmp_path
 def test_refs_for_a_document_removed_meanwhile_are_refused(srv, tmp_path, shared):
     store = _store(tmp_path / "a", srv.url, ns="ghost") if shared else KVStore(tmp_path / "a", codec="fp32")
     _update(store, "d", ["t"], ["k1"])
-    assert store.invalidate("d") == ["k1"]
+    assert store.invalidate("d", SHARED_TENANT) == ["k1"]
     store.put(_kv("k2"))
-    store.add_refs("d", ["k2"])  # a request that resolved d before the removal, finishing now
-    assert store.documents() == [] and store.document_info("d") is None
-    assert store.document_chunk_keys("d") == []
+    store.add_refs("d", ["k2"], SHARED_TENANT)  # a request that resolved d before the removal, finishing now
+    assert store.documents(SHARED_TENANT) == [] and store.document_info("d", SHARED_TENANT) is None
+    assert store.document_chunk_keys("d", SHARED_TENANT) == []
     _update(store, "d", ["t again"], ["k3"])  # a real re-add is a write like any other
-    assert store.documents() == ["d"] and store.document_info("d").version == 2  # numbering continues
-    store.add_refs("d", ["k2"])
-    assert store.document_chunk_keys("d") == ["k2", "k3"]
+    assert store.documents(SHARED_TENANT) == ["d"] and store.document_info("d", SHARED_TENANT).version == 2  # numbering continues
+    store.add_refs("d", ["k2"], SHARED_TENANT)
+    assert store.document_chunk_keys("d", SHARED_TENANT) == ["k2", "k3"]
 
 
 # -- item 8: bookkeeping expires -----------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_bookkeeping_keys_expire_or_go_with_their_document(srv, tmp_path):
         _update(store, "u", [f"text {i}"], [f"ku{i}"])
     for i in range(40):  # add/delete cycles
         _update(store, f"c{i}", ["t"], [f"kc{i}"])
-        store.invalidate(f"c{i}")
+        store.invalidate(f"c{i}", SHARED_TENANT)
     raw = redis.Redis.from_url(srv.url)
     forever = []
     for name in raw.scan_iter(match="bk:*", count=1000):
@@ -333,29 +334,29 @@ def _disk_full_scenario(srv: RedisServer, full_disk: Path) -> None:
         _update(store, "d", [f"t{i}"], [f"k{i}"])
         _update(store, f"n{i}", [f"n{i}"], [f"kn{i}"])
     other = _store(full_disk.parent / "other", srv.url, ns="disk")  # another process: Redis is the truth
-    assert other.document_chunk_texts("d") == ["t5"] and other.document_chunk_keys("d") == ["k5"]
-    assert other.documents() == ["d", "n1", "n2", "n3", "n4", "n5"]
+    assert other.document_chunk_texts("d", SHARED_TENANT) == ["t5"] and other.document_chunk_keys("d", SHARED_TENANT) == ["k5"]
+    assert other.documents(SHARED_TENANT) == ["d", "n1", "n2", "n3", "n4", "n5"]
     assert other.get("k5") is not None  # the KV reached Redis though the local disk refused it
     assert store.counters["error_disk"] >= 1 and store.index.mirror_errors >= 1
     assert not list((full_disk / "cache").rglob(".tmp-*"))  # no temp file left behind
     problems = store.problems()
     assert any("local disk" in p and "full" in p for p in problems), problems
     # reads and a read's bookkeeping keep working
-    store.add_refs("d", ["k5"])
-    assert store.document_chunk_texts("d") == ["t5"]
+    store.add_refs("d", ["k5"], SHARED_TENANT)
+    assert store.document_chunk_texts("d", SHARED_TENANT) == ["t5"]
     # Redis goes away: a degraded read is never served from a mirror that missed the update
     srv.kill()
     try:
         with pytest.raises(RedisUnavailable):
-            store.document_chunk_texts("n5")
+            store.document_chunk_texts("n5", SHARED_TENANT)
     finally:
         srv.start()
     filler.unlink()
     time.sleep(0.3)
-    assert store.document_chunk_texts("n5") == ["n5"]  # a read refreshes the mirror once there is room
+    assert store.document_chunk_texts("n5", SHARED_TENANT) == ["n5"]  # a read refreshes the mirror once there is room
     srv.kill()
     try:
-        assert store.document_chunk_texts("n5") == ["n5"]  # ... and it is trusted again
+        assert store.document_chunk_texts("n5", SHARED_TENANT) == ["n5"]  # ... and it is trusted again
     finally:
         srv.start()
 
@@ -376,8 +377,8 @@ def test_an_unchanged_registration_never_pairs_its_chunks_with_a_newer_text(srv,
     a = _store(tmp_path / "a", srv.url, ns="unch")
     b = _store(tmp_path / "b", srv.url, ns="unch")
     _update(a, "d", ["v1"], ["k_v1"])
-    assert a.register_document("d", ["v1"], "digest:v1") is False  # unchanged, version 1
+    assert a.register_document("d", ["v1"], "digest:v1", SHARED_TENANT) is False  # unchanged, version 1
     _update(b, "d", ["v2"], ["k_v2"])  # B commits version 2 meanwhile
-    a.replace_document_refs("d", ["k_v1"])  # A's switch of the old text's chunks: refused
-    assert a.written_version("d") == 1 and b.written_version("d") == 2
-    assert a.document_chunk_texts("d") == ["v2"] and a.document_chunk_keys("d") == ["k_v2"]
+    a.replace_document_refs("d", ["k_v1"], SHARED_TENANT)  # A's switch of the old text's chunks: refused
+    assert a.written_version("d", SHARED_TENANT) == 1 and b.written_version("d", SHARED_TENANT) == 2
+    assert a.document_chunk_texts("d", SHARED_TENANT) == ["v2"] and a.document_chunk_keys("d", SHARED_TENANT) == ["k_v2"]

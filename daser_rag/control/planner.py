@@ -96,23 +96,23 @@ class Planner:
                    chunk_tokens=gen.ingestor.chunk_tokens, prompt=gen.prompt)
 
     # -- keys and layout ------------------------------------------------------------------------
-    def key(self, token_ids: Sequence[int], tenant: str = "") -> str:
+    def key(self, token_ids: Sequence[int], tenant: str) -> str:
         return chunk_key(self.fingerprint, self.prompt.prefix_ids, list(token_ids), tenant)
 
-    def prefix_key(self, tenant: str = "") -> str:
+    def prefix_key(self, tenant: str) -> str:
         return prefix_key(self.fingerprint, self.prompt.prefix_ids, tenant)
 
     def split(self, text: str) -> list[str]:
         """Window-safe chunks of `text`, cut exactly as daser's own ingestion cuts them."""
         return split_text(self.tokenizer, text, self.chunk_tokens)
 
-    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, text: str, tenant: str) -> list[str]:
         return [self.key(self.prompt.chunk_ids(t), tenant) for t in self.split(text)]
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.prompt.encode(t)) for t in texts)
 
-    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[ResolvedChunk]:
+    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str) -> list[ResolvedChunk]:
         return resolve(contexts, computer=self, store=self.store, split=self.split, tenant=tenant)
 
     def prompt_ids(self, question: str, chunks: Sequence[ResolvedChunk]) -> list[int]:
@@ -121,13 +121,13 @@ class Planner:
             ids.extend(c.token_ids)
         return ids + self.prompt.query_ids(question)
 
-    def prefill_plan(self, chunk: ResolvedChunk, tenant: str = "") -> PrefillPlan:
+    def prefill_plan(self, chunk: ResolvedChunk, tenant: str) -> PrefillPlan:
         n_pre = len(self.prompt.prefix_ids)
         return PrefillPlan(chunk.key, list(self.prompt.prefix_ids) + list(chunk.token_ids),
                            plan_params([(self.prefix_key(tenant), n_pre), (chunk.key, chunk.num_tokens)]))
 
     # -- plans ------------------------------------------------------------------------------------
-    def full(self, question: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> ReusePlan:
+    def full(self, question: str, contexts: Sequence[ContextItem] | None, tenant: str) -> ReusePlan:
         """No reuse: the same prompt, computed in full (`use_cache=False`)."""
         from daser_rag.control.wire import OFF_PARAMS
 
@@ -137,7 +137,7 @@ class Planner:
         ctx = len(self.prompt.prefix_ids) + sum(c.num_tokens for c in chunks)
         return ReusePlan(ids, dict(OFF_PARAMS), ctx, len(ids) - ctx, chunks)
 
-    def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
+    def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str,
               exact_nodes: bool = True, recompute: Recompute | None = None) -> ReusePlan:
         """Full reuse inside vLLM, repaired in-engine when `recompute` = (ratio, check layer, selector).
 
@@ -192,7 +192,7 @@ class Planner:
                          sum(1 for s in segs[1:] if s[0] == s[2]), prefill)
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *,
-              tenant: str = "") -> ReusePlan:
+              tenant: str) -> ReusePlan:
         """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored;
         vLLM computes (and the connector saves) the rest. No approximation is involved."""
         _check_question(question)

@@ -33,6 +33,7 @@ from daser_rag.control.pool import InstanceFailed, InstancePool
 from daser_rag.control.routing import InstanceState, make_router
 from daser_rag.control.spawn import VllmProcess
 from daser_rag.control.wire import in_engine_selectors, plan_params
+from daser_rag.context import SHARED_TENANT
 from daser_rag.engine.decode import StreamingEngine
 from daser_rag.engine.ingest import PROGRESS_AUTO_CHUNKS, Ingestor, Progress, check_documents
 from daser_rag.engine.protocol import EngineHealth
@@ -110,7 +111,7 @@ class VllmEngine(StreamingEngine):
     def count_tokens(self, texts: Sequence[str]) -> int:
         return self.planner.count_tokens(texts)
 
-    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:
         return self.planner.chunk_keys(text, tenant)
 
     # -- request options ---------------------------------------------------------------------------
@@ -282,7 +283,7 @@ class VllmEngine(StreamingEngine):
             return stored
 
     # -- protocol: documents -------------------------------------------------------------------------
-    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
                       precompute: bool = True) -> IngestReport:
         """Register the documents and have vLLM compute their missing chunks, several at once
         (vLLM batches them); progress counts chunks."""
@@ -321,11 +322,11 @@ class VllmEngine(StreamingEngine):
         report.seconds += time.perf_counter() - t0
         return report
 
-    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:
         return self._store.invalidate(doc_id, tenant)
 
     # -- protocol: look-ahead -------------------------------------------------------------------------
-    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> None:
         """No prefetch into an instance's host tier yet: the connector has no hook to load KV for a
         request it has not received (docs/vllm.md, "Not done yet"). Chunks come from Redis when the
         request runs; the router already prefers the instance that holds them."""

@@ -50,10 +50,10 @@ class ChunkComputer:
         self._prefix: ChunkKV | None = None
         self._lock = threading.Lock()
 
-    def key(self, token_ids: Sequence[int], tenant: str = "") -> str:
+    def key(self, token_ids: Sequence[int], tenant: str) -> str:
         return chunk_key(self.fingerprint, self.prompt.prefix_ids, list(token_ids), tenant)
 
-    def prefix_key(self, tenant: str = "") -> str:
+    def prefix_key(self, tenant: str) -> str:
         return prefix_key(self.fingerprint, self.prompt.prefix_ids, tenant)
 
     def prefix(self) -> ChunkKV:

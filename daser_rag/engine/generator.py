@@ -21,6 +21,7 @@ from daser_rag.api import ContextItem
 from daser_rag.blend.config import BlendConfig
 from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.context import SHARED_TENANT, RequestContext
 from daser_rag.engine.assemble import SegmentAssembler
 from daser_rag.engine.materialize import BackgroundMaterializer
 from daser_rag.engine.model_lock import ModelLock
@@ -40,7 +41,7 @@ from daser_rag.params import GenerationParams
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
 from daser_rag.textcheck import check_text
-from daser_rag.types import Document, GenerationResult, IngestReport, ResolvedChunk, Timings
+from daser_rag.types import Document, GenerationResult, IngestReport, PrefillInfo, ResolvedChunk, Timings
 
 MIN_QUESTION_ROOM = 64
 """Tokens of the window a chunk must leave free for the question and the answer's start."""
@@ -124,10 +125,10 @@ class CacheAwareGenerator(StreamingEngine):
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.prompt.encode(t)) for t in texts)
 
-    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:
         return [self.chunk_key_for(t, tenant) for t in self.split(text)]
 
-    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> None:
         try:
             keys = [c.key for c in self.resolve(contexts, tenant)]
         except DaserError:
@@ -152,10 +153,10 @@ class CacheAwareGenerator(StreamingEngine):
         if self.assembler.materializer is not None:
             self.assembler.materializer.close()
 
-    def chunk_key_for(self, text: str, tenant: str = "") -> str:
+    def chunk_key_for(self, text: str, tenant: str = SHARED_TENANT) -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)
 
-    def compute_chunk(self, ids: Sequence[int], key: str, tenant: str = "") -> Any:
+    def compute_chunk(self, ids: Sequence[int], key: str, tenant: str = SHARED_TENANT) -> Any:
         """Chunk KV computed right after the system prefix (tenant only salts keys, not KV)."""
         return self.computer.compute(ids, key)
 
@@ -164,27 +165,27 @@ class CacheAwareGenerator(StreamingEngine):
         """Window-safe chunks of `text` (at most `chunk_tokens` tokens each)."""
         return self.ingestor.split(text)
 
-    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
                       precompute: bool = True) -> IngestReport:
         with self.lock:
             return self.ingestor.add_documents(documents, tenant=tenant, progress=progress, precompute=precompute)
 
-    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:
         with self.lock:
             return self.store.invalidate(doc_id, tenant)
 
     # -- request planning (read-only) ---------------------------------------------------------
-    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[ResolvedChunk]:
+    def resolve(self, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> list[ResolvedChunk]:
         return resolve(contexts, computer=self.computer, store=self.store, split=self.split, tenant=tenant)
 
-    def prompt_ids(self, question: str, contexts: Sequence[ContextItem] | None = None, tenant: str = "") -> list[int]:
+    def prompt_ids(self, question: str, contexts: Sequence[ContextItem] | None = None, tenant: str = SHARED_TENANT) -> list[int]:
         """The exact token sequence full prefill would see (for baselines and tests)."""
         ids = list(self.prompt.prefix_ids)
         for c in self.resolve(contexts, tenant):
             ids.extend(c.token_ids)
         return ids + self.prompt.query_ids(question)
 
-    def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = "") -> list[str]:
+    def plan_keys(self, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> list[str]:
         return self.assembler.plan_keys(self.resolve(contexts, tenant), tenant)
 
     # -- prefill -----------------------------------------------------------------------------
@@ -197,16 +198,24 @@ class CacheAwareGenerator(StreamingEngine):
         recompute_ratio: float | str | None = None,
         selector: str | None = None,
         blend: BlendConfig | None = None,
-        tenant: str = "",
+        tenant: str = SHARED_TENANT,
         extra_capacity: int = 0,
         timings: Timings | None = None,
-    ) -> tuple[FusionResult, dict[str, Any]]:
+    ) -> tuple[FusionResult, PrefillInfo]:
         """Build the prompt's KV (fused or full) and return it with the next-token logits."""
+        params = GenerationParams(recompute_ratio=recompute_ratio, selector=selector, use_cache=use_cache,
+                                  tenant=tenant)
+        rc = RequestContext(tenant=tenant, params=params, timings=timings or Timings())
+        return self._prefill(rc, question, contexts, blend=blend, extra_capacity=extra_capacity)
+
+    def _prefill(self, rc: RequestContext, question: str, contexts: Sequence[ContextItem] | None, *,
+                 blend: BlendConfig | None = None, extra_capacity: int = 0) -> tuple[FusionResult, PrefillInfo]:
+        """Prefill for one request: its tenant, its options (`rc.params`) and its timings."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
         check_text(question, "the question")  # lone surrogates: InvalidInputError, not the tokenizer's TypeError
-        cfg = (blend or self.blend).with_request(recompute_ratio, selector)
-        timings = timings or Timings()
+        p, tenant, timings = rc.params, rc.tenant, rc.timings
+        cfg = (blend or self.blend).with_request(p.recompute_ratio, p.selector)
         with self.lock:
             chunks = self.resolve(contexts, tenant)
             q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
@@ -215,15 +224,15 @@ class CacheAwareGenerator(StreamingEngine):
             if needed > self.runner.max_positions:
                 raise ContextTooLongError(needed, self.runner.max_positions)
             self.ingestor.register_request(contexts, chunks, tenant)
-            info: dict[str, Any] = {"hits": 0, "misses": 0, "keys": [c.key for c in chunks]}
+            info = PrefillInfo(hits=0, misses=0, keys=[c.key for c in chunks])
             t0 = time.perf_counter()
-            if not use_cache or not chunks:
+            if not p.use_cache or not chunks:
                 ids = self.prompt.prefix_ids + [i for c in chunks for i in c.token_ids]
                 fused = full_prefill(self.runner, torch.tensor(ids, dtype=torch.long), q_ids, needed)
                 timings.fuse_s = time.perf_counter() - t0
                 return fused, info
             asm = self.assembler.assemble(chunks, tenant, timings)
-            info.update(hits=asm.hits, misses=asm.misses, exact_chunks=asm.exact_chunks)
+            info["hits"], info["misses"], info["exact_chunks"] = asm.hits, asm.misses, asm.exact_chunks
             if asm.materialized:
                 info["materialized"] = True
             t0 = time.perf_counter()
@@ -241,7 +250,8 @@ class CacheAwareGenerator(StreamingEngine):
         """`cancel()` is polled before prefill and between tokens; when it returns True the
         request stops with finish_reason "cancelled" (a gone client frees the model)."""
         p = GenerationParams.from_kwargs(params, **kwargs)
-        timings = Timings()
+        rc = RequestContext(tenant=p.tenant, params=p)
+        timings = rc.timings
         t_start = time.perf_counter()
         rng = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
 
@@ -253,9 +263,7 @@ class CacheAwareGenerator(StreamingEngine):
         with self.lock:
             if cancel is not None and cancel():  # gone before any model work: nothing was done
                 return GenerationResult("", [], 0, 0, 0, 0, 0, 0, 0, 0, "full", 1.0, "cancelled", timings)
-            fused, info = self.prefill(question, contexts, use_cache=p.use_cache, recompute_ratio=p.recompute_ratio,
-                                       selector=p.selector, tenant=p.tenant, extra_capacity=p.max_new_tokens,
-                                       timings=timings)
+            fused, info = self._prefill(rc, question, contexts, extra_capacity=p.max_new_tokens)
             t_dec = None
             for tok, _ in decode_n_tokens(self.runner, fused.cache, fused.logits[-1], p.max_new_tokens,
                                           choose=choose, stop_ids=self.eos_ids, cancel=cancel):

@@ -62,7 +62,7 @@ class Ingestor:
             check_text(text, "the text to split")  # the tokenizer's raw TypeError otherwise
         return split_text(self.tokenizer, text, self.chunk_tokens)
 
-    def register(self, doc: Document, tenant: str = "", chunks: list[str] | None = None) -> tuple[list[str], bool]:
+    def register(self, doc: Document, tenant: str, chunks: list[str] | None = None) -> tuple[list[str], bool]:
         """Record a document's chunk texts (no KV computed); return its chunks and whether it changed."""
         if chunks is None:
             chunks = self.split(doc.text)
@@ -70,7 +70,7 @@ class Ingestor:
         return chunks, changed
 
     def register_request(self, contexts: Sequence[object] | None, chunks: Sequence[ResolvedChunk],
-                         tenant: str = "") -> None:
+                         tenant: str) -> None:
         """A request's writes, in one place: its inline documents and the refs of its chunks
         (so invalidating a document drops KV that requests computed for it)."""
         for item in contexts or []:
@@ -86,7 +86,7 @@ class Ingestor:
         for doc_id, keys in by_doc.items():
             self.store.add_refs(doc_id, keys, tenant)
 
-    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+    def add_documents(self, documents: Iterable[Document], *, tenant: str, progress: Progress = False,
                       precompute: bool = True) -> IngestReport:
         docs = check_documents(documents)
         report = IngestReport(documents=len(docs))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from daser_rag.api import ContextItem
+from daser_rag.context import SHARED_TENANT
 from daser_rag.types import Document, GenerationResult, IngestReport
 
 if TYPE_CHECKING:
@@ -88,10 +89,10 @@ class Engine(Protocol):
     def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
                params: GenerationParams | None = None, *, cancel: Cancel | None = None) -> ResultStream: ...
 
-    def add_documents(self, documents: Iterable[Document], *, tenant: str = "", progress: Progress = False,
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
                       precompute: bool = True) -> IngestReport: ...
 
-    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]: ...
+    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]: ...
 
     def split(self, text: str) -> list[str]:
         """Window-safe chunks of `text`, cut exactly as ingestion cuts them."""
@@ -101,11 +102,11 @@ class Engine(Protocol):
         """Tokens the texts take in a prompt (tokenized as user text)."""
         ...
 
-    def chunk_keys(self, text: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:
         """Store keys of the chunks `text` is split into (what ingestion would store)."""
         ...
 
-    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = "") -> None:
+    def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> None:
         """A request waits in the service's queue and will read these contexts: bring their KV
         toward the fastest tier and keep it there until `finished` (PCR look-ahead). Never raises
         for bad contexts: the request itself reports those when it runs."""

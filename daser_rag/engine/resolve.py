@@ -26,11 +26,11 @@ class ChunkKeyer(Protocol):
 
     prompt: PromptFormat
 
-    def key(self, token_ids: Sequence[int], tenant: str = "") -> str: ...
+    def key(self, token_ids: Sequence[int], tenant: str) -> str: ...
 
 
 def resolve(contexts: Sequence[ContextItem] | None, *, computer: ChunkKeyer, store: KVStore,
-            split: Callable[[str], list[str]], tenant: str = "") -> list[ResolvedChunk]:
+            split: Callable[[str], list[str]], tenant: str) -> list[ResolvedChunk]:
     out: list[ResolvedChunk] = []
     for item in contexts or []:
         if isinstance(item, str):

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from daser_rag.blend.fusion import FusionResult
 from daser_rag.engine.decode import TextEmitter
 from daser_rag.params import GenerationParams
-from daser_rag.types import GenerationResult, Timings
+from daser_rag.types import GenerationResult, PrefillInfo, Timings
 
 
-def pack_result(fused: FusionResult, info: dict[str, Any], emitter: TextEmitter, finish: str, timings: Timings,
+def pack_result(fused: FusionResult, info: PrefillInfo, emitter: TextEmitter, finish: str, timings: Timings,
                 params: GenerationParams, default_ratio: float | str) -> GenerationResult:
     """mode "blend" only when KV was actually reused: a stored chunk hit, or chunk KV computed
     apart from the rest and fused in (reused_tokens > 0). With no context chunks, use_cache=False,

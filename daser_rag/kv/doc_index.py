@@ -81,7 +81,7 @@ class DocIndex:
 
     # -- writes ----------------------------------------------------------------------------
     def set_document(
-        self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "",
+        self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str,
         *, version: int | None = None, pending: bool = True,
     ) -> bool:
         """Record a document's chunk texts. Returns True if the content changed (or is new).
@@ -118,7 +118,7 @@ class DocIndex:
             return True
 
     def commit_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str,
-                        chunk_keys: Iterable[str], tenant: str = "", *,
+                        chunk_keys: Iterable[str], tenant: str, *,
                         version: int | None = None) -> tuple[bool, int, list[str]]:
         """Save the text and make `chunk_keys` the doc's only refs in one transaction (nothing
         is written if it fails). Returns (changed, version saved, keys nobody references any
@@ -159,7 +159,7 @@ class DocIndex:
         row = self._conn.execute("SELECT at FROM doc_gone WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()
         return self.track_gone and row is not None and time.time() - row[0] < self.gone_ttl_s
 
-    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> bool:
+    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str) -> bool:
         """Tie chunk keys to a document. Refused (False) for a document removed within
         `gone_ttl_s` and not re-added: refs a request adds after a removal make no ghost."""
         with self._lock:
@@ -184,7 +184,7 @@ class DocIndex:
         self._conn.execute("DELETE FROM doc_pending WHERE tenant=? AND doc_id=?", (tenant, doc_id))
         return [k for k in gone if self._refcount(k) == 0]
 
-    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "", *,
+    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str, *,
                      version: int | None = None) -> list[str]:
         """Make `chunk_keys` the doc's only refs; return keys that became unreferenced. With
         `version`: only if the document is still at that version (compare-and-set); otherwise
@@ -206,7 +206,7 @@ class DocIndex:
                 raise
             return orphans
 
-    def remove_document(self, doc_id: str, tenant: str = "") -> list[str] | None:
+    def remove_document(self, doc_id: str, tenant: str) -> list[str] | None:
         """Forget a document. Returns the chunk keys nobody references any more, or None if unknown."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -245,12 +245,12 @@ class DocIndex:
         with self._lock:
             return self._refcount(key)
 
-    def chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, doc_id: str, tenant: str) -> list[str]:
         with self._lock:
             return [r[0] for r in self._conn.execute(
                 "SELECT chunk_key FROM doc_chunks WHERE tenant=? AND doc_id=?", (tenant, doc_id))]
 
-    def chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+    def chunk_texts(self, doc_id: str, tenant: str) -> list[str]:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT text FROM doc_texts WHERE tenant=? AND doc_id=? ORDER BY ord", (tenant, doc_id)).fetchall()
@@ -258,7 +258,7 @@ class DocIndex:
             raise UnknownDocumentError(doc_id)
         return [r[0] for r in rows]
 
-    def info(self, doc_id: str, tenant: str = "") -> DocInfo | None:
+    def info(self, doc_id: str, tenant: str) -> DocInfo | None:
         with self._lock:
             row = self._conn.execute(
                 "SELECT content_digest, version FROM doc_meta WHERE tenant=? AND doc_id=?", (tenant, doc_id)
@@ -269,14 +269,14 @@ class DocIndex:
                 "SELECT COUNT(*) FROM doc_texts WHERE tenant=? AND doc_id=?", (tenant, doc_id)).fetchone()[0]
         return DocInfo(doc_id, row[0], row[1], n)
 
-    def documents(self, tenant: str = "") -> list[str]:
+    def documents(self, tenant: str) -> list[str]:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT doc_id FROM doc_meta WHERE tenant=? UNION SELECT doc_id FROM doc_chunks WHERE tenant=? "
                 "ORDER BY 1", (tenant, tenant)).fetchall()
         return [r[0] for r in rows]
 
-    def num_documents(self, tenant: str = "") -> int:
+    def num_documents(self, tenant: str) -> int:
         with self._lock:
             return int(self._conn.execute(
                 "SELECT COUNT(*) FROM (SELECT doc_id FROM doc_meta WHERE tenant=? UNION "

@@ -285,14 +285,14 @@ class RedisDocIndex:
         return None
 
     # -- writes ------------------------------------------------------------------------------
-    def authoritative_info(self, doc_id: str, tenant: str = "") -> DocInfo | None:
+    def authoritative_info(self, doc_id: str, tenant: str) -> DocInfo | None:
         """`info` from Redis itself; raises RedisUnavailable instead of answering from the
         mirror (a write must decide on the authority's state)."""
         rec = self._record(doc_id, tenant)
         return None if rec is None else DocInfo(doc_id, rec[0], rec[1], len(rec[2]))
 
     def commit_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str,
-                        chunk_keys: Iterable[str], tenant: str = "") -> tuple[bool, int, list[str]]:
+                        chunk_keys: Iterable[str], tenant: str) -> tuple[bool, int, list[str]]:
         """Save a document's text and switch its refs to `chunk_keys` in one atomic step.
         Returns (changed, the version now saved, chunk keys nobody references any more).
         Raises RedisUnavailable (or RedisRefused: OOM, READONLY) with nothing written."""
@@ -313,7 +313,7 @@ class RedisDocIndex:
         self._mirror(doc_id, tenant, mirror)
         return changed, version, orphans
 
-    def set_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str = "") -> bool:
+    def set_document(self, doc_id: str, chunk_texts: Sequence[str], content_digest: str, tenant: str) -> bool:
         """Raises RedisUnavailable while Redis is away (the write is refused, not half-applied)."""
         texts = json.dumps(list(chunk_texts), ensure_ascii=False)
         mine = self.local.info(doc_id, tenant) if (tenant, doc_id) not in self._untrusted else None
@@ -327,7 +327,7 @@ class RedisDocIndex:
                 doc_id, chunk_texts, content_digest, tenant, version=int(version), pending=False))
         return bool(changed)
 
-    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "") -> bool:
+    def add_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str) -> bool:
         """Tie chunk keys to a document (a request's reads). Best effort: losing these refs
         costs nothing but tidiness (the KV keeps its TTL), so a refusal (OOM) or an outage is
         logged, not raised. Refs to a document removed meanwhile are refused (no ghost).
@@ -354,7 +354,7 @@ class RedisDocIndex:
         self._mirror(doc_id, tenant, lambda: self.local.add_refs(doc_id, keys, tenant), record=False)
         return ok is not None
 
-    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str = "", *,
+    def replace_refs(self, doc_id: str, chunk_keys: Iterable[str], tenant: str, *,
                      version: int | None = None) -> list[str]:
         """Switch the refs, only if the document still exists and (with `version`) is still at
         that version; otherwise the given chunks nobody references are dropped. Raises
@@ -368,7 +368,7 @@ class RedisDocIndex:
                      record=False)
         return [k.decode() for k in orphans]
 
-    def remove_document(self, doc_id: str, tenant: str = "") -> list[str] | None:
+    def remove_document(self, doc_id: str, tenant: str) -> list[str] | None:
         """Raises RedisUnavailable while Redis is away: a removal queued for later could undo a
         re-add acknowledged by another process in the meantime."""
         res = self.link.run(lambda c: self._remove(
@@ -415,7 +415,7 @@ class RedisDocIndex:
         except Exception as exc:  # the mirror is best effort
             log.debug("local index mirror not updated: %s", exc)
 
-    def info(self, doc_id: str, tenant: str = "") -> DocInfo | None:
+    def info(self, doc_id: str, tenant: str) -> DocInfo | None:
         try:
             rec = self._record(doc_id, tenant)
         except RedisUnavailable as exc:
@@ -424,7 +424,7 @@ class RedisDocIndex:
         self._sync_local(doc_id, tenant, rec)
         return None if rec is None else DocInfo(doc_id, rec[0], rec[1], len(rec[2]))
 
-    def chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+    def chunk_texts(self, doc_id: str, tenant: str) -> list[str]:
         try:
             rec = self._record(doc_id, tenant)
         except RedisUnavailable as exc:
@@ -435,7 +435,7 @@ class RedisDocIndex:
             raise UnknownDocumentError(doc_id)
         return rec[2]
 
-    def chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+    def chunk_keys(self, doc_id: str, tenant: str) -> list[str]:
         try:
             return sorted(k.decode() for k in self.link.run(lambda c: c.smembers(self._refs(tenant, doc_id))))
         except RedisUnavailable as exc:
@@ -448,13 +448,13 @@ class RedisDocIndex:
         except RedisUnavailable:
             return self.local.refcount(key)
 
-    def documents(self, tenant: str = "") -> list[str]:
+    def documents(self, tenant: str) -> list[str]:
         try:
             return sorted(d.decode() for d in self.link.run(lambda c: c.smembers(self._docs(tenant))))
         except RedisUnavailable:
             return self.local.documents(tenant)
 
-    def num_documents(self, tenant: str = "") -> int:
+    def num_documents(self, tenant: str) -> int:
         """How many documents `tenant` has (SCARD: constant cost, for metrics)."""
         try:
             return int(self.link.run(lambda c: c.scard(self._docs(tenant))))

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from daser_rag.context import SHARED_TENANT
 from daser_rag.errors import UnknownDocumentError
 from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
 from daser_rag.kv.chunk_kv import ChunkKV
@@ -249,7 +250,7 @@ class KVStore:
     # -- documents ---------------------------------------------------------------------------
     # The document index is written only through these methods (never by callers reaching into
     # `store.index`), so every writer keeps refcounts and derived entries consistent.
-    def register_document(self, doc_id: str, chunk_texts: list[str], digest: str, tenant: str = "") -> bool:
+    def register_document(self, doc_id: str, chunk_texts: list[str], digest: str, tenant: str) -> bool:
         """Stage a document's chunk texts and content digest; True when it is new or changed.
         Nothing is written until `replace_document_refs` (same thread) commits text and refs
         together; an unchanged document needs no commit. Reads the index's authority (Redis),
@@ -270,13 +271,13 @@ class KVStore:
             w = self._tls.written = {}
         return w
 
-    def written_version(self, doc_id: str, tenant: str = "") -> int | None:
+    def written_version(self, doc_id: str, tenant: str) -> int | None:
         """The version this thread's last registration of the document wrote (or found
         unchanged): what an add/update reports, even if another writer committed a newer one
         since. None if this thread wrote none."""
         return self._written().get((tenant, doc_id))
 
-    def add_refs(self, doc_id: str, keys: list[str], tenant: str = "") -> None:
+    def add_refs(self, doc_id: str, keys: list[str], tenant: str) -> None:
         """Tie chunk keys to a document, so invalidating it drops them (unless shared). A read's
         bookkeeping: refused for a document removed meanwhile (no ghost), and a failure (disk
         full, Redis full) is counted and logged, never raised: losing it costs tidiness only."""
@@ -285,19 +286,19 @@ class KVStore:
         except Exception as exc:
             self._note_error("index", "add_refs", exc)
 
-    def document_info(self, doc_id: str, tenant: str = "") -> Any:
+    def document_info(self, doc_id: str, tenant: str) -> Any:
         return self.index.info(doc_id, tenant)
 
-    def document_chunk_texts(self, doc_id: str, tenant: str = "") -> list[str]:
+    def document_chunk_texts(self, doc_id: str, tenant: str) -> list[str]:
         return self.index.chunk_texts(doc_id, tenant)
 
-    def document_chunk_keys(self, doc_id: str, tenant: str = "") -> list[str]:
+    def document_chunk_keys(self, doc_id: str, tenant: str) -> list[str]:
         return self.index.chunk_keys(doc_id, tenant)
 
-    def documents(self, tenant: str = "") -> list[str]:
+    def documents(self, tenant: str) -> list[str]:
         return self.index.documents(tenant)
 
-    def invalidate(self, doc_id: str, tenant: str = "") -> list[str]:
+    def invalidate(self, doc_id: str, tenant: str) -> list[str]:
         """Drop a document and exactly the chunk KV no other document uses. Idempotent."""
         self._tls.stage = None
         orphans = self.index.remove_document(doc_id, tenant)
@@ -312,7 +313,7 @@ class KVStore:
         self.counters["invalidated_chunks"] += len(orphans)
         return orphans
 
-    def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str = "", *,
+    def replace_document_refs(self, doc_id: str, keys: list[str], tenant: str, *,
                               version: int | None = None) -> list[str]:
         """Make `keys` the document's chunk refs; returns the chunk keys dropped. After this
         thread's `register_document` of the same document, text and refs are committed together
@@ -367,7 +368,7 @@ class KVStore:
             repaired.append((tenant, doc_id))
         return repaired
 
-    def add_derived(self, doc_ids: list[str], key: str, tenant: str = "") -> None:
+    def add_derived(self, doc_ids: list[str], key: str, tenant: str) -> None:
         """Register an entry built from several documents; invalidating any one drops it. If it
         cannot be registered (local disk full), the entry is dropped instead of outliving its
         documents; the request that built it is not failed."""
@@ -444,9 +445,10 @@ class KVStore:
             return -1
 
     def _num_documents(self) -> int:
+        """The shared tenant's documents (what `daser-rag cache stats` reports; counting every
+        tenant's would scan Redis)."""
         try:
-            count = getattr(self.index, "num_documents", None)
-            return int(count()) if callable(count) else len(self.index.documents())
+            return int(self.index.num_documents(SHARED_TENANT))
         except Exception:
             return -1
 

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from daser_rag import settings as s
+from daser_rag.context import SHARED_TENANT
 from daser_rag.engine.protocol import Engine
 from daser_rag.server.errors import install_handlers
 from daser_rag.server.middleware import Guard
@@ -39,7 +40,7 @@ def create_app(
     api_keys: Sequence[str] | None = None,
     limits: Limits | None = None,
     model_name: str | None = None,
-    default_tenant: str = "",
+    default_tenant: str = SHARED_TENANT,
 ) -> FastAPI:
     """An ASGI app around one engine (daser's own `CacheAwareGenerator`, or the vLLM control plane)."""
     svc = Service(engine, api_keys=api_keys, limits=limits, model_name=model_name, default_tenant=default_tenant)

@@ -89,9 +89,9 @@ async def models(request: Request, caller: Caller = Depends(_caller)) -> dict[st
 async def add_documents(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
     req = await _body(request, caller, AddDocumentsRequest)
-    tenant = svc.tenant_of(request, caller, req.tenant)
+    rc = svc.context(request, caller, req.tenant)
     docs = [Document(d.id, d.text, d.metadata) for d in req.documents]
-    return await svc.ingest(request, caller, docs, req.precompute, tenant)
+    return await svc.ingest(request, caller, docs, req.precompute, rc)
 
 
 @router.put("/v1/documents/{doc_id:path}")
@@ -99,8 +99,8 @@ async def update_document(doc_id: str, request: Request, caller: Caller = Depend
     svc = _svc(request)
     doc_id = svc.doc_id(doc_id)
     req = await _body(request, caller, UpdateDocumentRequest)
-    tenant = svc.tenant_of(request, caller, req.tenant)
-    out = await svc.ingest(request, caller, [Document(doc_id, req.text, req.metadata)], req.precompute, tenant)
+    rc = svc.context(request, caller, req.tenant)
+    out = await svc.ingest(request, caller, [Document(doc_id, req.text, req.metadata)], req.precompute, rc)
     return {"document": out["documents"][0], "report": out["report"]}
 
 
@@ -108,26 +108,25 @@ async def update_document(doc_id: str, request: Request, caller: Caller = Depend
 async def delete_document(doc_id: str, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
     doc_id = svc.doc_id(doc_id)
-    tenant = svc.tenant_of(request, caller, None)
-    return await svc.delete(request, caller, doc_id, tenant)
+    return await svc.delete(request, caller, doc_id, svc.context(request, caller, None))
 
 
 @router.get("/v1/documents")
 async def list_documents(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
-    tenant = svc.tenant_of(request, caller, None)
-    return {"object": "list", "data": await run_in_threadpool(svc.store.documents, tenant)}
+    rc = svc.context(request, caller, None)
+    return {"object": "list", "data": await run_in_threadpool(svc.store.documents, rc.tenant)}
 
 
 @router.get("/v1/documents/{doc_id:path}")
 async def get_document(doc_id: str, request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     svc = _svc(request)
     doc_id = svc.doc_id(doc_id)
-    tenant = svc.tenant_of(request, caller, None)
-    info = await run_in_threadpool(svc.store.document_info, doc_id, tenant)
+    rc = svc.context(request, caller, None)
+    info = await run_in_threadpool(svc.store.document_info, doc_id, rc.tenant)
     if info is None:
         raise UnknownDocumentError(doc_id)
-    keys = await run_in_threadpool(svc.store.document_chunk_keys, doc_id, tenant)
+    keys = await run_in_threadpool(svc.store.document_chunk_keys, doc_id, rc.tenant)
     return {"id": doc_id, "digest": info.content_digest, "version": info.version, "num_chunks": info.num_chunks,
             "chunk_keys": keys}
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from daser_rag.context import SHARED_TENANT, RequestContext
 from daser_rag.engine.protocol import Engine
 from daser_rag.errors import ContextTooLongError, InvalidInputError, UnknownDocumentError
 from daser_rag.kv.keys import text_digest
@@ -43,7 +44,7 @@ class Caller:
 
 class Service:
     def __init__(self, engine: Engine, *, api_keys: Sequence[str] | None = None, limits: Limits | None = None,
-                 model_name: str | None = None, default_tenant: str = "") -> None:
+                 model_name: str | None = None, default_tenant: str = SHARED_TENANT) -> None:
         if not isinstance(engine, Engine):
             raise TypeError(f"the service needs an engine (daser_rag.engine.protocol.Engine), got {type(engine).__name__}")
         self.engine = engine
@@ -95,6 +96,16 @@ class Service:
         # With API keys, a tenant lives inside its key's namespace: one key can never reach
         # (or time) another key's cache by naming its tenant.
         return f"{caller.ns}/{tenant}" if caller.ns else tenant
+
+    def context(self, request: Request, caller: Caller, body_tenant: str | None, *, params: _GenParams | None = None,
+                request_id: str | None = None) -> RequestContext:
+        """The one `RequestContext` of a request: its tenant (`tenant_of`), and for a completion
+        its generation parameters (checked against this service's limits) and id. Everything
+        below the routes gets the tenant from it."""
+        tenant = self.tenant_of(request, caller, body_tenant)
+        if params is None:
+            return RequestContext(tenant=tenant, request_id=request_id)
+        return RequestContext(tenant=tenant, params=self.params(params, tenant), request_id=request_id)
 
     @staticmethod
     def doc_id(doc_id: str) -> str:
@@ -175,8 +186,9 @@ class Service:
     # -- generation ----------------------------------------------------------------------------
     async def generate(self, request: Request, caller: Caller, req: _GenParams, question: str, chat: bool) -> Any:
         self.check_model(req.model)
-        tenant = self.tenant_of(request, caller, req.tenant)
-        params = self.params(req, tenant)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        rc = self.context(request, caller, req.tenant, params=req, request_id=rid)
+        tenant, params = rc.tenant, rc.params
         ctx = openai.contexts(req.documents)
         inline = [c if isinstance(c, str) else c.text for c in ctx
                   if isinstance(c, str) or getattr(c, "text", None) is not None]
@@ -192,7 +204,6 @@ class Service:
         except BaseException:
             self.completions.release(share)
             raise
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created, t0 = int(time.time()), time.perf_counter()
         # PCR look-ahead: while this request waits for the model, its chunk KV is prefetched
         # toward host RAM and protected from eviction (released when it is over, however it ends)
@@ -323,7 +334,8 @@ class Service:
                 "num_chunks": len(keys), "chunk_keys": keys}
 
     async def ingest(self, request: Request, caller: Caller, docs: list[Document], precompute: bool,
-                     tenant: str) -> dict[str, Any]:
+                     rc: RequestContext) -> dict[str, Any]:
+        tenant = rc.tenant
         share = caller.share_key(tenant)
         self.writes.acquire(share)  # admission first: a refused request registers and costs nothing
         try:
@@ -354,7 +366,8 @@ class Service:
         except Cancelled:
             raise ApiError(499, "the client closed the request", code="client_closed") from None
 
-    async def delete(self, request: Request, caller: Caller, doc_id: str, tenant: str) -> dict[str, Any]:
+    async def delete(self, request: Request, caller: Caller, doc_id: str, rc: RequestContext) -> dict[str, Any]:
+        tenant = rc.tenant
         share = caller.share_key(tenant)
         self.writes.acquire(share)
 

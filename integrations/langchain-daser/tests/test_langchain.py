@@ -18,6 +18,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from daser_rag.errors import InvalidInputError, UnknownDocumentError
+from daser_rag.context import SHARED_TENANT
 from langchain_daser import (
     DOC_ID_KEY,
     ChatDaser,
@@ -183,7 +184,7 @@ def test_index_edit_drops_exactly_the_old_kv_and_answers_change(generator, llm, 
     assert result == {"num_added": 1, "num_updated": 0, "num_skipped": len(KB) - 1, "num_deleted": 1}
     assert store.last_dropped == {old_vault_id: [old_key]}  # exactly the edited document's KV
     assert not generator.store.contains(old_key)
-    assert generator.store.document_info(store.kv_doc_id(old_vault_id)) is None
+    assert generator.store.document_info(store.kv_doc_id(old_vault_id), SHARED_TENANT) is None
     new_key = generator.chunk_key_for(edited["vault"])
     assert generator.store.contains(new_key)  # precomputed at add_documents time
     assert all(generator.store.contains(k) for k in others.values())
@@ -206,7 +207,7 @@ def test_index_full_cleanup_drops_a_removed_source(generator, embedding):
     index(kb_docs(), records, store, cleanup="full", source_id_key="source", key_encoder="sha256")
     museum_id = _id_of(store, "museum")
     museum_key = generator.chunk_key_for(KB["museum"])
-    assert generator.store.document_chunk_keys(f"kb:{museum_id}") == [museum_key]
+    assert generator.store.document_chunk_keys(f"kb:{museum_id}", SHARED_TENANT) == [museum_key]
 
     remaining = {k: v for k, v in KB.items() if k != "museum"}
     result = index(kb_docs(remaining), records, store, cleanup="full", source_id_key="source", key_encoder="sha256")
@@ -246,12 +247,12 @@ def test_upsert_of_multichunk_document_drops_only_changed_chunks(lm, tmp_path, e
              "The east gate is reserved for carts and horses."]
     store = DaserVectorStore(gen, embedding=embedding)
     store.add_documents([Document(page_content="\n\n".join(paras))], ids=["gates"])
-    keys = gen.store.document_chunk_keys("gates")
+    keys = gen.store.document_chunk_keys("gates", SHARED_TENANT)
     assert len(keys) == len(gen.split("\n\n".join(paras))) >= 3
 
     edited = [paras[0], paras[1].replace("winter", "summer"), paras[2]]
     store.add_documents([Document(page_content="\n\n".join(edited))], ids=["gates"])  # same id: upsert
-    new_keys = set(gen.store.document_chunk_keys("gates"))
+    new_keys = set(gen.store.document_chunk_keys("gates", SHARED_TENANT))
     dropped = set(keys) - new_keys
     assert len(dropped) == 1 and not any(gen.store.contains(k) for k in dropped)
     assert all(gen.store.contains(k) for k in new_keys)
@@ -280,7 +281,7 @@ def test_vector_store_bad_input_keeps_what_is_stored(generator, embedding):
         store.add_documents([Document(page_content=KB["vault"]), Document(page_content=KB["museum"])],
                             ids=["v", "v"])
     assert list(store.vectorstore.store) == ["ferry"]
-    assert generator.store.documents() == ["ferry"]
+    assert generator.store.documents(SHARED_TENANT) == ["ferry"]
     assert generator.store.contains(generator.chunk_key_for(KB["ferry"]))
     with pytest.raises(InvalidInputError, match="embedding"):
         DaserVectorStore(generator)

@@ -21,6 +21,7 @@ from daser_rag.corpus import python_reference_corpus
 from daser_rag.errors import InvalidInputError
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.types import GenerationResult, Timings
+from daser_rag.context import SHARED_TENANT
 from langchain_daser import (
     DOC_ID_KEY,
     PARENT_ID_KEY,
@@ -170,7 +171,7 @@ def test_document_three_times_the_window_is_split_before_any_write(small_window,
     assert len(records) > 3 and all(i.startswith("big#") for i in records)
     assert all(r["metadata"][PARENT_ID_KEY] == "big" for r in records.values())
     assert all(len(gen.resolve([r["text"]], "")[0].token_ids) <= limit for r in records.values())
-    keys = gen.store.document_chunk_keys("big")  # one KV document, split the same way
+    keys = gen.store.document_chunk_keys("big", SHARED_TENANT)  # one KV document, split the same way
     assert keys and all(gen.store.contains(k) and gen.store.get(k).num_tokens <= limit for k in keys)
 
     docs = DaserRetriever.from_vectorstore(store, k=2).invoke("What is the gate code of the castle?")
@@ -183,7 +184,7 @@ def test_document_three_times_the_window_is_split_before_any_write(small_window,
     assert not any(gen.store.contains(k) for k in keys)
     store.add_documents([Document(page_content=text)], ids=["big"])  # and split again
     assert set(store.vectorstore.store) == set(records)
-    keys = gen.store.document_chunk_keys("big")
+    keys = gen.store.document_chunk_keys("big", SHARED_TENANT)
 
     assert store.delete(["big"]) is True
     assert store.vectorstore.store == {} and not any(gen.store.contains(k) for k in keys)
@@ -191,4 +192,4 @@ def test_document_three_times_the_window_is_split_before_any_write(small_window,
     strict = DaserVectorStore(gen, embedding=embedding, split_oversized=False)
     with pytest.raises(InvalidInputError, match="nothing was written"):
         strict.add_documents([Document(page_content=text)], ids=["big2"])
-    assert strict.vectorstore.store == {} and gen.store.documents() == []
+    assert strict.vectorstore.store == {} and gen.store.documents(SHARED_TENANT) == []

@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, trim
 
 from daser_rag.errors import InvalidInputError
 from daser_rag.textcheck import check_document_text
+from daser_rag.context import SHARED_TENANT
 from langchain_daser import ChatDaser, DaserVectorStore, MiniLMEmbeddings
 
 
@@ -81,7 +82,7 @@ def test_bad_text_is_the_core_error_in_store_and_chat(generator, embedding, kind
     assert str(err.value) == str(expected.value)
     with pytest.raises(InvalidInputError, match="duplicate document id"):
         store.add_documents([Document(page_content="One."), Document(page_content="Two.")], ids=["d", "d"])
-    assert list(store.vectorstore.store) == ["ferry"] and generator.store.documents() == ["ferry"]
+    assert list(store.vectorstore.store) == ["ferry"] and generator.store.documents(SHARED_TENANT) == ["ferry"]
 
 
 def test_one_long_document_gets_a_progress_bar_counted_in_chunks(lm, tmp_path, embedding, monkeypatch):
@@ -107,7 +108,7 @@ def test_one_long_document_gets_a_progress_bar_counted_in_chunks(lm, tmp_path, e
     store = DaserVectorStore(gen, embedding=embedding)
     text = " ".join(f"Fact {i}: lantern {i} hangs in hall {i}." for i in range(20))
     store.add_documents([Document(page_content=text)], ids=["long"])
-    chunks = len(gen.store.document_chunk_keys("long"))
+    chunks = len(gen.store.document_chunk_keys("long", SHARED_TENANT))
     assert chunks >= 16 and bars == [{"total": chunks, "unit": "chunk", "n": chunks}]
     store.add_documents([Document(page_content="A short note.")], ids=["short"])
     assert len(bars) == 1  # auto: a few chunks get no bar

@@ -24,6 +24,7 @@ from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.storage.docstore import SimpleDocumentStore
 
 from daser_rag.corpus import python_reference_corpus
+from daser_rag.context import SHARED_TENANT
 from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
@@ -77,7 +78,7 @@ def pipeline(generator, embed, store, strategy=DocstoreStrategy.UPSERTS, docstor
 
 
 def doc_keys(generator, doc_id: str) -> set[str]:
-    return set(generator.store.document_chunk_keys(doc_id))
+    return set(generator.store.document_chunk_keys(doc_id, SHARED_TENANT))
 
 
 def stored(generator, keys) -> list[bool]:
@@ -141,7 +142,7 @@ def test_upserts_and_delete_frees_storage(generator, embed):
     assert stats1["entries"]["disk"] == stats0["entries"]["disk"] - len(castle)
     assert stats1["entries"]["host"] == stats0["entries"]["host"] - len(castle)
     assert stats1["bytes"]["disk"] < stats0["bytes"]["disk"]
-    assert "notes:castle" not in generator.store.documents()
+    assert "notes:castle" not in generator.store.documents(SHARED_TENANT)
 
 
 def test_every_index_path_drops_exactly_the_changed_document(generator, embed):

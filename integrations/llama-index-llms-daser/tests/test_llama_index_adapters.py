@@ -22,6 +22,7 @@ from daser_rag.corpus import python_reference_corpus
 from daser_rag.errors import InvalidInputError
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.types import GenerationResult, Timings
+from daser_rag.context import SHARED_TENANT
 from llama_index.llms.daser import (
     DASER_KEY,
     CacheAwareSynthesizer,
@@ -186,7 +187,7 @@ def test_transform_splits_a_node_three_times_the_window_and_it_stays_answerable(
     assert len(nodes) > 3 and {n.ref_doc_id for n in nodes} == {"big"}
     for node in nodes:  # nothing longer than the window is stored, in FAISS or as KV
         assert len(gen.resolve([rendered_text(node)], "")[0].token_ids) <= limit
-    keys = gen.store.document_chunk_keys("big")
+    keys = gen.store.document_chunk_keys("big", SHARED_TENANT)
     assert len(keys) == len(nodes) and all(gen.store.contains(k) for k in keys)
     for key in keys:
         assert gen.store.get(key).num_tokens <= limit
@@ -203,4 +204,4 @@ def test_transform_splits_a_node_three_times_the_window_and_it_stays_answerable(
         KVPrecomputeTransform(gen, show_progress=False, split_oversized=False)(
             SentenceSplitter(chunk_size=8 * window, tokenizer=gen.tokenizer.encode)(
                 [Document(text=text.replace("4417", "5521"), id_="big2")]))
-    assert gen.store.document_chunk_keys("big2") == []
+    assert gen.store.document_chunk_keys("big2", SHARED_TENANT) == []

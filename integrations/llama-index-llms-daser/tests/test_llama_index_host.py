@@ -23,6 +23,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
 
 from daser_rag.errors import InvalidInputError
 from daser_rag.textcheck import check_document_text
+from daser_rag.context import SHARED_TENANT
 from llama_index.llms.daser import CacheAwareSynthesizer, DaserLLM, KVPrecomputeTransform, MiniLMEmbedding
 from llama_index.llms.daser.kv_sync import embedding_window
 from llama_index.vector_stores.daser import DaserFaissVectorStore
@@ -100,7 +101,7 @@ def test_bad_node_text_is_the_core_error_in_store_and_transform(generator, kind)
     with pytest.raises(InvalidInputError) as err:
         KVPrecomputeTransform(generator, show_progress=False)([bad])
     assert str(err.value) == str(expected.value)
-    assert generator.store.document_chunk_keys("bad") == []
+    assert generator.store.document_chunk_keys("bad", SHARED_TENANT) == []
 
 
 def test_empty_none_and_duplicate_documents_through_the_index(generator, embed):
@@ -150,6 +151,6 @@ def test_oversized_document_splits_in_a_pipeline_into_parts_the_embedding_reads_
         assert gen.resolve([part.get_content(metadata_mode=MetadataMode.LLM)])[0].num_tokens <= limit
     assert "".join(p.get_content(metadata_mode=MetadataMode.NONE) for p in parts).replace(" ", "") == \
         text.replace(" ", "")
-    assert set(gen.store.document_chunk_keys("lanterns")) == set(transform.reports[-1].keys)
+    assert set(gen.store.document_chunk_keys("lanterns", SHARED_TENANT)) == set(transform.reports[-1].keys)
     # default: the bundled MiniLM's window bounds the parts (it truncates at 256 tokens)
     assert embedding_window()[1] == 256 and embedding_window(embed)[1] == embed.max_length

@@ -18,6 +18,7 @@ from llama_index.core.schema import TextNode
 import llama_index.vector_stores.daser as pkg
 from daser_rag.corpus import python_reference_corpus
 from daser_rag.errors import InvalidInputError
+from daser_rag.context import SHARED_TENANT
 from llama_index.llms.daser import DASER_KEY, CacheAwareSynthesizer, DaserLLM, MiniLMEmbedding, rendered_text
 from llama_index.vector_stores.daser import DaserFaissVectorStore, InvalidatingFaissVectorStore
 
@@ -69,7 +70,7 @@ def test_index_insert_of_a_node_three_times_the_window_is_split_before_any_write
     nodes = store.get_nodes()
     assert len(nodes) > 3 and store.ref_doc_ids() == ["big"]
     assert all(len(gen.resolve([rendered_text(n)], "")[0].token_ids) <= limit for n in nodes)
-    keys = gen.store.document_chunk_keys("big")
+    keys = gen.store.document_chunk_keys("big", SHARED_TENANT)
     assert len(keys) == len(nodes) and all(gen.store.get(k).num_tokens <= limit for k in keys)
     vectors = {tuple(store.client.reconstruct(store.faiss_id(n.node_id)).tolist()) for n in nodes}
     assert len(vectors) == len(nodes)  # each part embedded on its own
@@ -96,4 +97,4 @@ def test_index_insert_of_a_node_three_times_the_window_is_split_before_any_write
     with pytest.raises(InvalidInputError, match="nothing was written"):
         strict.add([node])
     assert strict.node_count == 0 and strict.client is None  # FAISS never created
-    assert gen.store.document_chunk_keys("n1") == [] and gen.store.stats()["entries"]["host"] == 0
+    assert gen.store.document_chunk_keys("n1", SHARED_TENANT) == [] and gen.store.stats()["entries"]["host"] == 0
