@@ -19,7 +19,7 @@ from daser_rag.settings import add_option
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     """The engine options of demo, ingest and ask (flags, defaults and help from daser_rag/settings.py)."""
-    for setting in (s.MODEL, s.CACHE_DIR, s.CODEC, s.TENANT, s.CHUNK_TOKENS):
+    for setting in (s.MODEL, s.CACHE_DIR, s.CODEC, s.TENANT, s.CHUNK_TOKENS, s.CALIBRATION):
         add_option(p, setting)
 
 
@@ -35,7 +35,8 @@ def _add_blend(p: argparse.ArgumentParser) -> None:
 def _generator(args: argparse.Namespace) -> Any:
     from daser_rag.engine.factory import build_generator
 
-    return build_generator(args.model, cache_dir=args.cache_dir, codec=args.codec, chunk_tokens=args.chunk_tokens)
+    return build_generator(args.model, cache_dir=args.cache_dir, codec=args.codec, chunk_tokens=args.chunk_tokens,
+                           calibration=args.calibration)
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -115,6 +116,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     rep = gen.add_documents(docs, progress=True, tenant=args.tenant)  # the bar counts chunks
     _record_counters(gen.store)
     print(json.dumps(rep.__dict__, indent=2))
+    if args.calibrate:  # the calibration's defaults, on the documents just ingested
+        from daser_rag.calibration.command import add_arguments, run
+
+        cal = argparse.ArgumentParser()
+        add_arguments(cal)
+        return run(cal.parse_args([]), gen, docs)
     return 0
 
 
@@ -271,6 +278,13 @@ def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *rest], env=env)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Train and check the calibration of reused KV (daser_rag/calibration/command.py)."""
+    from daser_rag.calibration.command import run
+
+    return run(args, _generator(args))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from daser_rag.server.__main__ import run
@@ -294,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("files", nargs="*", help="text files (doc id = path)")
     p.add_argument("--topics", default=None, help="pydoc topics: 'all' or comma-separated names")
+    p.add_argument("--calibrate", action="store_true",
+                   help="then run `daser-rag calibrate` (its defaults) on these documents")
 
     p = sub.add_parser("ask", help="answer a question over stored documents and/or given texts")
     _add_common(p)
@@ -306,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     for setting in (s.MAX_NEW_TOKENS, s.TEMPERATURE, s.SEED):
         add_option(p, setting)
+
+    p = sub.add_parser("calibrate", help="learn a per-model calibration of reused KV on a corpus (self-distillation "
+                       "against full prefill; checked on held-out documents; docs/calibration.md)")
+    _add_common(p)
+    from daser_rag.calibration.command import add_arguments
+
+    add_arguments(p)
 
     p = sub.add_parser("cache", help="inspect or manage the KV cache")
     p.add_argument("action", choices=["stats", "clear", "invalidate"])
@@ -334,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "bench":
             return cmd_bench(args, rest)
-        return {"demo": cmd_demo, "ingest": cmd_ingest, "ask": cmd_ask, "cache": cmd_cache, "serve": cmd_serve}[
+        return {"demo": cmd_demo, "ingest": cmd_ingest, "ask": cmd_ask, "cache": cmd_cache, "serve": cmd_serve,
+                "calibrate": cmd_calibrate}[
             args.cmd](args)
     except DaserError as exc:
         print(f"error: {exc}", file=sys.stderr)

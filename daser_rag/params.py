@@ -78,6 +78,8 @@ class GenerationParams:
     selector: str | None = None
     use_cache: bool = settings.USE_CACHE.default
     tenant: str = settings.TENANT.default
+    calibration: bool | None = settings.USE_CALIBRATION.default
+    """None: use the engine's calibration when it has one; False: never; True: required."""
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -102,6 +104,8 @@ class GenerationParams:
             check_selector(self.selector)
         if not isinstance(self.use_cache, bool):
             raise InvalidInputError(f"use_cache must be true or false, got {self.use_cache!r}")
+        if self.calibration is not None and not isinstance(self.calibration, bool):
+            raise InvalidInputError(f"calibration must be true, false or null, got {self.calibration!r}")
         if not isinstance(self.tenant, str):
             raise InvalidInputError(f"tenant must be a string, got {self.tenant!r}")
 

@@ -132,6 +132,11 @@ PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
                       "'inline' (the request that crosses the threshold computes it: ~1.2x a full prefill)",
                       parse=str, choices=("off", "background", "inline"), flag="--prefix-tree",
                       used_by=(_SERVE, _GEN))
+CALIBRATION = declare("engine.calibration", "off", "str",
+                      "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'off'; 'auto' "
+                      "(the model's file in the cache dir when there is one); or a file's path. A corrupt file or "
+                      "one made for another model is an error", parse=str, env="DASER_RAG_CALIBRATION",
+                      flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",
                             parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))
@@ -199,6 +204,10 @@ STOP: Setting[tuple[str, ...]] = declare("generation.stop", (), "strs", "strings
                                          used_by=("GenerationParams",))
 USE_CACHE = declare("generation.use_cache", True, "bool", "reuse stored chunk KV (false: full prefill)",
                     used_by=("GenerationParams",))
+USE_CALIBRATION: Setting[bool | None] = declare(
+    "generation.calibration", None, "bool",
+    "use the engine's calibration for this request (null: when one is loaded; true: an error if none is)",
+    used_by=("GenerationParams",))
 TENANT = declare("generation.tenant", "", "str",
                  "tenant id: salts chunk keys so tenants never share KV; empty is the shared tenant "
                  "(daser_rag.context.SHARED_TENANT; serve: the tenant of requests that name none)", parse=str, flag="--tenant", used_by=(_CLI, _SERVE, "GenerationParams", "DaserClient"))

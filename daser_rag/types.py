@@ -95,6 +95,7 @@ class GenerationResult:
     timings: Timings
     chunk_keys: list[str] = field(default_factory=list)
     selector: str = "none"  # which selector chose the recomputed tokens ("none": no recompute)
+    calibrated: bool = False  # a calibration (daser_rag/calibration) acted on the reused KV
 
     @property
     def recompute_share(self) -> float:

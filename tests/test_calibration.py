@@ -64,7 +64,7 @@ def test_calibration_acts_at_r0_and_identity_changes_nothing(generator):
     assert same.calibrated and (same.logits - plain.logits).abs().max().item() < 1e-5
     cal = _random_calibration(gen)
     moved = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=cal)
-    assert moved.calibrated and moved.link_tokens == 3 and moved.query_tokens == plain.query_tokens
+    assert moved.calibrated and moved.link_tokens == 3 and moved.query_tokens == plain.query_tokens + 3
     assert moved.cache.length == plain.cache.length + 3
     assert (moved.logits - plain.logits).abs().max().item() > 1e-2
     # the exact system prefix is never scaled
@@ -136,3 +136,31 @@ def test_chunk_keys_include_chunk_side_adapters_only(generator):
     other = _random_calibration(gen, seed=1)
     other.chunk_side = True
     assert chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids, adapter=other.chunk_digest) not in (plain, keyed)
+
+
+def test_engine_uses_calibration_per_request_and_reports_it(lm, store, tmp_path):
+    from daser_rag.calibration import storage
+    from daser_rag.engine.generator import CacheAwareGenerator
+    from daser_rag.errors import InvalidInputError
+
+    plain = CacheAwareGenerator(lm, store=store)
+    chunks, _ = _segments(plain)
+    q = "What does the pass statement do?"
+    with pytest.raises(InvalidInputError, match="no calibration loaded"):
+        plain.generate(q, chunks, max_new_tokens=2, calibration=True)
+    assert plain.generate(q, chunks, max_new_tokens=2).calibrated is False
+    path = storage.save(_random_calibration(plain), tmp_path / "cal.safetensors")
+    gen = CacheAwareGenerator(lm, store=store, calibration=str(path))
+    on = gen.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.0)
+    off = gen.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.0, calibration=False)
+    assert on.calibrated and not off.calibrated
+    assert off.token_ids == plain.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.0).token_ids
+    assert not gen.generate(q, chunks, max_new_tokens=4, recompute_ratio=1.0).calibrated  # nothing reused
+    assert not gen.generate(q, chunks, max_new_tokens=4, use_cache=False).calibrated
+    # "auto" finds nothing in an empty cache dir; a file for another model is an error
+    assert CacheAwareGenerator(lm, store=store, calibration="off").calibration is None
+    other = _random_calibration(plain)
+    other.fingerprint = "another-model"
+    bad = storage.save(other, tmp_path / "other.safetensors")
+    with pytest.raises(storage.CalibrationFileError, match="made for model"):
+        CacheAwareGenerator(lm, store=store, calibration=str(bad))

@@ -103,10 +103,11 @@ def test_document_routing_prefers_the_holder_and_balances_load():
     a, b = _inst("a", ["k1", "k2", "k3"]), _inst("b", ["k9"])
     r = DocumentAware()
     assert r.choose([a, b], ["k1", "k2", "k3"]) is a
-    a.inflight = 5  # 3/3 hit minus 5 x 0.25 < b's 0 hit and no load
+    a.inflight = a.prefilling = 2  # 400 prompt tokens queued there outweigh 3 host-tier misses on b
+    a.prefill_tokens = 400
     assert r.choose([a, b], ["k1", "k2", "k3"]) is b
-    cold = [_inst("x"), _inst("y")]
-    assert {r.choose(cold, ["new"]).name for _ in range(4)} == {"x", "y"}  # a cold start spreads
+    cold = [_inst("x"), _inst("y")]  # a cold start spreads (by owner; tests/test_control_plane_routing.py)
+    assert {r.choose(cold, [f"new{i}"]).name for i in range(16)} == {"x", "y"}
     rr = RoundRobin()
     assert [rr.choose([a, b], []).name for _ in range(4)] == ["a", "b", "a", "b"]
     with pytest.raises(ValueError, match="unknown router"):

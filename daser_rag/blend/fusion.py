@@ -48,7 +48,8 @@ class FusionResult:
     selector: str = "none"
     target_share: float = 0.0  # the share asked for (the auto budget's choice when "auto")
     calibrated: bool = False  # a calibration (daser_rag/calibration) acted on reused KV
-    link_tokens: int = 0  # learned link tokens placed before the question (not in query_tokens)
+    link_tokens: int = 0  # learned link tokens placed before the question (counted in query_tokens,
+    # so context_tokens + query_tokens is still the buffer's length)
 
     @property
     def recompute_share(self) -> float:
@@ -298,7 +299,7 @@ def fuse(
 
     def result(logits: torch.Tensor, n_sel: int, share: float) -> FusionResult:
         cache.length = total
-        return FusionResult(cache, logits, ctx_len, exact_len, n_cand - n_sel, n_sel, q_len,
+        return FusionResult(cache, logits, ctx_len, exact_len, n_cand - n_sel, n_sel, n_link + q_len,
                             config.selector if n_sel else "none", share, calibration is not None, n_link)
 
     if n_cand == 0 or (not config.is_auto and num_selected(n_cand, float(config.recompute_ratio)) == 0):

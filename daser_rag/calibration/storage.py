@@ -86,3 +86,32 @@ def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
     spec = runner.spec
     return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
                 hidden=spec.hidden_size)
+
+
+def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: str | Path | None) -> Any:
+    """The engine's `calibration` option as a Calibration or None.
+
+    None / "off": none. "auto": the model's file under the cache dir when it exists (none
+    otherwise). A path: that file, which must load. A Calibration: checked like a file.
+    """
+    if value is None or value == "off":
+        return None
+    if isinstance(value, (str, Path)):
+        if value == "auto":
+            if cache_root is None:
+                return None
+            path = default_path(cache_root, fingerprint)
+            return load_for(path, runner, fingerprint) if path.is_file() else None
+        return load_for(value, runner, fingerprint)
+    from daser_rag.calibration.adapter import Calibration
+
+    if not isinstance(value, Calibration):
+        raise CalibrationFileError(f"calibration must be 'off', 'auto', a path or a Calibration, got {type(value).__name__}")
+    if value.fingerprint != fingerprint:
+        raise CalibrationFileError(f"this calibration was made for model {value.fingerprint!r}, not {fingerprint!r}")
+    spec = runner.spec
+    try:
+        value.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size)
+    except ValueError as e:
+        raise CalibrationFileError(str(e)) from e
+    return value

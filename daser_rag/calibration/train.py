@@ -115,13 +115,22 @@ def chunks_by_document(gen: Any, documents: Sequence[Document], per_document: in
     return out
 
 
-def calibrate(gen: Any, documents: Sequence[Document], config: CalibrationConfig = CalibrationConfig(),
-              log: Callable[[str], None] | None = None) -> CalibrationReport:
-    """Train a calibration for `gen`'s model on `documents`; check it on held-out documents."""
+@dataclass
+class Prepared:
+    """Training and held-out prompts, prepared once (several configs can be fitted on them)."""
+
+    train: list[ReuseExample]
+    held_out: list[ReuseExample]
+    train_documents: list[str]
+    held_out_documents: list[str]
+    seconds: float
+
+
+def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationConfig,
+                  log: Callable[[str], None] | None = None) -> Prepared:
+    """Split documents (train / held-out), build prompts from each side, run the teacher."""
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
-    runner = gen.runner
-    spec = runner.spec
     by_doc = chunks_by_document(gen, documents, config.chunks_per_document)
     if len(by_doc) < 2:
         raise ValueError("calibration needs at least 2 documents (some are held out to check it)")
@@ -135,11 +144,23 @@ def calibrate(gen: Any, documents: Sequence[Document], config: CalibrationConfig
     train = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in train_specs]
     held = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in held_specs]
     say(f"prepared in {time.perf_counter() - t0:.0f} s")
+    return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0)
+
+
+def fit(gen: Any, data: Prepared, config: CalibrationConfig,
+        log: Callable[[str], None] | None = None) -> CalibrationReport:
+    """Adam on the calibration's parameters over `data.train`; judged on `data.held_out`."""
+    say = log or (lambda _m: None)
+    t0 = time.perf_counter()
+    runner = gen.runner
+    spec = runner.spec
+    train, held = data.train, data.held_out
     newline = gen.prompt.encode("\n\n")[:1] or [0]
-    init = runner.embed(torch.tensor(newline)).detach()[0]
+    with torch.no_grad():
+        init = runner.embed(torch.tensor(newline)).detach()[0]
     cal = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size,
                                config.link_tokens, init)
-    before = mean_kls(gen, held, cal)
+    before = mean_kls(gen, held, cal.without_link())
     ks = cal.key_log_scale.clone().requires_grad_(config.scales)
     vs = cal.value_log_scale.clone().requires_grad_(config.scales)
     link = cal.link.clone().requires_grad_(bool(config.link_tokens))
@@ -165,11 +186,17 @@ def calibrate(gen: Any, documents: Sequence[Document], config: CalibrationConfig
     after = mean_kls(gen, held, trained)
     kl_b, kl_a = sum(before) / len(before), sum(after) / len(after)
     accepted = kl_a < kl_b * (1.0 - config.min_gain)
-    reason = (f"held-out mean KL {kl_b:.4f} -> {kl_a:.4f} on {len(held)} prompts from {len(held_ids)} documents "
+    reason = (f"held-out mean KL {kl_b:.4f} -> {kl_a:.4f} on {len(held)} prompts from {len(data.held_out_documents)} documents "
               f"it never trained on")
     reason += "" if accepted else f": not {config.min_gain:.0%} better, refused"
-    report = CalibrationReport(trained, accepted, reason, before, after, curve, train_ids, held_ids,
-                               time.perf_counter() - t0)
+    report = CalibrationReport(trained, accepted, reason, before, after, curve, data.train_documents,
+                               data.held_out_documents, time.perf_counter() - t0 + data.seconds)
     trained.meta = {"config": config.__dict__, **report.summary()}
     say(reason)
     return report
+
+
+def calibrate(gen: Any, documents: Sequence[Document], config: CalibrationConfig = CalibrationConfig(),
+              log: Callable[[str], None] | None = None) -> CalibrationReport:
+    """Train a calibration for `gen`'s model on `documents`; check it on held-out documents."""
+    return fit(gen, prepare_split(gen, documents, config, log), config, log)

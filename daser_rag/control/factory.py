@@ -28,6 +28,8 @@ DEFAULT_VLLM_DTYPE = settings.VLLM_DTYPE.default
 """What spawned instances serve on CPU: fp32, the dtype daser's exactness tests are stated in."""
 DEFAULT_SPAWN_MAX_MODEL_LEN = settings.VLLM_MAX_MODEL_LEN.default
 DEFAULT_SPAWN_MAX_NUM_SEQS = settings.VLLM_MAX_NUM_SEQS.default
+DEFAULT_INSTANCE_HOST_BYTES = 1 << 30
+"""A spawned instance's connector host tier unless `--host-bytes` says otherwise."""
 
 
 def _codec(dtype: str) -> str:
@@ -82,11 +84,14 @@ def open_vllm_engine(
     max_num_seqs: int = DEFAULT_SPAWN_MAX_NUM_SEQS,
     self_check: bool = True,
     start_timeout_s: float = settings.VLLM_START_TIMEOUT.default,
+    instance_host_bytes: int | None = None,
     **engine_kw: Any,
 ) -> Any:
     """A `VllmEngine` over `urls` plus `spawn` new `vllm serve` processes (in the vLLM venv's
     `vllm_python`). Needs `redis_url`: the instances and the control plane share chunk KV and the
-    document index through it (invalidation reaches every instance that way)."""
+    document index through it (invalidation reaches every instance that way).
+    `instance_host_bytes`: the host tier of each spawned instance's connector (`--host-bytes`;
+    None: 1 GiB), where PCR prefetch pins a queued request's chunk KV."""
     from daser_rag.control.vllm_engine import VllmEngine
     from daser_rag.kv.shared import default_namespace, open_store
     from daser_rag.kv.store import default_cache_dir
@@ -112,7 +117,8 @@ def open_vllm_engine(
             for i in range(spawn):
                 port = free_port()
                 kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
-                                      redis_namespace=namespace, codec=_codec(dtype))
+                                      redis_namespace=namespace, codec=_codec(dtype),
+                                      host_bytes=instance_host_bytes or DEFAULT_INSTANCE_HOST_BYTES)
                 cmd = vllm_command(python, files.dir, port, kv_transfer=kv, served_name=served_name, dtype=dtype,
                                    max_model_len=max_model_len, max_num_seqs=max_num_seqs)
                 proc = VllmProcess(cmd, port, root / "logs" / f"vllm-{i}.log",

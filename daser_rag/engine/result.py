@@ -24,5 +24,5 @@ def pack_result(fused: FusionResult, info: PrefillInfo, emitter: TextEmitter, fi
         recompute_ratio=(params.recompute_ratio if params.recompute_ratio is not None else default_ratio)
         if reused else 1.0,
         selector=fused.selector if reused else "none", finish_reason=finish, timings=timings,
-        chunk_keys=info["keys"],
+        chunk_keys=info["keys"], calibrated=reused and fused.calibrated,
     )

@@ -160,7 +160,7 @@ def serve(
 
         eng = open_vllm_engine(model=model, cache_dir=cache_dir, redis_url=redis_url, urls=vllm_urls,
                                spawn=vllm_spawn, vllm_python=vllm_python, dtype=vllm_dtype, router=router,
-                               chunk_tokens=chunk_tokens, **blend)
+                               chunk_tokens=chunk_tokens, instance_host_bytes=host_bytes, **blend, **kw)
     elif engine == "daser":
         if vllm_urls or vllm_spawn:
             raise ValueError("--vllm-url / --vllm-spawn need --engine vllm")

@@ -102,7 +102,8 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 limit_concurrency=a.limit_concurrency, engine=a.engine, vllm_urls=list(a.vllm_url),
                 vllm_spawn=a.vllm_spawn, vllm_python=a.vllm_python, vllm_dtype=a.vllm_dtype, router=a.router,
                 selector=a.selector, **({"prefetch_window": a.prefetch_window, "prefix_tree": a.prefix_tree,
-                   "prefix_tree_after": a.prefix_tree_after} if a.engine == "daser" else {}))
+                   "prefix_tree_after": a.prefix_tree_after} if a.engine == "daser" else
+                   {"prefetch_window": a.prefetch_window}))
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",

@@ -20,13 +20,17 @@ out of the paged cache and put them in the store as ordinary daser `ChunkKV` ent
 keys, same layout the embedded generator uses). An entry that disappeared, fails its checksum
 or does not hold the request's tokens is a load error: vLLM recomputes those blocks (with
 kv_load_failure_policy="recompute"); it is never served.
+Prefetch (PCR, see prefetch.py): a control message names the chunks a request the control plane
+has queued will read; the scheduler sees it on arrival (`on_new_request`), the worker loads them
+into its host tier in the background and pins them until that request has loaded them. A stats
+message answers with the worker's counters (`kv_transfer_params["daser_stats"]`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,23 +38,29 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorWorkerMetadata,
 )
 from vllm.logger import init_logger
 
+from daser_rag.control.wire import PLAN_FIELD, STATS_FIELD
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.kv.store import KVStore
 from daser_rag.model.rope import rerotate_keys
+from daser_rag.settings import VLLM_PREFETCH_MAX_BYTES, VLLM_PREFETCH_MAX_REQUESTS, VLLM_PREFETCH_TTL
 from vllm_daser.layout import PagedLayout, layer_order, layout_for, slots_for
 from vllm_daser.plan import (
+    Control,
     Plan,
     PlanError,
     Segment,
     block_chain_segments,
+    parse_control,
     parse_plan,
     save_limit,
     stored_run,
 )
+from vllm_daser.prefetch import HostPrefetch
 from vllm_daser.rope import inv_freq_for
 
 if TYPE_CHECKING:
@@ -86,6 +96,7 @@ class LoadSpec:
     exact_len: int = 0  # leading tokens whose loaded KV is exact (never recomputed)
     chunk_starts: list[int] = field(default_factory=list)  # prompt position of each re-positioned segment
     context_ids: list[int] = field(default_factory=list)  # prompt tokens [0, end), for recompute
+    prefetch_id: str | None = None  # the prefetch pin that holds these entries (released after the load)
 
 
 @dataclass
@@ -98,9 +109,29 @@ class SaveSpec:
 
 
 @dataclass
+class PrefetchSpec:
+    req_id: str  # the control plane's id of the queued request (its plan's prefetch_id)
+    keys: list[str]
+    ttl_s: float | None = None
+
+
+@dataclass
 class DaserConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    prefetches: list[PrefetchSpec] = field(default_factory=list)
+    releases: list[str] = field(default_factory=list)  # prefetch pins to end
+
+
+@dataclass
+class DaserWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, every step: each worker's stats (what a stats message answers)."""
+
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        extra = other.workers if isinstance(other, DaserWorkerMetadata) else []
+        return DaserWorkerMetadata(self.workers + extra)
 
 
 @dataclass
@@ -127,6 +158,9 @@ class _Settings:
     host_bytes: int
     redis_url: str = ""
     redis_namespace: str = ""
+    prefetch_max_requests: int = VLLM_PREFETCH_MAX_REQUESTS.default
+    prefetch_max_bytes: int = VLLM_PREFETCH_MAX_BYTES.default
+    prefetch_ttl_s: float = VLLM_PREFETCH_TTL.default
 
     @classmethod
     def from_config(cls, vllm_config: VllmConfig) -> _Settings:
@@ -142,7 +176,10 @@ class _Settings:
         return cls(str(store_dir), vllm_config.cache_config.block_size, vllm_config.cache_config.cache_dtype,
                    bool(get("save", True)), bool(get("block_fallback", True)), str(get("codec", "bf16")),
                    str(get("fingerprint", "") or h.hexdigest()), int(get("host_bytes", 1 << 30)),
-                   str(get("redis_url", "") or ""), str(get("redis_namespace", "") or ""))
+                   str(get("redis_url", "") or ""), str(get("redis_namespace", "") or ""),
+                   int(get("prefetch_max_requests", VLLM_PREFETCH_MAX_REQUESTS.default)),
+                   int(get("prefetch_max_bytes", VLLM_PREFETCH_MAX_BYTES.default)),
+                   float(get("prefetch_ttl_s", VLLM_PREFETCH_TTL.default)))
 
     def open_store(self, host_bytes: int) -> KVStore:
         if self.redis_url:
@@ -167,6 +204,33 @@ class DaserConnectorScheduler:
         self.store = settings.open_store(0)
         self._pending: dict[str, tuple[int, int, list[_Piece], int, Plan | None]] = {}
         self._reqs: dict[str, _ReqState] = {}
+        self._prefetches: list[PrefetchSpec] = []  # control messages for the next step's metadata
+        self._releases: list[str] = []
+        self.worker_stats: list[dict[str, Any]] = []  # the latest the workers reported
+
+    def control(self, request: Request) -> Control | None:
+        try:
+            return parse_control(request.kv_transfer_params)
+        except PlanError as exc:
+            logger.warning("DaserKVConnector: ignoring the control message of request %s: %s",
+                           request.request_id, exc)
+            return None
+
+    def on_new_request(self, request: Request) -> None:
+        """On arrival, before vLLM's waiting queue: a prefetch or release message takes effect in
+        the next step, however long vLLM's queue is."""
+        msg = self.control(request)
+        if msg is None:
+            return
+        if msg.release is not None:
+            self._releases.append(msg.release)
+        if msg.prefetch is not None:
+            self._prefetches.append(PrefetchSpec(msg.prefetch, list(msg.keys), msg.ttl_s))
+
+    def update_connector_output(self, output: Any) -> None:
+        meta = getattr(output, "kv_connector_worker_meta", None)
+        if isinstance(meta, DaserWorkerMetadata) and meta.workers:
+            self.worker_stats = meta.workers
 
     def segments(self, token_ids: list[int], params: dict[str, Any] | None, req_id: str) -> tuple[list[Segment], bool]:
         """(segments, may_save) for a request; malformed plans degrade to no reuse, loudly."""
@@ -217,7 +281,8 @@ class DaserConnectorScheduler:
             ld = self._pending.pop(nr.req_id, None)
             if ld is not None:
                 start, end, pieces, n_loaded, plan = ld
-                spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces)
+                spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces,
+                                prefetch_id=plan.prefetch_id if plan is not None else None)
                 if plan is not None and plan.recompute is not None:
                     exact, pos, starts, in_exact = 0, 0, [], True
                     for s in plan.segments[:n_loaded]:
@@ -256,6 +321,8 @@ class DaserConnectorScheduler:
                 st.block_ids.extend(new_blocks[0])
             self._plan_saves(req_id, cached.num_computed_tokens[i] + n_sched.get(req_id, 0), meta)
         self._pending.clear()  # anything left was not scheduled this step; it is asked again
+        meta.prefetches, self._prefetches = self._prefetches, []
+        meta.releases, self._releases = self._releases, []
         return meta
 
     def _plan_saves(self, req_id: str, computed: int, meta: DaserConnectorMetadata) -> None:
@@ -277,6 +344,15 @@ class DaserConnectorScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
+        params = request.kv_transfer_params
+        raw = (params or {}).get(PLAN_FIELD) if isinstance(params, dict) else None
+        if isinstance(raw, dict) and isinstance(raw.get("prefetch_id"), str):
+            # a request that loaded released its pin in the worker already; one that did not load
+            # (vLLM's own prefix cache held its start) releases it here
+            self._releases.append(raw["prefetch_id"])
+        msg = self.control(request)
+        if msg is not None and msg.stats:
+            return False, {STATS_FIELD: {"workers": self.worker_stats}}
         return False, None
 
 
@@ -295,6 +371,26 @@ class DaserConnectorWorker:
         self._warned_blend = False
         self._paged_ok = True  # vLLM's paged-attention kernel for the repair (else torch attention)
         self.stats = {"loaded_tokens": 0, "rerotated_tokens": 0, "saved_tokens": 0, "load_errors": 0}
+        self.prefetch = HostPrefetch(self.store, max_requests=settings.prefetch_max_requests,
+                                     max_bytes=settings.prefetch_max_bytes, ttl_s=settings.prefetch_ttl_s)
+
+    def control(self, meta: DaserConnectorMetadata) -> None:
+        """This step's prefetch and release messages (the loads run in the background)."""
+        for pid in meta.releases:
+            self.prefetch.release(pid)
+        for pf in meta.prefetches:
+            if not self.prefetch.add(pf.req_id, pf.keys, pf.ttl_s):
+                logger.info("DaserKVConnector: prefetch for %s refused (pins %d/%d, bytes bound %d)", pf.req_id,
+                            len(self.prefetch.snapshot().pins), self.prefetch.max_requests, self.prefetch.max_bytes)
+
+    def report(self) -> dict[str, Any]:
+        """What a stats message answers: this worker's counters, its store's hits per tier, its
+        host tier and its prefetch pins (typed: `prefetch.PrefetchSnapshot`)."""
+        host = self.store.host
+        return {"connector": dict(self.stats), "store": dict(self.store.counters),
+                "host": {"bytes": host.nbytes(), "capacity_bytes": host.capacity_bytes,
+                         "entries": len(list(host.keys())), "evictions": host.evictions},
+                "prefetch": asdict(self.prefetch.snapshot())}
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.kv_caches = kv_caches
@@ -336,6 +432,8 @@ class DaserConnectorWorker:
         return k, v
 
     def start_load_kv(self, meta: DaserConnectorMetadata) -> None:
+        if meta.prefetches or meta.releases:
+            self.control(meta)
         if not meta.loads:
             return
         assert self.layout is not None
@@ -343,28 +441,37 @@ class DaserConnectorWorker:
         cdtype = next(iter(self.kv_caches.values())).dtype
         for ld in meta.loads:
             t0 = time.perf_counter()
-            ks, vs, ok_end = [], [], ld.start
-            for p in ld.pieces:
-                got = self._entry(ld, p, cdtype)
-                if isinstance(got, str):
-                    self._fail(ld, p.start, got)
-                    break
-                ks.append(got[0])
-                vs.append(got[1])
-                ok_end = p.start + p.hi - p.lo
-            if ok_end <= ld.start:
-                continue
-            k_all = torch.cat(ks, dim=2)  # [L, H, T, D]
-            v_all = torch.cat(vs, dim=2)
-            slots = slots_for(ld.block_ids, ld.start, ok_end, self.s.block_size)
-            for i, name in enumerate(self.layer_names):
-                self.layout.write(layers[name], self.kv_caches[name], k_all[i].transpose(0, 1),
-                                  v_all[i].transpose(0, 1), slots)
-            self.stats["loaded_tokens"] += ok_end - ld.start
-            if ld.recompute is not None and ok_end == ld.end:
-                self._recompute(ld, (k_all, v_all, ld.start))
-            logger.debug("DaserKVConnector: loaded %d tokens for %s in %.1f ms", ok_end - ld.start,
-                         ld.req_id, 1e3 * (time.perf_counter() - t0))
+            if ld.prefetch_id is not None:
+                self.prefetch.claim(ld.prefetch_id)  # a load of its own entries under way is awaited
+            try:
+                self._load(ld, layers, cdtype)
+            finally:
+                if ld.prefetch_id is not None:
+                    self.prefetch.release(ld.prefetch_id, used=True)
+            logger.debug("DaserKVConnector: loaded %s in %.1f ms", ld.req_id, 1e3 * (time.perf_counter() - t0))
+
+    def _load(self, ld: LoadSpec, layers: dict[str, Any], cdtype: torch.dtype) -> None:
+        assert self.layout is not None
+        ks, vs, ok_end = [], [], ld.start
+        for p in ld.pieces:
+            got = self._entry(ld, p, cdtype)
+            if isinstance(got, str):
+                self._fail(ld, p.start, got)
+                break
+            ks.append(got[0])
+            vs.append(got[1])
+            ok_end = p.start + p.hi - p.lo
+        if ok_end <= ld.start:
+            return
+        k_all = torch.cat(ks, dim=2)  # [L, H, T, D]
+        v_all = torch.cat(vs, dim=2)
+        slots = slots_for(ld.block_ids, ld.start, ok_end, self.s.block_size)
+        for i, name in enumerate(self.layer_names):
+            self.layout.write(layers[name], self.kv_caches[name], k_all[i].transpose(0, 1),
+                              v_all[i].transpose(0, 1), slots)
+        self.stats["loaded_tokens"] += ok_end - ld.start
+        if ld.recompute is not None and ok_end == ld.end:
+            self._recompute(ld, (k_all, v_all, ld.start))
 
     def _recompute(self, ld: LoadSpec, loaded: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         from vllm_daser import blend
@@ -457,6 +564,14 @@ class DaserKVConnector(KVConnectorBase_V1):
         assert self.scheduler is not None
         return self.scheduler.request_finished(request, block_ids)
 
+    def on_new_request(self, request: Request) -> None:
+        if self.scheduler is not None:
+            self.scheduler.on_new_request(request)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.update_connector_output(connector_output)
+
     # -- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.worker is not None
@@ -482,3 +597,10 @@ class DaserKVConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors() if self.worker is not None else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return DaserWorkerMetadata([self.worker.report()]) if self.worker is not None else None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.prefetch.close()

@@ -51,6 +51,7 @@ class Plan:
     save: bool = True  # False for blended KV: what vLLM computes on top of it is not exact
     doc_ids: tuple[str, ...] = ()
     recompute: tuple[float, int, str] | None = None  # (ratio, check layer, selector): in-engine recompute
+    prefetch_id: str | None = None  # the prefetch message that pinned this request's entries (prefetch.py)
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +68,47 @@ IN_ENGINE_SELECTORS = in_engine_selectors()
 front, no check pass)."""
 
 
+CONTROL_FIELDS = ("prefetch", "release", "stats")
+"""A daser field with one of these is a control message to the connector (prefetch.py), not a plan."""
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control message: pin and load `keys` for request `prefetch` (a prefetch message), end the
+    pin of request `release`, and/or answer with the connector's stats (`stats`)."""
+
+    prefetch: str | None = None
+    keys: tuple[str, ...] = ()
+    ttl_s: float | None = None
+    release: str | None = None
+    stats: bool = False
+
+
+def parse_control(kv_transfer_params: Mapping[str, Any] | None) -> Control | None:
+    """The control message a request carries, None when it carries none. Raises PlanError on a
+    malformed one (the connector then ignores it, loudly)."""
+    raw = (kv_transfer_params or {}).get(PLAN_FIELD)
+    if not isinstance(raw, Mapping) or not any(k in raw for k in CONTROL_FIELDS):
+        return None
+    pf, rel = raw.get("prefetch"), raw.get("release")
+    out = Control(stats=bool(raw.get("stats", False)))
+    if rel is not None:
+        if not isinstance(rel, str) or not rel:
+            raise PlanError(f"bad 'release' {rel!r}: expected a request id")
+        out = Control(release=rel, stats=out.stats)
+    if pf is not None:
+        if not isinstance(pf, Mapping) or not isinstance(pf.get("id"), str) or not pf["id"]:
+            raise PlanError(f"bad 'prefetch' {pf!r}: expected {{'id': str, 'keys': [store key, ...], 'ttl_s': s}}")
+        keys = pf.get("keys")
+        if not isinstance(keys, Sequence) or isinstance(keys, (str, bytes)) or not all(_is_key(k) for k in keys):
+            raise PlanError(f"bad prefetch keys {keys!r}: expected a list of store keys")
+        ttl = pf.get("ttl_s")
+        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
+            raise PlanError(f"bad prefetch ttl_s {ttl!r}: expected seconds > 0")
+        out = Control(pf["id"], tuple(keys), None if ttl is None else float(ttl), out.release, out.stats)
+    return out
+
+
 class PlanError(ValueError):
     """A request carried a daser plan that cannot be used (the message says why)."""
 
@@ -78,8 +120,8 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
     raw = kv_transfer_params[PLAN_FIELD]
     if not isinstance(raw, Mapping):
         raise PlanError(f"kv_transfer_params[{PLAN_FIELD!r}] must be an object, got {type(raw).__name__}")
-    if raw.get("off"):
-        return Plan((), save=False)  # this request neither loads nor saves through daser
+    if raw.get("off") or any(k in raw for k in CONTROL_FIELDS):
+        return Plan((), save=False)  # neither loads nor saves: bypassed, or a control message
     segs = raw.get("segments")
     if not isinstance(segs, Sequence) or isinstance(segs, (str, bytes)) or not segs:
         raise PlanError("a daser plan needs a non-empty 'segments' list of [key, num_tokens]")
@@ -102,7 +144,11 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
             raise PlanError(f"bad 'recompute' {rc!r}: expected {{'ratio': 0..1, 'check_layer': int >= 0, "
                             f"'selector': one of {IN_ENGINE_SELECTORS}}}")
         recompute = (float(ratio), layer, sel) if ratio > 0 else None
-    plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute)
+    pid = raw.get("prefetch_id")
+    if pid is not None and (not isinstance(pid, str) or not pid or len(pid) > 200):
+        raise PlanError(f"bad 'prefetch_id' {pid!r}: expected a non-empty string")
+    plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute,
+                pid)
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
     return plan

@@ -1,0 +1,197 @@
+"""PCR inside a vLLM instance: load a queued request's chunk KV into this instance's host tier
+before the request runs, and pin it there until it has run.
+
+The control plane knows a request before vLLM does (it routes it, and may hold it in its own
+queue). At that moment it sends the chosen instance a *prefetch message*: an ordinary
+`/v1/completions` request with a one-token prompt and `max_tokens=1` whose
+`kv_transfer_params` carry `{"daser": {"prefetch": {"id", "keys", "ttl_s"}}}`. The connector's
+scheduler half sees it when vLLM adds it (`on_new_request`, before vLLM's own waiting queue),
+and the next step's connector metadata carries it to the worker, where `HostPrefetch` loads
+the entries from Redis/disk in a background thread (daser's `LookAhead`: the `Prefetcher`
+that never holds a lock a running request needs, plus `KVStore.protect`) and pins them
+against host-tier eviction. The message itself costs vLLM one token of compute; nothing else
+in vLLM is touched (only the KV-connector API: `on_new_request`, `build_connector_meta`,
+`build_connector_worker_meta`, `update_connector_output`, `request_finished`).
+
+A pin ends when the real request (its plan names the prefetch id) has loaded its KV, when it
+finishes without loading (vLLM's own prefix cache held it), when the control plane sends a
+release message (the request was cancelled or ran elsewhere), or after `ttl_s`. It is
+bounded: at most `max_requests` pins at once and `max_bytes` of pinned entries (never more
+than the host tier holds); a prefetch past either bound is refused and counted, and the
+request then loads its KV itself when it runs, as without prefetch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from daser_rag.engine.lookahead import LookAhead
+from daser_rag.kv.store import KVStore
+from daser_rag.settings import VLLM_PREFETCH_MAX_BYTES, VLLM_PREFETCH_MAX_REQUESTS, VLLM_PREFETCH_TTL
+
+DEFAULT_MAX_REQUESTS = VLLM_PREFETCH_MAX_REQUESTS.default
+DEFAULT_MAX_BYTES = VLLM_PREFETCH_MAX_BYTES.default
+DEFAULT_TTL_S = VLLM_PREFETCH_TTL.default
+
+
+@dataclass
+class PrefetchCounters:
+    """What the worker's prefetch did since start (reported through the stats message)."""
+
+    requested: int = 0
+    """Prefetch messages received."""
+    refused: int = 0
+    """Refused at a bound (pins or bytes); those requests load their KV themselves."""
+    claimed: int = 0
+    """Pins whose request reached this instance and loaded (the prefetch was used)."""
+    released: int = 0
+    """Pins ended by a release message or by their request finishing without a load."""
+    expired: int = 0
+    """Pins that outlived their ttl (the request never came)."""
+
+
+@dataclass
+class _Pin:
+    keys: list[str]
+    deadline: float
+
+
+@dataclass
+class PrefetchSnapshot:
+    """The typed state the stats message returns (`DaserKVConnector` puts it in
+    `kv_transfer_params["daser_stats"]["prefetch"]`)."""
+
+    max_requests: int
+    max_bytes: int
+    pinned_requests: int
+    pinned_keys: int
+    pinned_bytes: int
+    pins: dict[str, dict[str, int]]
+    """Per pinned request id: {"keys": n, "in_host": how many of them host RAM holds now}."""
+    counters: dict[str, int]
+    loader: dict[str, Any] = field(default_factory=dict)
+    """The background loader's own counters (daser_rag.kv.prefetch.PrefetchStats)."""
+
+
+class HostPrefetch:
+    """Worker side: pins and background loads into `store`'s host tier (see the module docstring)."""
+
+    def __init__(self, store: KVStore, *, max_requests: int = DEFAULT_MAX_REQUESTS,
+                 max_bytes: int = DEFAULT_MAX_BYTES, ttl_s: float = DEFAULT_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if max_requests < 0 or max_bytes < 0 or ttl_s <= 0:
+            raise ValueError(f"prefetch bounds must be >= 0 and ttl > 0, got max_requests={max_requests}, "
+                             f"max_bytes={max_bytes}, ttl_s={ttl_s}")
+        self.store = store
+        self.max_requests = int(max_requests)
+        self.max_bytes = min(int(max_bytes), store.host.capacity_bytes)  # pins never exceed the tier
+        self.ttl_s = float(ttl_s)
+        self.clock = clock
+        self.counters = PrefetchCounters()
+        self._look = LookAhead(store, window=max(1, self.max_requests))
+        self._pins: dict[str, _Pin] = {}
+        self._entry_bytes: list[int] = []  # sizes seen, for the estimate of a new pin's bytes
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_requests > 0 and self.max_bytes > 0
+
+    # -- messages --------------------------------------------------------------------------------
+    def add(self, pid: str, keys: Sequence[str], ttl_s: float | None = None) -> bool:
+        """Pin and start loading `keys` for request `pid`; False when refused at a bound."""
+        self.expire()
+        keys = list(dict.fromkeys(k for k in keys if isinstance(k, str) and k))
+        with self._lock:
+            self.counters.requested += 1
+            if pid in self._pins or not keys:
+                return pid in self._pins
+            if not self.enabled or len(self._pins) >= self.max_requests or \
+                    self._pinned_bytes() + self._estimate(len(keys)) > self.max_bytes:
+                self.counters.refused += 1
+                return False
+            ttl = self.ttl_s if ttl_s is None or ttl_s <= 0 else min(float(ttl_s), self.ttl_s)
+            self._pins[pid] = _Pin(keys, self.clock() + ttl)
+        self._look.queued(pid, keys)
+        return True
+
+    def claim(self, pid: str) -> bool:
+        """The request is loading its KV now: wait for loads of its own keys already under way
+        (never slower than starting the same read again); loads not begun are dropped."""
+        with self._lock:
+            pinned = pid in self._pins
+        if pinned:
+            self._look.started(pid)
+        return pinned
+
+    def release(self, pid: str, *, used: bool = False) -> bool:
+        """End `pid`'s pin (its keys become evictable again, unless another pin holds them)."""
+        with self._lock:
+            pin = self._pins.pop(pid, None)
+            if pin is None:
+                return False
+            self._remember_sizes(pin.keys)
+            if used:
+                self.counters.claimed += 1
+            else:
+                self.counters.released += 1
+        self._look.finished(pid)
+        return True
+
+    def expire(self) -> int:
+        """End the pins whose ttl passed; how many."""
+        now = self.clock()
+        with self._lock:
+            gone = [pid for pid, p in self._pins.items() if p.deadline <= now]
+        for pid in gone:
+            if self.release(pid):
+                with self._lock:
+                    self.counters.released -= 1
+                    self.counters.expired += 1
+        return len(gone)
+
+    # -- accounting ------------------------------------------------------------------------------
+    def _host_size(self, key: str) -> int:
+        enc = self.store.host.get(key)
+        return 0 if enc is None else int(enc.nbytes)
+
+    def _pinned_keys(self) -> set[str]:
+        return {k for p in self._pins.values() for k in p.keys}
+
+    def _pinned_bytes(self) -> int:
+        """Bytes the pins hold in host RAM now (entries still loading count once loaded)."""
+        return sum(self._host_size(k) for k in self._pinned_keys())
+
+    def _estimate(self, n_keys: int) -> int:
+        """Bytes `n_keys` new entries will take: the mean size seen so far (0 before any)."""
+        if not self._entry_bytes:
+            return 0
+        return n_keys * sum(self._entry_bytes) // len(self._entry_bytes)
+
+    def _remember_sizes(self, keys: Sequence[str]) -> None:
+        for k in keys:
+            size = self._host_size(k)
+            if size:
+                self._entry_bytes.append(size)
+        del self._entry_bytes[:-64]
+
+    def snapshot(self) -> PrefetchSnapshot:
+        self.expire()
+        with self._lock:
+            pins = {pid: {"keys": len(p.keys), "in_host": sum(1 for k in p.keys if self.store.in_host(k))}
+                    for pid, p in self._pins.items()}
+            keys = self._pinned_keys()
+            return PrefetchSnapshot(self.max_requests, self.max_bytes, len(self._pins), len(keys),
+                                    sum(self._host_size(k) for k in keys), pins, asdict(self.counters),
+                                    {k: v for k, v in self._look.stats().items() if k != "window"})
+
+    def close(self) -> None:
+        self._look.close()
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REQUESTS", "DEFAULT_TTL_S", "HostPrefetch", "PrefetchCounters",
+           "PrefetchSnapshot"]
