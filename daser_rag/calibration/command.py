@@ -54,7 +54,7 @@ def read_documents(files: Sequence[str], topics: str | None) -> list[Document]:
 def write_curve(curve: Sequence[tuple[int, float, float]], stem: Path) -> list[Path]:
     """`stem`.csv (step, batch KL, seconds) and, when matplotlib is there, `stem`.png."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    out = [stem.with_suffix(".csv")]
+    out = [Path(f"{stem}.csv")]
     with out[0].open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "batch_kl", "seconds"])
@@ -72,7 +72,7 @@ def write_curve(curve: Sequence[tuple[int, float, float]], stem: Path) -> list[P
            title="calibration loss (training documents)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.append(stem.with_suffix(".png"))
+    out.append(Path(f"{stem}.png"))
     fig.savefig(out[-1], dpi=100)
     plt.close(fig)
     return out
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
     from daser_rag.kv.store import default_cache_dir
 
     out = Path(args.out) if args.out else storage.default_path(gen.store.root or default_cache_dir(), gen.fingerprint)
-    curve = write_curve(rep.curve, out.with_suffix(".curve"))
+    curve = write_curve(rep.curve, out.with_name(out.stem + ".curve"))
     summary = {**rep.summary(), "curve": [str(p) for p in curve]}
     if rep.accepted:
         storage.save(rep.calibration, out)

@@ -1,0 +1,208 @@
+"""`daser-rag bench calibration`: {none, APE, adapter, APE+adapter} x {r=0, chunk_heads, hybrid}.
+
+Two steps, both reproducible from this file:
+
+1. `--train DIR`: calibrate on the bundled Python Language Reference topics (the training
+   documents; part of them held out by the calibration's own check), preparing the prompts
+   once and fitting three variants on them: `ape` (per-layer/per-head key and value scales on
+   reused context, no new tokens), `adapter` (4 learned link tokens, no scales) and `both`.
+   Writes DIR/{ape,adapter,both}.safetensors, their loss curves, and DIR/train.json.
+2. measure (default): the held-out stdlib grid (benchmarks/evalset.py: standard-library
+   docstrings, none of which the calibration saw), answer document last by default; per
+   variant and mode, top-1 agreement and mean KL vs full prefill along full prefill's greedy
+   answer, the share of identical greedy answers, QA accuracy and the paired TTFT speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = {"ape": {"scales": True, "link_tokens": 0}, "adapter": {"scales": False, "link_tokens": 4},
+            "both": {"scales": True, "link_tokens": 4}}
+DEFAULT_MODES = "0,chunk_heads:0.15,hybrid:0.15"
+
+
+def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed: int, variants: list[str],
+          chunk_tokens: int) -> dict[str, Any]:
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.command import write_curve
+    from daser_rag.calibration.train import CalibrationConfig, fit, prepare_split
+    from daser_rag.corpus import python_reference_corpus
+    from daser_rag.engine.factory import build_generator
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = build_generator(cache_dir=tmp, chunk_tokens=chunk_tokens)
+        base = CalibrationConfig(steps=steps, train_prompts=train_prompts, held_out_prompts=held_out_prompts,
+                                 seed=seed)
+        data = prepare_split(gen, python_reference_corpus(), base, log=print)
+        summary: dict[str, Any] = {"prepare_s": data.seconds, "train_prompts": len(data.train),
+                                   "held_out_prompts": len(data.held_out)}
+        for name in variants:
+            opts = VARIANTS[name]
+            cfg = CalibrationConfig(**{**base.__dict__, **opts})
+            t0 = time.perf_counter()
+            rep = fit(gen, data, cfg, log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
+            storage.save(rep.calibration, out / f"{name}.safetensors")
+            write_curve(rep.curve, out / f"{name}.curve")
+            summary[name] = {**rep.summary(), "fit_s": time.perf_counter() - t0}
+            (out / "train.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, position: str, answer_tokens: int,
+            seed: int, shard: str) -> dict[str, Any]:
+    from benchmarks.harness import FULL, Harness, blend_mode
+    from benchmarks.selection import prompt_sets, shard_items, token_f1
+    from daser_rag.calibration import storage
+    from daser_rag.engine.factory import build_generator
+
+    modes = []
+    for spec in modes_spec.split(","):
+        sel, _, r = spec.rpartition(":")
+        modes.append(blend_mode(float(r), sel or None))
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = build_generator(cache_dir=tmp)
+        cals = {v: None if v == "none" else storage.load_for(cal_dir / f"{v}.safetensors", gen.runner, gen.fingerprint)
+                for v in variants}
+        items = [it for it in prompt_sets(gen, "stdlib", n, seed)["stdlib"] if position in ("all", it["position"])]
+        items = shard_items(items, shard)
+        h = Harness(gen, answer_tokens=answer_tokens)
+        for k, it in enumerate(items):
+            h.ingest(it["chunks"])
+            gen.calibration = None
+            ref = h.run(FULL, it["question"], it["chunks"])
+            order = [(v, m) for v in variants for m in modes]
+            rot = k % len(order)
+            for v, m in order[rot:] + order[:rot]:
+                gen.calibration = cals[v]
+                r = h.run(m, it["question"], it["chunks"], ref)
+                rows.append({"item": it["idx"], "variant": v, "mode": m.name, "full_ttft_s": ref.ttft_s,
+                             "ttft_s": r.ttft_s, "steps": r.fidelity.total, "agree": r.fidelity.agree,
+                             "kl_sum": r.fidelity.kl_sum, "identical": int(r.answer_ids == ref.answer_ids),
+                             "f1": token_f1(r.answer, ref.answer),
+                             "correct": int(any(a.lower() in r.answer.lower() for a in it["answers"])),
+                             "full_correct": int(any(a.lower() in ref.answer.lower() for a in it["answers"])),
+                             "share": r.share})
+            gen.calibration = None
+            print(f"[{k + 1}/{len(items)}] " + ", ".join(
+                f"{v}/{m}: KL {s['mean_kl']:.3f}" for (v, m), s in list(summarize(rows).items())[:12]), flush=True)
+    return {"rows": rows, "modes": [m.name for m in modes], "variants": variants, "position": position}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["variant"], r["mode"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        steps = sum(r["steps"] for r in rs)
+        out[key] = {"prompts": len(rs), "top1": sum(r["agree"] for r in rs) / max(1, steps),
+                    "mean_kl": sum(r["kl_sum"] for r in rs) / max(1, steps),
+                    "identical": statistics.mean(r["identical"] for r in rs),
+                    "f1": statistics.mean(r["f1"] for r in rs), "qa": statistics.mean(r["correct"] for r in rs),
+                    "full_qa": statistics.mean(r["full_correct"] for r in rs),
+                    "share": statistics.mean(r["share"] for r in rs),
+                    "speedup": statistics.median(r["full_ttft_s"] / r["ttft_s"] for r in rs)}
+    return out
+
+
+def table(data: dict[str, Any]) -> str:
+    s = summarize(data["rows"])
+    lines = ["| calibration | mode | top-1 | mean KL | greedy identical | token F1 | QA acc | speed-up |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for v in data["variants"]:
+        for m in data["modes"]:
+            x = s.get((v, m))
+            if x:
+                lines.append(f"| {v} | {m} | {x['top1']:.3f} | {x['mean_kl']:.4f} | {x['identical']:.0%} | "
+                             f"{x['f1']:.3f} | {x['qa']:.0%} | {x['speedup']:.1f}x |")
+    n = max((x["prompts"] for x in s.values()), default=0)
+    full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
+    return "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summarize(data["rows"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for v in data["variants"]:
+        pts = sorted((x["speedup"], x["mean_kl"], m) for (vv, m), x in s.items() if vv == v)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
+        for p in pts:
+            ax.annotate(p[2].replace("daser ", ""), (p[0], p[1]), fontsize=6)
+    ax.set(xlabel="TTFT speed-up over full prefill (paired median)", ylabel="mean KL vs full prefill",
+           yscale="log", title=f"calibration on held-out stdlib docs (answer {data['position']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="daser-rag bench calibration", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", action="store_true", help="train the variants into --dir first")
+    ap.add_argument("--dir", default="results/calibration", help="calibration files (written by --train)")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--train-variants", default="ape,adapter,both")
+    ap.add_argument("--train-chunk-tokens", type=int, default=512, help="chunk size of the training prompts")
+    ap.add_argument("--train-prompts", type=int, default=16)
+    ap.add_argument("--held-out-prompts", type=int, default=20)
+    ap.add_argument("--variants", default="none,ape,adapter,both")
+    ap.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated [selector:]ratio")
+    ap.add_argument("-n", type=int, default=100, help="grid size (answer first/middle/last cycle)")
+    ap.add_argument("--position", default="last", choices=["first", "middle", "last", "all"])
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--shard", default="", help="j/k: only prompts i with i %% k == j (join with --merge)")
+    ap.add_argument("--merge", nargs="*", default=[], help="no run: join the JSON of --shard runs")
+    ap.add_argument("--json", default="results/calibration/bench.json")
+    ap.add_argument("--img", default="", help="frontier PNG (e.g. docs/img/calibration.png)")
+    ap.add_argument("--render", default="", help="no run: report a saved JSON")
+    ap.add_argument("--no-measure", action="store_true", help="with --train: train only")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.merge or args.render:
+        parts = [json.loads(Path(p).read_text()) for p in (args.merge or [args.render])]
+        data = {**parts[0], "rows": [r for p in parts for r in p["rows"]]}
+        if args.merge:
+            Path(args.json).write_text(json.dumps(data, indent=1))
+    else:
+        if args.train:
+            summary = train(Path(args.dir), args.steps, args.train_prompts, args.held_out_prompts, args.seed,
+                            args.train_variants.split(","), args.train_chunk_tokens)
+            print(json.dumps(summary, indent=1))
+            if args.no_measure:
+                return 0
+        t0 = time.perf_counter()
+        data = measure(Path(args.dir), args.variants.split(","), args.modes, args.n, args.position,
+                       args.answer_tokens, args.seed, args.shard)
+        data["minutes"] = (time.perf_counter() - t0) / 60
+        data["command"] = " ".join(["daser-rag", "bench", "calibration", *(argv if argv is not None else sys.argv[1:])])
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    print(table(data))
+    if args.img:
+        plot(data, Path(args.img))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
