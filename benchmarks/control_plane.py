@@ -10,6 +10,10 @@ Arms (each started fresh, one at a time, on 127.0.0.1; the same trace, the same 
   prefix   one plain `vllm serve` with its own prefix caching, sent the same prompt token ids
            (what a vLLM user without daser gets); its greedy answers are the reference
            (prefix caching is exact: they are full prefill's)
+  pf       PCR: 1 instance whose connector host tier (`--small-host-bytes`) is smaller than the
+           working set; queued requests' chunk KV is prefetched into it and pinned (default)
+  nopf     the same with `--prefetch-window 0` (no prefetch anywhere): what prefetch buys is
+           pf vs nopf, side by side in one run
 
 Trace: documents of the Python reference are ingested first (index time, untimed: through
 `/v1/documents` for the daser arms, one max_tokens=1 request each for `prefix`), then each
@@ -48,7 +52,7 @@ from daser_rag.context import SHARED_TENANT
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ["pass", "break", "continue", "del", "assert", "global", "for", "else", "dict", "exceptions",
           "context-managers", "booleans", "while", "return", "import", "raise"]
-ARMS = ("own", "cp1", "cp1r0", "cp2", "cp2rr", "prefix")
+ARMS = ("own", "cp1", "cp1r0", "cp2", "cp2rr", "prefix", "pf", "nopf")
 MARKER = "control_plane"
 
 
@@ -82,6 +86,7 @@ class Row:
     failed: int = 0
     wall_s: float = 0.0
     hit_rate: float | None = None  # chunks the chosen instance held in host RAM (control plane's record)
+    connector: dict | None = None  # pf/nopf: the instance connector's counters at the end (stats message)
 
 
 def first_part(text: str, tokens: int) -> str:
@@ -135,6 +140,10 @@ class Arm:
             if name != "own":
                 cmd += ["--engine", "vllm", "--vllm-spawn", "2" if name.startswith("cp2") else "1",
                         "--router", "round_robin" if name == "cp2rr" else "documents"]
+            if name in ("pf", "nopf"):  # a host tier smaller than the working set
+                cmd += ["--host-bytes", str(args.small_host_bytes)]
+            if name == "nopf":
+                cmd += ["--prefetch-window", "0"]
             if name == "cp1r0":
                 cmd += ["--recompute-ratio", "0"]
         self.proc = subprocess.Popen(cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env,
@@ -239,8 +248,29 @@ def run_arm(arm: Arm, levels: dict[int, list[Req]], docs: dict[str, str], prompt
             print(f"  {arm.name}: requests per instance {served}, routing hit rate {eng['routing_hit_rate']:.2f}")
             for row in out.values():
                 row.hit_rate = eng["routing_hit_rate"]
+        if arm.name in ("pf", "nopf"):
+            rep = connector_report(client, eng["instances"][0]["url"])
+            print(f"  {arm.name}: connector {rep}", flush=True)
+            for row in out.values():
+                row.connector = rep
     client.close()
     return out
+
+
+def connector_report(client: httpx.Client, url: str) -> dict:
+    """The instance connector's own counters (a stats message, see daser_rag/control/wire.py):
+    where its loads were served from and what prefetch did."""
+    from daser_rag.control.wire import STATS_FIELD, STATS_PARAMS
+
+    for _ in range(2):  # the second answer holds the first one's step
+        r = client.post(url + "/v1/completions", json={"model": "daser", "prompt": [0], "max_tokens": 1,
+                                                       "kv_transfer_params": STATS_PARAMS})
+    w = r.json()["kv_transfer_params"][STATS_FIELD]["workers"][0]
+    store, pf = w["store"], w["prefetch"]
+    return {"hit_host": store.get("hit_host", 0), "hit_disk": store.get("hit_disk", 0),
+            "hit_redis": store.get("hit_redis", 0), "host_evictions": w["host"]["evictions"],
+            "prefetched_loads": pf["loader"].get("loaded", 0), "pins_claimed": pf["counters"]["claimed"],
+            "pins_refused": pf["counters"]["refused"], "late": pf["counters"]["late"]}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -282,6 +312,18 @@ def report(results: dict[str, dict[int, Row]], levels: dict[int, list[Req]], arg
             ratios.append(f"{name}: mean TTFT {statistics.mean(allt) * 1000:.0f} ms, cached share {share:.2f}, "
                           "routing hit rate (chunks the chosen instance held in host RAM) "
                           + (f"{hit:.2f}" if hit is not None else "n/a"))
+    if "pf" in results and "nopf" in results:
+        for c in levels:
+            a, b = results["pf"][c], results["nopf"][c]
+            ratios.append(f"prefetch at {c} clients: mean TTFT {statistics.mean(a.ttft) * 1000:.0f} ms with, "
+                          f"{statistics.mean(b.ttft) * 1000:.0f} ms without (p50 {statistics.median(a.ttft) * 1000:.0f}"
+                          f" vs {statistics.median(b.ttft) * 1000:.0f} ms); identical answers "
+                          f"{sum(x == y and x != [] for x, y in zip(a.answers, b.answers))}/{len(a.answers)}")
+        for name in ("pf", "nopf"):
+            conn = next(iter(results[name].values())).connector
+            if conn:
+                ratios.append(f"{name} connector (host tier {args.small_host_bytes >> 20} MiB): "
+                              + ", ".join(f"{k} {v}" for k, v in conn.items()))
     head = (f"Measured {args.measured} by `daser-rag bench control_plane "
             f"{' '.join(args.argv)}`: {args.docs_per_request} documents of <= {args.doc_tokens} tokens per request, "
             f"{args.max_tokens} greedy answer "
@@ -322,6 +364,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small-host-bytes", type=int, default=96 << 20,
+                    help="pf/nopf arms: each instance connector's host tier (smaller than the trace's chunk KV)")
+    ap.add_argument("--marker", default=MARKER, help="the marked section of --update-doc to rewrite")
     ap.add_argument("--update-doc", type=Path, default=None)
     ap.add_argument("--img", type=Path, default=None)
     ap.add_argument("--update-readme", type=Path, default=None,
@@ -357,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.update_doc:
         img = f"\n\n![throughput and TTFT by concurrency]({os.path.relpath(args.img, args.update_doc.parent)})" \
             if args.img else ""
-        replace_marked(args.update_doc, MARKER, text + img, append=True)
+        replace_marked(args.update_doc, args.marker, text + img, append=True)
     if args.update_readme:
         summary = [line for line in text.splitlines() if line.startswith("- ")]
         replace_marked(args.update_readme, MARKER + "_summary",

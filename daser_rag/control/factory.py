@@ -100,6 +100,7 @@ def open_vllm_engine(
     if not redis_url:
         raise EngineStartError("--engine vllm needs --redis-url: the vLLM instances and the control plane share "
                                "chunk KV and the document index through Redis")
+    prefetch_off = engine_kw.get("prefetch_window", settings.PREFETCH_WINDOW.default) == 0
     if spawn < 0 or (spawn == 0 and not urls):
         raise EngineStartError("--engine vllm needs instances: --vllm-url URL (repeatable) and/or --vllm-spawn N")
     ensure_converted(model)
@@ -118,7 +119,9 @@ def open_vllm_engine(
                 port = free_port()
                 kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
                                       redis_namespace=namespace, codec=_codec(dtype),
-                                      host_bytes=instance_host_bytes or DEFAULT_INSTANCE_HOST_BYTES)
+                                      host_bytes=instance_host_bytes or DEFAULT_INSTANCE_HOST_BYTES,
+                                      # --prefetch-window 0: no PCR anywhere (nor a request's own on arrival)
+                                      prefetch_max_requests=0 if prefetch_off else None)
                 cmd = vllm_command(python, files.dir, port, kv_transfer=kv, served_name=served_name, dtype=dtype,
                                    max_model_len=max_model_len, max_num_seqs=max_num_seqs)
                 proc = VllmProcess(cmd, port, root / "logs" / f"vllm-{i}.log",

@@ -198,7 +198,11 @@ class VllmEngine(StreamingEngine):
                 break
             if reserved is not None:
                 rid, res = reserved
-                inst, tokens, prefetch_id = res.inst, res.tokens, rid if res.prefetched else None
+                inst, tokens = res.inst, res.tokens
+                # the pin ends when this request loads there; a full-prefill request (no plan)
+                # loads nothing, so `finished` releases its pin instead
+                prefetch_id = rid if res.prefetched and "segments" in (
+                    plan.kv_transfer_params.get(PLAN_FIELD) or {}) else None
                 reserved = None
             else:
                 tokens, prefetch_id = self._work_tokens(plan), None

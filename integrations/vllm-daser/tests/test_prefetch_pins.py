@@ -75,11 +75,27 @@ def test_cancelled_prefetch_releases_its_pins(store):
         assert sorted(store.protected_keys()) == ["k0", "k1"]
         assert hp.release("gone")
         assert store.protected_keys() == [] and hp.snapshot().pinned_requests == 0
-        assert hp.snapshot().counters == {"requested": 1, "refused": 0, "claimed": 0, "released": 1, "expired": 0}
+        assert hp.snapshot().counters == {"requested": 1, "refused": 0, "claimed": 0, "released": 1, "expired": 0,
+                                          "late": 0}
         for k in ("k2", "k3", "k4"):  # now evictable again
             store.get(k)
         assert not store.in_host("k0") and not store.in_host("k1")
         assert not hp.release("gone")  # idempotent
+    finally:
+        hp.close()
+
+
+def test_a_message_after_its_request_pins_nothing(store):
+    """The prefetch message and its request travel separately; when the request has already
+    loaded (or a release came first), the late message is refused instead of pinning for the ttl."""
+    hp = prefetch.HostPrefetch(store, max_requests=4, max_bytes=1 << 30, ttl_s=60)
+    try:
+        assert not hp.claim("r1") and not hp.release("r1", used=True)  # the request loaded by itself
+        assert not hp.add("r1", ["k0"])
+        assert not hp.release("r2")  # the control plane's release came first
+        assert not hp.add("r2", ["k1"])
+        snap = hp.snapshot()
+        assert snap.counters["late"] == 2 and snap.pinned_requests == 0 and store.protected_keys() == []
     finally:
         hp.close()
 

@@ -206,6 +206,7 @@ class DaserConnectorScheduler:
         self._reqs: dict[str, _ReqState] = {}
         self._prefetches: list[PrefetchSpec] = []  # control messages for the next step's metadata
         self._releases: list[str] = []
+        self._pids: dict[str, str] = {}  # vLLM request id -> the prefetch pin its entries are under
         self.worker_stats: list[dict[str, Any]] = []  # the latest the workers reported
 
     def control(self, request: Request) -> Control | None:
@@ -218,14 +219,29 @@ class DaserConnectorScheduler:
 
     def on_new_request(self, request: Request) -> None:
         """On arrival, before vLLM's waiting queue: a prefetch or release message takes effect in
-        the next step, however long vLLM's queue is."""
+        the next step, however long vLLM's queue is. A planned request prefetches its own entries
+        (under its plan's `prefetch_id`, or its own id): while it waits for a slot in vLLM, they
+        come into host RAM, and its load then reads RAM (PCR with vLLM's own queue)."""
         msg = self.control(request)
         if msg is None:
+            if self.s.prefetch_max_requests > 0:
+                self._prefetch_own(request)
             return
         if msg.release is not None:
             self._releases.append(msg.release)
         if msg.prefetch is not None:
             self._prefetches.append(PrefetchSpec(msg.prefetch, list(msg.keys), msg.ttl_s))
+
+    def _prefetch_own(self, request: Request) -> None:
+        try:
+            plan = parse_plan(request.kv_transfer_params, len(request.prompt_token_ids or []))
+        except PlanError:
+            return  # get_num_new_matched_tokens says why, once
+        if plan is None or not plan.segments:
+            return
+        pid = plan.prefetch_id or request.request_id
+        self._pids[request.request_id] = pid
+        self._prefetches.append(PrefetchSpec(pid, list(dict.fromkeys(s.key for s in plan.segments))))
 
     def update_connector_output(self, output: Any) -> None:
         meta = getattr(output, "kv_connector_worker_meta", None)
@@ -282,7 +298,7 @@ class DaserConnectorScheduler:
             if ld is not None:
                 start, end, pieces, n_loaded, plan = ld
                 spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces,
-                                prefetch_id=plan.prefetch_id if plan is not None else None)
+                                prefetch_id=self._pids.get(nr.req_id) or (plan.prefetch_id if plan else None))
                 if plan is not None and plan.recompute is not None:
                     exact, pos, starts, in_exact = 0, 0, [], True
                     for s in plan.segments[:n_loaded]:
@@ -346,10 +362,13 @@ class DaserConnectorScheduler:
         self._pending.pop(request.request_id, None)
         params = request.kv_transfer_params
         raw = (params or {}).get(PLAN_FIELD) if isinstance(params, dict) else None
-        if isinstance(raw, dict) and isinstance(raw.get("prefetch_id"), str):
+        pid = self._pids.pop(request.request_id, None)
+        if pid is None and isinstance(raw, dict) and isinstance(raw.get("prefetch_id"), str):
+            pid = raw["prefetch_id"]
+        if pid is not None:
             # a request that loaded released its pin in the worker already; one that did not load
-            # (vLLM's own prefix cache held its start) releases it here
-            self._releases.append(raw["prefetch_id"])
+            # (vLLM's own prefix cache held its start, or it was aborted) releases it here
+            self._releases.append(pid)
         msg = self.control(request)
         if msg is not None and msg.stats:
             return False, {STATS_FIELD: {"workers": self.worker_stats}}

@@ -13,6 +13,9 @@ against host-tier eviction. The message itself costs vLLM one token of compute; 
 in vLLM is touched (only the KV-connector API: `on_new_request`, `build_connector_meta`,
 `build_connector_worker_meta`, `update_connector_output`, `request_finished`).
 
+A planned request that reaches vLLM also prefetches its own entries on arrival (under its plan's
+prefetch id or its own id): while it waits in vLLM's queue for a slot, they come into RAM.
+
 A pin ends when the real request (its plan names the prefetch id) has loaded its KV, when it
 finishes without loading (vLLM's own prefix cache held it), when the control plane sends a
 release message (the request was cancelled or ran elsewhere), or after `ttl_s`. It is
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -36,6 +40,9 @@ from daser_rag.settings import VLLM_PREFETCH_MAX_BYTES, VLLM_PREFETCH_MAX_REQUES
 DEFAULT_MAX_REQUESTS = VLLM_PREFETCH_MAX_REQUESTS.default
 DEFAULT_MAX_BYTES = VLLM_PREFETCH_MAX_BYTES.default
 DEFAULT_TTL_S = VLLM_PREFETCH_TTL.default
+ENDED_MEMORY = 4096
+"""Ids of requests that loaded or ended, remembered so that a prefetch message arriving after its
+request (the two travel separately) is refused instead of pinning until the ttl."""
 
 
 @dataclass
@@ -52,6 +59,8 @@ class PrefetchCounters:
     """Pins ended by a release message or by their request finishing without a load."""
     expired: int = 0
     """Pins that outlived their ttl (the request never came)."""
+    late: int = 0
+    """Prefetch messages that came after their request had already loaded or ended (refused)."""
 
 
 @dataclass
@@ -95,6 +104,7 @@ class HostPrefetch:
         self._look = LookAhead(store, window=max(1, self.max_requests))
         self._pins: dict[str, _Pin] = {}
         self._entry_bytes: list[int] = []  # sizes seen, for the estimate of a new pin's bytes
+        self._ended: OrderedDict[str, None] = OrderedDict()  # ids whose request loaded or ended
         self._lock = threading.Lock()
 
     @property
@@ -110,6 +120,9 @@ class HostPrefetch:
             self.counters.requested += 1
             if pid in self._pins or not keys:
                 return pid in self._pins
+            if pid in self._ended:  # its request was faster than the message: nothing to hold
+                self.counters.late += 1
+                return False
             if not self.enabled or len(self._pins) >= self.max_requests or \
                     self._pinned_bytes() + self._estimate(len(keys)) > self.max_bytes:
                 self.counters.refused += 1
@@ -132,6 +145,9 @@ class HostPrefetch:
         """End `pid`'s pin (its keys become evictable again, unless another pin holds them)."""
         with self._lock:
             pin = self._pins.pop(pid, None)
+            self._ended[pid] = None
+            while len(self._ended) > ENDED_MEMORY:
+                self._ended.popitem(last=False)
             if pin is None:
                 return False
             self._remember_sizes(pin.keys)
