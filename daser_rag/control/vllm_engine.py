@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -29,14 +29,15 @@ from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.selectors import num_selected
 from daser_rag.control.lookahead import InstanceLookAhead
-from daser_rag.control.planner import Planner, PrefillPlan, ReusePlan
+from daser_rag.control.planner import MIN_QUESTION_ROOM, Planner, PrefillPlan, ReusePlan
 from daser_rag.control.pool import InstanceFailed, InstancePool
 from daser_rag.control.routing import InstanceState, make_router
 from daser_rag.control.spawn import VllmProcess
 from daser_rag.control.wire import PLAN_FIELD, STATS_FIELD, STATS_PARAMS, in_engine_selectors, plan_params
 from daser_rag.context import SHARED_TENANT
+from daser_rag.engine.chunk_index import ChunkIndex, ChunkInfo, ChunkReport, progress_bar
 from daser_rag.engine.decode import StreamingEngine
-from daser_rag.engine.ingest import PROGRESS_AUTO_CHUNKS, Ingestor, Progress, check_documents
+from daser_rag.engine.ingest import Ingestor, Progress, check_documents
 from daser_rag.engine.protocol import EngineHealth
 from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
 from daser_rag.kv.store import KVStore
@@ -85,6 +86,9 @@ class VllmEngine(StreamingEngine):
         self._prefills = ThreadPoolExecutor(max(1, prefill_workers), thread_name_prefix="daser-prefill")
         self.ingestor = Ingestor(self.planner, store, files.tokenizer, chunk_tokens,  # type: ignore[arg-type]
                                  compute=self._compute_chunk)
+        self.chunks = ChunkIndex(self.planner, store, compute_missing=self._compute_missing,
+                                 max_tokens=lambda: self.context_window - len(self.planner.prompt.prefix_ids)
+                                 - MIN_QUESTION_ROOM)
         self.instance_window: int | None = None
         """The smallest `--max-model-len` of the instances (set at start-up by the factory)."""
         self.self_check: dict[str, dict[str, Any]] = {}
@@ -116,8 +120,8 @@ class VllmEngine(StreamingEngine):
     def model_lock(self) -> None:
         return None  # vLLM batches: no request waits for another to finish
 
-    def split(self, text: str) -> list[str]:
-        return self.ingestor.split(text)
+    def split(self, text: str, max_tokens: int | None = None) -> list[str]:
+        return self.ingestor.split(text, max_tokens)
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         return self.planner.count_tokens(texts)
@@ -332,22 +336,7 @@ class VllmEngine(StreamingEngine):
                 if key not in todo and not self._store.contains(key):
                     todo[key] = ids
         t0 = time.perf_counter()
-        bar = None
-        if progress is True or (progress is None and len(todo) >= PROGRESS_AUTO_CHUNKS):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc="precomputing chunk KV on vLLM", unit="chunk")
-        done = 0
-        try:
-            for f in as_completed([self._prefills.submit(self._compute_chunk, ids, key) for key, ids in todo.items()]):
-                done += int(f.result())
-                if bar is not None:
-                    bar.update(1)
-                elif callable(progress):
-                    progress(1)
-        finally:
-            if bar is not None:
-                bar.close()
+        done = self._compute_missing(todo, progress)
         report = self.ingestor.add_documents(docs, tenant=tenant, progress=False, precompute=True)
         # the second pass found the pre-computed chunks stored; it computed only what the first missed
         report.reused_chunks, report.computed_chunks = (max(0, report.reused_chunks - done),
@@ -355,8 +344,36 @@ class VllmEngine(StreamingEngine):
         report.seconds += time.perf_counter() - t0
         return report
 
+    def _compute_missing(self, todo: dict[str, list[int]], progress: Progress) -> int:
+        """Have vLLM compute these chunks (key -> token ids), several at once (vLLM batches
+        them); progress counts chunks. Returns how many the shared store holds afterwards."""
+        done = 0
+        with progress_bar(len(todo), progress, "precomputing chunk KV on vLLM") as step:
+            for f in as_completed([self._prefills.submit(self._compute_chunk, ids, key) for key, ids in todo.items()]):
+                done += int(f.result())
+                step()
+        return done
+
     def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:
         return self._store.invalidate(doc_id, tenant)
+
+    # -- protocol: index-time chunks for the adapters (engine/chunk_index.py) ---------------------------
+    def chunk_info(self, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[ChunkInfo]:
+        return self.chunks.info(texts, tenant)
+
+    def add_chunks(self, chunks: Mapping[str, Sequence[str]], *, tenant: str = SHARED_TENANT,
+                   progress: Progress = False, precompute: bool = True, replace: bool = False) -> ChunkReport:
+        """Missing chunks computed through the vLLM instances, batched like `add_documents`."""
+        return self.chunks.add(chunks, tenant=tenant, progress=progress, precompute=precompute, replace=replace)
+
+    def replace_refs(self, doc_id: str, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[str]:
+        return self.chunks.replace_refs(doc_id, texts, tenant)
+
+    def document_keys(self, doc_id: str, *, tenant: str = SHARED_TENANT) -> list[str]:
+        return self.chunks.document_keys(doc_id, tenant)
+
+    def stored(self, keys: Sequence[str]) -> list[bool]:
+        return self.chunks.stored(keys)
 
     # -- protocol: look-ahead -------------------------------------------------------------------------
     def queued(self, request_id: str, contexts: Sequence[ContextItem] | None, tenant: str = SHARED_TENANT) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from daser_rag.context import SHARED_TENANT, RequestContext
 from daser_rag.engine.assemble import SegmentAssembler
 from daser_rag.engine.materialize import BackgroundMaterializer
 from daser_rag.engine.model_lock import ModelLock
+from daser_rag.engine.chunk_index import ChunkIndex, ChunkInfo, ChunkReport, compute_each
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.engine.decode import StreamingEngine, TextEmitter, decode_n_tokens, stop_token_ids
 from daser_rag.engine.factory import default_store
@@ -34,6 +35,7 @@ from daser_rag.engine.lookahead import LookAhead
 from daser_rag.engine.protocol import EngineHealth
 from daser_rag.engine.resolve import resolve
 from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
+from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
@@ -86,6 +88,9 @@ class CacheAwareGenerator(StreamingEngine):
         self.chunk_tokens = chunk_tokens
         self.computer = ChunkComputer(self.runner, self.prompt, self.lm.fingerprint)
         self.ingestor = Ingestor(self.computer, store, self.lm.tokenizer, chunk_tokens)
+        self.chunks = ChunkIndex(self.computer, store, compute_missing=compute_each(self.ingestor.compute),
+                                 max_tokens=lambda: self.runner.max_positions - len(self.prompt.prefix_ids)
+                                 - MIN_QUESTION_ROOM)
         tree, tree_mode = _prefix_tree(prefix_tree, prefix_tree_after)
         self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
         self.lock = ModelLock()
@@ -161,14 +166,34 @@ class CacheAwareGenerator(StreamingEngine):
     def chunk_key_for(self, text: str, tenant: str = SHARED_TENANT) -> str:
         return self.computer.key(self.prompt.chunk_ids(text), tenant)
 
-    def compute_chunk(self, ids: Sequence[int], key: str, tenant: str = SHARED_TENANT) -> Any:
+    def compute_chunk(self, ids: Sequence[int], key: str, tenant: str = SHARED_TENANT) -> ChunkKV:
         """Chunk KV computed right after the system prefix (tenant only salts keys, not KV)."""
         return self.computer.compute(ids, key)
 
     # -- ingestion ---------------------------------------------------------------------------
-    def split(self, text: str) -> list[str]:
-        """Window-safe chunks of `text` (at most `chunk_tokens` tokens each)."""
-        return self.ingestor.split(text)
+    def split(self, text: str, max_tokens: int | None = None) -> list[str]:
+        """Window-safe chunks of `text` (at most `chunk_tokens` tokens each, or `max_tokens`: an
+        adapter's own parts, cut on the same boundaries)."""
+        return self.ingestor.split(text, max_tokens)
+
+    # -- index-time chunks for the adapters (engine/chunk_index.py) ------------------------------
+    def chunk_info(self, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[ChunkInfo]:
+        return self.chunks.info(texts, tenant)
+
+    def add_chunks(self, chunks: Mapping[str, Sequence[str]], *, tenant: str = SHARED_TENANT,
+                   progress: Progress = False, precompute: bool = True, replace: bool = False) -> ChunkReport:
+        with self.lock:
+            return self.chunks.add(chunks, tenant=tenant, progress=progress, precompute=precompute, replace=replace)
+
+    def replace_refs(self, doc_id: str, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[str]:
+        with self.lock:
+            return self.chunks.replace_refs(doc_id, texts, tenant)
+
+    def document_keys(self, doc_id: str, *, tenant: str = SHARED_TENANT) -> list[str]:
+        return self.chunks.document_keys(doc_id, tenant)
+
+    def stored(self, keys: Sequence[str]) -> list[bool]:
+        return self.chunks.stored(keys)
 
     def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
                       precompute: bool = True) -> IngestReport:
@@ -278,7 +303,10 @@ class CacheAwareGenerator(StreamingEngine):
         finish = "length"
         with self.lock:
             if cancel is not None and cancel():  # gone before any model work: nothing was done
-                return GenerationResult("", [], 0, 0, 0, 0, 0, 0, 0, 0, "full", 1.0, "cancelled", timings)
+                return GenerationResult(text="", token_ids=[], prompt_tokens=0, context_tokens=0, query_tokens=0,
+                                        exact_tokens=0, reused_tokens=0, recomputed_tokens=0, cache_hits=0,
+                                        cache_misses=0, mode="full", recompute_ratio=1.0, finish_reason="cancelled",
+                                        timings=timings)
             fused, info = self._prefill(rc, question, contexts, extra_capacity=p.max_new_tokens)
             t_dec = None
             for tok, _ in decode_n_tokens(self.runner, fused.cache, fused.logits[-1], p.max_new_tokens,

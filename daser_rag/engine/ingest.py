@@ -57,10 +57,15 @@ class Ingestor:
         self.store.put(self.computer.compute(ids, key))
         return True
 
-    def split(self, text: str) -> list[str]:
+    def split(self, text: str, max_tokens: int | None = None) -> list[str]:
+        """Chunks of at most `chunk_tokens` tokens, or of `max_tokens` (an adapter cutting its
+        own parts, e.g. for an embedding's window), cut on the same boundaries."""
         if isinstance(text, str) and text.strip():
             check_text(text, "the text to split")  # the tokenizer's raw TypeError otherwise
-        return split_text(self.tokenizer, text, self.chunk_tokens)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 8):
+            raise InvalidInputError(f"max_tokens must be an integer >= 8, got {max_tokens!r}")
+        return split_text(self.tokenizer, text, self.chunk_tokens if max_tokens is None else max_tokens)
 
     def register(self, doc: Document, tenant: str, chunks: list[str] | None = None) -> tuple[list[str], bool]:
         """Record a document's chunk texts (no KV computed); return its chunks and whether it changed."""

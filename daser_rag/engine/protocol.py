@@ -9,11 +9,12 @@ getattr.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from daser_rag.api import ContextItem
+from daser_rag.engine.chunk_index import ChunkInfo, ChunkReport
 from daser_rag.context import SHARED_TENANT
 from daser_rag.types import Document, GenerationResult, IngestReport
 
@@ -25,8 +26,9 @@ if TYPE_CHECKING:
 
 Cancel = Callable[[], bool]
 """Polled before model work and between tokens; True stops the request ("cancelled")."""
-Progress = bool | Callable[[int], None]
-"""Ingestion progress: True draws a bar, a callable receives increments (in chunks)."""
+Progress = bool | Callable[[int], None] | None
+"""Ingestion progress: True draws a bar, None one when the work is long (16+ chunks), a callable
+receives increments (in chunks)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,58 @@ class ResultStream(Protocol):
 
 
 @runtime_checkable
-class Engine(Protocol):
+class IndexingEngine(Protocol):
+    """What the adapters' index-time side (LlamaIndex's KV-precompute transform and vector
+    stores, LangChain's vector stores) needs from an engine. Both engines implement it, and so
+    does `daser_rag.server.client.DaserClient` over the service's routes: an adapter pointed at
+    the service precomputes chunk KV at index time exactly as one holding the engine in process.
+
+    A "chunk text" is ONE chunk, never split again: keyed as the same text is keyed when a query
+    passes it as a context (a string, or a `ChunkRef` with text)."""
+
+    @property
+    def context_window(self) -> int:
+        """Positions the model attends over (prompt + answer)."""
+        ...
+
+    def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
+                      precompute: bool = True) -> IngestReport: ...
+
+    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]: ...
+
+    def split(self, text: str, max_tokens: int | None = None) -> list[str]:
+        """Window-safe chunks of `text`, cut exactly as ingestion cuts them; with `max_tokens`,
+        pieces of at most that many tokens cut on the same boundaries (an adapter's own parts)."""
+        ...
+
+    def chunk_info(self, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[ChunkInfo]:
+        """Each text as one chunk: its store key and its tokens in a prompt. Reads nothing."""
+        ...
+
+    def add_chunks(self, chunks: Mapping[str, Sequence[str]], *, tenant: str = SHARED_TENANT,
+                   progress: Progress = False, precompute: bool = True, replace: bool = False) -> ChunkReport:
+        """`chunks` maps document ids to chunk texts. Computes every missing chunk's KV (progress
+        in chunks), then ties the keys to their document: added to its refs, or with `replace`
+        made exactly its refs (KV no document references any more is dropped). A document the
+        index does not know is registered with these texts."""
+        ...
+
+    def replace_refs(self, doc_id: str, texts: Sequence[str], *, tenant: str = SHARED_TENANT) -> list[str]:
+        """The keys of `texts` become exactly the document's refs (nothing computed); returns the
+        keys dropped."""
+        ...
+
+    def document_keys(self, doc_id: str, *, tenant: str = SHARED_TENANT) -> list[str]:
+        """The keys of the document's current chunks ([] for an unknown document)."""
+        ...
+
+    def stored(self, keys: Sequence[str]) -> list[bool]:
+        """Whether the store holds each key's KV now (on any tier)."""
+        ...
+
+
+@runtime_checkable
+class Engine(IndexingEngine, Protocol):
     """A KV-reusing engine behind the service. Every method is thread-safe; `model_lock` says
     whether model work must be serialized (the embedded engine) or may run concurrently
     (vLLM batches requests itself)."""
@@ -69,11 +122,6 @@ class Engine(Protocol):
         ...
 
     @property
-    def context_window(self) -> int:
-        """Positions the model attends over (prompt + answer)."""
-        ...
-
-    @property
     def store(self) -> KVStore:
         """The tiered KV store and document index this engine reads and writes."""
         ...
@@ -88,15 +136,6 @@ class Engine(Protocol):
 
     def stream(self, question: str, contexts: Sequence[ContextItem] | None = None,
                params: GenerationParams | None = None, *, cancel: Cancel | None = None) -> ResultStream: ...
-
-    def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
-                      precompute: bool = True) -> IngestReport: ...
-
-    def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]: ...
-
-    def split(self, text: str) -> list[str]:
-        """Window-safe chunks of `text`, cut exactly as ingestion cuts them."""
-        ...
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the texts take in a prompt (tokenized as user text)."""
@@ -127,4 +166,4 @@ class Engine(Protocol):
         ...
 
 
-__all__ = ["Cancel", "Engine", "EngineHealth", "Progress", "ResultStream"]
+__all__ = ["Cancel", "ChunkInfo", "ChunkReport", "Engine", "EngineHealth", "IndexingEngine", "Progress", "ResultStream"]

@@ -16,7 +16,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -25,9 +25,13 @@ from daser_rag.context import SHARED_TENANT
 from daser_rag.engine.protocol import Engine
 from daser_rag.server.errors import install_handlers
 from daser_rag.server.middleware import Guard
+from daser_rag.server.chunk_routes import router as chunk_router
 from daser_rag.server.routes import router
 from daser_rag.server.service import Service
 from daser_rag.server.settings import DEFAULT_REDIS_TTL_S, Limits
+
+if TYPE_CHECKING:
+    from daser_rag.kv.store import KVStore
 
 log = logging.getLogger("daser_rag.server")
 
@@ -56,6 +60,7 @@ def create_app(
                        requests=svc.metrics.requests, large_bytes=svc.limits.max_large_body_bytes)
     install_handlers(app)
     app.include_router(router)
+    app.include_router(chunk_router)
     app.state.service = svc
     app.state.engine = engine
     app.state.metrics = svc.metrics
@@ -99,7 +104,7 @@ def http_protocol(header_timeout_s: float) -> Any:
         return "auto"
 
 
-def _collect_garbage(store: Any, interval_s: float, idle_s: float, stop: threading.Event) -> None:
+def _collect_garbage(store: KVStore, interval_s: float, idle_s: float, stop: threading.Event) -> None:
     while not stop.wait(interval_s):
         try:
             n = len(store.collect_garbage(idle_s))

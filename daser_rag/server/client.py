@@ -1,7 +1,10 @@
 """DaserClient: the remote service behind the same interface as the in-process generator.
 
-It satisfies `daser_rag.api.KVGenerator`, so the LlamaIndex and LangChain adapters switch from
-`CacheAwareGenerator(...)` to `DaserClient("http://host:port")` with one setting. Service errors
+It satisfies `daser_rag.api.KVGenerator` and the engine protocol's index-time side
+(`daser_rag.engine.protocol.IndexingEngine`: chunk keys, chunk KV computed at index time and tied
+to its document, refs replaced), so the LlamaIndex and LangChain adapters switch from
+`CacheAwareGenerator(...)` to `DaserClient("http://host:port")` with one setting and still
+precompute chunk KV when they index. Service errors
 come back as the library's own exception types (unknown document -> UnknownDocumentError, bad
 input -> InvalidInputError, ...), so callers handle both the same way. Needs httpx, not torch.
 """
@@ -9,20 +12,24 @@ input -> InvalidInputError, ...), so callers handle both the same way. Needs htt
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from daser_rag.errors import (
     ContextTooLongError,
     DaserError,
+    EngineUnavailableError,
     InvalidInputError,
     UnknownDocumentError,
 )
+from daser_rag.engine.chunk_index import ChunkInfo, ChunkReport, progress_bar
+from daser_rag.engine.protocol import IndexingEngine, Progress
 from daser_rag.params import GenerationParams
 from daser_rag.server.ids import normalize_id
+from daser_rag.server.schemas import MAX_CHUNKS_PER_CALL, MAX_KEYS_PER_CALL
 from daser_rag.settings import HOST, PORT, TENANT
 from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, Timings
 
@@ -33,6 +40,38 @@ class ServiceError(DaserError):
     def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(f"daser service error {status}: {message}")
         self.status, self.message, self.code = status, message, code
+
+
+def error_from(status: int, err: dict[str, Any]) -> DaserError:
+    """The taxonomy exception (daser_rag/errors.py) for a service error body, chosen by its
+    structured `code` and fields (server/errors.py), never by its message text, which is for
+    people and may be reworded: an unknown document keeps its id (`doc_id`), a context that does
+    not fit its numbers (`needed`, `limit`). A code this client does not know falls back on the
+    HTTP status: the caller's input (400/413/422) or the service (ServiceError)."""
+    message = str(err.get("message", ""))
+    code = err.get("code")
+    if code == "unknown_document":
+        return UnknownDocumentError(str(err.get("doc_id", "")))
+    if code == "context_length_exceeded":
+        exc = ContextTooLongError(_int(err.get("needed")), _int(err.get("limit")))
+        return exc
+    if code == "engine_unavailable":
+        retry = err.get("retry_after_s")
+        return EngineUnavailableError(message, float(retry) if isinstance(retry, (int, float)) else 2.0)
+    if code in _INPUT_CODES or status in (400, 413, 422):
+        return InvalidInputError(message)
+    return ServiceError(status, message, code if isinstance(code, str) else None)
+
+
+_INPUT_CODES = frozenset({
+    "invalid_request", "invalid_json", "invalid_document_id", "invalid_tenant", "duplicate_tenant",
+    "conflicting_tenant", "max_tokens_exceeded", "too_many_tokens", "body_too_large", "body_too_complex",
+    "unsupported_parameter"})
+"""Codes that mean the caller's input was refused (InvalidInputError)."""
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 @dataclass
@@ -97,7 +136,8 @@ class RemoteTokenStream:
                     break
                 event = json.loads(data)
                 if "error" in event:
-                    raise ServiceError(500, event["error"].get("message", "stream failed"))
+                    err = event["error"] if isinstance(event["error"], dict) else {"message": str(event["error"])}
+                    raise error_from(500, {"message": "stream failed", **err})
                 delta = event["choices"][0].get("text") or ""
                 if delta:
                     parts.append(delta)
@@ -137,19 +177,11 @@ class DaserClient:
     def _raise(resp: httpx.Response) -> None:
         try:
             err = resp.json().get("error", {})
-            message, code = err.get("message", resp.text), err.get("code")
+            if not isinstance(err, dict):
+                raise ValueError
         except ValueError:
-            message, code = resp.text, None
-        if resp.status_code == 404 and code == "unknown_document":
-            doc = message.split("'")[1] if message.count("'") >= 2 else message
-            raise UnknownDocumentError(doc)
-        if resp.status_code == 400 and code == "context_length_exceeded":
-            exc = ContextTooLongError(0, 0)
-            exc.args = (message,)
-            raise exc
-        if resp.status_code in (400, 413, 422):
-            raise InvalidInputError(message)
-        raise ServiceError(resp.status_code, message, code)
+            err = {"message": resp.text}
+        raise error_from(resp.status_code, err)
 
     def _request(self, method: str, path: str, **kw: Any) -> Any:
         resp = self._http.request(method, path, headers=self._headers(), **kw)
@@ -224,9 +256,81 @@ class DaserClient:
                                            params=params)["dropped_keys"]
         return dropped
 
-    def split(self, text: str) -> list[str]:
-        chunks: list[str] = self._request("POST", "/v1/split", json={"text": text})["chunks"]
+    def split(self, text: str, max_tokens: int | None = None) -> list[str]:
+        body: dict[str, Any] = {"text": text}
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        chunks: list[str] = self._request("POST", "/v1/split", json=body)["chunks"]
         return chunks
+
+    # -- IndexingEngine: index-time chunks (routes /v1/chunks*, server/chunk_routes.py) ----------
+    # An empty tenant here means the client's own tenant (as for the adapters' default tenant).
+    def _chunk_tenant(self, body: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+        t = self._tenant(tenant or None)
+        if t:
+            body["tenant"] = t
+        return body
+
+    def chunk_info(self, texts: Sequence[str], *, tenant: str | None = None) -> list[ChunkInfo]:
+        texts = _texts(texts)
+        out: list[ChunkInfo] = []
+        for i in range(0, len(texts), MAX_CHUNKS_PER_CALL):
+            body = self._chunk_tenant({"texts": texts[i:i + MAX_CHUNKS_PER_CALL]}, tenant)
+            out += [ChunkInfo(str(c["key"]), int(c["tokens"]))
+                    for c in self._request("POST", "/v1/chunks/info", json=body)["chunks"]]
+        return out
+
+    def add_chunks(self, chunks: Mapping[str, Sequence[str]], *, tenant: str | None = None, progress: Progress = False,
+                   precompute: bool = True, replace: bool = False) -> ChunkReport:
+        """Sent in requests of whole documents, about `CHUNKS_PER_REQUEST` chunks each, so that
+        progress (in chunks) advances as the service computes them."""
+        if not isinstance(chunks, Mapping):
+            raise InvalidInputError(f"chunks must map document ids to lists of texts, got {type(chunks).__name__}")
+        docs = [(_id(d), _texts(t)) for d, t in chunks.items()]
+        batches: list[list[tuple[str, list[str]]]] = [[]]
+        for doc in docs:
+            if batches[-1] and sum(len(t) for _, t in batches[-1]) + len(doc[1]) > CHUNKS_PER_REQUEST:
+                batches.append([])
+            batches[-1].append(doc)
+        report = ChunkReport()
+        with progress_bar(sum(len(t) for _, t in docs), progress, "precomputing chunk KV (service)") as step:
+            for batch in batches:
+                if not batch:
+                    continue
+                body = self._chunk_tenant({"documents": [{"id": d, "texts": t} for d, t in batch],
+                                           "precompute": precompute, "replace": replace}, tenant)
+                out = self._request("POST", "/v1/chunks", json=body)
+                for rec in out["documents"]:
+                    report.keys[str(rec["id"])] = [str(k) for k in rec["keys"]]
+                r = out["report"]
+                report.chunks += int(r["chunks"])
+                report.computed += int(r["computed"])
+                report.reused += int(r["reused"])
+                report.dropped += int(r["dropped"])
+                report.seconds += float(r["seconds"])
+                for _ in range(sum(len(t) for _, t in batch)):
+                    step()
+        return report
+
+    def replace_refs(self, doc_id: str, texts: Sequence[str], *, tenant: str | None = None) -> list[str]:
+        body = self._chunk_tenant({"id": _id(doc_id), "texts": _texts(texts)}, tenant)
+        dropped: list[str] = self._request("POST", "/v1/chunks/refs", json=body)["dropped_keys"]
+        return dropped
+
+    def document_keys(self, doc_id: str, *, tenant: str | None = None) -> list[str]:
+        try:
+            keys: list[str] = self.document(doc_id, tenant or None)["chunk_keys"]
+        except UnknownDocumentError:
+            return []
+        return keys
+
+    def stored(self, keys: Sequence[str]) -> list[bool]:
+        keys = list(keys)
+        out: list[bool] = []
+        for i in range(0, len(keys), MAX_KEYS_PER_CALL):
+            out += [bool(b) for b in
+                    self._request("POST", "/v1/chunks/stored", json={"keys": keys[i:i + MAX_KEYS_PER_CALL]})["stored"]]
+        return out
 
     def _model(self) -> dict[str, Any]:
         if self._model_card is None:
@@ -277,6 +381,19 @@ class DaserClient:
         self.close()
 
 
+CHUNKS_PER_REQUEST = 16
+"""Chunk texts per /v1/chunks request from `add_chunks` (a document is never split across two)."""
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise InvalidInputError("texts must be a list of chunk texts, not a single string")
+    out = list(texts)
+    if any(not isinstance(t, str) or not t.strip() for t in out):
+        raise InvalidInputError("a chunk text must be a non-empty string")
+    return out
+
+
 def _quote(doc_id: str) -> str:
     from urllib.parse import quote
 
@@ -292,3 +409,8 @@ def _jsonable(meta: dict[str, Any]) -> dict[str, Any]:
         except (TypeError, ValueError):
             out[str(k)] = str(v)
     return out
+
+
+if TYPE_CHECKING:  # mypy proves the client is an engine for the adapters' index-time side
+    def _is_indexing_engine(client: DaserClient) -> IndexingEngine:
+        return client

@@ -40,8 +40,12 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, code: str, type_: str = "invalid_request_error",
-                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                   headers: dict[str, str] | None = None, param: str | None = None,
+                   **fields: object) -> JSONResponse:
+    """`fields`: structured details a client maps without reading the message (e.g. `doc_id` of
+    an unknown document, `needed`/`limit` of a context that does not fit): the message is for
+    people and may be reworded, the code and fields are the contract."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code, **fields}},
                         status_code=status, headers=headers)
 
 
@@ -88,11 +92,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UnknownDocumentError)
     async def _unknown(request: Request, exc: UnknownDocumentError) -> JSONResponse:
-        return error_response(404, str(exc), "unknown_document", "not_found_error")
+        return error_response(404, str(exc), "unknown_document", "not_found_error", doc_id=exc.doc_id)
 
     @app.exception_handler(ContextTooLongError)
     async def _too_long(request: Request, exc: ContextTooLongError) -> JSONResponse:
-        return error_response(400, str(exc), "context_length_exceeded")
+        return error_response(400, str(exc), "context_length_exceeded", needed=exc.needed, limit=exc.limit)
 
     @app.exception_handler(InvalidInputError)
     async def _invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
@@ -109,7 +113,7 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineUnavailableError)
     async def _engine_down(request: Request, exc: EngineUnavailableError) -> JSONResponse:
         return error_response(503, str(exc), "engine_unavailable", "server_error",
-                              {"Retry-After": str(max(1, round(exc.retry_after_s)))})
+                              {"Retry-After": str(max(1, round(exc.retry_after_s)))}, retry_after_s=exc.retry_after_s)
 
     @app.exception_handler(RedisRefused)
     async def _redis_refused(request: Request, exc: RedisRefused) -> JSONResponse:

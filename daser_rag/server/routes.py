@@ -131,9 +131,9 @@ async def get_document(doc_id: str, request: Request, caller: Caller = Depends(_
             "chunk_keys": keys}
 
 
-async def _charged_text(request: Request, caller: Caller) -> tuple[Service, str, str, int]:
+async def _charged_text(request: Request, caller: Caller) -> tuple[Service, str, SplitRequest, int]:
     """A text-only request (split, tokenize) admitted like a completion (429) and its text counted
-    against the per-request limit and charged to the token budget: (service, share, text, tokens).
+    against the per-request limit and charged to the token budget: (service, share, body, tokens).
     The caller releases the admission slot (`svc.completions.release(share)`)."""
     svc = _svc(request)
     req = await _body(request, caller, SplitRequest)
@@ -145,16 +145,16 @@ async def _charged_text(request: Request, caller: Caller) -> tuple[Service, str,
     except BaseException:
         svc.completions.release(share)
         raise
-    return svc, share, req.text, tokens
+    return svc, share, req, tokens
 
 
 @router.post("/v1/split")
 async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
     """Splitting is tokenizing: admitted and charged (`_charged_text`), the split itself run in a
     CPU lane."""
-    svc, share, text, _ = await _charged_text(request, caller)
+    svc, share, req, _ = await _charged_text(request, caller)
     try:
-        return {"chunks": await svc.lanes.run(share, svc.engine.split, text)}
+        return {"chunks": await svc.lanes.run(share, svc.engine.split, req.text, req.max_tokens)}
     finally:
         svc.completions.release(share)
 

@@ -290,3 +290,90 @@ class UpdateDocumentRequest(_Strict):
 
 class SplitRequest(_Strict):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    max_tokens: Int | None = Field(default=None, ge=8)
+    """/v1/split only: pieces of at most this many tokens instead of the engine's chunk size."""
+
+
+# -- index-time chunks for the adapters (routes /v1/chunks*, engine/chunk_index.py) -------------
+MAX_CHUNKS_PER_CALL = 1024
+"""Chunk texts in one /v1/chunks, /v1/chunks/info or /v1/chunks/refs request."""
+MAX_KEYS_PER_CALL = 4096
+_KEY_RE = re.compile(r"[cp][0-9a-f]{1,128}")
+
+ChunkText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+def _chunk_texts(texts: list[str]) -> list[str]:
+    if any(not t.strip() for t in texts):
+        raise ValueError("a chunk text is empty")
+    return texts
+
+
+class _TenantField(_Strict):
+    tenant: str | None = None
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, v: str | None) -> str:
+        return check_tenant(v)
+
+
+class ChunkDocumentIn(_Strict):
+    id: str
+    texts: list[ChunkText] = Field(min_length=1, max_length=MAX_CHUNKS_PER_CALL)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v)
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        return _chunk_texts(v)
+
+
+class AddChunksRequest(_TenantField):
+    """POST /v1/chunks: each text is one chunk of its document (not split again)."""
+
+    documents: list[ChunkDocumentIn] = Field(min_length=1, max_length=MAX_DOCS_PER_CALL)
+    precompute: Bool = True
+    replace: Bool = False
+
+    @model_validator(mode="after")
+    def _limits(self) -> AddChunksRequest:
+        ids = [d.id for d in self.documents]
+        if len(set(ids)) != len(ids):
+            raise ValueError("document ids in one request must be unique")
+        if sum(len(d.texts) for d in self.documents) > MAX_CHUNKS_PER_CALL:
+            raise ValueError(f"at most {MAX_CHUNKS_PER_CALL} chunk texts per request")
+        return self
+
+
+class ChunkInfoRequest(_TenantField):
+    """POST /v1/chunks/info: keys and token counts of texts, each as one chunk."""
+
+    texts: list[ChunkText] = Field(min_length=1, max_length=MAX_CHUNKS_PER_CALL)
+
+    @field_validator("texts")
+    @classmethod
+    def _texts(cls, v: list[str]) -> list[str]:
+        return _chunk_texts(v)
+
+
+class ReplaceRefsRequest(ChunkDocumentIn, _TenantField):
+    """POST /v1/chunks/refs: the keys of these texts become exactly the document's refs."""
+
+
+class StoredRequest(_Strict):
+    """POST /v1/chunks/stored: which of these chunk keys the store holds."""
+
+    keys: list[str] = Field(min_length=1, max_length=MAX_KEYS_PER_CALL)
+
+    @field_validator("keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        bad = next((k for k in v if not _KEY_RE.fullmatch(k)), None)
+        if bad is not None:
+            raise ValueError(f"{bad[:40]!r} is not a chunk key (as returned by /v1/chunks or a completion)")
+        return v

@@ -10,10 +10,12 @@ That makes `langchain_core.indexing.index()` keep the KV cache consistent: it ad
 documents under new content-hash ids and calls `delete(ids)` for the stale ones (incremental
 and full cleanup alike).
 
-A document longer than the model's window is split (the generator's `split`) into parts that
-are stored as records `"<id>#<n>"` of one KV document, before anything is written, so that a
-retrieved record always fits a prompt; `delete(["<id>"])` removes every part. With
-`split_oversized=False` such a document raises InvalidInputError and nothing is written.
+A document longer than the model's window is split (the engine's `split`) into parts that are
+stored as records `"<id>#<n>"` of one KV document whose chunks are exactly those parts, before
+anything is written, so that a retrieved record always fits a prompt and its KV was computed at
+index time; parts also fit the embedding's window (bundled MiniLM: 256 tokens), so retrieval reads
+every part whole. `delete(["<id>"])` removes every part. With `split_oversized=False` such a
+document raises InvalidInputError and nothing is written.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from langchain_core.documents import Document as LCDocument
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore, VectorStore
 
-from daser_rag.api import KVGenerator
+from daser_rag.context import SHARED_TENANT
+from daser_rag.embed_window import Counter, bundled_window, fit_parts
+from daser_rag.engine.protocol import IndexingEngine
 from daser_rag.errors import InvalidInputError
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.textcheck import check_document_text, check_unique_ids
@@ -47,7 +51,9 @@ class DaserVectorStore(VectorStore):
     """Wraps any LangChain VectorStore (default: `InMemoryVectorStore(embedding)`).
 
     Args:
-        generator: any `daser_rag.api.KVGenerator`.
+        generator: an engine of the engine protocol (`daser_rag.engine.protocol.IndexingEngine`):
+            `CacheAwareGenerator`, the vLLM engine, or `DaserClient` (the service computes the
+            chunk KV at index time on its engine).
         vectorstore: the store that does the similarity search; built from `embedding` if omitted.
         embedding: used only when `vectorstore` is omitted.
         doc_id_prefix: daser doc id = prefix + vector-store id, so several stores can share
@@ -55,6 +61,9 @@ class DaserVectorStore(VectorStore):
         precompute: compute chunk KV at `add_documents` time (otherwise on first use).
         tenant: KV namespace passed to the generator.
         split_oversized: split documents longer than the model's window (else reject them).
+        embed_max_tokens: most embedding tokens per part of a split document (None: the
+            bundled MiniLM's 256 when the store embeds with `MiniLMEmbeddings`, else no limit;
+            0: no limit), so that retrieval reads every part whole.
         show_progress: progress bar (in chunks) while precomputing KV: True, False, or None
             (when 16+ chunks are computed, even for one long document;
             `add_documents(..., show_progress=...)` overrides).
@@ -62,18 +71,20 @@ class DaserVectorStore(VectorStore):
 
     def __init__(
         self,
-        generator: KVGenerator,
+        generator: IndexingEngine,
         vectorstore: VectorStore | None = None,
         *,
         embedding: Embeddings | None = None,
         doc_id_prefix: str = "",
         precompute: bool = True,
-        tenant: str = "",
+        tenant: str = SHARED_TENANT,
         split_oversized: bool = True,
         show_progress: bool | None = None,
+        embed_max_tokens: int | None = None,
     ) -> None:
-        if not isinstance(generator, KVGenerator):
-            raise TypeError(f"generator must satisfy daser_rag.api.KVGenerator, got {type(generator).__name__}")
+        if not isinstance(generator, IndexingEngine):
+            raise TypeError("generator must satisfy daser_rag.engine.protocol.IndexingEngine (CacheAwareGenerator, the "
+                            f"vLLM engine, or DaserClient), got {type(generator).__name__}")
         if vectorstore is None:
             if embedding is None:
                 raise InvalidInputError("DaserVectorStore needs a vectorstore to wrap or an embedding to build one")
@@ -87,6 +98,7 @@ class DaserVectorStore(VectorStore):
         self.tenant = tenant
         self.split_oversized = split_oversized
         self.show_progress = show_progress
+        self.embed_max_tokens = embed_max_tokens
         #: vector-store id -> chunk keys dropped by the last `delete` (for logs and tests)
         self.last_dropped: dict[str, list[str]] = {}
 
@@ -106,29 +118,47 @@ class DaserVectorStore(VectorStore):
     # -- oversized documents -------------------------------------------------------------------
     def max_document_tokens(self) -> int | None:
         """The longest record (in tokens) stored whole: the model's window less room for the
-        system prompt, a question and an answer; None when the generator does not tell its
-        window (a remote service checks lengths itself)."""
-        window = getattr(getattr(self.generator, "runner", None), "max_positions", None)
+        system prompt, a question and an answer."""
+        window = self.generator.context_window
         if not window:
             return None
         return window - min(window // 2, RESERVED_TOKENS)
 
-    def _count_tokens(self, text: str) -> int | None:
-        resolve = getattr(self.generator, "resolve", None)
-        if resolve is None:
-            return None
-        return resolve([text], self.tenant)[0].num_tokens
+    def _embed_window(self) -> tuple[Counter | None, int]:
+        """(count, window) of the embedding that reads the parts: `embed_max_tokens` when given
+        (0: no limit; counted with the bundled MiniLM tokenizer), else the bundled MiniLM's 256
+        when the store embeds with `MiniLMEmbeddings`, else no embedding limit."""
+        if self.embed_max_tokens is not None:
+            return bundled_window(self.embed_max_tokens)
+        from langchain_daser.embeddings import MiniLMEmbeddings
 
-    def _fit(self, documents: list[LCDocument], ids: list[str]) -> tuple[list[LCDocument], list[str]]:
-        """Records to store: oversized documents replaced by their parts (checked before any write)."""
+        if isinstance(self.vectorstore.embeddings, MiniLMEmbeddings):
+            return bundled_window()
+        return (None, 0)
+
+    def _fit(self, documents: list[LCDocument], ids: list[str]) -> tuple[list[LCDocument], list[str], dict[str, list[str]]]:
+        """Records to store, oversized documents replaced by their parts (checked before any
+        write), and the parts of each split document (by vector-store id).
+
+        Parts are the engine's chunks (so a retrieved part is one chunk at query time, whose KV
+        was computed here), cut smaller where the embedding would not read a chunk whole
+        (daser_rag.embed_window: a fact past MiniLM's 256 tokens is otherwise never retrieved)."""
         limit = self.max_document_tokens()
-        if limit is None:
-            return documents, ids
+        if limit is None or not documents:
+            return documents, ids, {}
+        sizes = [c.tokens for c in self.generator.chunk_info([d.page_content for d in documents], tenant=self.tenant)]
+        count_embed, embed_max = (None, 0)
+        if any(size > limit for size in sizes):
+            count_embed, embed_max = self._embed_window()
+
+        def fits(piece: str) -> bool:
+            return count_embed is None or count_embed(piece) <= embed_max
+
         out_docs: list[LCDocument] = []
         out_ids: list[str] = []
-        for doc, doc_id in zip(documents, ids):
-            size = self._count_tokens(doc.page_content)
-            if size is None or size <= limit:
+        parts: dict[str, list[str]] = {}
+        for doc, doc_id, size in zip(documents, ids, sizes):
+            if size <= limit:
                 out_docs.append(doc)
                 out_ids.append(doc_id)
                 continue
@@ -136,11 +166,15 @@ class DaserVectorStore(VectorStore):
                      f"window with a question and an answer")
             if not self.split_oversized:
                 raise InvalidInputError(f"{where}: split it first (nothing was written)")
-            for n, piece in enumerate(self.generator.split(doc.page_content)):
+            pieces: list[str] = []
+            for piece in self.generator.split(doc.page_content):
+                pieces += [piece] if fits(piece) else fit_parts(piece, self.generator.split, fits, embed_max, where)
+            parts[doc_id] = pieces
+            for n, piece in enumerate(pieces):
                 out_docs.append(LCDocument(page_content=piece,
                                            metadata={**(doc.metadata or {}), PARENT_ID_KEY: doc_id}))
                 out_ids.append(f"{doc_id}{PART_SEPARATOR}{n}")
-        return out_docs, out_ids
+        return out_docs, out_ids, parts
 
     def _part_ids(self, vs_id: str) -> list[str]:
         """Ids of the stored parts of a split document (found through `get_by_ids`)."""
@@ -157,10 +191,6 @@ class DaserVectorStore(VectorStore):
             if len(hits) < len(want):
                 return found
             batch *= 2
-
-    def _local_generator(self) -> bool:
-        """An in-process generator (its ingest counts chunks and takes progress=None as auto)."""
-        return getattr(self.generator, "ingestor", None) is not None
 
     def _gen_kwargs(self) -> dict[str, Any]:
         return {"tenant": self.tenant} if self.tenant else {}
@@ -187,7 +217,7 @@ class DaserVectorStore(VectorStore):
         if not documents:
             return []
         show_progress = kwargs.pop("show_progress", None)
-        records, record_ids = self._fit(documents, final_ids)
+        records, record_ids, parts = self._fit(documents, final_ids)
         # Re-adding an id: records of its previous version that this one does not overwrite (its
         # parts, or its whole record when it is split now) would be served with stale text.
         keep = set(record_ids)
@@ -200,22 +230,18 @@ class DaserVectorStore(VectorStore):
             raise RuntimeError(f"{type(self.vectorstore).__name__} did not keep the given ids")
         # After the vector store, so a failed vector write leaves no KV behind; KV is keyed
         # by content, so even a failure here can never serve stale KV. A split document is one
-        # KV document: the generator splits it into the same parts.
+        # KV document whose chunks are exactly its parts.
         show = self.show_progress if show_progress is None else show_progress
-        progress: dict[str, Any] = {}
-        if show:
-            progress["progress"] = True
-        elif show is None and self._local_generator():
-            # auto, decided by the generator in chunks (the unit the time goes to): one long
-            # document gets a bar too, a few short ones none
-            progress["progress"] = None
-        self.generator.add_documents(
-            [DaserDocument(self.kv_doc_id(i), d.page_content, dict(d.metadata or {}))
-             for i, d in zip(final_ids, documents)],
-            precompute=self.precompute,
-            **progress,
-            **self._gen_kwargs(),
-        )
+        whole = [(i, d) for i, d in zip(final_ids, documents) if i not in parts]
+        if whole:
+            # progress None: auto, decided by the engine in chunks (the unit the time goes to):
+            # one long document gets a bar too, a few short ones none
+            self.generator.add_documents(
+                [DaserDocument(self.kv_doc_id(i), d.page_content, dict(d.metadata or {})) for i, d in whole],
+                precompute=self.precompute, progress=show, **self._gen_kwargs())
+        if parts:
+            self.generator.add_chunks({self.kv_doc_id(i): p for i, p in parts.items()}, tenant=self.tenant,
+                                      progress=show, precompute=self.precompute, replace=True)
         return final_ids
 
     def add_texts(
@@ -298,11 +324,11 @@ class DaserVectorStore(VectorStore):
         metadatas: list[dict] | None = None,
         *,
         ids: list[str] | None = None,
-        generator: KVGenerator | None = None,
+        generator: IndexingEngine | None = None,
         **kwargs: Any,
     ) -> DaserVectorStore:
         if generator is None:
-            raise InvalidInputError("DaserVectorStore.from_texts needs generator=<KVGenerator>")
+            raise InvalidInputError("DaserVectorStore.from_texts needs generator=<an engine or DaserClient>")
         store = cls(generator, embedding=embedding, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store

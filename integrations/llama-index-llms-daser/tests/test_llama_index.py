@@ -269,8 +269,9 @@ def test_daser_llm_is_a_drop_in_llm(generator, llm):
 
 
 def test_remote_client_generator_works_through_the_protocol_only(generator, embed, monkeypatch):
-    """The adapter over DaserClient (HTTP, real service app in-process): no store access, so KV is
-    built on first use and invalidation goes through the service's document API."""
+    """The adapter over DaserClient (HTTP, real service app in-process), through the engine
+    protocol only: chunk KV is computed at index time by the service (/v1/chunks), so the first
+    query reads every chunk; invalidation goes through the service's document API."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
@@ -282,17 +283,20 @@ def test_remote_client_generator_works_through_the_protocol_only(generator, embe
         client._http.close()
         client._http = http  # TestClient is an httpx.Client that serves the app in-process
         store = InvalidatingFaissVectorStore(generator=client)
-        assert store.kv is not None and not store.kv.precomputes
+        assert store.kv is not None and store.kv.precomputes
         kv = KVPrecomputeTransform(client, show_progress=False)
         IngestionPipeline(transformations=[splitter(generator), embed, kv], vector_store=store).run(
             documents=documents())
-        assert kv.reports[0].deferred == kv.reports[0].nodes > 0
+        report = kv.reports[0]
+        assert report.deferred == 0 and report.computed == len(set(report.keys)) > 0
+        assert all(stored(generator, report.keys)) and all(store.kv.contains(k) for k in report.keys)
         llm = DaserLLM(client, max_new_tokens=MAX_NEW)
         monkeypatch.setattr(Settings, "_llm", llm)
         qe = engine(store, embed, llm)
         first = qe.query(CASTLE_Q)
         n = len(first.source_nodes)
-        assert "4417" in str(first) and first.metadata[DASER_KEY]["cache_misses"] == n
+        assert "4417" in str(first) and first.metadata[DASER_KEY]["cache_misses"] == 0
+        assert first.metadata[DASER_KEY]["cache_hits"] == n
         second = qe.query(CASTLE_Q)
         assert second.metadata[DASER_KEY]["cache_hits"] == n and str(second) == str(first)
         castle = [k for k, node in zip(first.metadata[DASER_KEY]["chunk_keys"], first.source_nodes)

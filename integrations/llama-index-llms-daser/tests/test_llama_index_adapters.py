@@ -40,7 +40,8 @@ CASTLE_Q = "What is the gate code of the castle?"
 
 def test_package_surface_is_pinned():
     assert pkg.__all__ == [
-        "DASER_KEY", "CacheAwareContextChatEngine", "CacheAwareSynthesizer", "DaserLLM", "KVPrecomputeTransform",
+        "DASER_KEY", "CacheAwareCondensePlusContextChatEngine", "CacheAwareContextChatEngine",
+        "CacheAwareSynthesizer", "DaserLLM", "KVPrecomputeTransform",
         "KVSync", "MiniLMEmbedding",
         "NoKVReuseWarning", "PrecomputeReport", "__version__", "node_chunk_ref", "node_doc_id", "rendered_text",
         "result_summary",
@@ -63,8 +64,10 @@ class Recorder:
             result = self.inner.generate(question, contexts, **kwargs)
         else:
             n = len(contexts or [])
-            result = GenerationResult("ok", [1], 10, 8, 2, 3, 5, 0, n, 0, "blend" if n else "full", 0.15,
-                                      "length", Timings(), [])
+            result = GenerationResult(text="ok", token_ids=[1], prompt_tokens=10, context_tokens=8, query_tokens=2,
+                                      exact_tokens=3, reused_tokens=5, recomputed_tokens=0, cache_hits=n,
+                                      cache_misses=0, mode="blend" if n else "full", recompute_ratio=0.15,
+                                      finish_reason="length", timings=Timings())
         self.results.append(result)
         return result
 

@@ -106,3 +106,37 @@ def test_stock_query_engine_response_carries_daser_metadata(generator, index):
     assert isinstance(stream, StreamingResponse)
     "".join(stream.response_gen)
     assert stream.metadata[DASER_KEY]["mode"] == "full"
+
+
+def test_condense_plus_context_engine_reuses_kv_and_matches_full_prefill(generator, index):
+    """chat_mode="condense_plus_context", cache-aware: the second turn is condensed into a standalone
+    question, which retrieves and is answered from the retrieved node's stored KV; that node sits
+    right after the system prefix, where its KV was computed (exact reuse), so the greedy answer
+    equals full prefill's on the same question and node."""
+    from llama_index.core.chat_engine import CondensePlusContextChatEngine
+
+    from daser_rag.types import ChunkRef
+    from llama_index.llms.daser import CacheAwareCondensePlusContextChatEngine, node_chunk_ref
+
+    llm = DaserLLM(generator, max_new_tokens=8)
+    chat = CacheAwareCondensePlusContextChatEngine.from_defaults(index.as_retriever(similarity_top_k=1), llm=llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoKVReuseWarning)  # the condensing call has nothing to reuse: no warning
+        first = chat.chat("When does the ferry to Gull Island leave?")
+        assert chat.last_condensed == "When does the ferry to Gull Island leave?"  # no history: nothing condensed
+        assert first.metadata[DASER_KEY]["cache_hits"] == 1
+        second = chat.chat("And what about the vault at the Harbor Bank?")
+    condensed = chat.last_condensed
+    assert condensed and condensed != "And what about the vault at the Harbor Bank?"
+    info = second.metadata[DASER_KEY]
+    assert info["cache_hits"] == 1 and info["cache_misses"] == 0 and info["mode"] == "blend"
+    assert info["exact_tokens"] > 0
+    node = second.source_nodes[0]
+    full = generator.generate(chat.last_question, [ChunkRef(text=node_chunk_ref(node).text)], max_new_tokens=8,
+                              use_cache=False)
+    assert str(second) == full.text and full.mode == "full"
+    assert len(chat.chat_history) == 4
+    # the stock engine with the same LLM flattens nodes and history into one prompt: no reuse
+    stock = CondensePlusContextChatEngine.from_defaults(index.as_retriever(similarity_top_k=1), llm=llm)
+    with pytest.warns(NoKVReuseWarning):
+        stock.chat("When does the ferry to Gull Island leave?")

@@ -9,6 +9,8 @@ One line for KV reuse: `index.as_query_engine(response_synthesizer=CacheAwareSyn
   or `index.as_query_engine(response_synthesizer=...)`; passes each retrieved node as its own chunk.
 - `CacheAwareContextChatEngine`: a context chat engine (like `chat_mode="context"`) whose every
   turn reuses the retrieved nodes' KV; stock chat engines flatten nodes into a string.
+- `CacheAwareCondensePlusContextChatEngine`: the same for `chat_mode="condense_plus_context"`
+  (the condensed question is the query; retrieved nodes are reusable chunks).
 - `KVPrecomputeTransform`: an `IngestionPipeline` step that builds chunk KV at index time and
   splits nodes longer than the model's window.
 - `MiniLMEmbedding`: an offline sentence embedding (all-MiniLM-L6-v2 from a PyPI wheel).
@@ -23,7 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from llama_index.llms.daser import instrumentation as _instrumentation
 from llama_index.llms.daser.base import DaserLLM, NoKVReuseWarning, result_summary
-from llama_index.llms.daser.chat_engine import CacheAwareContextChatEngine
+from llama_index.llms.daser.chat_engine import CacheAwareCondensePlusContextChatEngine, CacheAwareContextChatEngine
 from llama_index.llms.daser.embeddings import MiniLMEmbedding
 from llama_index.llms.daser.kv_sync import (
     KVSync,
@@ -44,6 +46,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = [
     "DASER_KEY",
+    "CacheAwareCondensePlusContextChatEngine",
     "CacheAwareContextChatEngine",
     "CacheAwareSynthesizer",
     "DaserLLM",

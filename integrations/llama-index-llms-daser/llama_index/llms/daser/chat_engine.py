@@ -83,6 +83,8 @@ class CacheAwareContextChatEngine(BaseChatEngine):
         self._node_postprocessors = node_postprocessors or []
         self._callback_manager = callback_manager or Settings.callback_manager
         self._generate_kwargs = generate_kwargs
+        self.last_question: str | None = None
+        """The question the model answered on the last turn (for logs and tests)."""
         llm.generation_options(**generate_kwargs)  # bad options fail now, not on the first turn
 
     @classmethod
@@ -134,6 +136,17 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     def _question(self, message: str) -> str:
         return conversation_question(message, self._memory.get(input=message), self._system_prompt)
 
+    def _prepare(self, message: str) -> tuple[list[NodeWithScore], str]:
+        """(retrieved nodes, the question the model answers) for one turn."""
+        nodes = self._nodes(message)
+        self.last_question = self._question(message)
+        return nodes, self.last_question
+
+    async def _aprepare(self, message: str) -> tuple[list[NodeWithScore], str]:
+        nodes = await self._anodes(message)
+        self.last_question = self._question(message)
+        return nodes, self.last_question
+
     @staticmethod
     def _sources(message: str, nodes: list[NodeWithScore]) -> list[ToolOutput]:
         return [ToolOutput(tool_name="retriever", content=str(nodes), raw_input={"message": message},
@@ -161,8 +174,7 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     def chat(self, message: str, chat_history: list[ChatMessage] | None = None) -> AgentChatResponse:
         if chat_history is not None:
             self._memory.set(chat_history)
-        nodes = self._nodes(message)
-        question = self._question(message)
+        nodes, question = self._prepare(message)
         if nodes:
             response = self._synthesizer(False).synthesize(question, nodes)
             text, info = str(response), (response.metadata or {}).get(DASER_KEY, {})
@@ -178,8 +190,7 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     ) -> StreamingAgentChatResponse:
         if chat_history is not None:
             self._memory.set(chat_history)
-        nodes = self._nodes(message)
-        question = self._question(message)
+        nodes, question = self._prepare(message)
         if nodes:
             response = self._synthesizer(True).synthesize(question, nodes)
             gen, info = response.response_gen, response.metadata[DASER_KEY]
@@ -204,8 +215,7 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     async def achat(self, message: str, chat_history: list[ChatMessage] | None = None) -> AgentChatResponse:
         if chat_history is not None:
             self._memory.set(chat_history)
-        nodes = await self._anodes(message)
-        question = self._question(message)
+        nodes, question = await self._aprepare(message)
         if nodes:
             response = await self._synthesizer(False).asynthesize(question, nodes)
             text, info = str(response), (response.metadata or {}).get(DASER_KEY, {})
@@ -221,8 +231,7 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     ) -> StreamingAgentChatResponse:
         if chat_history is not None:
             self._memory.set(chat_history)
-        nodes = await self._anodes(message)
-        question = self._question(message)
+        nodes, question = await self._aprepare(message)
         self._memory.put(ChatMessage(role=MessageRole.USER, content=message))
         info: dict[str, Any]
         if nodes:
@@ -259,3 +268,84 @@ class CacheAwareContextChatEngine(BaseChatEngine):
     @property
     def chat_history(self) -> list[ChatMessage]:
         return self._memory.get_all()
+
+
+DEFAULT_CONDENSE_PROMPT = (
+    "Given the following conversation between a user and an assistant and a follow up question from the user, "
+    "rephrase the follow up question to be a standalone question.\n\nChat History:\n{chat_history}\n"
+    "Follow Up Input: {question}\nStandalone question:")
+"""LlamaIndex's condense prompt for `condense_plus_context` (its wording, one string)."""
+
+
+class CacheAwareCondensePlusContextChatEngine(CacheAwareContextChatEngine):
+    """`chat_mode="condense_plus_context"` with KV reuse: each turn first condenses the
+    conversation and the new message into a standalone question (one short LLM call on the
+    question alone, nothing to reuse there), then that question is both the retrieval query and
+    the question the model answers, with every retrieved node handed to daser-rag as its own
+    reusable chunk (`CacheAwareSynthesizer`). LlamaIndex's own engine formats the nodes and the
+    history into one prompt string, so DaserLLM runs full prefill on every turn.
+
+        chat = CacheAwareCondensePlusContextChatEngine.from_defaults(index.as_retriever(), llm=DaserLLM(gen))
+    """
+
+    def __init__(self, retriever: BaseRetriever, llm: DaserLLM, memory: BaseMemory, *,
+                 condense_prompt: str | None = None, skip_condense: bool = False,
+                 condense_max_new_tokens: int = 48, **kwargs: Any) -> None:
+        super().__init__(retriever, llm, memory, **kwargs)
+        self._condense_prompt = condense_prompt or DEFAULT_CONDENSE_PROMPT
+        if "{question}" not in self._condense_prompt or "{chat_history}" not in self._condense_prompt:
+            raise ValueError("condense_prompt needs the {chat_history} and {question} fields")
+        self._skip_condense = skip_condense
+        self._condense_max_new_tokens = condense_max_new_tokens
+        self.last_condensed: str | None = None
+
+    @classmethod
+    def from_defaults(  # type: ignore[override]
+        cls,
+        retriever: BaseRetriever,
+        llm: DaserLLM | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        memory: BaseMemory | None = None,
+        system_prompt: str | None = None,
+        node_postprocessors: list[BaseNodePostprocessor] | None = None,
+        callback_manager: CallbackManager | None = None,
+        token_limit: int | None = None,
+        condense_prompt: str | None = None,
+        skip_condense: bool = False,
+        **generate_kwargs: Any,
+    ) -> CacheAwareCondensePlusContextChatEngine:
+        base = CacheAwareContextChatEngine.from_defaults(
+            retriever, llm=llm, chat_history=chat_history, memory=memory, system_prompt=system_prompt,
+            node_postprocessors=node_postprocessors, callback_manager=callback_manager, token_limit=token_limit,
+            **generate_kwargs)
+        return cls(retriever, base._llm, base._memory, condense_prompt=condense_prompt, skip_condense=skip_condense,
+                   system_prompt=system_prompt, node_postprocessors=node_postprocessors,
+                   callback_manager=callback_manager, **generate_kwargs)
+
+    def _condense(self, message: str) -> str:
+        history = self._memory.get(input=message)
+        if self._skip_condense or not history:
+            return message
+        lines = [f"{m.role.value}: {m.content}" for m in history if isinstance(m.content, str) and m.content.strip()]
+        prompt = self._condense_prompt.format(chat_history="\n".join(lines), question=message)
+        options = {k: v for k, v in self._generate_kwargs.items() if k not in ("max_new_tokens", "max_tokens")}
+        # the question alone, no chunks: nothing to reuse, so the generator directly (DaserLLM would
+        # warn that a prompt without documents reuses nothing, which is expected here)
+        gen = self._llm.generation_options(max_new_tokens=self._condense_max_new_tokens, **options)
+        condensed = self._llm.generator.generate(prompt, None, **gen).text.strip()
+        return condensed or message  # an empty rewrite: the message itself is the best question
+
+    def _standalone(self, message: str) -> str:
+        self.last_condensed = self._condense(message)
+        parts = [self._system_prompt.strip()] if self._system_prompt and self._system_prompt.strip() else []
+        return "\n\n".join([*parts, self.last_condensed])
+
+    def _prepare(self, message: str) -> tuple[list[NodeWithScore], str]:
+        self.last_question = self._standalone(message)
+        assert self.last_condensed is not None
+        return self._nodes(self.last_condensed), self.last_question
+
+    async def _aprepare(self, message: str) -> tuple[list[NodeWithScore], str]:
+        self.last_question = await asyncio.to_thread(self._standalone, message)
+        assert self.last_condensed is not None
+        return await self._anodes(self.last_condensed), self.last_question

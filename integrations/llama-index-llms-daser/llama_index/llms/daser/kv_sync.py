@@ -5,10 +5,10 @@ by content. This module keeps the two apart: KV is keyed on the node's *rendered
 the LLM sees, `MetadataMode.LLM`), and the node's document id (its `ref_doc_id`) is carried
 only so that a knowledge-base change can drop exactly the KV of the documents it touched.
 
-It is also the only place in this package that reaches past the `KVGenerator` protocol into
-an in-process generator's store (`_LocalKV`). A generator without that access (a remote
-client) still works: KV is then computed lazily on first use and invalidation goes through
-`KVGenerator.invalidate`, so nothing stale is ever served, only less is precomputed.
+It programs against the engine protocol's index-time side only
+(`daser_rag.engine.protocol.IndexingEngine`): daser's embedded engine, the vLLM control plane
+and `DaserClient` (the service) all precompute a node's chunk KV at index time, tie it to the
+node's document, and replace or drop a document's refs when its node set changes.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import Any
 
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, NodeWithScore, TextNode
 
-from daser_rag.api import KVGenerator
+from daser_rag.context import SHARED_TENANT
+from daser_rag.embed_window import BUNDLED_EMBED_MAX_TOKENS as BUNDLED_EMBED_MAX_TOKENS  # re-exported
+from daser_rag.embed_window import Counter, bundled_window, counter, fit_parts
+from daser_rag.engine.protocol import IndexingEngine
 from daser_rag.errors import InvalidInputError
-from daser_rag.kv.keys import text_digest
-from daser_rag.chunking import split_text
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS
 from daser_rag.textcheck import check_document_text, duplicate_ids_error
-from daser_rag.types import ChunkRef, Document, ResolvedChunk
+from daser_rag.types import ChunkRef, Document
 
 PROGRESS_AUTO_NODES = 16
 """With show_progress=None (auto), a progress bar appears when at least this many nodes are processed."""
@@ -125,105 +126,27 @@ class PrecomputeReport:
     nodes: int = 0
     computed: int = 0
     reused: int = 0
-    deferred: int = 0  # generator offers no precompute: KV is built on first use instead
+    deferred: int = 0  # kept for compatibility: every engine precomputes now, so always 0
     skipped_empty: int = 0
     seconds: float = 0.0
     keys: list[str] = field(default_factory=list)
 
 
-def embedding_window(embed_model: Any | None = None, max_tokens: int | None = None) -> tuple[Any, int]:
+def embedding_window(embed_model: Any | None = None, max_tokens: int | None = None) -> tuple[Counter | None, int]:
     """(count_tokens(text) -> int, window) of the embedding that will read split parts.
 
-    `max_tokens` wins; then `embed_model` (its tokenizer and `max_length`, as MiniLMEmbedding
-    has); then the bundled all-MiniLM-L6-v2 tokenizer (256 tokens), which is what the
-    integration's own embedding reads. (None, 0) when none is known: no embedding limit.
+    `max_tokens` wins (0: no embedding limit); then `embed_model` (its tokenizer and
+    `max_length`, as MiniLMEmbedding has); then the bundled all-MiniLM-L6-v2 tokenizer (256
+    tokens), which is what the integration's own embedding reads (daser_rag.embed_window, shared
+    with the LangChain adapter). (None, 0) when none is known: no embedding limit.
     """
     tok = getattr(embed_model, "_tokenizer", None) if embed_model is not None else None
     window = max_tokens if max_tokens is not None else getattr(embed_model, "max_length", None)
     if tok is None and (embed_model is None or isinstance(getattr(embed_model, "max_length", None), int)):
-        tok = _bundled_embed_tokenizer()
-        if window is None and tok is not None:
-            window = BUNDLED_EMBED_MAX_TOKENS
+        return bundled_window(window)
     if tok is None or not window:
         return (None, 0)
-    return (lambda text: len(tok(text, truncation=False)["input_ids"]), int(window))
-
-
-BUNDLED_EMBED_MAX_TOKENS = 256
-"""all-MiniLM-L6-v2 (MiniLMEmbedding's model) reads at most this many tokens of a text."""
-
-_EMBED_TOKENIZER: list[Any] = []
-
-
-def _bundled_embed_tokenizer() -> Any:
-    """The bundled MiniLM's tokenizer (offline, loaded once), or None when it is not installed."""
-    if not _EMBED_TOKENIZER:
-        try:
-            from transformers import AutoTokenizer
-
-            from llama_index.llms.daser.embeddings import bundled_model_dir
-
-            _EMBED_TOKENIZER.append(AutoTokenizer.from_pretrained(str(bundled_model_dir()), local_files_only=True))
-        except Exception:  # noqa: BLE001 - no bundled embedding: parts are bounded by the LLM's window only
-            _EMBED_TOKENIZER.append(None)
-    return _EMBED_TOKENIZER[0]
-
-
-class _LocalKV:
-    """An in-process generator's KV store, reached through the generator's public protocol
-    (`lock`, `resolve`, `compute_chunk`, `store`, `runner.max_positions`).
-
-    Isolated here so the rest of the adapter depends on the KVGenerator protocol alone.
-    """
-
-    REQUIRED = ("lock", "resolve", "compute_chunk", "store", "runner")
-
-    def __init__(self, generator: Any) -> None:
-        self.gen = generator
-        self.store = generator.store
-
-    @classmethod
-    def probe(cls, generator: Any) -> _LocalKV | None:
-        if all(hasattr(generator, n) for n in cls.REQUIRED) and hasattr(generator.store, "document_chunk_keys"):
-            return cls(generator)
-        return None
-
-    def piece(self, text: str, tenant: str) -> ResolvedChunk:
-        """The chunk as the generator places it: token ids and store key (reads nothing)."""
-        return self.gen.resolve([text], tenant)[0]
-
-    def ensure(self, piece: ResolvedChunk, tenant: str) -> bool:
-        """Compute and store the chunk's KV unless present. True if it was computed."""
-        with self.gen.lock:
-            if self.store.contains(piece.key):
-                return False
-            self.store.put(self.gen.compute_chunk(list(piece.token_ids), piece.key, tenant))
-            return True
-
-    def add_refs(self, doc_id: str, keys: Sequence[str], tenant: str, texts: Sequence[str] = ()) -> None:
-        """Tie keys to the node's document. A document the store does not know (new, or removed
-        by an upsert a moment ago) is registered first, with these texts: the store refuses bare
-        refs to a removed document (no ghost refs), which would leave the new version's KV
-        without an owner and so never invalidated."""
-        with self.gen.lock:
-            if texts and self.store.document_info(doc_id, tenant) is None:
-                self.store.register_document(doc_id, list(texts), text_digest("\n\n".join(texts)), tenant)
-                self.store.replace_document_refs(doc_id, list(keys), tenant)
-            else:
-                self.store.add_refs(doc_id, list(keys), tenant)
-
-    def replace_refs(self, doc_id: str, keys: Sequence[str], tenant: str) -> list[str]:
-        with self.gen.lock:
-            return self.store.replace_document_refs(doc_id, list(keys), tenant)
-
-    def contains(self, key: str) -> bool:
-        return self.store.contains(key)
-
-    def doc_keys(self, doc_id: str, tenant: str) -> list[str]:
-        return self.store.document_chunk_keys(doc_id, tenant)
-
-    def context_window(self) -> int | None:
-        return getattr(self.gen.runner, "max_positions", None)
+    return (counter(tok), int(window))
 
 
 class KVSync:
@@ -235,36 +158,33 @@ class KVSync:
     document is invalidated.
     """
 
-    def __init__(self, generator: KVGenerator, *, tenant: str = "", show_progress: bool | None = None) -> None:
-        if not isinstance(generator, KVGenerator):
+    def __init__(self, generator: IndexingEngine, *, tenant: str = SHARED_TENANT,
+                 show_progress: bool | None = None) -> None:
+        if not isinstance(generator, IndexingEngine):
             raise TypeError(
-                f"expected an object satisfying daser_rag.api.KVGenerator, got {type(generator).__name__}")
+                "expected an engine satisfying daser_rag.engine.protocol.IndexingEngine (CacheAwareGenerator, "
+                f"the vLLM engine, or DaserClient), got {type(generator).__name__}")
         self.generator = generator
         self.tenant = tenant
         self.show_progress = show_progress
-        self._local = _LocalKV.probe(generator)
 
     @property
     def precomputes(self) -> bool:
-        """Whether chunk KV can be computed at index time (in-process generator)."""
-        return self._local is not None
+        """Chunk KV is computed at index time, through any engine (in process or the service)."""
+        return True
 
-    def key_for(self, text_or_node: str | BaseNode) -> str | None:
+    def key_for(self, text_or_node: str | BaseNode) -> str:
         text = rendered_text(text_or_node) if isinstance(text_or_node, BaseNode) else text_or_node
-        return self._local.piece(text, self.tenant).key if self._local else None
+        return self.generator.chunk_info([text], tenant=self.tenant)[0].key
 
     def contains(self, key: str) -> bool:
-        if self._local is None:
-            raise NotImplementedError("this generator does not expose its KV store")
-        return self._local.contains(key)
+        return self.generator.stored([key])[0]
 
     def document_keys(self, doc_id: str) -> list[str]:
-        if self._local is None:
-            raise NotImplementedError("this generator does not expose its KV store")
-        return self._local.doc_keys(doc_id, self.tenant)
+        return self.generator.document_keys(doc_id, tenant=self.tenant)
 
     def context_window(self) -> int | None:
-        return self._local.context_window() if self._local else None
+        return self.generator.context_window
 
     # -- oversized nodes ---------------------------------------------------------------------------
     def max_chunk_tokens(self) -> int | None:
@@ -294,13 +214,15 @@ class KVSync:
         since its vector describes only the node's first 256 embedding tokens).
         """
         limit = self.max_chunk_tokens()
-        if limit is None or self._local is None:
+        if limit is None:
             return list(nodes)
         out: list[BaseNode] = []
-        embed_fit: tuple[Any, int] | None = None
-        for node in nodes:
-            text = rendered_text(node)
-            size = self._local.piece(text, self.tenant).num_tokens if text.strip() else 0
+        embed_fit: tuple[Counter | None, int] | None = None
+        texts = [rendered_text(node) for node in nodes]
+        sized = [t for t in texts if t.strip()]
+        sizes = iter([c.tokens for c in self.generator.chunk_info(sized, tenant=self.tenant)] if sized else [])
+        for node, text in zip(nodes, texts):
+            size = next(sizes) if text.strip() else 0
             if size <= limit:
                 out.append(node)
                 continue
@@ -314,11 +236,10 @@ class KVSync:
         return out
 
     def _split_node(self, node: BaseNode, limit: int, where: str, embed_model: Any | None,
-                    embed_fit: tuple[Any, int]) -> list[BaseNode]:
+                    embed_fit: tuple[Counter | None, int]) -> list[BaseNode]:
         source = node.as_related_node_info() if node.source_node is None or node.ref_doc_id is None \
             else node.source_node
         count_embed, embed_max = embed_fit
-        tokenizer = self._local.gen.tokenizer  # type: ignore[union-attr]
 
         def part_node(i: int, piece: str) -> TextNode:
             return TextNode(
@@ -337,26 +258,15 @@ class KVSync:
 
         def fits(piece: str) -> bool:
             part = part_node(0, piece)
-            if self._local.piece(rendered_text(part), self.tenant).num_tokens > limit:  # type: ignore[union-attr]
+            if self.generator.chunk_info([rendered_text(part)], tenant=self.tenant)[0].tokens > limit:
                 return False
-            return embed_max <= 0 or count_embed(part.get_content(metadata_mode=MetadataMode.EMBED)) <= embed_max
-
-        def pieces(text: str, max_tokens: int) -> list[str]:
-            out: list[str] = []
-            for piece in split_text(tokenizer, text, max_tokens):
-                if fits(piece):
-                    out.append(piece)
-                elif max_tokens <= 8:
-                    raise InvalidInputError(
-                        f"{where}, and even an 8-token part does not fit (its metadata is too long for the "
-                        f"model's or the embedding's window); nothing was written")
-                else:
-                    out.extend(pieces(piece, max(8, max_tokens * 3 // 4)))
-            return out
+            return count_embed is None or embed_max <= 0 or \
+                count_embed(part.get_content(metadata_mode=MetadataMode.EMBED)) <= embed_max
 
         start = limit if embed_max <= 0 else min(limit, embed_max)
-        parts: list[BaseNode] = [part_node(i, p) for i, p in
-                                 enumerate(pieces(node.get_content(metadata_mode=MetadataMode.NONE), start))]
+        pieces = fit_parts(node.get_content(metadata_mode=MetadataMode.NONE), self.generator.split, fits, start,
+                           where)
+        parts: list[BaseNode] = [part_node(i, p) for i, p in enumerate(pieces)]
         if embed_model is not None and parts:
             vectors = embed_model.get_text_embedding_batch(
                 [p.get_content(metadata_mode=MetadataMode.EMBED) for p in parts])
@@ -366,68 +276,29 @@ class KVSync:
 
     # -- index time ------------------------------------------------------------------------------
     def ensure(self, nodes: Sequence[BaseNode], *, show_progress: bool | None = None) -> PrecomputeReport:
-        """Make sure every node's chunk KV is stored and referenced by the node's document."""
+        """Make sure every node's chunk KV is stored and referenced by the node's document: one
+        `add_chunks` call to the engine, which computes what is missing (on vLLM, batched;
+        behind the service, through its routes) and registers a document it does not know."""
         report = PrecomputeReport(nodes=len(nodes))
         t0 = time.perf_counter()
-        if self._local is None:
-            report.deferred = len(nodes)
-            self._register_remote(nodes)
-            return report
-        show = self.show_progress if show_progress is None else show_progress
-        if show is None:  # auto: a bar for work that takes a while
-            show = len(nodes) >= PROGRESS_AUTO_NODES
-        bar = None
-        if show and nodes:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(nodes), desc="daser-rag: chunk KV", unit="chunk")
-        refs: dict[str, list[str]] = {}
-        texts: dict[str, list[str]] = {}
-        try:
-            for node in nodes:
-                text = rendered_text(node)
-                if not text.strip():
-                    report.skipped_empty += 1
-                else:
-                    piece = self._local.piece(text, self.tenant)
-                    key = piece.key
-                    if self._local.ensure(piece, self.tenant):
-                        report.computed += 1
-                    else:
-                        report.reused += 1
-                    report.keys.append(key)
-                    refs.setdefault(node_doc_id(node), []).append(key)
-                    texts.setdefault(node_doc_id(node), []).append(text)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        for doc_id, keys in refs.items():
-            self._local.add_refs(doc_id, keys, self.tenant, texts[doc_id])
+        groups: dict[str, list[str]] = {}
+        for node in nodes:
+            text = rendered_text(node)
+            if not text.strip():
+                report.skipped_empty += 1
+            else:
+                groups.setdefault(node_doc_id(node), []).append(text)
+        if groups:
+            show = self.show_progress if show_progress is None else show_progress
+            done = self.generator.add_chunks(groups, tenant=self.tenant, progress=show)
+            report.computed, report.reused = done.computed, done.reused
+            keys = {d: iter(k) for d, k in done.keys.items()}
+            report.keys = [next(keys[node_doc_id(n)]) for n in nodes if rendered_text(n).strip()]
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _register_remote(self, nodes: Sequence[BaseNode]) -> None:
-        """Make a remote service know the nodes' documents (it refuses refs to unknown ones).
-
-        Registration only (no KV computed): each node's KV is computed on first use and, being
-        referenced by its document then, dropped when the document is invalidated.
-        """
-        texts: dict[str, list[str]] = {}
-        for node in nodes:
-            text = rendered_text(node)
-            if text.strip():
-                texts.setdefault(node_doc_id(node), []).append(text)
-        if texts:
-            docs = [Document(doc_id, "\n\n".join(parts)) for doc_id, parts in texts.items()]
-            self.generator.add_documents(docs, precompute=False, **({"tenant": self.tenant} if self.tenant else {}))
-
     def _invalidate(self, doc_id: str) -> list[str]:
-        # An empty tenant is left out so that a remote client's own default tenant applies.
-        dropped = self.generator.invalidate(doc_id, tenant=self.tenant) if self.tenant else \
-            self.generator.invalidate(doc_id)
-        return list(dropped)
+        return list(self.generator.invalidate(doc_id, tenant=self.tenant))
 
     # -- KnowledgeBaseHook -----------------------------------------------------------------------
     def on_nodes_added(self, nodes: Sequence[BaseNode]) -> None:
@@ -441,12 +312,6 @@ class KVSync:
             texts = [t for t in (rendered_text(n) for n in nodes) if t.strip()]
             if not texts:
                 dropped[doc_id] = self._invalidate(doc_id)
-            elif self._local is not None:
-                keys = [self._local.piece(t, self.tenant).key for t in texts]
-                dropped[doc_id] = self._local.replace_refs(doc_id, keys, self.tenant)
             else:
-                # No ref-level access: dropping the whole document is coarse but never stale;
-                # the nodes it still has are registered again, so queries may name it.
-                dropped[doc_id] = self._invalidate(doc_id)
-                self._register_remote(nodes)
+                dropped[doc_id] = self.generator.replace_refs(doc_id, texts, tenant=self.tenant)
         return dropped

@@ -9,11 +9,15 @@ from typing import Any
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.schema import BaseNode, TransformComponent
 
+from daser_rag.context import SHARED_TENANT
+from daser_rag.engine.protocol import IndexingEngine
 from llama_index.llms.daser.kv_sync import KVSync, PrecomputeReport, check_nodes
 
 
 class KVPrecomputeTransform(TransformComponent):
-    """Compute and store each node's chunk KV (keyed on its rendered text).
+    """Compute and store each node's chunk KV (keyed on its rendered text), at index time,
+    through any engine of the engine protocol: daser's own, the vLLM control plane, or the
+    service (`DaserClient`), which computes it on its engine (vLLM: batched prefills).
 
     Put it after the node parser and before the embedding step: a node or `Document` longer
     than the model's window is split into parts that fit both the model's window and the
@@ -44,7 +48,8 @@ class KVPrecomputeTransform(TransformComponent):
     _embed_model: Any = PrivateAttr(default=None)
     _reports: list[PrecomputeReport] = PrivateAttr(default_factory=list)
 
-    def __init__(self, generator: Any, *, show_progress: bool = True, tenant: str = "",
+    def __init__(self, generator: IndexingEngine | KVSync, *, show_progress: bool = True,
+                 tenant: str = SHARED_TENANT,
                  split_oversized: bool = True, embed_model: Any | None = None, embed_max_tokens: int | None = None,
                  **kwargs: Any) -> None:
         super().__init__(show_progress=show_progress, tenant=tenant, split_oversized=split_oversized,

@@ -38,6 +38,8 @@ from llama_index.core.vector_stores.utils import (
     node_to_metadata_dict,
 )
 
+from daser_rag.context import SHARED_TENANT
+from daser_rag.engine.protocol import IndexingEngine
 from llama_index.llms.daser.kv_sync import KVSync, check_nodes, node_doc_id
 
 SIDECAR_SUFFIX = ".records.json"
@@ -64,7 +66,8 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
     """FAISS (`IndexIDMap2`) vector store with working deletes and a knowledge-base change hook.
 
     FAISS ids come from a counter that is never rewound, so an id is never reused after a
-    delete. Pass `generator=` (any `KVGenerator`) to keep that generator's chunk KV in step.
+    delete. Pass `generator=` (any engine of the engine protocol, `IndexingEngine`: daser's own, the vLLM
+    control plane, or `DaserClient`) to keep its chunk KV in step, computed at index time.
 
     A node longer than the model's window is split into parts that fit before anything is
     written; parts also fit the embedding's window (`embed_max_tokens`, default: `embed_model`'s,
@@ -92,9 +95,9 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
         self,
         faiss_index: Any | None = None,
         *,
-        generator: Any | None = None,
+        generator: IndexingEngine | None = None,
         hook: KnowledgeBaseHook | None = None,
-        tenant: str = "",
+        tenant: str = SHARED_TENANT,
         show_progress: bool | None = None,
         split_oversized: bool = True,
         embed_model: Any | None = None,
@@ -361,9 +364,9 @@ class DaserFaissVectorStore(BasePydanticVectorStore):
         persist_path: str,
         fs: Any | None = None,
         *,
-        generator: Any | None = None,
+        generator: IndexingEngine | None = None,
         hook: KnowledgeBaseHook | None = None,
-        tenant: str = "",
+        tenant: str = SHARED_TENANT,
     ) -> DaserFaissVectorStore:
         path = Path(persist_path)
         sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
