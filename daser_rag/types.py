@@ -53,7 +53,7 @@ class PrefillInfo(TypedDict):
     materialized: NotRequired[bool]  # present (True) when prefix-tree nodes were built
 
 
-@dataclass
+@dataclass(kw_only=True)
 class IngestReport:
     """What an ingest did: how much KV was computed, found already stored, or dropped."""
 
@@ -67,7 +67,7 @@ class IngestReport:
     seconds: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Timings:
     ttft_s: float = 0.0
     total_s: float = 0.0
@@ -77,8 +77,12 @@ class Timings:
     decode_s: float = 0.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerationResult:
+    """One request's answer and what it cost. Built by keyword only (16 fields of which 10 are
+    counters: a positional constructor silently swaps two of them). `to_dict()` is the service's
+    `daser` JSON block, field for field."""
+
     text: str
     token_ids: list[int]
     prompt_tokens: int

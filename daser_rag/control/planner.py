@@ -27,6 +27,7 @@ from daser_rag.types import ResolvedChunk
 from daser_rag.settings import CHUNK_TOKENS
 
 if TYPE_CHECKING:
+    from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.files import ModelFiles
 
@@ -89,7 +90,7 @@ class Planner:
         return cls(files.tokenizer, files.fingerprint, store, context_window=files.spec.max_positions, **kw)
 
     @classmethod
-    def for_generator(cls, gen: Any) -> Planner:
+    def for_generator(cls, gen: CacheAwareGenerator) -> Planner:
         """The planner that names chunks exactly as daser's own engine `gen` does (same prompt
         layout, fingerprint, store and chunk size)."""
         return cls(gen.tokenizer, gen.fingerprint, gen.store, context_window=gen.context_window,

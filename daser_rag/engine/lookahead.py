@@ -11,11 +11,25 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TypedDict
 
 from daser_rag.kv import DEFAULT_PREFETCH_WINDOW
 from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.kv.store import KVStore
+
+
+class LookAheadStats(TypedDict, total=False):
+    """`LookAhead.stats()`: always window and queued; the prefetcher's counters
+    (`kv.prefetch.PrefetchStats`) once it has started."""
+
+    window: int
+    queued: int
+    loaded: int
+    already_in_ram: int
+    missing: int
+    claimed_waits: int
+    dropped: int
+    bytes: int
 
 
 class LookAhead:
@@ -56,12 +70,15 @@ class LookAhead:
                 pf.release(request_id, keys)
             self.store.unprotect(keys)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> LookAheadStats:
+        """For /health's engine block: the window, requests waiting, and the prefetcher's counters."""
         pf = self._prefetcher
-        out: dict[str, Any] = {"window": self.window, "queued": len(self._keys)}
-        if pf is not None:
-            out.update(vars(pf.stats))
-        return out
+        if pf is None:
+            return LookAheadStats(window=self.window, queued=len(self._keys))
+        st = pf.stats
+        return LookAheadStats(window=self.window, queued=len(self._keys), loaded=st.loaded,
+                              already_in_ram=st.already_in_ram, missing=st.missing, claimed_waits=st.claimed_waits,
+                              dropped=st.dropped, bytes=st.bytes)
 
     def close(self) -> None:
         with self._lock:
@@ -70,4 +87,4 @@ class LookAhead:
             pf.close()
 
 
-__all__ = ["DEFAULT_PREFETCH_WINDOW", "LookAhead"]
+__all__ = ["DEFAULT_PREFETCH_WINDOW", "LookAhead", "LookAheadStats"]

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from daser_rag.errors import UnknownDocumentError
 from daser_rag.kv import DEFAULT_DISK_BYTES, DEFAULT_HOST_BYTES
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.codecs import CODECS, EncodedKV, decode, encode
-from daser_rag.kv.doc_index import DocIndex
+from daser_rag.kv.doc_index import DocIndex, DocInfo
 from daser_rag.kv.policies import EvictionPolicy
 from daser_rag.kv.tiers.base import Tier
 from daser_rag.kv.tiers.device import DeviceTier
@@ -55,6 +56,49 @@ _STAGE_MAX_AGE_S = 3600.0
 MIN_FREE_BYTES = 1 << 20
 """Below this much free space under the cache directory, `problems()` reports the disk full."""
 
+
+@dataclass(frozen=True, kw_only=True)
+class StoreStats:
+    """One snapshot of the store's state and counters, typed (what /metrics reads); `to_dict()`
+    is the flat JSON `KVStore.stats()` and `daser-rag cache stats` have always printed."""
+
+    codec: str
+    documents: int  # the shared tenant's documents (-1: the index did not answer)
+    bytes: dict[str, int]  # per tier name (-1: the tier did not answer)
+    entries: dict[str, int]  # per tier name (-1: the tier did not answer)
+    host_capacity_bytes: int
+    evictions_host: int
+    corrupt_dropped: int  # disk entries that failed their checksum
+    counters: dict[str, int]
+    """hit_<tier>, miss, put, invalidations, invalidated_chunks, gc_dropped, stale_dropped, error_<tier>."""
+
+    @property
+    def hits(self) -> dict[str, int]:
+        """Reads served, per tier name."""
+        return {k[4:]: v for k, v in self.counters.items() if k.startswith("hit_")}
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Failed tier operations, per tier (or "index", "derived")."""
+        return {k[6:]: v for k, v in self.counters.items() if k.startswith("error_")}
+
+    @property
+    def hit_rate(self) -> float:
+        hits = sum(self.hits.values())
+        total = hits + self.counters.get("miss", 0)
+        return hits / total if total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "codec": self.codec, "documents": self.documents, "bytes": dict(self.bytes),
+            "entries": dict(self.entries), "host_capacity_bytes": self.host_capacity_bytes,
+            "evictions_host": self.evictions_host, "corrupt_dropped": self.corrupt_dropped,
+        }
+        out.update(self.counters)
+        out["hit_rate"] = self.hit_rate
+        return out
+
+
 def default_cache_dir() -> Path:
     """$DASER_RAG_CACHE_DIR (declared in daser_rag/settings.py), else ~/.cache/daser-rag."""
     return Path(CACHE_DIR.value() or Path.home() / ".cache" / "daser-rag")
@@ -72,7 +116,7 @@ class KVStore:
         policy: EvictionPolicy | None = None,
         index: DocIndex | RedisDocIndex | None = None,
         validate: Callable[[str], bool] | None = None,
-        device: Any = None,
+        device: str | torch.device | None = None,
         device_bytes: int = 0,
     ) -> None:
         """`index` replaces the local SQLite document index (service mode shares one in Redis).
@@ -192,7 +236,8 @@ class KVStore:
         self.counters["miss"] += 1
         return None
 
-    def get(self, key: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu") -> ChunkKV | None:
+    def get(self, key: str, *, dtype: torch.dtype = torch.float32,
+            device: str | torch.device = "cpu") -> ChunkKV | None:
         enc = self.get_encoded(key)
         return None if enc is None else decode(enc, dtype=dtype, device=device)
 
@@ -286,7 +331,7 @@ class KVStore:
         except Exception as exc:
             self._note_error("index", "add_refs", exc)
 
-    def document_info(self, doc_id: str, tenant: str) -> Any:
+    def document_info(self, doc_id: str, tenant: str) -> DocInfo | None:
         return self.index.info(doc_id, tenant)
 
     def document_chunk_texts(self, doc_id: str, tenant: str) -> list[str]:
@@ -395,21 +440,22 @@ class KVStore:
         return keys
 
     # -- housekeeping -------------------------------------------------------------------------
+    def snapshot(self) -> StoreStats:
+        """The store's state and counters now, typed."""
+        return StoreStats(
+            codec=self.codec,
+            documents=self._num_documents(),
+            bytes={t.name: self._safe_nbytes(t) for t in self.tiers},
+            entries={t.name: self._safe_len(t) for t in self.tiers},
+            host_capacity_bytes=self.host.capacity_bytes,
+            evictions_host=self.host.evictions,
+            corrupt_dropped=self.disk.corrupt_dropped if self.disk else 0,
+            counters=dict(self.counters),
+        )
+
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "codec": self.codec,
-            "documents": self._num_documents(),
-            "bytes": {t.name: self._safe_nbytes(t) for t in self.tiers},
-            "entries": {t.name: self._safe_len(t) for t in self.tiers},
-            "host_capacity_bytes": self.host.capacity_bytes,
-            "evictions_host": self.host.evictions,
-            "corrupt_dropped": self.disk.corrupt_dropped if self.disk else 0,
-        }
-        out.update(self.counters)
-        hits = sum(v for k, v in self.counters.items() if k.startswith("hit_"))
-        total = hits + self.counters["miss"]
-        out["hit_rate"] = hits / total if total else 0.0
-        return out
+        """`snapshot()` as the flat JSON dict the CLI prints (counters at the top level)."""
+        return self.snapshot().to_dict()
 
     def collect_garbage(self, max_idle_s: float = GC_IDLE.default) -> list[str]:
         """Drop local KV that no document (and no multi-document entry) references and that

@@ -26,15 +26,19 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from daser_rag.server.errors import ApiError, busy, unavailable
+
+if TYPE_CHECKING:
+    from fastapi import Request
+    from prometheus_client import Gauge
 
 T = TypeVar("T")
 
 
 class Admission:
-    def __init__(self, name: str, limit: int, fair_share: float, gauge: Any = None) -> None:
+    def __init__(self, name: str, limit: int, fair_share: float, gauge: Gauge | None = None) -> None:
         self.name, self.limit = name, int(limit)
         self.per_key = max(1, math.ceil(self.limit * fair_share)) if self.limit > 0 else 0
         self.gauge = gauge
@@ -78,7 +82,8 @@ class ModelGate:
     lock is not fair: without a queue, a request could keep losing the race for it). With
     `lock=None` (an engine that batches, vLLM) work runs concurrently, up to `workers`."""
 
-    def __init__(self, lock: Any, workers: int, queue_timeout_s: float, poll_s: float = 0.05) -> None:
+    def __init__(self, lock: threading.RLock | None, workers: int, queue_timeout_s: float,
+                 poll_s: float = 0.05) -> None:
         self.lock = lock
         self.queue_timeout_s = queue_timeout_s
         self.poll_s = poll_s
@@ -139,7 +144,7 @@ class ModelGate:
         """A concurrent future of `fn()` run under the model lock (no client watching)."""
         return self.executor.submit(self._locked, fn, stop)
 
-    async def run(self, fn: Callable[[], T], stop: threading.Event, request: Any = None,
+    async def run(self, fn: Callable[[], T], stop: threading.Event, request: Request | None = None,
                   on_done: Callable[[], None] | None = None) -> T:
         """Await `fn()` under the model lock. While it waits or runs, a disconnect of `request`'s
         client sets `stop` (fn's cancel callback should read it). `on_done` runs when the work

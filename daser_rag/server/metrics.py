@@ -12,7 +12,7 @@ live in one process (tests) without colliding.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,8 +21,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from daser_rag.kv.store import KVStore
+    from daser_rag.types import GenerationResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,43 +35,43 @@ _SHARE_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 
 
 class _StoreCollector(Collector):
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: KVStore) -> None:
         self.store = store
 
-    def collect(self) -> Iterator[Any]:
-        st = self.store.stats()
+    def collect(self) -> Iterator[Metric]:
+        st = self.store.snapshot()
+        count = st.counters.get
         hits = CounterMetricFamily("daser_store_hits", "Chunk KV reads served, by tier", labels=["tier"])
-        for key, val in st.items():
-            if key.startswith("hit_") and key != "hit_rate":
-                hits.add_metric([key[4:]], float(val))
+        for tier, n in st.hits.items():
+            hits.add_metric([tier], float(n))
         yield hits
-        yield CounterMetricFamily("daser_store_misses", "Chunk KV reads found in no tier", value=float(st.get("miss", 0)))
-        yield CounterMetricFamily("daser_store_puts", "Chunk KV entries written", value=float(st.get("put", 0)))
+        yield CounterMetricFamily("daser_store_misses", "Chunk KV reads found in no tier", value=float(count("miss", 0)))
+        yield CounterMetricFamily("daser_store_puts", "Chunk KV entries written", value=float(count("put", 0)))
         nbytes = GaugeMetricFamily("daser_tier_bytes", "Bytes held per tier (-1: tier unreachable)", labels=["tier"])
         entries = GaugeMetricFamily("daser_tier_entries", "Entries held per tier (-1: tier unreachable)", labels=["tier"])
-        for tier, val in st.get("bytes", {}).items():
+        for tier, val in st.bytes.items():
             nbytes.add_metric([tier], float(val))
-        for tier, val in st.get("entries", {}).items():
+        for tier, val in st.entries.items():
             entries.add_metric([tier], float(val))
         yield nbytes
         yield entries
         ev = CounterMetricFamily("daser_evictions", "Entries evicted for capacity, by tier", labels=["tier"])
-        ev.add_metric(["host"], float(st.get("evictions_host", 0)))
+        ev.add_metric(["host"], float(st.evictions_host))
         disk = getattr(self.store, "disk", None)
         if disk is not None:
             ev.add_metric(["disk"], float(getattr(disk, "evictions", 0)))
         yield ev
         yield CounterMetricFamily("daser_invalidations", "Document invalidations applied",
-                                  value=float(st.get("invalidations", 0)))
+                                  value=float(count("invalidations", 0)))
         yield CounterMetricFamily("daser_invalidated_chunks", "Chunk KV entries dropped by invalidation or update",
-                                  value=float(st.get("invalidated_chunks", 0)))
+                                  value=float(count("invalidated_chunks", 0)))
         yield CounterMetricFamily("daser_gc_dropped", "Idle local KV no document referenced, dropped by the "
-                                  "garbage collector", value=float(st.get("gc_dropped", 0)))
+                                  "garbage collector", value=float(count("gc_dropped", 0)))
         yield CounterMetricFamily("daser_stale_local_dropped", "Local copies dropped because another process "
-                                  "invalidated them", value=float(st.get("stale_dropped", 0)))
+                                  "invalidated them", value=float(count("stale_dropped", 0)))
         corrupt = CounterMetricFamily("daser_corrupt_dropped", "Entries that failed their checksum (dropped, never "
                                       "served)", labels=["tier"])
-        corrupt.add_metric(["disk"], float(st.get("corrupt_dropped", 0)))
+        corrupt.add_metric(["disk"], float(st.corrupt_dropped))
         remote = getattr(self.store, "remote", None)
         if remote is not None:
             corrupt.add_metric([remote.name], float(getattr(remote, "corrupt_dropped", 0)))
@@ -97,9 +101,8 @@ class _StoreCollector(Collector):
                                       "while the request ran", value=float(getattr(index, "refused_refs", 0)))
         errors = CounterMetricFamily("daser_storage_errors", "Failed storage operations by tier (degraded to a miss "
                                      "or a skipped write; disk: local disk full or failing)", labels=["tier"])
-        for key, val in sorted(st.items()):
-            if key.startswith("error_"):
-                errors.add_metric([key[6:]], float(val))
+        for tier, n in sorted(st.errors.items()):
+            errors.add_metric([tier], float(n))
         yield errors
         problems = getattr(self.store, "problems", None)
         yield GaugeMetricFamily("daser_storage_degraded", "1 while /health reports a storage problem (see its "
@@ -107,7 +110,7 @@ class _StoreCollector(Collector):
 
 
 class ServiceMetrics:
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: KVStore) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("daser_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
@@ -129,7 +132,7 @@ class ServiceMetrics:
                              registry=r)
         r.register(_StoreCollector(store))
 
-    def observe_result(self, result: Any, ttft_s: float, total_s: float) -> None:
+    def observe_result(self, result: GenerationResult, ttft_s: float, total_s: float) -> None:
         self.ttft.observe(ttft_s)
         self.latency.observe(total_s)
         self.recompute_share.observe(result.recompute_share)

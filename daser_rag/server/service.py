@@ -12,12 +12,14 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 
+from daser_rag.api import ContextItem
 from daser_rag.context import SHARED_TENANT, RequestContext
 from daser_rag.engine.protocol import Engine
 from daser_rag.errors import ContextTooLongError, InvalidInputError, UnknownDocumentError
@@ -29,7 +31,7 @@ from daser_rag.server.errors import ApiError
 from daser_rag.server.metrics import ServiceMetrics
 from daser_rag.server.schemas import _GenParams, check_id, check_tenant
 from daser_rag.server.settings import Limits
-from daser_rag.types import ChunkRef, Document
+from daser_rag.types import ChunkRef, Document, GenerationResult
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,9 @@ class Service:
                 raise UnknownDocumentError(doc_id)
 
     # -- generation ----------------------------------------------------------------------------
-    async def generate(self, request: Request, caller: Caller, req: _GenParams, question: str, chat: bool) -> Any:
+    async def generate(self, request: Request, caller: Caller, req: _GenParams, question: str,
+                       chat: bool) -> dict[str, Any] | AsyncIterator[str]:
+        """The OpenAI-shaped answer (a dict), or with `stream` its server-sent events."""
         self.check_model(req.model)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         rc = self.context(request, caller, req.tenant, params=req, request_id=rid)
@@ -217,7 +221,7 @@ class Service:
                 self.budget.refund(share, tokens)
             self.completions.release(share)
 
-        def run() -> Any:
+        def run() -> GenerationResult:
             ran.set()
             self.engine.started(rid)
             return self.engine.generate(question, ctx, params=params, cancel=cancel)
@@ -247,9 +251,9 @@ class Service:
         self.metrics.observe_result(result, total - (result.timings.total_s - result.timings.ttft_s), total)
         return openai.completion(result, rid, created, self.served_model, chat)
 
-    async def _stream(self, request: Request, question: str, ctx: list[Any], params: GenerationParams,
-                      cancel: Any, stop: threading.Event, done: Callable[[], None], ran: threading.Event,
-                      rid: str, created: int, chat: bool, t0: float) -> AsyncIterator[str] | Any:
+    async def _stream(self, request: Request, question: str, ctx: list[ContextItem], params: GenerationParams,
+                      cancel: Callable[[], bool], stop: threading.Event, done: Callable[[], None],
+                      ran: threading.Event, rid: str, created: int, chat: bool, t0: float) -> AsyncIterator[str]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         first: dict[str, float] = {}
@@ -268,7 +272,7 @@ class Service:
                 emit("delta", delta)
             emit("done", stream.result)
 
-        def finished(f: Any) -> None:
+        def finished(f: Future[None]) -> None:
             done()
             exc = f.exception()
             if exc is not None:

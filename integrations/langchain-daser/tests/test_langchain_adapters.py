@@ -100,7 +100,9 @@ class FakeGenerator:
     def generate(self, question, contexts=None, **kwargs):
         self.calls.append((question, list(contexts or []), kwargs))
         n = len(contexts or [])
-        return GenerationResult("ok", [1], 10, 8, 2, 3, 5, 0, n, 0, "blend", 0.15, "length", Timings(), [])
+        return GenerationResult(text="ok", token_ids=[1], prompt_tokens=10, context_tokens=8, query_tokens=2,
+                                exact_tokens=3, reused_tokens=5, recomputed_tokens=0, cache_hits=n, cache_misses=0,
+                                mode="blend", recompute_ratio=0.15, finish_reason="length", timings=Timings())
 
     def stream(self, question, contexts=None, **kwargs):
         raise NotImplementedError
