@@ -210,7 +210,8 @@ USE_CALIBRATION: Setting[bool | None] = declare(
     used_by=("GenerationParams",))
 TENANT = declare("generation.tenant", "", "str",
                  "tenant id: salts chunk keys so tenants never share KV; empty is the shared tenant "
-                 "(daser_rag.context.SHARED_TENANT; serve: the tenant of requests that name none)", parse=str, flag="--tenant", used_by=(_CLI, _SERVE, "GenerationParams", "DaserClient"))
+                 "(daser_rag.context.SHARED_TENANT; serve: the tenant of requests that name none)",
+                 parse=str, flag="--tenant", used_by=(_CLI, _SERVE, "GenerationParams", "DaserClient"))
 
 # -- cli: options of single commands ---------------------------------------------------------------
 DEMO_QUESTIONS = declare("cli.demo_questions", 4, "int", "how many correctly answered questions to show",
