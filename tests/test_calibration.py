@@ -199,3 +199,28 @@ def test_trained_calibration_improves_kl_on_documents_it_never_saw(lm, store):
     assert rep.accepted, rep.reason
     assert rep.kl_after < 0.9 * rep.kl_before, (rep.kl_before, rep.kl_after)
     assert rep.improved_share >= 0.6, rep.held_out_after
+
+
+def test_deviation_ranks_staleness_not_the_calibrations_scaling(generator, monkeypatch):
+    """The check layer compares fresh K/V with the stored ones before scaling: the same tokens
+    are chosen with and without a calibration (it changes how they are read, not which)."""
+    from daser_rag.blend import fusion
+    from daser_rag.blend.config import BlendConfig
+
+    gen = generator
+    _, segs = _segments(gen)
+    q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
+    seen = []
+    real = fusion.kv_deviation
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.clone())
+        return out
+
+    monkeypatch.setattr(fusion, "kv_deviation", spy)
+    cfg = BlendConfig(recompute_ratio=0.15, selector="deviation")
+    fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg)
+    fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=_random_calibration(gen))
+    assert len(seen) == 2
+    assert torch.allclose(seen[0], seen[1], rtol=1e-4, atol=1e-5)

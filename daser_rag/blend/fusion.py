@@ -223,7 +223,11 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
         if i in stages and stages[i] < n_cur:
             k_old, v_old = cache.view(i, ctx_len)
             pos = active[:n_cur]
-            deviation = kv_deviation(k[:, :n_cur], v[:, :n_cur], k_old[:, pos], v_old[:, pos], config.deviation)
+            k_old, v_old = k_old[:, pos], v_old[:, pos]
+            if filler.calibration is not None:  # rank by staleness, not by the calibration's scaling
+                ks, vs = filler.calibration.scales(i, dev, k_old.dtype)
+                k_old, v_old = k_old / ks, v_old / vs
+            deviation = kv_deviation(k[:, :n_cur], v[:, :n_cur], k_old, v_old, config.deviation)
             # Every active token went through all layers below, so its K/V here are exact: keep
             # them all (free), then carry on with the selected tokens only.
             cache.write_at(i, active, k, v)
