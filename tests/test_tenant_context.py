@@ -14,6 +14,7 @@ from daser_rag.context import SHARED_TENANT, RequestContext
 from daser_rag.control.planner import Planner
 from daser_rag.engine import resolve as resolve_mod
 from daser_rag.engine.assemble import SegmentAssembler
+from daser_rag.engine.chunk_index import ChunkIndex
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.engine.ingest import Ingestor
 from daser_rag.kv.doc_index import DocIndex
@@ -22,7 +23,7 @@ from daser_rag.kv.store import KVStore
 from daser_rag.params import GenerationParams
 
 ROOT = Path(__file__).resolve().parents[1]
-BELOW_BOUNDARY = [KVStore, DocIndex, RedisDocIndex, Ingestor, ChunkComputer, SegmentAssembler, Planner]
+BELOW_BOUNDARY = [KVStore, DocIndex, RedisDocIndex, Ingestor, ChunkComputer, ChunkIndex, SegmentAssembler, Planner]
 
 
 def _tenant_params():
