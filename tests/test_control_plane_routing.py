@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Sequence
 
 import pytest
@@ -129,7 +130,7 @@ def test_pool_counts_queued_work_until_the_first_token():
 def test_lookahead_routes_at_queue_time_prefetches_and_releases():
     pool = InstancePool(["http://127.0.0.1:9", "http://127.0.0.1:10"], make_router("documents"))
     sent: list[tuple[str, dict]] = []
-    la = InstanceLookAhead(pool, lambda i, params: sent.append((i.url, params)), window=1, ttl_s=30)
+    la = InstanceLookAhead(pool, lambda i, params: sent.append((i.url, params)), window=1, ttl_s=30, delay_s=0)
     la._messages.shutdown(wait=True)  # run messages inline, in order, for the test
 
     class Inline:
@@ -165,4 +166,32 @@ def test_lookahead_routes_at_queue_time_prefetches_and_releases():
         assert sum(i.inflight for i in pool.instances) == 1
         assert la.stats()["reserved_now"] == 0
     finally:
+        pool.close()
+
+
+def test_a_request_that_starts_at_once_gets_no_prefetch_message():
+    """The message matters only for a request that waits at the control plane; one that starts
+    at once reaches vLLM and prefetches its own chunks on arrival (no extra request)."""
+    pool = InstancePool(["http://127.0.0.1:9"], make_router("documents"))
+    sent: list[dict] = []
+    la = InstanceLookAhead(pool, lambda i, params: sent.append(params), window=4, ttl_s=30, delay_s=0.2)
+    try:
+        la.queued("fast", ["k1"], 10)
+        la.started("fast")
+        rid, res = la.take()
+        assert rid == "fast" and not res.prefetched
+        la.queued("slow", ["k2"], 10)  # still waiting when its delay is over: the message goes out
+        deadline = time.monotonic() + 5
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert sent == [{"daser": {"prefetch": {"id": "slow", "keys": ["k2"], "ttl_s": 30.0}}}]
+        assert la.stats()["started_first"] == 1 and la.stats()["prefetch_sent"] == 1
+        la.finished("slow")  # never ran: its pin is released
+        deadline = time.monotonic() + 5
+        while len(sent) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sent[-1] == {"daser": {"release": "slow"}}
+    finally:
+        la.close()
         pool.close()

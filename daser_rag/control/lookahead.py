@@ -9,12 +9,16 @@ sends the request there with its plan naming the prefetch (the connector release
 the request has loaded). `finished` releases what a request that never ran there still holds:
 its place in the instance's queued work, and the pin (a release message).
 
+The message is sent only when the request is still waiting `delay_s` after `queued` (default
+20 ms): one that starts at once reaches vLLM right away and prefetches its own chunks on arrival,
+while it waits in vLLM's queue (vllm_daser/prefetch.py), so a message would only add a request.
 At most `window` prefetch messages are outstanding per instance (0: routing reservations only,
 no prefetch); the connector bounds its pins again in count, bytes and time.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -32,6 +36,9 @@ from daser_rag.errors import DaserError
 
 log = logging.getLogger(__name__)
 
+MESSAGE_DELAY_S = 0.02
+"""A queued request still waiting this long after `queued` gets a prefetch message."""
+
 
 @dataclass
 class Reservation:
@@ -42,6 +49,9 @@ class Reservation:
     tokens: int
     """Tokens it was routed with (the instance's queued work holds them until its first token)."""
     prefetched: bool
+    """A prefetch message was sent for it."""
+    pending: bool = False
+    """A prefetch message will be sent if it is still waiting when the delay is over."""
     taken: bool = False
     served: bool = False
     """It ran to its end on `inst` (the connector released the pin itself)."""
@@ -50,7 +60,7 @@ class Reservation:
 class InstanceLookAhead:
     def __init__(self, pool: InstancePool, send: Callable[[InstanceState, dict[str, Any]], object], *,
                  window: int = settings.PREFETCH_WINDOW.default, ttl_s: float = settings.VLLM_PREFETCH_TTL.default,
-                 workers: int = 2) -> None:
+                 workers: int = 2, delay_s: float = MESSAGE_DELAY_S) -> None:
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"prefetch window must be an integer >= 0, got {window!r}")
         self.pool = pool
@@ -62,6 +72,12 @@ class InstanceLookAhead:
         self._lock = threading.Lock()
         self._tls = threading.local()
         self._messages = ThreadPoolExecutor(max(1, workers), thread_name_prefix="daser-prefetch-msg")
+        self.delay_s = delay_s
+        self._due: list[tuple[float, int, str]] = []  # (when, seq, request id): messages not sent yet
+        self._seq = 0
+        self._cv = threading.Condition(self._lock)
+        self._closed = False
+        self._timer: threading.Thread | None = None
 
     def queued(self, request_id: str, keys: Sequence[str], tokens: int) -> Reservation | None:
         """Route the request now and, within the window, have its instance prefetch `keys`."""
@@ -71,15 +87,48 @@ class InstanceLookAhead:
         except DaserError:
             return None  # no instance now: the request finds out itself when it runs
         with self._lock:
-            outstanding = sum(1 for r in self._reserved.values() if r.inst is inst and r.prefetched and not r.taken)
-            send = self.window > 0 and bool(keys) and outstanding < self.window
-            res = self._reserved[request_id] = Reservation(inst, keys, tokens, send)
+            outstanding = sum(1 for r in self._reserved.values()
+                              if r.inst is inst and (r.prefetched or r.pending) and not r.taken)
+            want = self.window > 0 and bool(keys)
+            res = self._reserved[request_id] = Reservation(inst, keys, tokens, False)
             self.counts["reserved"] += 1
-            if self.window > 0 and keys and not send:
+            if want and outstanding >= self.window:
                 self.counts["window_full"] += 1
-        if send:
+            elif want:
+                if self.delay_s <= 0:
+                    res.prefetched = True
+                else:
+                    res.pending = True
+                    self._seq += 1
+                    heapq.heappush(self._due, (time.monotonic() + self.delay_s, self._seq, request_id))
+                    self._start_timer()
+                    self._cv.notify_all()
+        if res.prefetched:
             self._message(inst, prefetch_params(request_id, keys, self.ttl_s), "prefetch_sent")
         return res
+
+    def _start_timer(self) -> None:
+        if self._timer is None:
+            self._timer = threading.Thread(target=self._dispatch, name="daser-prefetch-timer", daemon=True)
+            self._timer.start()
+
+    def _dispatch(self) -> None:
+        """Send the messages of requests still waiting when they fall due."""
+        while True:
+            with self._cv:
+                while not self._closed and (not self._due or self._due[0][0] > time.monotonic()):
+                    self._cv.wait(None if not self._due else max(0.0, self._due[0][0] - time.monotonic()))
+                if self._closed:
+                    return
+                _, _, rid = heapq.heappop(self._due)
+                res = self._reserved.get(rid)
+                if res is None or res.taken:
+                    self.counts["started_first"] += 1
+                    if res is not None:
+                        res.pending = False
+                    continue
+                res.prefetched, res.pending = True, False
+            self._message(res.inst, prefetch_params(rid, res.keys, self.ttl_s), "prefetch_sent")
 
     def started(self, request_id: str) -> None:
         """The calling thread runs `request_id` next (its `take` finds the reservation)."""
@@ -141,6 +190,9 @@ class InstanceLookAhead:
         return {"window": self.window, "reserved_now": pending, **self.counts}
 
     def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
         self._messages.shutdown(wait=False, cancel_futures=True)
 
 

@@ -7,9 +7,11 @@ queue). At that moment it sends the chosen instance a *prefetch message*: an ord
 `kv_transfer_params` carry `{"daser": {"prefetch": {"id", "keys", "ttl_s"}}}`. The connector's
 scheduler half sees it when vLLM adds it (`on_new_request`, before vLLM's own waiting queue),
 and the next step's connector metadata carries it to the worker, where `HostPrefetch` loads
-the entries from Redis/disk in a background thread (daser's `LookAhead`: the `Prefetcher`
-that never holds a lock a running request needs, plus `KVStore.protect`) and pins them
-against host-tier eviction. The message itself costs vLLM one token of compute; nothing else
+the entries from Redis/disk in a background thread (daser's `Prefetcher`, which never holds a
+lock a running request needs, at nice 10) and pins them against host-tier eviction
+(`KVStore.protect`). A request that starts loading never waits for that thread (on a busy CPU a
+nice-10 thread can be starved, and the forward pass would wait with it): loads not begun are
+dropped, and one under way is simply read again by the request. The message itself costs vLLM one token of compute; nothing else
 in vLLM is touched (only the KV-connector API: `on_new_request`, `build_connector_meta`,
 `build_connector_worker_meta`, `update_connector_output`, `request_finished`).
 
@@ -33,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from daser_rag.engine.lookahead import LookAhead
+from daser_rag.kv.prefetch import Prefetcher
 from daser_rag.kv.store import KVStore
 from daser_rag.settings import VLLM_PREFETCH_MAX_BYTES, VLLM_PREFETCH_MAX_REQUESTS, VLLM_PREFETCH_TTL
 
@@ -101,7 +103,7 @@ class HostPrefetch:
         self.ttl_s = float(ttl_s)
         self.clock = clock
         self.counters = PrefetchCounters()
-        self._look = LookAhead(store, window=max(1, self.max_requests))
+        self._loader: Prefetcher | None = None  # its thread starts with the first pin
         self._pins: dict[str, _Pin] = {}
         self._entry_bytes: list[int] = []  # sizes seen, for the estimate of a new pin's bytes
         self._ended: OrderedDict[str, None] = OrderedDict()  # ids whose request loaded or ended
@@ -129,17 +131,21 @@ class HostPrefetch:
                 return False
             ttl = self.ttl_s if ttl_s is None or ttl_s <= 0 else min(float(ttl_s), self.ttl_s)
             self._pins[pid] = _Pin(keys, self.clock() + ttl)
-        self._look.queued(pid, keys)
+            if self._loader is None:
+                self._loader = Prefetcher(self.store, window=max(1, self.max_requests))
+            loader = self._loader
+        self.store.protect(keys)
+        loader.enqueue(pid, keys)
         return True
 
     def claim(self, pid: str) -> bool:
-        """The request is loading its KV now: wait for loads of its own keys already under way
-        (never slower than starting the same read again); loads not begun are dropped."""
+        """The request is loading its KV now: loads of its keys not begun are dropped (it reads
+        them itself); it does not wait for the background thread (see the module docstring)."""
         with self._lock:
-            pinned = pid in self._pins
-        if pinned:
-            self._look.started(pid)
-        return pinned
+            pin, loader = self._pins.get(pid), self._loader
+        if pin is not None and loader is not None:
+            loader.claim(pid, pin.keys, timeout=0.0)
+        return pin is not None
 
     def release(self, pid: str, *, used: bool = False) -> bool:
         """End `pid`'s pin (its keys become evictable again, unless another pin holds them)."""
@@ -155,7 +161,10 @@ class HostPrefetch:
                 self.counters.claimed += 1
             else:
                 self.counters.released += 1
-        self._look.finished(pid)
+            loader = self._loader
+        if loader is not None:
+            loader.release(pid, pin.keys)
+        self.store.unprotect(pin.keys)
         return True
 
     def expire(self) -> int:
@@ -201,12 +210,15 @@ class HostPrefetch:
             pins = {pid: {"keys": len(p.keys), "in_host": sum(1 for k in p.keys if self.store.in_host(k))}
                     for pid, p in self._pins.items()}
             keys = self._pinned_keys()
+            loader = asdict(self._loader.stats) if self._loader is not None else {}
             return PrefetchSnapshot(self.max_requests, self.max_bytes, len(self._pins), len(keys),
-                                    sum(self._host_size(k) for k in keys), pins, asdict(self.counters),
-                                    {k: v for k, v in self._look.stats().items() if k != "window"})
+                                    sum(self._host_size(k) for k in keys), pins, asdict(self.counters), loader)
 
     def close(self) -> None:
-        self._look.close()
+        with self._lock:
+            loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.close()
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_REQUESTS", "DEFAULT_TTL_S", "HostPrefetch", "PrefetchCounters",
