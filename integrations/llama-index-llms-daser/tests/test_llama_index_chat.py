@@ -109,9 +109,9 @@ def test_stock_query_engine_response_carries_daser_metadata(generator, index):
 
 
 def test_condense_plus_context_engine_reuses_kv_and_matches_full_prefill(generator, index):
-    """chat_mode="condense_plus_context", cache-aware: the second turn is condensed into a standalone
-    question, which retrieves and is answered from the retrieved node's stored KV; that node sits
-    right after the system prefix, where its KV was computed (exact reuse), so the greedy answer
+    """index.as_chat_engine(chat_mode="condense_plus_context", llm=DaserLLM) is cache-aware: the second
+    turn is condensed into a standalone question, which retrieves and is answered from the retrieved
+    node's stored KV; that node sits right after the system prefix, where its KV was computed (exact reuse), so the greedy answer
     equals full prefill's on the same question and node."""
     from llama_index.core.chat_engine import CondensePlusContextChatEngine
 
@@ -119,7 +119,9 @@ def test_condense_plus_context_engine_reuses_kv_and_matches_full_prefill(generat
     from llama_index.llms.daser import CacheAwareCondensePlusContextChatEngine, node_chunk_ref
 
     llm = DaserLLM(generator, max_new_tokens=8)
-    chat = CacheAwareCondensePlusContextChatEngine.from_defaults(index.as_retriever(similarity_top_k=1), llm=llm)
+    chat = index.as_chat_engine(chat_mode="condense_plus_context", llm=llm, similarity_top_k=1)
+    assert isinstance(chat, CacheAwareCondensePlusContextChatEngine)  # the stock entry point, cache-aware
+    assert isinstance(index.as_chat_engine(chat_mode="context", llm=llm), CacheAwareContextChatEngine)
     with warnings.catch_warnings():
         warnings.simplefilter("error", NoKVReuseWarning)  # the condensing call has nothing to reuse: no warning
         first = chat.chat("When does the ferry to Gull Island leave?")

@@ -118,7 +118,44 @@ def _install_streaming_bridge() -> None:
     RetrieverQueryEngine.from_args = classmethod(from_args)  # type: ignore[method-assign,assignment]
 
 
+def _install_chat_bridge() -> None:
+    """`index.as_chat_engine(chat_mode="context" | "condense_plus_context" | "best", llm=DaserLLM(...))`
+    gives the cache-aware engine of that mode: LlamaIndex's own format the retrieved nodes and the
+    history into one prompt string, which a DaserLLM can only answer by full prefill. Other LLMs
+    and modes are LlamaIndex's, unchanged."""
+    from llama_index.core.chat_engine.types import ChatMode
+    from llama_index.core.indices.base import BaseIndex
+
+    func = BaseIndex.as_chat_engine
+    if getattr(func, "_daser_bridge", False):
+        return
+
+    @functools.wraps(func)
+    def as_chat_engine(self: Any, chat_mode: Any = ChatMode.BEST, llm: Any = None, **kwargs: Any) -> Any:
+        from llama_index.core.settings import Settings
+
+        from llama_index.llms.daser.base import DaserLLM
+        from llama_index.llms.daser.chat_engine import (
+            CacheAwareCondensePlusContextChatEngine,
+            CacheAwareContextChatEngine,
+        )
+
+        chosen = llm if llm is not None else Settings._llm  # not Settings.llm: that resolves a default LLM
+        if isinstance(chosen, DaserLLM) and chat_mode in (ChatMode.CONTEXT, ChatMode.CONDENSE_PLUS_CONTEXT,
+                                                          ChatMode.BEST):
+            cls = CacheAwareContextChatEngine if chat_mode == ChatMode.CONTEXT else \
+                CacheAwareCondensePlusContextChatEngine
+            names = set(inspect.signature(cls.from_defaults).parameters) - {"retriever", "llm", "generate_kwargs"}
+            engine_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return cls.from_defaults(self.as_retriever(**kwargs), llm=chosen, **engine_kw)
+        return func(self, chat_mode, llm, **kwargs)
+
+    as_chat_engine._daser_bridge = True  # type: ignore[attr-defined]
+    BaseIndex.as_chat_engine = as_chat_engine  # type: ignore[method-assign]
+
+
 def install() -> None:
     """Idempotent; run when `llama_index.llms.daser` is imported."""
     _install_metadata_handler()
     _install_streaming_bridge()
+    _install_chat_bridge()
