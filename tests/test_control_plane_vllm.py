@@ -183,20 +183,23 @@ def test_llama_index_query_engine_through_the_control_plane(plane, monkeypatch):
     client = DaserClient(plane["url"], timeout=300)
     embed = MiniLMEmbedding()
     store = InvalidatingFaissVectorStore(generator=client)
-    pipe = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=0), embed,
-                                              KVPrecomputeTransform(client, show_progress=False)],
+    transform = KVPrecomputeTransform(client, show_progress=False)
+    pipe = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=200, chunk_overlap=0), embed, transform],
                              docstore=SimpleDocumentStore(), vector_store=store,
                              docstore_strategy=DocstoreStrategy.UPSERTS)
     pipe.run(documents=[LIDocument(text=VAULT_V1, id_="li-vault"), LIDocument(text=FERRY, id_="li-ferry")])
+    # index time: the transform had vLLM compute every node's chunk KV (POST /v1/chunks on the control plane)
+    report = transform.reports[0]
+    assert report.deferred == 0 and report.nodes == len(report.keys) >= 2 and report.computed == len(set(report.keys))
+    assert all(client.stored(report.keys)) and set(client.document_keys("li-vault")) <= set(report.keys)
     llm = DaserLLM(client, max_new_tokens=MAX)
     monkeypatch.setattr(Settings, "_llm", llm)
     index = VectorStoreIndex.from_vector_store(store, embed_model=embed)
     qe = RetrieverQueryEngine.from_args(index.as_retriever(similarity_top_k=1),
                                         response_synthesizer=CacheAwareSynthesizer(llm))
-    cold = qe.query(VAULT_Q)  # through a client the transform defers: the first query computes the chunk
-    assert cold.metadata[DASER_KEY]["cache_misses"] == 1
-    first = qe.query(VAULT_Q)
+    first = qe.query(VAULT_Q)  # the FIRST query: every chunk was stored at index time
     meta = first.metadata[DASER_KEY]
+    assert meta["cache_misses"] == 0
     node = first.source_nodes[0].node
     full = client.generate(VAULT_Q, [ChunkRef(text=node.get_content(), doc_id=node.ref_doc_id)], use_cache=False,
                            max_new_tokens=MAX)
