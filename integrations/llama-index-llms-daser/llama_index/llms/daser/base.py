@@ -34,6 +34,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from daser_rag.api import KVGenerator
+from daser_rag.engine.protocol import IndexingEngine
 from daser_rag.generator_spec import build_from_spec as _build_from_spec
 from daser_rag.generator_spec import generator_spec, model_name_of
 from daser_rag.params import (
@@ -45,7 +46,7 @@ from daser_rag.params import (
 )
 from daser_rag.types import GenerationResult
 from llama_index.llms.daser.instrumentation import current_collector, record, stream_collector
-from llama_index.llms.daser.kv_sync import ContextLike, KVSync, to_context_items
+from llama_index.llms.daser.kv_sync import ContextLike, to_context_items
 
 
 class NoKVReuseWarning(UserWarning):
@@ -150,10 +151,8 @@ class DaserLLM(CustomLLM):
         if not isinstance(generator, KVGenerator):
             raise TypeError(
                 f"DaserLLM needs an object satisfying daser_rag.api.KVGenerator, got {type(generator).__name__}")
-        if "context_window" not in kwargs:
-            window = KVSync(generator).context_window()
-            if window:
-                kwargs["context_window"] = window
+        if "context_window" not in kwargs and isinstance(generator, IndexingEngine):
+            kwargs["context_window"] = generator.context_window  # the engine's (or the service's) window
         if kwargs.get("model_name") is None:
             kwargs["model_name"] = model_name_of(generator)
         super().__init__(**kwargs)
