@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts, warm = prompt_ids_for([r for rs in levels.values() for r in rs], docs, args.chunk_tokens)
     work = Path(tempfile.mkdtemp(prefix="daser-bench-cp-"))
     results: dict[str, dict[int, Row]] = {}
-    arms = [a for a in ARMS if a in args.arms.split(",")]
+    arms = [a for a in args.arms.split(",") if a in ARMS]  # in the order given (prefix still first)
     for name in sorted(arms, key=lambda a: a != "prefix"):  # the reference first
         redis = RedisServer(workdir=work / f"redis-{name}").start()
         print(f"arm {name}: starting", flush=True)

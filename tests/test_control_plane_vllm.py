@@ -246,8 +246,9 @@ def connector_stats(instance_url: str) -> dict:
 
 def test_queued_requests_are_routed_and_prefetched_on_their_instance(plane):
     """PCR on the product path: a request is routed when it is queued and its instance's connector
-    loads its chunks into host RAM (the control plane's prefetch message, or the request's own on
-    arrival in vLLM's queue); after the trace nothing is pinned and no routed work is left over,
+    loads its chunks into host RAM (the control plane's prefetch message for a request waiting
+    there, or the request's own on arrival when vLLM's slots are full); after the trace nothing is
+    pinned and no routed work is left over,
     also for a full-prefill request (use_cache=false: it loads nothing, so its pin is released by
     the control plane; it leaked until the ttl before)."""
     url = plane["url"]
@@ -255,16 +256,16 @@ def test_queued_requests_are_routed_and_prefetched_on_their_instance(plane):
         {"id": "pf-light", "text": LIGHTHOUSE + " Keepers log the weather."}, {"id": "pf-orchard", "text": ORCHARD}]})
     assert r.status_code == 200, r.text
     orders = [[{"id": "pf-light"}, {"id": "pf-orchard"}], [{"id": "pf-orchard"}, {"id": "pf-light"}]]
-    with ThreadPoolExecutor(4) as pool:
+    n = 20  # more than the two instances' 2 x 8 slots: some requests wait in vLLM's queue
+    with ThreadPoolExecutor(n) as pool:
         codes = list(pool.map(lambda i: httpx.post(url + "/v1/chat/completions", timeout=300, json={
             "messages": [{"role": "user", "content": "What is copper used for?"}], "documents": orders[i % 2],
-            "max_tokens": 8, "temperature": 0, "use_cache": i != 3}).status_code, range(8)))
-    assert codes == [200] * 8
+            "max_tokens": 4, "temperature": 0, "use_cache": i != 3}).status_code, range(n)))
+    assert codes == [200] * n
     eng = httpx.get(url + "/health").json()["engine"]
-    assert eng["prefetch"]["reserved"] >= 8 and eng["prefetch"]["reserved_now"] == 0
-    assert eng["prefetch"].get("prefetch_sent", 0) >= 1
+    assert eng["prefetch"]["reserved"] >= n and eng["prefetch"]["reserved_now"] == 0
     assert all(i["inflight"] == 0 and i["prefill_tokens"] == 0 for i in eng["instances"]), eng["instances"]
-    claimed = 0
+    claimed = requested = 0
     for inst in eng["instances"]:
         for _ in range(20):  # a pin released at a request's end reaches the worker with the next step
             rep = connector_stats(inst["url"])["prefetch"]
@@ -272,9 +273,9 @@ def test_queued_requests_are_routed_and_prefetched_on_their_instance(plane):
                 break
             time.sleep(0.3)
         assert rep["pinned_requests"] == 0 and rep["pinned_keys"] == 0, (rep["pins"], rep["counters"], eng["prefetch"])
-        assert rep["counters"]["requested"] >= 1
+        requested += rep["counters"]["requested"]
         claimed += rep["counters"]["claimed"]
-    assert claimed >= 1  # some request's load found its entries pinned in RAM
+    assert requested >= 1 and claimed >= 1  # requests that waited had their entries pinned in RAM
 
 
 def test_one_instance_killed_mid_trace_fails_no_request(plane):

@@ -13,7 +13,6 @@ end to end); no daser weights are loaded here (the weight-free planner builds th
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
@@ -23,8 +22,7 @@ vllm = pytest.importorskip("vllm", reason="vllm is not installed in this environ
 
 from vllm_daser.env import cpu_defaults  # noqa: E402
 
-cpu_defaults()
-os.environ.pop("DASER_VLLM_BLEND", None)  # r=0 here: no model hook needed
+cpu_defaults()  # (DASER_VLLM_BLEND is left as other modules set it: r=0 here does not use it)
 
 from daser_rag.control.factory import ensure_converted  # noqa: E402
 from daser_rag.control.planner import Planner  # noqa: E402

@@ -199,8 +199,10 @@ class _Settings:
 class DaserConnectorScheduler:
     """Runs in vLLM's scheduler process: hit lookup and save planning. Reads only `contains`."""
 
-    def __init__(self, settings: _Settings) -> None:
+    def __init__(self, settings: _Settings, max_num_seqs: int = 1 << 30) -> None:
         self.s = settings
+        self.max_num_seqs = max_num_seqs
+        self._active: set[str] = set()  # planned requests vLLM holds (waiting or running)
         self.store = settings.open_store(0)
         self._pending: dict[str, tuple[int, int, list[_Piece], int, Plan | None]] = {}
         self._reqs: dict[str, _ReqState] = {}
@@ -221,10 +223,14 @@ class DaserConnectorScheduler:
         """On arrival, before vLLM's waiting queue: a prefetch or release message takes effect in
         the next step, however long vLLM's queue is. A planned request prefetches its own entries
         (under its plan's `prefetch_id`, or its own id): while it waits for a slot in vLLM, they
-        come into host RAM, and its load then reads RAM (PCR with vLLM's own queue)."""
+        come into host RAM, and its load then reads RAM (PCR with vLLM's own queue). Only when
+        vLLM already holds `max_num_seqs` requests: otherwise it runs at the next step."""
         msg = self.control(request)
         if msg is None:
-            if self.s.prefetch_max_requests > 0:
+            self._active.add(request.request_id)
+            # only a request that must wait for a slot gains: one scheduled at the next step would
+            # have a background read compete with its own forward pass for the same cores
+            if self.s.prefetch_max_requests > 0 and len(self._active) > self.max_num_seqs:
                 self._prefetch_own(request)
             return
         if msg.release is not None:
@@ -360,6 +366,7 @@ class DaserConnectorScheduler:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
         self._pending.pop(request.request_id, None)
+        self._active.discard(request.request_id)
         params = request.kv_transfer_params
         raw = (params or {}).get(PLAN_FIELD) if isinstance(params, dict) else None
         pid = self._pids.pop(request.request_id, None)
@@ -560,7 +567,7 @@ class DaserKVConnector(KVConnectorBase_V1):
         self.scheduler: DaserConnectorScheduler | None = None
         self.worker: DaserConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler = DaserConnectorScheduler(settings)
+            self.scheduler = DaserConnectorScheduler(settings, int(vllm_config.scheduler_config.max_num_seqs))
         else:
             self.worker = DaserConnectorWorker(settings, vllm_config)
         logger.info("DaserKVConnector role=%s store=%s block_size=%d save=%s fallback=%s",

@@ -15,8 +15,9 @@ dropped, and one under way is simply read again by the request. The message itse
 in vLLM is touched (only the KV-connector API: `on_new_request`, `build_connector_meta`,
 `build_connector_worker_meta`, `update_connector_output`, `request_finished`).
 
-A planned request that reaches vLLM also prefetches its own entries on arrival (under its plan's
-prefetch id or its own id): while it waits in vLLM's queue for a slot, they come into RAM.
+A planned request that reaches vLLM while its `max_num_seqs` slots are taken prefetches its own
+entries on arrival (under its plan's prefetch id or its own id): while it waits for a slot, they
+come into RAM.
 
 A pin ends when the real request (its plan names the prefetch id) has loaded its KV, when it
 finishes without loading (vLLM's own prefix cache held it), when the control plane sends a
