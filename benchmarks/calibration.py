@@ -29,12 +29,26 @@ VARIANTS = {"ape": {"scales": True, "link_tokens": 0}, "adapter": {"scales": Fal
 DEFAULT_MODES = "0,chunk_heads:0.15,hybrid:0.15"
 
 
+def training_documents(gen: Any, corpus: str, grid_n: int, seed: int) -> list[Any]:
+    """`reference`: the bundled Language Reference topics (another domain than the grid);
+    `stdlib`: standard-library docstrings minus every document any grid prompt uses (the
+    user's own corpus, calibrated on its documents the grid does not ask about)."""
+    from daser_rag.corpus import python_reference_corpus
+    from daser_rag.types import Document
+
+    if corpus == "reference":
+        return python_reference_corpus()
+    from benchmarks.evalset import build_evalset, stdlib_documents
+
+    used = {d for it in build_evalset(gen.split, n=grid_n, seed=seed) for d in it.doc_ids}
+    return [Document(d, t) for d, t in sorted(stdlib_documents().items()) if d not in used]
+
+
 def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed: int, variants: list[str],
-          chunk_tokens: int) -> dict[str, Any]:
+          chunk_tokens: int, corpus: str = "reference", grid_n: int = 100) -> dict[str, Any]:
     from daser_rag.calibration import storage
     from daser_rag.calibration.command import write_curve
     from daser_rag.calibration.train import CalibrationConfig, fit, prepare_split
-    from daser_rag.corpus import python_reference_corpus
     from daser_rag.engine.factory import build_generator
 
     out.mkdir(parents=True, exist_ok=True)
@@ -42,8 +56,10 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
         gen = build_generator(cache_dir=tmp, chunk_tokens=chunk_tokens)
         base = CalibrationConfig(steps=steps, train_prompts=train_prompts, held_out_prompts=held_out_prompts,
                                  seed=seed)
-        data = prepare_split(gen, python_reference_corpus(), base, log=print)
-        summary: dict[str, Any] = {"prepare_s": data.seconds, "train_prompts": len(data.train),
+        docs = training_documents(gen, corpus, grid_n, seed)
+        data = prepare_split(gen, docs, base, log=print)
+        summary: dict[str, Any] = {"corpus": corpus, "documents": len(docs), "prepare_s": data.seconds,
+                                   "train_prompts": len(data.train),
                                    "held_out_prompts": len(data.held_out)}
         for name in variants:
             opts = VARIANTS[name]
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--train-variants", default="ape,adapter,both")
     ap.add_argument("--train-chunk-tokens", type=int, default=512, help="chunk size of the training prompts")
+    ap.add_argument("--train-corpus", default="stdlib", choices=["stdlib", "reference"],
+                    help="stdlib: docstrings no grid prompt uses; reference: the bundled Language Reference")
     ap.add_argument("--train-prompts", type=int, default=16)
     ap.add_argument("--held-out-prompts", type=int, default=20)
     ap.add_argument("--variants", default="none,ape,adapter,both")
@@ -187,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.train:
             summary = train(Path(args.dir), args.steps, args.train_prompts, args.held_out_prompts, args.seed,
-                            args.train_variants.split(","), args.train_chunk_tokens)
+                            args.train_variants.split(","), args.train_chunk_tokens, args.train_corpus, args.n)
             print(json.dumps(summary, indent=1))
             if args.no_measure:
                 return 0

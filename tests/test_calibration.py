@@ -166,19 +166,22 @@ def test_engine_uses_calibration_per_request_and_reports_it(lm, store, tmp_path)
         CacheAwareGenerator(lm, store=store, calibration=str(bad))
 
 
-def test_calibrate_refuses_what_does_not_beat_no_adapter(generator, tmp_path):
+@pytest.mark.slow
+def test_calibrate_refuses_what_does_not_beat_no_adapter(lm, store, tmp_path):
     """0 steps and no link tokens leave the identity: no better than no adapter on held-out
     documents, so refused and no file is written (exit 1), while the curve still is."""
     import argparse
 
     from daser_rag.calibration.command import add_arguments, run
+    from daser_rag.engine.generator import CacheAwareGenerator
 
+    small = CacheAwareGenerator(lm, store=store, chunk_tokens=48)  # tiny prompts: a fast default test
     docs = python_reference_corpus(("pass", "break", "continue", "del", "return", "global"))
     ap = argparse.ArgumentParser()
     add_arguments(ap)
     args = ap.parse_args(["--steps", "0", "--link-tokens", "0", "--train-prompts", "1", "--held-out-prompts", "2",
                           "--out", str(tmp_path / "cal.safetensors")])
-    assert run(args, generator, docs) == 1
+    assert run(args, small, docs) == 1
     assert not (tmp_path / "cal.safetensors").exists()
     assert (tmp_path / "cal.curve.csv").read_text().startswith("step,batch_kl,seconds")
 
