@@ -135,8 +135,7 @@ PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
 CALIBRATION = declare("engine.calibration", "off", "str",
                       "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'off'; 'auto' "
                       "(the model's file in the cache dir when there is one); or a file's path. A corrupt file or "
-                      "one made for another model is an error", parse=str, env="DASER_RAG_CALIBRATION",
-                      flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
+                      "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",
                             parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))

@@ -24,7 +24,10 @@ from daser_rag.server.settings import Limits, add_serve_arguments, parse_args, s
 
 ROOT = Path(__file__).resolve().parents[1]
 
-INPUTS = {"--doc", "--text", "--full", "--stream", "--json", "--topics", "--print-vllm-config"}
+INPUTS = {"--doc", "--text", "--full", "--stream", "--json", "--topics", "--print-vllm-config",
+          # `daser-rag calibrate`'s run options and `ingest --calibrate` (daser_rag/calibration/command.py)
+          "--out", "--steps", "--link-tokens", "--no-scales", "--train-prompts", "--held-out-prompts",
+          "--min-gain", "--seed", "--threads", "--calibrate"}
 """Per-invocation inputs and switches of single commands: not settings, so not in the table."""
 DEFERRED = {"blend.recompute_ratio", "blend.selector", "service.api_keys"}
 """Options whose parser default is None: the engine's default (the table's) or, for API keys,
