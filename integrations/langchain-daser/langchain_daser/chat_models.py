@@ -30,6 +30,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from daser_rag.api import KVGenerator
+from daser_rag.context import SHARED_TENANT
 from daser_rag.errors import InvalidInputError
 from daser_rag.generator_spec import build_from_spec, generator_spec, model_name_of
 from daser_rag.params import DEFAULT_MAX_NEW_TOKENS, GenerationParams, check_recompute_ratio, check_selector
@@ -114,7 +115,7 @@ class ChatDaser(BaseChatModel):
     """How recomputed tokens are chosen (see `daser_rag.params.SELECTORS`); None: the generator's default."""
     use_cache: bool = True
     """False prefills everything from scratch (the baseline)."""
-    tenant: str = ""
+    tenant: str = SHARED_TENANT
     stop: list[str] | None = None
 
     _warned: bool = PrivateAttr(default=False)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from daser_rag.api import ContextItem
+from daser_rag.context import SHARED_TENANT
 from daser_rag.control.planner import Planner, ReusePlan
 from daser_rag.control.wire import PLAN_FIELD, connector_extra_config, kv_transfer_dict
 from daser_rag.errors import InvalidInputError
@@ -129,14 +130,14 @@ class VllmRagPrompter:
                    for p in plan.prefill]
         return VllmRequest(prompt, plan.kv_transfer_params, mode, plan.context_tokens, prep_s, info, prefill)
 
-    def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "") -> VllmRequest:
+    def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = SHARED_TENANT) -> VllmRequest:
         """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored."""
         t0 = time.perf_counter()
         plan = self.planner.exact(question, contexts, tenant=tenant)
         info = {"node_keys": [s[0] for s in plan.kv_transfer_params[PLAN_FIELD]["segments"]]}
         return self._request(plan, "exact", time.perf_counter() - t0, info)
 
-    def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = "",
+    def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = SHARED_TENANT,
               exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1,
               selector: str = "chunk_heads") -> VllmRequest:
         """Full reuse (r=0) inside vLLM: every stored context token is an external hit
@@ -182,7 +183,7 @@ class VllmRagPrompter:
         contexts: Sequence[ContextItem] | None = None,
         *,
         recompute_ratio: float | None = None,
-        tenant: str = "",
+        tenant: str = SHARED_TENANT,
     ) -> VllmRequest:
         """Fuse the context outside vLLM (daser CacheBlend) and stage it for the connector.
 
