@@ -48,6 +48,7 @@ def test_r1_with_calibration_equals_full_prefill(generator):
             assert (v1 - v2).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_calibration_acts_at_r0_and_identity_changes_nothing(generator):
     from daser_rag.blend.config import BlendConfig
     from daser_rag.blend.fusion import fuse
@@ -74,6 +75,7 @@ def test_calibration_acts_at_r0_and_identity_changes_nothing(generator):
     assert torch.equal(k1, k2)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_student_matches_fuse_at_r0(generator):
     """The differentiable training path computes what serving computes (same KL target)."""
     from daser_rag.blend.config import BlendConfig
@@ -138,6 +140,7 @@ def test_chunk_keys_include_chunk_side_adapters_only(generator):
     assert chunk_key(gen.fingerprint, gen.prompt.prefix_ids, ids, adapter=other.chunk_digest) not in (plain, keyed)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_engine_uses_calibration_per_request_and_reports_it(lm, store, tmp_path):
     from daser_rag.calibration import storage
     from daser_rag.engine.generator import CacheAwareGenerator
@@ -204,6 +207,7 @@ def test_trained_calibration_improves_kl_on_documents_it_never_saw(lm, store):
     assert rep.improved_share >= 0.6, rep.held_out_after
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_deviation_ranks_staleness_not_the_calibrations_scaling(generator, monkeypatch):
     """The check layer compares fresh K/V with the stored ones before scaling: the same tokens
     are chosen with and without a calibration (it changes how they are read, not which)."""

@@ -29,6 +29,7 @@ def test_default_expiry_is_below_the_server_default():
         assert c._http._transport._pool._keepalive_expiry < 5.0  # the server's --timeout-keep-alive default
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_requests_at_the_server_keepalive_boundary_do_not_reset():
     with AppThread(_app(), timeout_keep_alive=1) as srv, DaserClient(srv.url, keepalive_expiry=0.5) as c:
         for pause in (0.95, 1.0, 1.02, 0.98, 1.0):

@@ -59,6 +59,7 @@ SAMPLING_PROMPTS = [
 ]
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_sampling_is_seeded_and_really_samples(generator):
     """Same seed -> same tokens; another seed -> other tokens on at least one prompt; and the
     sampled answer is not greedy decoding's (silent greedy would pass the first check only)."""

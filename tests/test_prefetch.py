@@ -65,6 +65,7 @@ def test_rejects_bad_window(tmp_path):
         Prefetcher(KVStore(tmp_path), window=0)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_queued_request_kv_in_ram_before_it_runs(generator, corpus):
     """End to end with the scheduler: while request 1 computes, request 2's KV is loaded."""
     from daser_rag.scheduler import RequestScheduler

@@ -123,7 +123,9 @@ def test_queue_is_bounded(generator: Any, background: BackgroundMaterializer) ->
         for i in range(4):
             assert small.submit([chunks[i], chunks[i + 1]], "")
         assert not small.submit([chunks[3], chunks[4]], "")  # already waiting
-        assert small.stats.pending == 2 and small.stats.dropped_full == 2
+        # the worker may already hold the first path (waiting for an idle model): the rest is bounded
+        assert small.stats.pending == 2 and small.stats.dropped_full in (1, 2)
+        assert small.stats.submitted == 4 and small.stats.materialized == 0
     finally:
         small.close()
 

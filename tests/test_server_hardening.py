@@ -182,6 +182,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_forty_new_tenant_names_grow_rss_by_less_than_15_mb(generator):
     app = create_app(generator, limits=Limits(max_tenants_per_key=1000))
     with TestClient(app) as c:
@@ -279,6 +280,7 @@ def test_a_disconnected_non_streamed_client_frees_the_model_within_2s(generator)
     assert freed < 2.0, freed
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_health_stays_fast_under_40_deletes_during_an_ingest(generator):
     app = create_app(generator)
     long_doc = " ".join([PASS_DOC] * 220)  # ~3.5k tokens: seconds of precompute under the model lock
@@ -313,6 +315,7 @@ def test_health_stays_fast_under_40_deletes_during_an_ingest(generator):
     assert statuses.count(429) >= 30  # admission refused the flood instead of parking it in threads
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_a_second_key_is_admitted_while_the_first_floods(generator):
     app = create_app(generator, api_keys=["k1", "k2"], limits=Limits(max_pending=4, fair_share=0.5))
     filler = " ".join([PASS_DOC] * 60)  # ~1k tokens of uncached prefill each

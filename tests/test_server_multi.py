@@ -17,7 +17,8 @@ from daser_rag.server.client import DaserClient
 from daser_rag.server.testing import RedisServer, ServiceProcess, redis_server_path
 from daser_rag.types import ChunkRef, Document
 
-pytestmark = pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed")
+pytestmark = [pytest.mark.skipif(redis_server_path() is None, reason="redis-server not installed"),
+              pytest.mark.slow]  # two service processes per test (5-8 s each): CI's slow step runs them
 
 PASS_DOC = "The pass statement is a null operation; when it is executed, nothing happens."
 BREAK_DOC = "A break statement terminates the nearest enclosing loop, skipping the optional else clause."

@@ -235,6 +235,7 @@ def test_delete_racing_a_chunk_reference_leaves_no_ghost(lm, tmp_path):
         srv.stop()
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_service_start_is_refused_on_a_policy_that_evicts_the_registry(tmp_path):
     from daser_rag.server.testing import ServiceProcess
 

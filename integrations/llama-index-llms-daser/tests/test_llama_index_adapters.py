@@ -173,6 +173,7 @@ def small_window(lm, tmp_path, monkeypatch):
     return gen
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_transform_splits_a_node_three_times_the_window_and_it_stays_answerable(small_window, embed):
     gen = small_window
     window = gen.runner.max_positions

@@ -57,6 +57,7 @@ def long_document(generator, window: int) -> str:
     return "\n\n".join(parts)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_index_insert_of_a_node_three_times_the_window_is_split_before_any_write(small_window, embed):
     gen = small_window
     window = gen.runner.max_positions
