@@ -55,6 +55,7 @@ def test_chunk_routes_compute_tie_and_replace_like_the_engine(generator):
         assert client.split("one. two. three. four.", max_tokens=8) == generator.split("one. two. three. four.", 8)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_chunk_routes_are_hardened_like_the_document_routes(generator):
     with TestClient(create_app(generator, api_keys=["k1"], limits=Limits(key_tokens_per_minute=400))) as http:
         assert http.post("/v1/chunks", json={"documents": [{"id": "d", "texts": [A]}]}).status_code == 401

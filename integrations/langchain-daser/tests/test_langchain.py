@@ -91,6 +91,7 @@ def test_plain_chat_invoke_and_stream_agree(llm):
     assert chunks[-1].chunk_position == "last" and chunks[-1].usage_metadata["output_tokens"] > 0
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_documents_reach_the_model_as_blocks_kwargs_and_bind(generator, llm, embedding):
     store = DaserVectorStore(generator, embedding=embedding)
     store.add_documents(kb_docs(), ids=list(KB))  # KV precomputed here

@@ -235,6 +235,7 @@ def test_streaming_and_async_query_engine(generator, embed, llm):
     assert str(async_resp) == str(plain)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_daser_llm_is_a_drop_in_llm(generator, llm):
     prompt = "Name a primary colour."
     short = {"max_tokens": 8}

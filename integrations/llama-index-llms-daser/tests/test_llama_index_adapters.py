@@ -94,6 +94,7 @@ def small_docs() -> list[Document]:
     return docs + [Document(text=CASTLE, id_="notes:castle")]
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_stock_query_engine_warns_once_and_reports_no_reuse_while_cache_aware_one_reuses(generator, embed):
     store = DaserFaissVectorStore(generator=generator, show_progress=False)
     pipe = IngestionPipeline(transformations=[
