@@ -10,6 +10,7 @@ from daser_rag.scheduler import RequestScheduler
 from daser_rag.types import ChunkRef
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_runs_requests_in_order_and_matches_direct_generation(generator, corpus):
     generator.chunk_tokens = 40
     ctxs = [[ChunkRef(text=generator.split(corpus[i].text)[0])] for i in range(3)]

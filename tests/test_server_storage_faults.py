@@ -80,6 +80,7 @@ def _check_writes(c: TestClient, acked: dict[str, str], failed: set[str]) -> Non
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["redis", "local-only"])
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_disk_full_no_500_no_lost_or_phantom_write(lm, tmp_path, small_fs, shared):
     srv = RedisServer(port=free_port(), workdir=tmp_path / "redis").start() if shared else None
     try:

@@ -123,6 +123,7 @@ def test_system_message_and_history_go_with_the_question(llm, generator):
     assert daser_meta(msg)["chunk_keys"] == [generator.chunk_key_for(KB["ferry"])]
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_async_invoke_and_stream(llm, generator, embedding):
     store = DaserVectorStore(generator, embedding=embedding)
     store.add_documents(kb_docs(), ids=list(KB))

@@ -61,6 +61,7 @@ def format_docs(docs: list[Document]) -> str:
     return "\n\n".join(d.page_content for d in docs)
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_stock_chain_warns_once_and_reports_no_reuse_while_block_chain_reuses(generator, embedding):
     store = DaserVectorStore(generator, embedding=embedding)
     store.add_documents([Document(page_content=t) for t in KB.values()], ids=list(KB))

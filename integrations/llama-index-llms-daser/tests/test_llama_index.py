@@ -222,6 +222,7 @@ def test_query_engine_r1_matches_full_prefill_and_hits_on_second_query(generator
                for e, n in zip(info["nodes"], second.source_nodes))
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_streaming_and_async_query_engine(generator, embed, llm):
     store = InvalidatingFaissVectorStore(generator=generator)
     pipeline(generator, embed, store)[0].run(documents=documents())
@@ -269,6 +270,7 @@ def test_daser_llm_is_a_drop_in_llm(generator, llm):
         CacheAwareSynthesizer(MockLLM())
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_remote_client_generator_works_through_the_protocol_only(generator, embed, monkeypatch):
     """The adapter over DaserClient (HTTP, real service app in-process), through the engine
     protocol only: chunk KV is computed at index time by the service (/v1/chunks), so the first
