@@ -19,11 +19,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from daser_rag import settings
-from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.blend.prefix_tree import node_key
 from daser_rag.engine.model_lock import ModelLock
 from daser_rag.types import ResolvedChunk, Timings
 
@@ -56,7 +56,6 @@ class _Job:
     chunks: list[ResolvedChunk]
     tenant: str
     attempts: int = 0
-    submitted_at: float = field(default_factory=time.monotonic)
 
 
 class BackgroundMaterializer:
@@ -84,7 +83,7 @@ class BackgroundMaterializer:
     def submit(self, chunks: list[ResolvedChunk], tenant: str) -> bool:
         """Queue the ordered path for materialization; False if it already waits."""
         pk = self.assembler.computer.prefix_key(tenant)
-        path_key = PrefixTree.longest_stored(pk, [c.key for c in chunks], lambda _k: False).node_keys[-1]
+        path_key = node_key(pk, [c.key for c in chunks])  # the deepest node names the whole path
         with self._cv:
             if self._closed or path_key in self._jobs:
                 return False
