@@ -126,6 +126,9 @@ class VllmEngine(StreamingEngine):
     def count_tokens(self, texts: Sequence[str]) -> int:
         return self.planner.count_tokens(texts)
 
+    def token_ids(self, text: str) -> list[int]:
+        return self.planner.prompt.encode(text)
+
     def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:
         return self.planner.chunk_keys(text, tenant)
 

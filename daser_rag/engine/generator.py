@@ -135,6 +135,9 @@ class CacheAwareGenerator(StreamingEngine):
     def count_tokens(self, texts: Sequence[str]) -> int:
         return sum(len(self.prompt.encode(t)) for t in texts)
 
+    def token_ids(self, text: str) -> list[int]:
+        return self.prompt.encode(text)
+
     def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:
         return [self.chunk_key_for(t, tenant) for t in self.split(text)]
 

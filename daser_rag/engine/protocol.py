@@ -9,11 +9,11 @@ getattr.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from daser_rag.api import ContextItem
+from daser_rag.api import ContextItem, ResultStream
 from daser_rag.engine.chunk_index import ChunkInfo, ChunkReport
 from daser_rag.context import SHARED_TENANT
 from daser_rag.types import Document, GenerationResult, IngestReport
@@ -38,15 +38,6 @@ class EngineHealth:
     ok: bool
     engine: str
     detail: dict[str, Any] = field(default_factory=dict)
-
-
-class ResultStream(Protocol):
-    """Text deltas as they are decoded; `.result` (the GenerationResult) once exhausted."""
-
-    @property
-    def result(self) -> GenerationResult | None: ...
-
-    def __iter__(self) -> Iterator[str]: ...
 
 
 @runtime_checkable
@@ -139,6 +130,10 @@ class Engine(IndexingEngine, Protocol):
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the texts take in a prompt (tokenized as user text)."""
+        ...
+
+    def token_ids(self, text: str) -> list[int]:
+        """The ids `count_tokens` counts for `text` (so `len(token_ids(t)) == count_tokens([t])`)."""
         ...
 
     def chunk_keys(self, text: str, tenant: str = SHARED_TENANT) -> list[str]:

@@ -351,6 +351,12 @@ class DaserClient:
         """Tokens the texts take in a prompt, counted by the service's own tokenizer."""
         return sum(int(self._request("POST", "/v1/tokenize", json={"text": t})["tokens"]) for t in texts if t)
 
+    def token_ids(self, text: str) -> list[int]:
+        """The ids the service's own tokenizer gives `text` (one `/v1/tokenize`, charged like a split)."""
+        if not text:
+            return []
+        return [int(i) for i in self._request("POST", "/v1/tokenize", json={"text": text})["token_ids"]]
+
     # -- extras ----------------------------------------------------------------------------------
     def list_documents(self, tenant: str | None = None) -> list[str]:
         params = {"tenant": self._tenant(tenant)} if self._tenant(tenant) else None

@@ -161,12 +161,16 @@ async def split(request: Request, caller: Caller = Depends(_caller)) -> dict[str
 
 @router.post("/v1/tokenize")
 async def tokenize(request: Request, caller: Caller = Depends(_caller)) -> dict[str, Any]:
-    """How many tokens `text` takes in a prompt (as user text), so that a remote client counts
-    like the engine does (LangChain's trim_messages, LlamaIndex's token counting). Admitted and
-    charged like /v1/split: counting is tokenizing."""
-    svc, share, _, tokens = await _charged_text(request, caller)
-    svc.completions.release(share)
-    return {"tokens": tokens}
+    """How many tokens `text` takes in a prompt (as user text) and their ids, so that a remote
+    client counts like the engine does (LangChain's get_token_ids / trim_messages, LlamaIndex's
+    token counting). Admitted and charged like /v1/split: counting is tokenizing; the text is
+    within the per-request limit once charged, so the ids are bounded too."""
+    svc, share, req, tokens = await _charged_text(request, caller)
+    try:
+        ids = await svc.lanes.run(share, svc.engine.token_ids, req.text)
+    finally:
+        svc.completions.release(share)
+    return {"tokens": tokens, "token_ids": ids}
 
 
 @router.get("/health")

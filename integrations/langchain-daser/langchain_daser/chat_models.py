@@ -187,17 +187,10 @@ class ChatDaser(BaseChatModel):
 
     # -- token counting: the model's own tokenizer, offline ---------------------------------
     def get_token_ids(self, text: str) -> list[int]:
-        """Token ids from daser's own tokenizer (LangChain's default fetches GPT-2 online and
-        returns nothing offline, which silently broke `trim_messages`)."""
-        tok = getattr(self.generator, "tokenizer", None)
-        if tok is not None:
-            return list(tok.encode(text, add_special_tokens=False))
-        count = getattr(self.generator, "count_tokens", None)
-        if callable(count):
-            return list(range(int(count(text))))  # ids are not exposed remotely: the count is what matters
-        raise NotImplementedError(
-            f"ChatDaser cannot count tokens with a {type(self.generator).__name__}: it has no local tokenizer "
-            "(use an in-process CacheAwareGenerator, or count on the service)")
+        """Token ids from the engine's own tokenizer (in process, or the service's through
+        `DaserClient`): LangChain's default fetches GPT-2 online and returns nothing offline,
+        which silently broke `trim_messages`."""
+        return self.generator.token_ids(text)
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
         """Tool calling is not supported: the model is a plain-text RAG answerer whose prompt
@@ -307,7 +300,7 @@ class ChatDaser(BaseChatModel):
             if run_manager is not None:
                 run_manager.on_llm_new_token(delta, chunk=chunk)
             yield chunk
-        result = getattr(stream, "result", None)
+        result = stream.result
         if result is not None:
             yield ChatGenerationChunk(message=AIMessageChunk(
                 content="", chunk_position="last", **self._message_fields(result, self.model_name)))

@@ -117,6 +117,12 @@ class FakeGenerator:
     def split(self, text):
         return [text]
 
+    def count_tokens(self, texts):
+        return sum(len(t.split()) for t in texts)
+
+    def token_ids(self, text):
+        return list(range(len(text.split())))
+
 
 def test_options_pass_through_and_no_chunks_is_never_a_blend():
     fake = FakeGenerator()

@@ -83,6 +83,12 @@ class Recorder:
     def split(self, text):
         return self.inner.split(text)
 
+    def count_tokens(self, texts):
+        return self.inner.count_tokens(texts)
+
+    def token_ids(self, text):
+        return self.inner.token_ids(text)
+
 
 @pytest.fixture(scope="module")
 def embed():

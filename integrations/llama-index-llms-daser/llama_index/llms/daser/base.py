@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (
@@ -184,13 +184,11 @@ class DaserLLM(CustomLLM):
         return cls(generator, **data)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Callable[[str], list[int]]:
         """The generator's own token counter (`text -> list of ids`), offline: pass it to
-        `TokenCountingHandler(tokenizer=llm.tokenizer)`. None for a generator without a local tokenizer."""
-        tok = getattr(self._generator, "tokenizer", None)
-        if tok is None:
-            return None
-        return lambda text: tok.encode(text, add_special_tokens=False)
+        `TokenCountingHandler(tokenizer=llm.tokenizer)`: the generator's `token_ids` (in process, the
+        engine's tokenizer; through `DaserClient`, the service's), so counts match the engine's."""
+        return self._generator.token_ids
 
     @classmethod
     def class_name(cls) -> str:
@@ -269,7 +267,7 @@ class DaserLLM(CustomLLM):
             for delta in stream:
                 text += delta
                 yield CompletionResponse(text=text, delta=delta)
-            result = getattr(stream, "result", None)
+            result = stream.result
             record(collector, result_summary(result))
             # A closing empty delta carries the result, as OpenAI-style streams end with usage.
             yield CompletionResponse(text=text, delta="", raw=result_raw(result),
@@ -298,7 +296,7 @@ class DaserLLM(CustomLLM):
                     if cancelled.is_set():
                         return
                     loop.call_soon_threadsafe(queue.put_nowait, ("delta", delta))
-                loop.call_soon_threadsafe(queue.put_nowait, ("done", getattr(stream, "result", None)))
+                loop.call_soon_threadsafe(queue.put_nowait, ("done", stream.result))
             except Exception as exc:  # noqa: BLE001 - re-raised in the consumer
                 loop.call_soon_threadsafe(queue.put_nowait, ("error", exc))
 
