@@ -57,19 +57,25 @@ def make_trace(n: int, per_request: int, n_docs: int, repeat_share: float, seed:
 
 
 def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, answer_tokens: int,
-        log: Any = print, materialize: str = "inline") -> list[dict[str, Any]]:
+        log: Any = print, materialize: str = "inline", back_to_back: bool = False) -> list[dict[str, Any]]:
     """`materialize`: "inline" (the request crossing the threshold computes the path) or
     "background" (engine/materialize.py computes it after the request, in idle time, which this
-    trace grants between requests: the background seconds are reported, never charged to a TTFT)."""
+    trace grants between requests: the background seconds are reported, never charged to a TTFT).
+    `back_to_back`: grant no idle time; the next request starts at once, so background work only
+    gets the gaps the engine's own idle rule (`engine.prefix_tree_idle_ms`) finds and is
+    preempted at a layer boundary when a request wants the model: what a busy service sees."""
     from daser_rag.blend.prefix_tree import PrefixTree
     from daser_rag.engine.materialize import BackgroundMaterializer
 
     h = Harness(gen, answer_tokens=answer_tokens)
     h.ingest(chunks)
     tree = PrefixTree(materialize_after=2)
-    mat = BackgroundMaterializer(gen.assembler, gen.lock, idle_s=0.0) if materialize == "background" else None
+    mat = None
+    if materialize == "background":
+        mat = BackgroundMaterializer(gen.assembler, gen.lock) if back_to_back else \
+            BackgroundMaterializer(gen.assembler, gen.lock, idle_s=0.0)
     off = Mode(f"blend r={ratio:g}, tree off", "blend", ratio)
-    on = Mode(f"blend r={ratio:g}, tree on ({materialize})", "blend", ratio)
+    on = Mode(f"blend r={ratio:g}, tree on ({materialize}{', back-to-back' if back_to_back else ''})", "blend", ratio)
     rows = []
     for i, tr in enumerate(trace):
         ctx = [chunks[d] for d in tr["docs"]]
@@ -81,7 +87,7 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
             gen.assembler.materializer = mat if m is on else None
             r = h.run(m, tr["question"], ctx, ref, answer_tokens=answer_tokens)
             rows.append(_row(i, tr, r, ref))
-            if mat is not None and m is on:  # the idle time after the request: background work runs
+            if mat is not None and m is on and not back_to_back:  # idle time after the request: background work
                 t0 = time.perf_counter()
                 mat.wait_idle(600)
                 rows[-1]["background_s"] = time.perf_counter() - t0
@@ -90,6 +96,7 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
         log(f"[{i + 1}/{len(trace)}] {tr['kind']:7s} " + ", ".join(
             f"{r['mode']} {r['ttft_s'] * 1000:.0f} ms" for r in rows[-3:]))
     if mat is not None:
+        log(f"background materializer: {mat.stats}")
         mat.close()
     return rows
 
@@ -158,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--materialize", choices=("inline", "background"), default="background",
                     help="how the tree-on mode stores a repeated path: in the request that crosses the threshold, "
                          "or in idle time after it (engine/materialize.py)")
+    ap.add_argument("--back-to-back", action="store_true",
+                    help="background mode without idle time between requests (the materializer only gets the "
+                         "gaps its idle rule finds and is preempted by requests)")
     ap.add_argument("--json", default="")
     ap.add_argument("--update-doc", default="", help="rewrite the marked section (prefix-tree) of this markdown file")
     args = ap.parse_args(argv)
@@ -175,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         chunks = [gen.split(d.text)[0] for d in docs]  # the first chunk of each document
         trace = make_trace(args.requests, args.per_request, len(chunks), args.repeat_share, args.seed)
         t0 = time.perf_counter()
-        rows = run(gen, trace, chunks, args.ratio, args.answer_tokens, materialize=args.materialize)
+        rows = run(gen, trace, chunks, args.ratio, args.answer_tokens, materialize=args.materialize,
+                   back_to_back=args.back_to_back)
         minutes = (time.perf_counter() - t0) / 60
     summary = summarize(rows)
     cmd = "daser-rag bench prefix_tree " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

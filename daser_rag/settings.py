@@ -331,6 +331,12 @@ VLLM_MAX_MODEL_LEN = declare("vllm.max_model_len", 2048, "int", "--max-model-len
                              used_by=("open_vllm_engine",))
 VLLM_MAX_NUM_SEQS = declare("vllm.max_num_seqs", 8, "int", "--max-num-seqs of spawned instances", parse=int,
                             used_by=("open_vllm_engine",))
+VLLM_CPU_BIND = declare("vllm.cpu_bind", "partition", "str",
+                        "how spawned instances share this machine's CPUs: `partition` gives each its own contiguous "
+                        "share of the cores (vLLM's CPU backend binds one OMP thread per core and spins, so two "
+                        "instances on the same cores slow each other down), `shared` binds every instance to every "
+                        "core; $VLLM_CPU_OMP_THREADS_BIND, when set, wins over both", parse=str,
+                        choices=("partition", "shared"), flag="--vllm-cpu-bind", used_by=(_SERVE, "open_vllm_engine"))
 VLLM_PREFILL_WORKERS = declare("vllm.prefill_workers", 4, "int",
                                "chunk prefills in flight at once during ingestion (vLLM batches them)", parse=int,
                                used_by=(_VLLM,))

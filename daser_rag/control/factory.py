@@ -17,6 +17,7 @@ from daser_rag.control.spawn import (
     EngineStartError,
     VllmProcess,
     default_vllm_python,
+    instance_envs,
     vllm_command,
 )
 from daser_rag.control.wire import kv_transfer_dict
@@ -85,13 +86,15 @@ def open_vllm_engine(
     self_check: bool = True,
     start_timeout_s: float = settings.VLLM_START_TIMEOUT.default,
     instance_host_bytes: int | None = None,
+    cpu_bind: str = settings.VLLM_CPU_BIND.default,
     **engine_kw: Any,
 ) -> Any:
     """A `VllmEngine` over `urls` plus `spawn` new `vllm serve` processes (in the vLLM venv's
     `vllm_python`). Needs `redis_url`: the instances and the control plane share chunk KV and the
     document index through it (invalidation reaches every instance that way).
     `instance_host_bytes`: the host tier of each spawned instance's connector (`--host-bytes`;
-    None: 1 GiB), where PCR prefetch pins a queued request's chunk KV."""
+    None: 1 GiB), where PCR prefetch pins a queued request's chunk KV. `cpu_bind`: "partition"
+    (each spawned instance its own cores, `spawn.partition_cores`) or "shared"."""
     from daser_rag.control.vllm_engine import VllmEngine
     from daser_rag.kv.shared import default_namespace, open_store
     from daser_rag.kv.store import default_cache_dir
@@ -101,6 +104,8 @@ def open_vllm_engine(
         raise EngineStartError("--engine vllm needs --redis-url: the vLLM instances and the control plane share "
                                "chunk KV and the document index through Redis")
     prefetch_off = engine_kw.get("prefetch_window", settings.PREFETCH_WINDOW.default) == 0
+    if cpu_bind not in settings.VLLM_CPU_BIND.choices:
+        raise EngineStartError(f"vllm.cpu_bind must be one of {settings.VLLM_CPU_BIND.choices}, got {cpu_bind!r}")
     if spawn < 0 or (spawn == 0 and not urls):
         raise EngineStartError("--engine vllm needs instances: --vllm-url URL (repeatable) and/or --vllm-spawn N")
     ensure_converted(model)
@@ -115,6 +120,7 @@ def open_vllm_engine(
             python = Path(vllm_python) if vllm_python else default_vllm_python()
             from daser_rag.server.testing import free_port
 
+            envs = instance_envs(spawn, cpu_bind)  # each its own cores (partition) unless the user bound them
             for i in range(spawn):
                 port = free_port()
                 kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
@@ -125,7 +131,10 @@ def open_vllm_engine(
                 cmd = vllm_command(python, files.dir, port, kv_transfer=kv, served_name=served_name, dtype=dtype,
                                    max_model_len=max_model_len, max_num_seqs=max_num_seqs)
                 proc = VllmProcess(cmd, port, root / "logs" / f"vllm-{i}.log",
-                                   env={"DASER_VLLM_BLEND": "1"})
+                                   env={"DASER_VLLM_BLEND": "1", **envs[i]})
+                if envs[i]:
+                    log.info("vllm instance %d bound to cores %s (vllm.cpu_bind=partition)", i,
+                             envs[i]["VLLM_CPU_OMP_THREADS_BIND"])
                 processes.append(proc.start())
             for proc in processes:
                 log.info("vllm serve %s ready in %.0f s", proc.url, proc.wait_ready(start_timeout_s))

@@ -65,6 +65,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_option(g, s.VLLM_SPAWN, metavar="N")
     add_option(g, s.VLLM_PYTHON)
     add_option(g, s.VLLM_DTYPE)
+    add_option(g, s.VLLM_CPU_BIND)
     g.add_argument("--print-vllm-config", action="store_true",
                    help="print what a `vllm serve` you run yourself needs (its --kv-transfer-config for this "
                         "--redis-url and model, environment, flags) and exit")
@@ -103,7 +104,7 @@ def serve_kwargs(a: argparse.Namespace) -> dict[str, Any]:
                 vllm_spawn=a.vllm_spawn, vllm_python=a.vllm_python, vllm_dtype=a.vllm_dtype, router=a.router,
                 selector=a.selector, **({"prefetch_window": a.prefetch_window, "prefix_tree": a.prefix_tree,
                    "prefix_tree_after": a.prefix_tree_after} if a.engine == "daser" else
-                   {"prefetch_window": a.prefetch_window}))
+                   {"prefetch_window": a.prefetch_window, "cpu_bind": a.vllm_cpu_bind}))
 
 
 __all__ = ["DEFAULT_REDIS_TTL_S", "Limits", "add_serve_arguments", "parse_args",
