@@ -79,17 +79,20 @@ class InstanceLookAhead:
         self._closed = False
         self._timer: threading.Thread | None = None
 
-    def queued(self, request_id: str, keys: Sequence[str], tokens: int) -> Reservation | None:
-        """Route the request now and, within the window, have its instance prefetch `keys`."""
+    def queued(self, request_id: str, keys: Sequence[str], tokens: int, path: str | None = None,
+               cached_tokens: int = 0) -> Reservation | None:
+        """Route the request now and, within the window, have its instance prefetch `keys`
+        (not where vLLM's prefix cache holds its whole ordered `path`: it loads nothing there)."""
+        ordered = list(keys)
         keys = list(dict.fromkeys(keys))
         try:
-            inst = self.pool.acquire(keys, tokens=tokens)
+            inst, tokens = self.pool.acquire_work(ordered, tokens=tokens, path=path, cached_tokens=cached_tokens)
         except DaserError:
             return None  # no instance now: the request finds out itself when it runs
         with self._lock:
             outstanding = sum(1 for r in self._reserved.values()
                               if r.inst is inst and (r.prefetched or r.pending) and not r.taken)
-            want = self.window > 0 and bool(keys)
+            want = self.window > 0 and bool(keys) and not inst.holds_path(path)
             res = self._reserved[request_id] = Reservation(inst, keys, tokens, False)
             self.counts["reserved"] += 1
             if want and outstanding >= self.window:

@@ -61,6 +61,15 @@ class InstancePool:
         """An available instance for a request over chunk `keys` that computes `tokens` prompt
         tokens before its first one (its in-flight count and queued work taken; `first_token`
         moves it to decoding, `release` gives it back)."""
+        return self.acquire_work(keys, exclude, tokens)[0]
+
+    def acquire_work(self, keys: Sequence[str], exclude: set[str] = frozenset(),  # type: ignore[assignment]
+                     tokens: int = 0, path: str | None = None,
+                     cached_tokens: int = 0) -> tuple[InstanceState, int]:
+        """`acquire` for a request over the ordered chunk `path` (`routing.path_id`), which
+        computes `cached_tokens` fewer tokens where vLLM's prefix cache holds that path:
+        (instance, the tokens charged to its queued work there). Give the same number back to
+        `first_token` / `release`."""
         now = time.monotonic()
         with self._lock:
             ok = [i for i in self.instances
@@ -70,13 +79,15 @@ class InstancePool:
                 raise EngineUnavailableError(
                     f"no vLLM instance is available{tried}: " + "; ".join(
                         f"{i.name} {i.url}: {i.disabled or i.last_error or 'down'}" for i in self.instances), self.down_s)
-            inst = self.router.choose(ok, keys, tokens)
+            inst = self.router.choose(ok, keys, tokens, path, cached_tokens)
+            if inst.holds_path(path):
+                tokens = max(0, tokens - cached_tokens)
             inst.inflight += 1
             inst.prefilling += 1
             inst.prefill_tokens += tokens
             self.routed_chunks += len(keys)
         self.routed_held += inst.holds(keys)  # the chosen instance's host tier had these (our record)
-        return inst
+        return inst, tokens
 
     def first_token(self, inst: InstanceState, tokens: int = 0) -> None:
         """The request's first token came back: its prefill work is done (it decodes now)."""
@@ -85,7 +96,7 @@ class InstancePool:
             inst.prefill_tokens -= tokens
 
     def release(self, inst: InstanceState, keys: Sequence[str] = (), *, ok: bool = True, tokens: int = 0,
-                prefilling: bool = True) -> None:
+                prefilling: bool = True, path: str | None = None) -> None:
         """The request is over on `inst`; `prefilling`: it never got its first token (its queued
         `tokens` are given back here rather than by `first_token`)."""
         with self._lock:
@@ -97,6 +108,7 @@ class InstancePool:
                 inst.served += 1
         if ok and keys:
             inst.remember(keys)
+            inst.remember_path(path)
 
     def fail(self, inst: InstanceState, why: str) -> None:
         with self._lock:

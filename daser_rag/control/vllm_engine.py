@@ -31,7 +31,7 @@ from daser_rag.blend.selectors import num_selected
 from daser_rag.control.lookahead import InstanceLookAhead
 from daser_rag.control.planner import MIN_QUESTION_ROOM, Planner, PrefillPlan, ReusePlan
 from daser_rag.control.pool import InstanceFailed, InstancePool
-from daser_rag.control.routing import InstanceState, make_router
+from daser_rag.control.routing import InstanceState, make_router, path_id
 from daser_rag.control.spawn import VllmProcess
 from daser_rag.control.wire import PLAN_FIELD, STATS_FIELD, STATS_PARAMS, in_engine_selectors, plan_params
 from daser_rag.context import SHARED_TENANT
@@ -188,6 +188,7 @@ class VllmEngine(StreamingEngine):
         if needed > self.context_window:
             raise ContextTooLongError(needed, self.context_window)
         keys = plan.chunk_keys
+        path = path_id(keys) if "segments" in (plan.kv_transfer_params.get(PLAN_FIELD) or {}) else None
         text_parts: list[str] = []
         out_ids: list[int] = []
         finish = "length"
@@ -213,7 +214,8 @@ class VllmEngine(StreamingEngine):
                 reserved = None
             else:
                 tokens, prefetch_id = self._work_tokens(plan), None
-                inst = self.pool.acquire(keys, tried, tokens=tokens)
+                inst, tokens = self.pool.acquire_work(keys, tried, tokens=tokens, path=path,
+                                                      cached_tokens=tokens - plan.query_tokens)
             ok = got_first = False
             try:
                 t_pre = time.perf_counter()
@@ -253,7 +255,7 @@ class VllmEngine(StreamingEngine):
                 log.warning("request moved off %s after %d tokens: %s", inst.url, len(out_ids), exc)
                 continue
             finally:
-                self.pool.release(inst, keys, ok=ok, tokens=tokens, prefilling=not got_first)
+                self.pool.release(inst, keys, ok=ok, tokens=tokens, prefilling=not got_first, path=path)
             break
         while out_ids and out_ids[-1] == self.eos and finish == "stop":
             out_ids.pop()  # vLLM returns the end-of-sequence token; daser's engine never reports it
@@ -391,7 +393,8 @@ class VllmEngine(StreamingEngine):
         tokens = QUERY_TOKENS_GUESS + int(self.recompute_ratio * sum(c.num_tokens for c, ok in zip(chunks, stored)
                                                                      if ok)) \
             + sum(c.num_tokens for c, ok in zip(chunks, stored) if not ok)
-        self.lookahead.queued(request_id, [c.key for c in chunks], tokens)
+        keys = [c.key for c in chunks]
+        self.lookahead.queued(request_id, keys, tokens, path_id(keys), tokens - QUERY_TOKENS_GUESS)
 
     def started(self, request_id: str) -> None:
         self.lookahead.started(request_id)
