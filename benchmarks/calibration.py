@@ -24,8 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = {"ape": {"scales": True, "link_tokens": 0}, "adapter": {"scales": False, "link_tokens": 4},
-            "both": {"scales": True, "link_tokens": 4}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ape": {"scales": True, "link_tokens": 0}, "adapter": {"scales": False, "link_tokens": 4},
+    "both": {"scales": True, "link_tokens": 4},
+    # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
+    "ape_r15": {"scales": True, "link_tokens": 0, "fit_share": 0.15, "fit_selector": "hybrid"},
+    "both_r15": {"scales": True, "link_tokens": 4, "fit_share": 0.15, "fit_selector": "hybrid"}}
 DEFAULT_MODES = "0,chunk_heads:0.15,hybrid:0.15"
 
 
@@ -45,7 +49,7 @@ def training_documents(gen: Any, corpus: str, grid_n: int, seed: int) -> list[An
 
 
 def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed: int, variants: list[str],
-          chunk_tokens: int, corpus: str = "reference", grid_n: int = 100) -> dict[str, Any]:
+          chunk_tokens: int, corpus: str = "reference", grid_n: int = 100, answer_tokens: int = 8) -> dict[str, Any]:
     from daser_rag.calibration import storage
     from daser_rag.calibration.command import write_curve
     from daser_rag.calibration.train import CalibrationConfig, fit, prepare_split
@@ -55,15 +59,22 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
     with tempfile.TemporaryDirectory() as tmp:
         gen = build_generator(cache_dir=tmp, chunk_tokens=chunk_tokens)
         base = CalibrationConfig(steps=steps, train_prompts=train_prompts, held_out_prompts=held_out_prompts,
-                                 seed=seed)
+                                 seed=seed, answer_tokens=answer_tokens)
         docs = training_documents(gen, corpus, grid_n, seed)
-        data = prepare_split(gen, docs, base, log=print)
-        summary: dict[str, Any] = {"corpus": corpus, "documents": len(docs), "prepare_s": data.seconds,
-                                   "train_prompts": len(data.train),
-                                   "held_out_prompts": len(data.held_out)}
+        summary: dict[str, Any] = {"corpus": corpus, "documents": len(docs)}
+        prepared = {}  # the same prompts, prepared once per fitted share (r > 0 adds the selection)
         for name in variants:
             opts = VARIANTS[name]
             cfg = CalibrationConfig(**{**base.__dict__, **opts})
+            share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "")
+            if share_key not in prepared:
+                first = next(iter(prepared.values()), None)
+                prepared[share_key] = (prepare_split(gen, docs, cfg, log=print) if first is None
+                                       else first.for_config(gen, cfg))
+                summary[f"prepare_s@{cfg.fit_share}"] = prepared[share_key].seconds
+                summary["train_prompts"] = len(prepared[share_key].train)
+                summary["held_out_prompts"] = len(prepared[share_key].held_out)
+            data = prepared[share_key]
             t0 = time.perf_counter()
             rep = fit(gen, data, cfg, log=lambda m, n=name: print(f"[{n}] {m}", flush=True))
             storage.save(rep.calibration, out / f"{name}.safetensors")
@@ -178,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-corpus", default="stdlib", choices=["stdlib", "reference"],
                     help="stdlib: docstrings no grid prompt uses; reference: the bundled Language Reference")
     ap.add_argument("--train-prompts", type=int, default=16)
+    ap.add_argument("--train-answer-tokens", type=int, default=8, help="answer tokens in the training loss")
     ap.add_argument("--held-out-prompts", type=int, default=20)
     ap.add_argument("--variants", default="none,ape,adapter,both")
     ap.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated [selector:]ratio")
@@ -205,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.train:
             summary = train(Path(args.dir), args.steps, args.train_prompts, args.held_out_prompts, args.seed,
-                            args.train_variants.split(","), args.train_chunk_tokens, args.train_corpus, args.n)
+                            args.train_variants.split(","), args.train_chunk_tokens, args.train_corpus, args.n,
+                            args.train_answer_tokens)
             print(json.dumps(summary, indent=1))
             if args.no_measure:
                 return 0

@@ -97,6 +97,33 @@ def test_student_matches_fuse_at_r0(generator):
     assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
+def test_student_matches_fuse_at_r_above_zero(generator):
+    """Fitted at r > 0, the student repairs the tokens serving repairs, over the same scaled stale
+    KV: its logits are serving's (chunk_heads: a selection that does not depend on the scales)."""
+    from daser_rag.blend.config import BlendConfig
+    from daser_rag.blend.fusion import fuse
+    from daser_rag.calibration.examples import PromptSpec, prepare
+    from daser_rag.calibration.student import student_logits
+
+    gen = generator
+    chunks, segs = _segments(gen)
+    question = "What does the pass statement do?"
+    blend = BlendConfig(recompute_ratio=0.15, selector="chunk_heads")
+    ex = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2, blend=blend)
+    cal = _random_calibration(gen)
+    q = torch.tensor(gen.prompt.query_ids(question))
+    fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=blend, calibration=cal)
+    assert ex.recomputed == fused.recomputed_tokens > 0
+    assert torch.equal(ex.selected, fused.recomputed_positions)
+    with torch.no_grad():
+        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+        at_r0 = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2)
+        r0 = student_logits(gen.runner, at_r0, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+    assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
+    assert (r0[0] - fused.logits[-1]).abs().max().item() > 1e-2  # the repair matters: not the r=0 student
+
+
 def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
     from daser_rag.calibration import storage
 

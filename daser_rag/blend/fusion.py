@@ -50,6 +50,9 @@ class FusionResult:
     calibrated: bool = False  # a calibration (daser_rag/calibration) acted on reused KV
     link_tokens: int = 0  # learned link tokens placed before the question (counted in query_tokens,
     # so context_tokens + query_tokens is still the buffer's length)
+    recomputed_positions: torch.Tensor | None = None
+    """Sorted context positions whose K/V were recomputed (None: none were). Calibration fitted
+    at r > 0 replays exactly this selection in its differentiable student."""
 
     @property
     def recompute_share(self) -> float:
@@ -195,8 +198,9 @@ def _recompute_selected(runner: LayerRunner, cache: PositionalKVCache, filler: _
 
 def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler: _LayerFiller,
                           ids: torch.Tensor, exact_len: int, ctx_len: int, total: int, n_sel: int,
-                          signals: Signals, config: BlendConfig) -> torch.Tensor:
+                          signals: Signals, config: BlendConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """CacheBlend: every candidate through the check layer, then only the selected ones.
+    Returns the last logits and the context positions carried to the last layer.
 
     With `config.funnel` f > 1 the filter has two stages (CacheBlend's gradual filtering):
     f x n_sel candidates survive the check layer, and the deviation one layer later narrows
@@ -247,7 +251,7 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
         cache.write_at(i, active, k, v)
         k_all, v_all = cache.view(i, total)
         h = runner.attend_planned(i, h, q, k_all, v_all, plan)
-    return runner.logits(h[-1:])
+    return runner.logits(h[-1:]), active[active < ctx_len]
 
 
 _DEFAULT_CONFIG = BlendConfig()
@@ -301,10 +305,11 @@ def fuse(
     cache = runner.new_cache(total + extra_capacity)
     filler.cache = cache
 
-    def result(logits: torch.Tensor, n_sel: int, share: float) -> FusionResult:
+    def result(logits: torch.Tensor, n_sel: int, share: float, positions: torch.Tensor | None = None) -> FusionResult:
         cache.length = total
         return FusionResult(cache, logits, ctx_len, exact_len, n_cand - n_sel, n_sel, n_link + q_len,
-                            config.selector if n_sel else "none", share, calibration is not None, n_link)
+                            config.selector if n_sel else "none", share, calibration is not None, n_link,
+                            None if positions is None else torch.sort(positions.cpu()).values)
 
     if n_cand == 0 or (not config.is_auto and num_selected(n_cand, float(config.recompute_ratio)) == 0):
         cache.length = ctx_len
@@ -333,9 +338,10 @@ def fuse(
     ctx_ids = torch.cat([seg.token_ids.to(runner.device) for seg in segments])
     ids = torch.cat([ctx_ids, query_ids])
     if config.needs_deviation:  # the selector ranks at the check layer
-        logits = _recompute_from_check(runner, cache, filler, ids, exact_len, ctx_len, total, n_sel, signals, config)
+        logits, chosen = _recompute_from_check(runner, cache, filler, ids, exact_len, ctx_len, total, n_sel, signals,
+                                               config)
     else:
         chosen = select(config, signals, n_sel).to(runner.device) + exact_len
         active = torch.cat([chosen, torch.arange(ctx_len, total, device=runner.device)])
         logits = _recompute_selected(runner, cache, filler, ids, active, total)
-    return result(logits, n_sel, share)
+    return result(logits, n_sel, share, chosen)

@@ -8,12 +8,16 @@ what it is held to:
 
 * the r = 0 context buffer (system prefix exact, chunks computed after the prefix alone and
   re-rotated to their places: exactly what `fuse` builds), and which positions are reused;
+* when fitted for r > 0, the context positions `fuse` recomputes at that share (its selection
+  over the uncalibrated buffer), which the student recomputes again, differentiably, so the
+  calibration learns what the stale tokens should look like *next to* repaired ones;
 * the tail fed after it: question tokens plus full prefill's greedy answer (teacher-forced);
 * full prefill's log-probabilities at the last question tokens and along the answer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Sequence
@@ -22,7 +26,8 @@ from typing import Any
 
 import torch
 
-from daser_rag.blend.fusion import _LayerFiller
+from daser_rag.blend.config import BlendConfig
+from daser_rag.blend.fusion import _LayerFiller, fuse
 from daser_rag.engine.decode import decode_n_tokens
 from daser_rag.evaluation import GENERIC_QUESTIONS
 from daser_rag.kv.chunk_kv import ChunkKV
@@ -46,6 +51,13 @@ class ReuseExample:
     tail_ids: torch.Tensor  # [T] question ids + teacher answer ids (all but the last)
     teacher_logp: torch.Tensor  # [n, vocab] full prefill's log-probs at the last n tail positions
     answer_ids: list[int]  # teacher's greedy answer
+    context_ids: torch.Tensor | None = None  # [C] the context's token ids (needed when `selected` is not empty)
+    selected: torch.Tensor | None = None  # sorted context positions recomputed at the fitted share
+    spec: PromptSpec | None = None  # the prompt it was prepared from
+
+    @property
+    def recomputed(self) -> int:
+        return 0 if self.selected is None else int(self.selected.shape[0])
 
     @property
     def context_tokens(self) -> int:
@@ -122,15 +134,38 @@ def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tens
     return keys, values, reused
 
 
-def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4) -> ReuseExample:
-    """The teacher's targets and the r = 0 buffer for one prompt."""
+@torch.inference_mode()
+def _selection(gen: Any, chunk_ids: list[list[int]], q_ids: list[int], blend: BlendConfig) -> torch.Tensor:
+    """The context positions `fuse` recomputes for this prompt at `blend`, uncalibrated."""
+    prefix: ChunkKV = gen.computer.prefix()
+    segs = [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
+    res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=prefix.num_tokens, config=blend)
+    pos = res.recomputed_positions
+    return torch.zeros(0, dtype=torch.long) if pos is None else pos.to(torch.long)
+
+
+def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4,
+            blend: BlendConfig | None = None) -> ReuseExample:
+    """The teacher's targets and the r = 0 buffer for one prompt; with `blend` (r > 0), also
+    the positions that selection recomputes, for a student that repairs them as serving does."""
     chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in spec.chunks]
     q_ids = list(gen.prompt.query_ids(spec.question))
     ctx_ids = list(gen.prompt.prefix_ids) + [i for ids in chunk_ids for i in ids]
     answer, logp = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
     keys, values, reused = _reuse_buffer(gen, chunk_ids)
+    selected = _selection(gen, chunk_ids, q_ids, blend) if blend is not None else None
     # inference tensors cannot be saved for backward: plain copies
     keys = [k.clone() for k in keys]
     values = [v.clone() for v in values]
     tail = torch.tensor(q_ids + answer[:-1], dtype=torch.long)
-    return ReuseExample(keys, values, reused.clone(), tail, logp.clone(), answer)
+    return ReuseExample(keys, values, reused.clone(), tail, logp.clone(), answer,
+                        torch.tensor(ctx_ids, dtype=torch.long), None if selected is None else selected.clone(), spec)
+
+
+def with_selection(gen: Any, ex: ReuseExample, blend: BlendConfig | None) -> ReuseExample:
+    """`ex` for a student fitted at `blend` (None: r = 0); the teacher and buffer are reused."""
+    if blend is None or ex.spec is None:
+        return dataclasses.replace(ex, selected=None) if blend is None else ex
+    chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in ex.spec.chunks]
+    q_ids = list(gen.prompt.query_ids(ex.spec.question))
+    return dataclasses.replace(ex, selected=_selection(gen, chunk_ids, q_ids, blend).clone())

@@ -1,9 +1,12 @@
 """The reuse path, differentiable in the calibration's parameters (the model stays frozen).
 
-Same arithmetic as `fuse` at r = 0 with a calibration: the stored (re-rotated) context KV, its
-reused positions scaled per layer and KV head, then [link tokens | question | answer] run
-through the model over it with LayerRunner's own blocks. Only the tail is computed, so a step
-costs about a forward and backward over ~20-60 tokens, not over the whole prompt.
+Same arithmetic as `fuse` with a calibration: the stored (re-rotated) context KV, its reused
+positions scaled per layer and KV head, then [link tokens | question | answer] run through the
+model over it with LayerRunner's own blocks. Only the tail is computed at r = 0, so a step
+costs about a forward and backward over ~20-60 tokens, not over the whole prompt. Fitted at
+r > 0, the example's selected context tokens are recomputed with the tail from layer 0, over
+the scaled stale KV, their fresh K/V replacing the stale ones layer by layer (what
+`fuse`'s repair pass does): the scales are fitted for stale KV that sits next to repaired KV.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ def student_logits(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.T
         h = torch.cat([link.to(h.dtype), h])
     t = int(h.shape[0])
     positions = torch.arange(c, c + t, device=runner.device)
+    sel = ex.selected.to(runner.device) if ex.selected is not None and ex.recomputed else None
+    if sel is not None:
+        assert ex.context_ids is not None, "an example with selected positions carries its context ids"
+        h = torch.cat([runner.embed(ex.context_ids.to(runner.device)[sel]), h])
+        positions = torch.cat([sel, positions])
+    n_sel = 0 if sel is None else int(sel.shape[0])
     cos, sin = runner.rope(positions)
     mask = runner.mask_for(positions, c + t)
     reused = ex.reused.to(runner.device).view(1, -1, 1)
@@ -31,8 +40,12 @@ def student_logits(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.T
         _, q, k, v = runner.qkv(i, h, cos, sin)
         kf = torch.where(reused, key_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=k.dtype))
         vf = torch.where(reused, value_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=v.dtype))
-        k_all = torch.cat([ex.keys[i] * kf, k], dim=1)
-        v_all = torch.cat([ex.values[i] * vf, v], dim=1)
+        k_ctx, v_ctx = ex.keys[i] * kf, ex.values[i] * vf
+        if sel is not None:  # the repaired tokens' fresh K/V replace their stale ones
+            k_ctx = k_ctx.index_copy(1, sel, k[:, :n_sel])
+            v_ctx = v_ctx.index_copy(1, sel, v[:, :n_sel])
+        k_all = torch.cat([k_ctx, k[:, n_sel:]], dim=1)
+        v_all = torch.cat([v_ctx, v[:, n_sel:]], dim=1)
         h = runner.attend_and_mlp(i, h, q, k_all, v_all, mask)
     return runner.logits(h[-n_last:])
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from daser_rag.blend.config import BlendConfig
 from daser_rag.calibration.adapter import Calibration
-from daser_rag.calibration.examples import ReuseExample, make_prompts, prepare, split_documents
+from daser_rag.calibration.examples import ReuseExample, make_prompts, prepare, split_documents, with_selection
 from daser_rag.calibration.student import example_kl
 from daser_rag.types import Document
 
@@ -40,6 +41,12 @@ class CalibrationConfig:
     chunks_per_prompt: int = 4
     chunks_per_document: int = 2
     answer_tokens: int = 8
+    loss_question_tokens: int = 4
+    """The loss covers this many last question positions (1: the answer only) and the answer."""
+    fit_share: float = 0.0
+    """The recompute share the calibration is fitted at: 0 fits full reuse; > 0 replays the
+    selection `fit_selector` makes at that share, so the scales suit stale KV beside repaired KV."""
+    fit_selector: str = "hybrid"
     min_gain: float = 0.05
     """Accept only if held-out mean KL drops by at least this share."""
     seed: int = 0
@@ -51,6 +58,14 @@ class CalibrationConfig:
             raise ValueError("held_out_share must be in (0, 1) and held_out_prompts >= 1")
         if not self.scales and not self.link_tokens:
             raise ValueError("nothing to calibrate: scales off and no link tokens")
+        if not 0.0 <= self.fit_share < 1.0:
+            raise ValueError(f"fit_share must be in [0, 1) (at 1 nothing is reused), got {self.fit_share}")
+        if self.loss_question_tokens < 1 or self.answer_tokens < 1:
+            raise ValueError("loss_question_tokens and answer_tokens must be >= 1")
+
+    def blend(self) -> BlendConfig | None:
+        """The selection the student replays (None: r = 0)."""
+        return BlendConfig(recompute_ratio=self.fit_share, selector=self.fit_selector) if self.fit_share > 0 else None
 
 
 @dataclass
@@ -125,6 +140,15 @@ class Prepared:
     held_out_documents: list[str]
     seconds: float
 
+    def for_config(self, gen: Any, config: CalibrationConfig) -> Prepared:
+        """The same prompts for a student fitted at `config`'s share (adds or drops the selection)."""
+        t0 = time.perf_counter()
+        blend = config.blend()
+        train = [with_selection(gen, e, blend) for e in self.train]
+        held = [with_selection(gen, e, blend) for e in self.held_out]
+        return Prepared(train, held, self.train_documents, self.held_out_documents,
+                        self.seconds + time.perf_counter() - t0)
+
 
 def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationConfig,
                   log: Callable[[str], None] | None = None) -> Prepared:
@@ -141,8 +165,10 @@ def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationCo
                               config.seed + 1)
     say(f"{len(train_ids)} training / {len(held_ids)} held-out documents; preparing "
         f"{len(train_specs)} + {len(held_specs)} prompts (teacher: full prefill)")
-    train = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in train_specs]
-    held = [prepare(gen, s, answer_tokens=config.answer_tokens) for s in held_specs]
+    blend = config.blend()
+    train, held = ([prepare(gen, s, answer_tokens=config.answer_tokens,
+                            loss_question_tokens=config.loss_question_tokens, blend=blend) for s in specs]
+                   for specs in (train_specs, held_specs))
     say(f"prepared in {time.perf_counter() - t0:.0f} s")
     return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0)
 
@@ -176,10 +202,13 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
         for step in range(config.steps):
             batch = rng.sample(train, min(config.batch, len(train)))
             opt.zero_grad()
-            loss = sum((example_kl(runner, e, ks, vs, link) for e in batch), torch.zeros(())) / len(batch)
-            loss.backward()  # type: ignore[no-untyped-call]
+            total = 0.0
+            for e in batch:  # one graph at a time: an r > 0 student holds ~1 GB of activations
+                loss = example_kl(runner, e, ks, vs, link) / len(batch)
+                loss.backward()  # type: ignore[no-untyped-call]
+                total += float(loss.detach())
             opt.step()
-            curve.append((step, float(loss.detach()), time.perf_counter() - t0))
+            curve.append((step, total, time.perf_counter() - t0))
             if step % 10 == 9 or step == config.steps - 1:
                 say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
     trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone())
