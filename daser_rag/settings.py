@@ -134,7 +134,8 @@ PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
                       used_by=(_SERVE, _GEN))
 CALIBRATION = declare("engine.calibration", "off", "str",
                       "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'off'; 'auto' "
-                      "(the model's file in the cache dir when there is one); or a file's path. A corrupt file or "
+                      "(the model's files in the cache dir: one fitted at r=0, one at a recompute share, each used "
+                      "only for requests in its regime); or file paths joined by commas. A corrupt file or "
                       "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",

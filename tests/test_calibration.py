@@ -15,14 +15,14 @@ def _segments(gen, topics=("pass", "break", "continue")):
     return chunks, segs
 
 
-def _random_calibration(gen, link_tokens=3, seed=0):
+def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0):
     from daser_rag.calibration.adapter import Calibration
 
     g = torch.Generator().manual_seed(seed)
     spec = gen.runner.spec
     return Calibration(gen.fingerprint, 0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
                        0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
-                       0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g))
+                       0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g), fit_share=fit_share)
 
 
 def test_r1_with_calibration_equals_full_prefill(generator):
@@ -34,7 +34,7 @@ def test_r1_with_calibration_equals_full_prefill(generator):
     q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
     ctx = torch.tensor(list(gen.prompt.prefix_ids) + [i for c in chunks for i in gen.prompt.chunk_ids(c)])
     full = full_prefill(gen.runner, ctx, q, len(ctx) + len(q))
-    cal = _random_calibration(gen)
+    cal = _random_calibration(gen, fit_share=0.15)  # fitted for r > 0: r = 1 is in no calibration's regime
     for selector in ("hybrid", "deviation", "chunk_heads"):
         fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens,
                      config=BlendConfig(recompute_ratio=1.0, selector=selector), calibration=cal)
@@ -111,9 +111,10 @@ def test_student_matches_fuse_at_r_above_zero(generator):
     question = "What does the pass statement do?"
     blend = BlendConfig(recompute_ratio=0.15, selector="chunk_heads")
     ex = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2, blend=blend)
-    cal = _random_calibration(gen)
+    cal = _random_calibration(gen, fit_share=0.15)
     q = torch.tensor(gen.prompt.query_ids(question))
     fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=blend, calibration=cal)
+    assert fused.calibrated
     assert ex.recomputed == fused.recomputed_tokens > 0
     assert torch.equal(ex.selected, fused.recomputed_positions)
     with torch.no_grad():
@@ -131,7 +132,19 @@ def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
     cal = _random_calibration(gen)
     path = storage.save(cal, tmp_path / "cal.safetensors")
     back = storage.load_for(path, gen.runner, gen.fingerprint)
-    assert back.digest() == cal.digest() and back.link_tokens == 3
+    assert back.digest() == cal.digest() and back.link_tokens == 3 and back.fit_share == 0.0
+    r15 = storage.save(_random_calibration(gen, fit_share=0.15), tmp_path / "r15.safetensors")
+    assert storage.load_for(r15, gen.runner, gen.fingerprint).fit_share == 0.15
+    # the regime is covered by the checksum: a file relabelled to another regime is refused
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(r15), framework="pt") as f:
+        header, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    relabelled = tmp_path / "relabelled.safetensors"
+    save_file(tensors, str(relabelled), metadata={**header, "fit_share": "0.0"})
+    with pytest.raises(storage.CalibrationFileError, match="checksum"):
+        storage.load_for(relabelled, gen.runner, gen.fingerprint)
     with pytest.raises(storage.CalibrationFileError, match="made for model"):
         storage.load_for(path, gen.runner, "another-model")
     raw = bytearray(path.read_bytes())
@@ -196,6 +209,42 @@ def test_engine_uses_calibration_per_request_and_reports_it(lm, store, tmp_path)
         CacheAwareGenerator(lm, store=store, calibration=str(bad))
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
+def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_path):
+    """Scales fitted for full reuse over-correct stale KV beside repaired tokens (and the other
+    way round), so an engine serves r = 0 requests with its r = 0 calibration, r > 0 requests with
+    its r > 0 one, and says (GenerationResult.calibrated) when a request got none."""
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.adapter import CalibrationSet
+    from daser_rag.engine.generator import CacheAwareGenerator
+    from daser_rag.errors import InvalidInputError
+
+    plain = CacheAwareGenerator(lm, store=store)
+    chunks, _ = _segments(plain)
+    q = "What does the pass statement do?"
+    r0, r15 = _random_calibration(plain, seed=1), _random_calibration(plain, seed=2, fit_share=0.15)
+    only_r0 = CacheAwareGenerator(lm, store=store, calibration=r0)
+    assert only_r0.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.0).calibrated
+    at_r15 = only_r0.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.15)
+    assert not at_r15.calibrated  # not its regime: served uncalibrated, and says so
+    assert at_r15.token_ids == plain.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.15).token_ids
+    with pytest.raises(InvalidInputError, match="no calibration fitted for recompute share 0.15"):
+        only_r0.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.15, calibration=True)
+    # `daser-rag calibrate` writes one file per regime; "auto" loads both and picks per request
+    root = store.root
+    storage.save(r0, storage.default_path(root, plain.fingerprint))
+    storage.save(r15, storage.default_path(root, plain.fingerprint, 0.15))
+    both = CacheAwareGenerator(lm, store=store, calibration="auto")
+    assert isinstance(both.calibration, CalibrationSet) and len(both.calibration.members) == 2
+    assert both.calibration.pick(0.0) is not None and both.calibration.pick(0.0).fit_share == 0.0
+    assert both.calibration.pick(0.3).fit_share == 0.15 and both.calibration.pick(None).fit_share == 0.15
+    assert both.calibration.pick(1.0) is None
+    fused = {r: both.generate(q, chunks, max_new_tokens=3, recompute_ratio=r) for r in (0.0, 0.15, 1.0)}
+    assert fused[0.0].calibrated and fused[0.15].calibrated and not fused[1.0].calibrated
+    with pytest.raises(storage.CalibrationFileError, match="at most one"):
+        CacheAwareGenerator(lm, store=store, calibration=[r15, _random_calibration(plain, seed=3, fit_share=0.3)])
+
+
 @pytest.mark.slow
 def test_calibrate_refuses_what_does_not_beat_no_adapter(lm, store, tmp_path):
     """0 steps and no link tokens leave the identity: no better than no adapter on held-out
@@ -225,7 +274,8 @@ def test_trained_calibration_improves_kl_on_documents_it_never_saw(lm, store):
 
     small = CacheAwareGenerator(lm, store=store, chunk_tokens=160)  # ~700-token prompts: a CPU-sized run
     docs = python_reference_corpus()
-    cfg = CalibrationConfig(link_tokens=4, steps=25, train_prompts=12, held_out_prompts=20, chunks_per_document=1)
+    cfg = CalibrationConfig(link_tokens=4, steps=25, train_prompts=12, held_out_prompts=20, chunks_per_document=1,
+                            fit_share=0.0, answer_tokens=8)
     rep = calibrate(small, docs, cfg)
     assert len(rep.held_out_after) == 20
     assert not set(rep.train_documents) & set(rep.held_out_documents)
@@ -255,6 +305,7 @@ def test_deviation_ranks_staleness_not_the_calibrations_scaling(generator, monke
     monkeypatch.setattr(fusion, "kv_deviation", spy)
     cfg = BlendConfig(recompute_ratio=0.15, selector="deviation")
     fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg)
-    fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=_random_calibration(gen))
+    cal = _random_calibration(gen, fit_share=0.15)
+    assert fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=cal).calibrated
     assert len(seen) == 2
     assert torch.allclose(seen[0], seen[1], rtol=1e-4, atol=1e-5)

@@ -284,7 +284,8 @@ def fuse(
     would produce (the caller guarantees it); they are never candidates for recompute.
     `calibration` (daser_rag/calibration): scales the reused KV and places its link tokens
     before the question; it is not used when nothing is reused (no candidates, or a fixed
-    share that recomputes every candidate: r = 1 stays exactly full prefill).
+    share that recomputes every candidate: r = 1 stays exactly full prefill), nor outside the
+    regime it was fitted for (`Calibration.applies_to`: fitted at r = 0 -> r = 0 only).
     """
     ctx_len = sum(seg.num_tokens for seg in segments)
     if int(query_ids.shape[0]) == 0:
@@ -292,8 +293,9 @@ def fuse(
     exact_len = min(exact_len, ctx_len)
     n_cand = ctx_len - exact_len
     if calibration is not None and (n_cand == 0 or (not config.is_auto and num_selected(
-            n_cand, float(config.recompute_ratio)) >= n_cand)):
-        calibration = None
+            n_cand, float(config.recompute_ratio)) >= n_cand)
+            or not calibration.applies_to(None if config.is_auto else float(config.recompute_ratio))):
+        calibration = None  # nothing reused, or a regime it was not fitted for
     n_link = calibration.link_tokens if calibration is not None else 0
     query_ids = query_ids.to(runner.device)
     q_len = int(query_ids.shape[0])

@@ -12,8 +12,13 @@ user's own documents, with full prefill as the teacher (no labels):
 * k learned link tokens (soft embeddings) placed between the context and the question
   (KVLink-style), computed fresh per request over the whole context.
 
-Modules: `adapter` (the parameters and their digest), `storage` (the checksummed file keyed by
-the model fingerprint), `examples` (prompts from the user's documents, teacher targets),
+A calibration is fitted for one regime, full reuse (r = 0) or a recompute share (the engine's
+default, hybrid r = 0.15), and acts only on requests in that regime: scales fitted for all-stale
+context over-correct stale KV that sits beside repaired tokens.
+
+Modules: `config` (what a run fits), `adapter` (the parameters, their digest, the per-regime
+set), `storage` (the checksummed file keyed by the model fingerprint and regime), `examples`
+(prompts from the user's documents, teacher targets, the selection replayed at r > 0),
 `student` (the differentiable reuse path), `train` (self-distillation and the held-out check),
 `curve` (loss curve CSV/PNG). This package imports torch only inside those modules.
 """
@@ -23,4 +28,5 @@ from __future__ import annotations
 __all__ = ["DEFAULT_FILENAME"]
 
 DEFAULT_FILENAME = "calibration.safetensors"
-"""The calibration file's name in the cache directory (one file per model fingerprint)."""
+"""Unused by the engine (files are named by fingerprint and regime: `storage.default_path`); kept
+for callers that imported it."""

@@ -33,6 +33,11 @@ class Calibration:
     meta: dict[str, Any] = field(default_factory=dict)
     chunk_side: bool = False
     """True only for adapters whose tensors change stored chunk KV (none are built here yet)."""
+    fit_share: float = 0.0
+    """The recompute share it was fitted at. Scales fitted for full reuse over-correct stale KV
+    that sits beside repaired tokens (measured: docs/calibration.md), so a calibration acts only
+    in the regime it was fitted for: 0 -> requests that recompute nothing; > 0 -> requests that
+    recompute a share (see `applies_to`)."""
 
     @classmethod
     def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
@@ -56,6 +61,8 @@ class Calibration:
         """blake2b over the version, the fingerprint and every tensor's shape and bytes."""
         h = hashlib.blake2b(digest_size=16)
         h.update(f"daser-calibration-v{VERSION}\0{self.fingerprint}\0".encode())
+        if self.fit_share:  # files fitted at r = 0 keep the digest they always had
+            h.update(f"fit_share:{self.fit_share!r}\0".encode())
         for name, t in sorted(self.tensors().items()):
             h.update(f"{name}:{tuple(t.shape)}\0".encode())
             h.update(t.numpy().tobytes())
@@ -85,10 +92,48 @@ class Calibration:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"calibration tensor {name} holds non-finite numbers")
 
+    def applies_to(self, share: float | None) -> bool:
+        """Whether a request recomputing `share` of its reused tokens (None: an adaptive budget,
+        share not known before the look-ahead) is in the regime this calibration was fitted for."""
+        if share is None:
+            return self.fit_share > 0
+        return 0.0 < share < 1.0 if self.fit_share > 0 else share == 0.0
+
     def without_link(self) -> Calibration:
         return Calibration(self.fingerprint, self.key_log_scale, self.value_log_scale,
-                           self.link[:0], dict(self.meta), self.chunk_side)
+                           self.link[:0], dict(self.meta), self.chunk_side, self.fit_share)
 
     def without_scales(self) -> Calibration:
         return Calibration(self.fingerprint, torch.zeros_like(self.key_log_scale),
-                           torch.zeros_like(self.value_log_scale), self.link, dict(self.meta), self.chunk_side)
+                           torch.zeros_like(self.value_log_scale), self.link, dict(self.meta), self.chunk_side,
+                           self.fit_share)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """An engine's calibrations, at most one per regime (full reuse; a recompute share): each
+    request gets the one fitted for its regime, or none."""
+
+    members: tuple[Calibration, ...]
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a calibration set holds at least one calibration")
+        regimes = [c.fit_share > 0 for c in self.members]
+        if len(set(regimes)) != len(regimes):
+            raise ValueError("a calibration set holds at most one calibration fitted at r = 0 and one at r > 0, "
+                             f"got fit shares {[c.fit_share for c in self.members]}")
+        if len({c.fingerprint for c in self.members}) != 1:
+            raise ValueError("the calibrations of one engine must be made for the same model")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.members[0].fingerprint
+
+    def pick(self, share: float | None) -> Calibration | None:
+        """The member fitted for a request recomputing `share` (None: an adaptive budget)."""
+        return next((c for c in self.members if c.applies_to(share)), None)
+
+    def describe(self) -> str:
+        return ", ".join(f"r={c.fit_share:g}" + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
+                         for c in self.members)

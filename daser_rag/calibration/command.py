@@ -20,16 +20,24 @@ from daser_rag.types import Document
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from daser_rag.calibration.config import CalibrationConfig
+
+    d = CalibrationConfig()
     p.add_argument("files", nargs="*", help="text files to calibrate on (default: the bundled reference topics)")
     p.add_argument("--topics", default=None, help="pydoc topics: 'all' or comma-separated names")
-    p.add_argument("--out", default=None, help="calibration file (default: in the cache dir, keyed by the model)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps (batch of 4 prompts each)")
-    p.add_argument("--link-tokens", type=int, default=4, help="learned link tokens before the question (0: none)")
+    p.add_argument("--out", default=None, help="calibration file (default: in the cache dir, keyed by the model and "
+                   "the fitted share, where the engine's calibration='auto' finds it)")
+    p.add_argument("--fit-share", type=float, default=d.fit_share,
+                   help="recompute share to fit for (0: full reuse; the calibration serves that regime only)")
+    p.add_argument("--fit-selector", default=d.fit_selector, help="selection replayed when --fit-share > 0")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch of 4 prompts each)")
+    p.add_argument("--link-tokens", type=int, default=d.link_tokens, help="learned link tokens before the question")
     p.add_argument("--no-scales", action="store_true", help="learn link tokens only (no key/value scales)")
-    p.add_argument("--train-prompts", type=int, default=24)
-    p.add_argument("--held-out-prompts", type=int, default=20)
-    p.add_argument("--min-gain", type=float, default=0.05, help="held-out KL must drop by this share to accept")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-prompts", type=int, default=d.train_prompts)
+    p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
+    p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")
+    p.add_argument("--min-gain", type=float, default=d.min_gain, help="held-out KL must drop by this share to accept")
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
 
 
@@ -82,18 +90,25 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
     import torch
 
     from daser_rag.calibration import storage
-    from daser_rag.calibration.train import CalibrationConfig, calibrate
+    from daser_rag.calibration.config import CalibrationConfig
+    from daser_rag.calibration.train import calibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     docs = list(documents) if documents is not None else read_documents(args.files, args.topics)
-    cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=not args.no_scales, steps=args.steps,
-                            train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
-                            min_gain=args.min_gain, seed=args.seed)
+    try:
+        cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=not args.no_scales, steps=args.steps,
+                                train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
+                                answer_tokens=args.answer_tokens, min_gain=args.min_gain, seed=args.seed,
+                                fit_share=args.fit_share, fit_selector=args.fit_selector)
+        cfg.blend()  # an unknown selector is an error before any work
+    except ValueError as e:
+        raise DaserError(f"calibrate: {e}") from None
     rep = calibrate(gen, docs, cfg, log=lambda m: print(m, flush=True))
     from daser_rag.kv.store import default_cache_dir
 
-    out = Path(args.out) if args.out else storage.default_path(gen.store.root or default_cache_dir(), gen.fingerprint)
+    out = Path(args.out) if args.out else storage.default_path(gen.store.root or default_cache_dir(), gen.fingerprint,
+                                                                          cfg.fit_share)
     curve = write_curve(rep.curve, out.with_name(out.stem + ".curve"))
     summary = {**rep.summary(), "curve": [str(p) for p in curve]}
     if rep.accepted:

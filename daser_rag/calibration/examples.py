@@ -117,11 +117,17 @@ def _teacher(gen: Any, ctx_ids: list[int], q_ids: list[int], answer_tokens: int,
     return answer, torch.log_softmax(logits.float(), -1).to(torch.float16)
 
 
+def _segments(gen: Any, chunk_ids: list[list[int]]) -> list[ChunkKV]:
+    """The system prefix and each chunk computed after it alone: what the store would hold."""
+    prefix: ChunkKV = gen.computer.prefix()
+    return [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
+
+
 @torch.inference_mode()
 def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     runner = gen.runner
-    prefix: ChunkKV = gen.computer.prefix()
-    segs = [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
+    segs = _segments(gen, chunk_ids)
+    prefix = segs[0]
     filler = _LayerFiller(runner, segs)
     cache = runner.new_cache(filler.length)
     filler.cache = cache
@@ -137,9 +143,8 @@ def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tens
 @torch.inference_mode()
 def _selection(gen: Any, chunk_ids: list[list[int]], q_ids: list[int], blend: BlendConfig) -> torch.Tensor:
     """The context positions `fuse` recomputes for this prompt at `blend`, uncalibrated."""
-    prefix: ChunkKV = gen.computer.prefix()
-    segs = [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
-    res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=prefix.num_tokens, config=blend)
+    segs = _segments(gen, chunk_ids)
+    res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=segs[0].num_tokens, config=blend)
     pos = res.recomputed_positions
     return torch.zeros(0, dtype=torch.long) if pos is None else pos.to(torch.long)
 

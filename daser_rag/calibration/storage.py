@@ -21,9 +21,11 @@ class CalibrationFileError(DaserError, ValueError):
     """A calibration file that cannot be used: corrupt, for another model, or of the wrong shape."""
 
 
-def default_path(cache_dir: str | Path, fingerprint: str) -> Path:
-    """Where `daser-rag calibrate` writes a model's calibration: one file per fingerprint."""
-    return Path(cache_dir) / "calibration" / f"{fingerprint[:32]}.safetensors"
+def default_path(cache_dir: str | Path, fingerprint: str, fit_share: float = 0.0) -> Path:
+    """Where `daser-rag calibrate` writes a model's calibration: one file per fingerprint and
+    regime (fitted at r = 0, or at a recompute share: `-r<share>` before the suffix)."""
+    regime = f"-r{fit_share:g}" if fit_share > 0 else ""
+    return Path(cache_dir) / "calibration" / f"{fingerprint[:32]}{regime}.safetensors"
 
 
 def save(cal: Any, path: str | Path) -> Path:
@@ -35,7 +37,8 @@ def save(cal: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": cal.fingerprint, "checksum": cal.digest(),
-            "chunk_side": "1" if cal.chunk_side else "0", "meta": json.dumps(cal.meta, default=str)}
+            "chunk_side": "1" if cal.chunk_side else "0", "fit_share": repr(float(cal.fit_share)),
+            "meta": json.dumps(cal.meta, default=str)}
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(cal.tensors(), str(tmp), metadata=meta)
     tmp.replace(path)
@@ -70,8 +73,15 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
         meta = json.loads(header.get("meta", "{}"))
     except json.JSONDecodeError as e:
         raise CalibrationFileError(f"calibration file {str(path)!r} has a corrupt header: {e}") from e
+    try:
+        fit_share = float(header.get("fit_share", "0.0"))
+    except ValueError:
+        raise CalibrationFileError(f"calibration file {str(path)!r} has a corrupt fit_share "
+                                   f"{header.get('fit_share')!r}") from None
+    if not 0.0 <= fit_share < 1.0:
+        raise CalibrationFileError(f"calibration file {str(path)!r} has fit_share {fit_share}, not in [0, 1)")
     cal = Calibration(fingerprint, tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
-                      header.get("chunk_side") == "1")
+                      header.get("chunk_side") == "1", fit_share)
     if cal.digest() != header.get("checksum"):
         raise CalibrationFileError(f"calibration file {str(path)!r} fails its checksum (changed or damaged)")
     try:
@@ -88,30 +98,49 @@ def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
                 hidden=spec.hidden_size)
 
 
-def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: str | Path | None) -> Any:
-    """The engine's `calibration` option as a Calibration or None.
+def _model_files(cache_root: str | Path, fingerprint: str) -> list[Path]:
+    """The model's calibration files under the cache dir (r = 0 and fitted at a share)."""
+    folder = default_path(cache_root, fingerprint).parent
+    stem = fingerprint[:32]
+    return sorted(p for p in folder.glob(f"{stem}*.safetensors")
+                  if p.name == f"{stem}.safetensors" or p.name.startswith(f"{stem}-r"))
 
-    None / "off": none. "auto": the model's file under the cache dir when it exists (none
-    otherwise). A path: that file, which must load. A Calibration: checked like a file.
+
+def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: str | Path | None) -> Any:
+    """The engine's `calibration` option as a CalibrationSet or None.
+
+    None / "off": none. "auto": the model's files under the cache dir (one fitted at r = 0,
+    one at a recompute share), none when there are none. A path, or several joined by commas:
+    those files, which must load. A Calibration (or a list of them): checked like a file.
     """
+    from daser_rag.calibration.adapter import Calibration, CalibrationSet
+
     if value is None or value == "off":
         return None
+    if isinstance(value, CalibrationSet):
+        value = list(value.members)
     if isinstance(value, (str, Path)):
         if value == "auto":
-            if cache_root is None:
-                return None
-            path = default_path(cache_root, fingerprint)
-            return load_for(path, runner, fingerprint) if path.is_file() else None
-        return load_for(value, runner, fingerprint)
-    from daser_rag.calibration.adapter import Calibration
-
-    if not isinstance(value, Calibration):
-        raise CalibrationFileError(f"calibration must be 'off', 'auto', a path or a Calibration, got {type(value).__name__}")
-    if value.fingerprint != fingerprint:
-        raise CalibrationFileError(f"this calibration was made for model {value.fingerprint!r}, not {fingerprint!r}")
-    spec = runner.spec
+            paths = _model_files(cache_root, fingerprint) if cache_root is not None else []
+        else:
+            paths = [Path(p.strip()) for p in str(value).split(",") if p.strip()]
+        members = [load_for(p, runner, fingerprint) for p in paths]
+    else:
+        members = list(value) if isinstance(value, (list, tuple)) else [value]
+        spec = runner.spec
+        for c in members:
+            if not isinstance(c, Calibration):
+                raise CalibrationFileError("calibration must be 'off', 'auto', a path or a Calibration, "
+                                           f"got {type(c).__name__}")
+            if c.fingerprint != fingerprint:
+                raise CalibrationFileError(f"this calibration was made for model {c.fingerprint!r}, not {fingerprint!r}")
+            try:
+                c.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size)
+            except ValueError as e:
+                raise CalibrationFileError(str(e)) from e
+    if not members:
+        return None
     try:
-        value.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size)
+        return CalibrationSet(tuple(members))
     except ValueError as e:
         raise CalibrationFileError(str(e)) from e
-    return value

@@ -18,54 +18,11 @@ from typing import Any
 
 import torch
 
-from daser_rag.blend.config import BlendConfig
 from daser_rag.calibration.adapter import Calibration
+from daser_rag.calibration.config import CalibrationConfig as CalibrationConfig
 from daser_rag.calibration.examples import ReuseExample, make_prompts, prepare, split_documents, with_selection
 from daser_rag.calibration.student import example_kl
 from daser_rag.types import Document
-
-
-@dataclass(frozen=True)
-class CalibrationConfig:
-    link_tokens: int = 4
-    """Learned link tokens between context and question (0: scales only, the APE-style part)."""
-    scales: bool = True
-    """Learn the per-layer, per-head key/value scales on reused context."""
-    steps: int = 60
-    batch: int = 4
-    lr_scale: float = 0.05
-    lr_link: float = 0.01
-    train_prompts: int = 24
-    held_out_prompts: int = 20
-    held_out_share: float = 0.3
-    chunks_per_prompt: int = 4
-    chunks_per_document: int = 2
-    answer_tokens: int = 8
-    loss_question_tokens: int = 4
-    """The loss covers this many last question positions (1: the answer only) and the answer."""
-    fit_share: float = 0.0
-    """The recompute share the calibration is fitted at: 0 fits full reuse; > 0 replays the
-    selection `fit_selector` makes at that share, so the scales suit stale KV beside repaired KV."""
-    fit_selector: str = "hybrid"
-    min_gain: float = 0.05
-    """Accept only if held-out mean KL drops by at least this share."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.link_tokens < 0 or self.steps < 0 or self.batch < 1 or self.train_prompts < 1:
-            raise ValueError("link_tokens and steps must be >= 0, batch and train_prompts >= 1")
-        if not 0.0 < self.held_out_share < 1.0 or self.held_out_prompts < 1:
-            raise ValueError("held_out_share must be in (0, 1) and held_out_prompts >= 1")
-        if not self.scales and not self.link_tokens:
-            raise ValueError("nothing to calibrate: scales off and no link tokens")
-        if not 0.0 <= self.fit_share < 1.0:
-            raise ValueError(f"fit_share must be in [0, 1) (at 1 nothing is reused), got {self.fit_share}")
-        if self.loss_question_tokens < 1 or self.answer_tokens < 1:
-            raise ValueError("loss_question_tokens and answer_tokens must be >= 1")
-
-    def blend(self) -> BlendConfig | None:
-        """The selection the student replays (None: r = 0)."""
-        return BlendConfig(recompute_ratio=self.fit_share, selector=self.fit_selector) if self.fit_share > 0 else None
 
 
 @dataclass
@@ -186,6 +143,7 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
         init = runner.embed(torch.tensor(newline)).detach()[0]
     cal = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size,
                                config.link_tokens, init)
+    cal.fit_share = config.fit_share
     before = mean_kls(gen, held, cal.without_link())
     ks = cal.key_log_scale.clone().requires_grad_(config.scales)
     vs = cal.value_log_scale.clone().requires_grad_(config.scales)
@@ -211,7 +169,8 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
             curve.append((step, total, time.perf_counter() - t0))
             if step % 10 == 9 or step == config.steps - 1:
                 say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
-    trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone())
+    trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone(),
+                          fit_share=config.fit_share)
     after = mean_kls(gen, held, trained)
     kl_b, kl_a = sum(before) / len(before), sum(after) / len(after)
     accepted = kl_a < kl_b * (1.0 - config.min_gain)

@@ -253,7 +253,7 @@ class CacheAwareGenerator(StreamingEngine):
             chunks = self.resolve(contexts, tenant)
             q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
             ctx_len = len(self.prompt.prefix_ids) + sum(c.num_tokens for c in chunks)
-            calibration = self._calibration_for(p)
+            calibration = self._calibration_for(p, cfg)
             needed = ctx_len + len(q_ids) + extra_capacity + (calibration.link_tokens if calibration else 0)
             if needed > self.runner.max_positions:
                 raise ContextTooLongError(needed, self.runner.max_positions)
@@ -278,15 +278,24 @@ class CacheAwareGenerator(StreamingEngine):
             timings.fuse_s = time.perf_counter() - t0
             return fused, info
 
-    def _calibration_for(self, p: GenerationParams) -> Any:
-        """The request's calibration: the engine's unless it asks for none (True without one loaded
-        is an error, never a silent uncalibrated answer)."""
+    def _calibration_for(self, p: GenerationParams, cfg: BlendConfig) -> Any:
+        """The request's calibration: the engine's one fitted for the request's recompute regime,
+        unless it asks for none (True without one loaded, or without one for its regime, is an
+        error, never a silent uncalibrated answer)."""
         if p.calibration is False:
             return None
         if p.calibration and self.calibration is None:
             raise InvalidInputError("calibration=true, but this engine has no calibration loaded "
                                     "(run `daser-rag calibrate`, then start it with calibration='auto' or a path)")
-        return self.calibration
+        if self.calibration is None:
+            return None
+        share = None if cfg.is_auto else float(cfg.recompute_ratio)
+        picked = self.calibration.pick(share)
+        if p.calibration and picked is None and share != 1.0:
+            raise InvalidInputError(f"calibration=true, but this engine has no calibration fitted for recompute share "
+                                    f"{cfg.recompute_ratio} (it has {self.calibration.describe()}; "
+                                    "`daser-rag calibrate --fit-share` fits one for r > 0)")
+        return picked
 
     # -- generation --------------------------------------------------------------------------
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,
