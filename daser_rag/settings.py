@@ -132,10 +132,10 @@ PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
                       "'inline' (the request that crosses the threshold computes it: ~1.2x a full prefill)",
                       parse=str, choices=("off", "background", "inline"), flag="--prefix-tree",
                       used_by=(_SERVE, _GEN))
-CALIBRATION = declare("engine.calibration", "off", "str",
-                      "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'off'; 'auto' "
-                      "(the model's files in the cache dir: one fitted at r=0, one at a recompute share, each used "
-                      "only for requests in its regime); or file paths joined by commas. A corrupt file or "
+CALIBRATION = declare("engine.calibration", "auto", "str",
+                      "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'auto' (the model's "
+                      "files in the cache dir, when `daser-rag calibrate` wrote any: one fitted at r=0, used at r=0; "
+                      "one fitted at a recompute share, used at r<1); 'off'; or file paths joined by commas. A corrupt file or "
                       "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",

@@ -211,9 +211,9 @@ def test_engine_uses_calibration_per_request_and_reports_it(lm, store, tmp_path)
 
 @pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_path):
-    """Scales fitted for full reuse over-correct stale KV beside repaired tokens (and the other
-    way round), so an engine serves r = 0 requests with its r = 0 calibration, r > 0 requests with
-    its r > 0 one, and says (GenerationResult.calibrated) when a request got none."""
+    """Scales fitted for full reuse over-correct stale KV beside repaired tokens, so an r = 0
+    calibration serves only r = 0 requests; one fitted at r > 0 serves r > 0 requests and r = 0
+    ones when there is no r = 0 fit. GenerationResult.calibrated says when a request got none."""
     from daser_rag.calibration import storage
     from daser_rag.calibration.adapter import CalibrationSet
     from daser_rag.engine.generator import CacheAwareGenerator
@@ -230,6 +230,10 @@ def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_
     assert at_r15.token_ids == plain.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.15).token_ids
     with pytest.raises(InvalidInputError, match="no calibration fitted for recompute share 0.15"):
         only_r0.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.15, calibration=True)
+    only_r15 = CacheAwareGenerator(lm, store=store, calibration=r15)
+    assert only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.0).calibrated
+    assert only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.15).calibrated
+    assert not only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=1.0).calibrated
     # `daser-rag calibrate` writes one file per regime; "auto" loads both and picks per request
     root = store.root
     storage.save(r0, storage.default_path(root, plain.fingerprint))
