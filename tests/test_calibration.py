@@ -80,7 +80,7 @@ def test_student_matches_fuse_at_r0(generator):
     """The differentiable training path computes what serving computes (same KL target)."""
     from daser_rag.blend.config import BlendConfig
     from daser_rag.blend.fusion import fuse
-    from daser_rag.calibration.examples import PromptSpec, prepare
+    from daser_rag.calibration.examples import PromptSpec, exact_length, prepare
     from daser_rag.calibration.student import student_logits
 
     gen = generator
@@ -89,8 +89,10 @@ def test_student_matches_fuse_at_r0(generator):
     ex = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2)
     cal = _random_calibration(gen)
     q = torch.tensor(gen.prompt.query_ids(question))
-    fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=BlendConfig(recompute_ratio=0.0),
+    # serving's exact run: the prefix and the first chunk (engine/assemble.py), never scaled
+    fused = fuse(gen.runner, segs, q, exact_len=exact_length(segs), config=BlendConfig(recompute_ratio=0.0),
                  calibration=cal)
+    assert int((~ex.reused).sum()) == exact_length(segs)
     with torch.no_grad():
         got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
     # tail = question + first answer token: the second-to-last row is the question's last token
@@ -103,7 +105,7 @@ def test_student_matches_fuse_at_r_above_zero(generator):
     KV: its logits are serving's (chunk_heads: a selection that does not depend on the scales)."""
     from daser_rag.blend.config import BlendConfig
     from daser_rag.blend.fusion import fuse
-    from daser_rag.calibration.examples import PromptSpec, prepare
+    from daser_rag.calibration.examples import PromptSpec, exact_length, prepare
     from daser_rag.calibration.student import student_logits
 
     gen = generator
@@ -113,7 +115,7 @@ def test_student_matches_fuse_at_r_above_zero(generator):
     ex = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2, blend=blend)
     cal = _random_calibration(gen, fit_share=0.15)
     q = torch.tensor(gen.prompt.query_ids(question))
-    fused = fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=blend, calibration=cal)
+    fused = fuse(gen.runner, segs, q, exact_len=exact_length(segs), config=blend, calibration=cal)
     assert fused.calibrated
     assert ex.recomputed == fused.recomputed_tokens > 0
     assert torch.equal(ex.selected, fused.recomputed_positions)
@@ -286,6 +288,25 @@ def test_trained_calibration_improves_kl_on_documents_it_never_saw(lm, store):
     assert rep.accepted, rep.reason
     assert rep.kl_after < 0.9 * rep.kl_before, (rep.kl_before, rep.kl_after)
     assert rep.improved_share >= 0.6, rep.held_out_after
+
+
+@pytest.mark.slow
+def test_default_calibration_fitted_at_r015_improves_kl_there_on_documents_it_never_saw(lm, store):
+    """The default run (scales fitted at the engine's default repair, hybrid r = 0.15) on some
+    reference topics; judged at r = 0.15 on 20 prompts built only from held-out topics."""
+    from daser_rag.calibration.train import CalibrationConfig, calibrate
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    small = CacheAwareGenerator(lm, store=store, chunk_tokens=160)  # ~700-token prompts: a CPU-sized run
+    cfg = CalibrationConfig(steps=25, train_prompts=12, held_out_prompts=20, chunks_per_document=1)
+    assert cfg.fit_share == 0.15 and cfg.fit_selector == "hybrid" and cfg.link_tokens == 0
+    rep = calibrate(small, python_reference_corpus(), cfg)
+    assert len(rep.held_out_after) == 20
+    assert not set(rep.train_documents) & set(rep.held_out_documents)
+    assert rep.calibration.fit_share == 0.15
+    assert rep.accepted, rep.reason
+    assert rep.kl_after < 0.95 * rep.kl_before, (rep.kl_before, rep.kl_after)
+    assert rep.improved_share >= 0.6, (rep.held_out_before, rep.held_out_after)
 
 
 @pytest.mark.slow  # several seconds: CI's slow step runs it

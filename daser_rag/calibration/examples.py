@@ -6,8 +6,9 @@ into a training part and a held-out part by document, so the held-out check meas
 documents the calibration never saw. For each prompt we keep what the reuse path needs and
 what it is held to:
 
-* the r = 0 context buffer (system prefix exact, chunks computed after the prefix alone and
-  re-rotated to their places: exactly what `fuse` builds), and which positions are reused;
+* the r = 0 context buffer (system prefix and first chunk exact, the other chunks computed
+  after the prefix alone and re-rotated to their places: exactly what serving's `fuse` builds),
+  and which positions are reused;
 * when fitted for r > 0, the context positions `fuse` recomputes at that share (its selection
   over the uncalibrated buffer), which the student recomputes again, differentiably, so the
   calibration learns what the stale tokens should look like *next to* repaired ones;
@@ -117,6 +118,13 @@ def _teacher(gen: Any, ctx_ids: list[int], q_ids: list[int], answer_tokens: int,
     return answer, torch.log_softmax(logits.float(), -1).to(torch.float16)
 
 
+def exact_length(segments: list[ChunkKV]) -> int:
+    """What serving treats as exact (engine/assemble.py): the system prefix and the first chunk,
+    which was computed right after it, at its place. Neither is scaled nor a recompute candidate,
+    so neither is in training."""
+    return segments[0].num_tokens + (segments[1].num_tokens if len(segments) > 1 else 0)
+
+
 def _segments(gen: Any, chunk_ids: list[list[int]]) -> list[ChunkKV]:
     """The system prefix and each chunk computed after it alone: what the store would hold."""
     prefix: ChunkKV = gen.computer.prefix()
@@ -127,7 +135,6 @@ def _segments(gen: Any, chunk_ids: list[list[int]]) -> list[ChunkKV]:
 def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     runner = gen.runner
     segs = _segments(gen, chunk_ids)
-    prefix = segs[0]
     filler = _LayerFiller(runner, segs)
     cache = runner.new_cache(filler.length)
     filler.cache = cache
@@ -136,7 +143,7 @@ def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tens
     keys = [cache.keys[i][:, :n].clone() for i in range(runner.spec.num_layers)]
     values = [cache.values[i][:, :n].clone() for i in range(runner.spec.num_layers)]
     reused = torch.zeros(n, dtype=torch.bool)
-    reused[prefix.num_tokens:] = True
+    reused[exact_length(segs):] = True
     return keys, values, reused
 
 
@@ -144,7 +151,7 @@ def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tens
 def _selection(gen: Any, chunk_ids: list[list[int]], q_ids: list[int], blend: BlendConfig) -> torch.Tensor:
     """The context positions `fuse` recomputes for this prompt at `blend`, uncalibrated."""
     segs = _segments(gen, chunk_ids)
-    res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=segs[0].num_tokens, config=blend)
+    res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=exact_length(segs), config=blend)
     pos = res.recomputed_positions
     return torch.zeros(0, dtype=torch.long) if pos is None else pos.to(torch.long)
 
