@@ -17,7 +17,7 @@ from daser_rag.control.pool import InstancePool
 from daser_rag.control.routing import DocumentAware, InstanceState, RoundRobin, make_router
 from daser_rag.control.spawn import EngineStartError, VllmProcess, vllm_command
 from daser_rag.engine.protocol import Engine
-from daser_rag.errors import EngineUnavailableError
+from daser_rag.errors import EngineUnavailableError, InvalidInputError
 from daser_rag.model.files import FileTokenizer, ModelFiles, files_fingerprint, resolve_model_dir
 from daser_rag.prompt import PromptFormat
 from daser_rag.types import ChunkRef, Document
@@ -81,6 +81,35 @@ def test_reuse_plan_lists_missing_chunks_and_salts_repositioned_kv(generator):
     assert plan.cache_salt is not None and plan.kv_transfer_params["daser"]["recompute"]["ratio"] == 0.15
     one = planner.reuse("Q?", [ChunkRef(doc_id="a")], tenant=SHARED_TENANT)
     assert one.cache_salt is None and one.exact_chunks == 1  # exact: safe in vLLM's own prefix cache
+
+
+def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generator):
+    """The connector scales what the plan names (vllm_daser/connector.py `_calibrate`): the
+    calibration's factors, for a context with re-positioned chunks; the salt names it, so scaled
+    blocks never meet unscaled ones in vLLM's prefix cache. Link tokens cannot go into vLLM."""
+    import torch
+
+    from daser_rag.calibration.adapter import Calibration
+
+    spec = generator.runner.spec
+    g = torch.Generator().manual_seed(0)
+    cal = Calibration(generator.fingerprint, 0.2 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                      0.2 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g), torch.zeros(0, spec.hidden_size))
+    planner = Planner.for_generator(generator)
+    generator.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")]
+    plain = planner.reuse("Q?", ctx, tenant=SHARED_TENANT)
+    scaled = planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal)
+    assert scaled.calibrated and not plain.calibrated and "scales" not in plain.kv_transfer_params["daser"]
+    sent = scaled.kv_transfer_params["daser"]["scales"]
+    assert torch.allclose(torch.tensor(sent["k"]), cal.key_log_scale.exp())
+    assert torch.allclose(torch.tensor(sent["v"]), cal.value_log_scale.exp())
+    assert scaled.cache_salt not in (None, plain.cache_salt)
+    exact = planner.reuse("Q?", [ChunkRef(doc_id="a")], tenant=SHARED_TENANT, calibration=cal)
+    assert not exact.calibrated and "scales" not in exact.kv_transfer_params["daser"]  # nothing re-positioned
+    links = Calibration(generator.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
+    with pytest.raises(InvalidInputError, match="link tokens"):
+        planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=links)
 
 
 def test_the_embedded_engine_satisfies_the_engine_protocol(generator):

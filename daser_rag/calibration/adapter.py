@@ -92,6 +92,11 @@ class Calibration:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"calibration tensor {name} holds non-finite numbers")
 
+    def factors(self) -> tuple[list[list[float]], list[list[float]]]:
+        """(key, value) factors [layers][kv_heads] as plain numbers: what a vLLM plan carries to the
+        connector, which scales the re-positioned segments it loads (vllm_daser/connector.py)."""
+        return self.key_log_scale.exp().tolist(), self.value_log_scale.exp().tolist()
+
     def applies_to(self, share: float | None) -> bool:
         """Whether a request recomputing `share` of its reused tokens (None: an adaptive budget,
         share not known before the look-ahead) may use it: an r = 0 fit only where nothing is
@@ -142,3 +147,25 @@ class CalibrationSet:
     def describe(self) -> str:
         return ", ".join(f"r={c.fit_share:g}" + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
                          for c in self.members)
+
+
+def calibration_for_request(loaded: CalibrationSet | None, requested: bool | None, share: float | None,
+                            ratio: object = None) -> Calibration | None:
+    """The calibration a request gets, on either engine: none when it asks for none (False) or
+    the engine has none for its regime; `requested=True` without one is an InvalidInputError,
+    never a silently uncalibrated answer (a request that reuses nothing, r = 1, is exempt)."""
+    from daser_rag.errors import InvalidInputError
+
+    if requested is False:
+        return None
+    if loaded is None:
+        if requested:
+            raise InvalidInputError("calibration=true, but this engine has no calibration loaded "
+                                    "(run `daser-rag calibrate`, then start it with calibration='auto' or a path)")
+        return None
+    picked = loaded.pick(share)
+    if requested and picked is None and share != 1.0:
+        raise InvalidInputError(f"calibration=true, but this engine has no calibration fitted for recompute share "
+                                f"{share if ratio is None else ratio} (it has {loaded.describe()}; "
+                                "`daser-rag calibrate --fit-share` fits one for r > 0)")
+    return picked

@@ -92,7 +92,8 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
 
 
 def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
-    """`load` with the shape facts of a LayerRunner's model."""
+    """`load` with the shape facts of a model: anything with `.spec` (a LayerRunner, or ModelFiles for the
+    weight-free control plane)."""
     spec = runner.spec
     return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
                 hidden=spec.hidden_size)

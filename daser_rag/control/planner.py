@@ -27,6 +27,7 @@ from daser_rag.types import ResolvedChunk
 from daser_rag.settings import CHUNK_TOKENS
 
 if TYPE_CHECKING:
+    from daser_rag.calibration.adapter import Calibration
     from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.kv.store import KVStore
     from daser_rag.model.files import ModelFiles
@@ -58,6 +59,8 @@ class ReusePlan:
     exact_chunks: int = 0
     prefill: list[PrefillPlan] = field(default_factory=list)
     """Chunks missing from the store: run these first and the main request loads every chunk."""
+    calibrated: bool = False
+    """The plan carries a calibration's scales for its re-positioned segments."""
 
     @property
     def chunk_keys(self) -> list[str]:
@@ -139,7 +142,8 @@ class Planner:
         return ReusePlan(ids, dict(OFF_PARAMS), ctx, len(ids) - ctx, chunks)
 
     def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str,
-              exact_nodes: bool = True, recompute: Recompute | None = None) -> ReusePlan:
+              exact_nodes: bool = True, recompute: Recompute | None = None,
+              calibration: Calibration | None = None) -> ReusePlan:
         """Full reuse inside vLLM, repaired in-engine when `recompute` = (ratio, check layer, selector).
 
         Segment j loads the chunk's own entry (computed right after the system prefix) and the
@@ -148,8 +152,14 @@ class Planner:
         is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
         path) only while everything before it was exact. Missing chunk entries come back as
         `prefill` plans. Writes the request's document refs (so invalidation reaches its KV).
+        `calibration` (scales only; docs/calibration.md): the connector scales every re-positioned
+        segment it loads by its factors; the plan's cache salt names it. `ReusePlan.calibrated`
+        says whether it went into the plan (not when the whole context is exact).
         """
         _check_question(question)
+        if calibration is not None and calibration.link_tokens:
+            raise InvalidInputError(f"this calibration has {calibration.link_tokens} link tokens, which cannot be "
+                                    "placed inside vLLM (docs/calibration.md); calibrate with --link-tokens 0")
         store = self.store
         chunks = self.resolve(contexts, tenant)
         n_pre = len(self.prompt.prefix_ids)
@@ -182,15 +192,19 @@ class Planner:
         ids = self.prompt_ids(question, chunks)
         ctx = sum(s[1] for s in segs)
         rc = recompute if recompute is not None and recompute[0] > 0 and not exact_run else None
+        cal = calibration if not exact_run else None
         salt = None
         if not exact_run:
             # re-positioned KV must not enter vLLM's prefix cache under plain token hashes
             h = hashlib.blake2b(digest_size=16)
             h.update(b"daser-vllm-reuse-v1\0" + "\0".join(s[0] for s in segs).encode())
             h.update(repr(rc).encode())
+            if cal is not None:  # scaled KV is another KV: its blocks never meet unscaled ones
+                h.update(b"\0calibration\0" + cal.digest().encode())
             salt = "r" + h.hexdigest()
-        return ReusePlan(ids, plan_params(segs, recompute=rc), ctx, len(ids) - ctx, chunks, salt,
-                         sum(1 for s in segs[1:] if s[0] == s[2]), prefill)
+        params = plan_params(segs, recompute=rc, scales=cal.factors() if cal is not None else None)
+        return ReusePlan(ids, params, ctx, len(ids) - ctx, chunks, salt,
+                         sum(1 for s in segs[1:] if s[0] == s[2]), prefill, calibrated=cal is not None)
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *,
               tenant: str) -> ReusePlan:

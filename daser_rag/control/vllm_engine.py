@@ -72,9 +72,19 @@ class VllmEngine(StreamingEngine):
                  prefill_workers: int = DEFAULT_PREFILL_WORKERS,
                  prefetch_window: int = settings.PREFETCH_WINDOW.default,
                  prefetch_ttl_s: float = settings.VLLM_PREFETCH_TTL.default,
-                 processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None) -> None:
+                 processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None,
+                 calibration: Any = settings.CALIBRATION.default) -> None:
+        from daser_rag.calibration.storage import resolve_calibration
+
         self.files = files
         self._store = store
+        self.calibration = resolve_calibration(calibration, files, files.fingerprint, store.root)
+        """Scales for re-positioned KV, applied by the connector (docs/calibration.md), or None."""
+        if self.calibration is not None and any(c.link_tokens for c in self.calibration.members):
+            from daser_rag.calibration.storage import CalibrationFileError
+
+            raise CalibrationFileError("a calibration with link tokens cannot be used on the vLLM engine (they "
+                                       "cannot be placed inside vLLM); calibrate with --link-tokens 0")
         self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
         self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
         self.served_name = served_name
@@ -156,7 +166,11 @@ class VllmEngine(StreamingEngine):
             return self.planner.full(question, contexts, p.tenant)
         ratio = self._check_ratio(p.recompute_ratio) if p.recompute_ratio is not None else self.recompute_ratio
         sel = self._check_selector(p.selector) if p.selector is not None else self.selector
-        return self.planner.reuse(question, contexts, tenant=p.tenant, recompute=(ratio, self.check_layer, sel))
+        from daser_rag.calibration.adapter import calibration_for_request
+
+        cal = calibration_for_request(self.calibration, p.calibration, float(ratio))
+        return self.planner.reuse(question, contexts, tenant=p.tenant, recompute=(ratio, self.check_layer, sel),
+                                  calibration=cal)
 
     def _body(self, ids: list[int], plan: ReusePlan, p: GenerationParams, max_tokens: int,
               prefetch_id: str | None = None) -> dict[str, Any]:
@@ -289,7 +303,8 @@ class VllmEngine(StreamingEngine):
             cache_hits=(len(plan.chunks) - misses) if reuse else 0, cache_misses=misses if reuse else 0,
             mode="blend" if reuse else "full",
             recompute_ratio=(float(rc.get("ratio", 0.0)) if repairs else 0.0) if reuse else 1.0, finish_reason=finish, timings=timings,
-            chunk_keys=plan.chunk_keys, selector=str(rc.get("selector", "none")) if recomputed else "none")
+            chunk_keys=plan.chunk_keys, selector=str(rc.get("selector", "none")) if recomputed else "none",
+            calibrated=plan.calibrated and reuse)
 
     # -- chunk KV through vLLM -------------------------------------------------------------------------
     def _prefill_on(self, inst: InstanceState, pf: PrefillPlan) -> bool:

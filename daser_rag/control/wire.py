@@ -45,10 +45,13 @@ def in_engine_selectors() -> NameView:
 
 
 def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
-                recompute: Recompute | None = None, prefetch_id: str | None = None) -> dict[str, Any]:
+                recompute: Recompute | None = None, prefetch_id: str | None = None,
+                scales: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None) -> dict[str, Any]:
     """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key).
     `prefetch_id`: the prefetch message that pinned this request's entries on the instance (its
-    pin ends once the request has loaded them)."""
+    pin ends once the request has loaded them). `scales`: a calibration's (key, value) factors
+    [layers][kv_heads], applied by the connector to every re-positioned segment it loads
+    (daser_rag/calibration: exp of the stored log-scales)."""
     out: list[list[Any]] = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
@@ -58,6 +61,9 @@ def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
                              "selector": recompute[2] if len(recompute) > 2 else "deviation"}
     if prefetch_id is not None:
         plan["prefetch_id"] = prefetch_id
+    if scales is not None:
+        plan["scales"] = {"k": [[float(x) for x in row] for row in scales[0]],
+                          "v": [[float(x) for x in row] for row in scales[1]]}
     return {PLAN_FIELD: plan}
 
 

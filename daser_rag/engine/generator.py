@@ -279,23 +279,11 @@ class CacheAwareGenerator(StreamingEngine):
             return fused, info
 
     def _calibration_for(self, p: GenerationParams, cfg: BlendConfig) -> Any:
-        """The request's calibration: the engine's one fitted for the request's recompute regime,
-        unless it asks for none (True without one loaded, or without one for its regime, is an
-        error, never a silent uncalibrated answer)."""
-        if p.calibration is False:
-            return None
-        if p.calibration and self.calibration is None:
-            raise InvalidInputError("calibration=true, but this engine has no calibration loaded "
-                                    "(run `daser-rag calibrate`, then start it with calibration='auto' or a path)")
-        if self.calibration is None:
-            return None
+        """The request's calibration: the engine's one for the request's recompute regime."""
+        from daser_rag.calibration.adapter import calibration_for_request
+
         share = None if cfg.is_auto else float(cfg.recompute_ratio)
-        picked = self.calibration.pick(share)
-        if p.calibration and picked is None and share != 1.0:
-            raise InvalidInputError(f"calibration=true, but this engine has no calibration fitted for recompute share "
-                                    f"{cfg.recompute_ratio} (it has {self.calibration.describe()}; "
-                                    "`daser-rag calibrate --fit-share` fits one for r > 0)")
-        return picked
+        return calibration_for_request(self.calibration, p.calibration, share, cfg.recompute_ratio)
 
     # -- generation --------------------------------------------------------------------------
     def _run(self, question: str, contexts: Sequence[ContextItem] | None, params: GenerationParams | None,

@@ -249,6 +249,44 @@ def test_full_reuse_any_order_equals_daser_r0(env):
     assert list(toks2[:n2]) == list(ours2[:n2])
 
 
+def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
+    """A calibration's scales (docs/calibration.md) applied by the connector to the re-positioned
+    segments it loads give daser's own calibrated r=0 greedy tokens, which differ from the
+    uncalibrated ones; the plan's cache salt names the calibration, so its blocks never meet
+    unscaled ones."""
+    from daser_rag.calibration.adapter import Calibration, CalibrationSet
+
+    gen, d = env["gen"], env["docs"]
+    spec = gen.runner.spec
+    g = torch.Generator().manual_seed(7)
+    cal = Calibration(gen.fingerprint, 0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                      0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                      torch.zeros(0, spec.hidden_size))
+    ctx = [d["pyref:for"], d["pyref:assert"], d["pyref:global"]]
+    _run_prefills(env, env["p"].reuse(Q1, ctx, exact_nodes=False))
+    plain = env["p"].reuse(Q1, ctx, exact_nodes=False)
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=cal)
+    assert r.info["calibrated"] and not plain.info["calibrated"] and not r.prefill
+    assert r.prompt["cache_salt"] != plain.prompt["cache_salt"]
+    toks, cached = run(env, r)
+    assert cached == r.context_tokens
+    gen.calibration = CalibrationSet((cal,))
+    try:
+        ours = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
+    finally:
+        gen.calibration = None
+    uncal = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS).token_ids
+    assert ours.calibrated
+    n = min(len(toks), len(ours.token_ids))
+    assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (toks, ours.token_ids)
+    assert list(ours.token_ids) != list(uncal)  # the scales act
+    assert list(run(env, plain)[0][:n]) == list(uncal[:n])  # and the unscaled plan is unaffected
+    # link tokens cannot be placed inside vLLM: a clear error, not a silently different calibration
+    with_links = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
+    with pytest.raises(Exception, match="link tokens"):
+        env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=with_links)
+
+
 def test_full_reuse_without_prefills_computes_misses(env):
     """Chunks not stored: vLLM computes them (from the first miss on), output as full prefill;
     the first chunk, computed right after the exact system prefix, is saved for next time."""

@@ -97,6 +97,7 @@ class LoadSpec:
     chunk_starts: list[int] = field(default_factory=list)  # prompt position of each re-positioned segment
     context_ids: list[int] = field(default_factory=list)  # prompt tokens [0, end), for recompute
     prefetch_id: str | None = None  # the prefetch pin that holds these entries (released after the load)
+    scales: tuple[Any, Any] | None = None  # calibration (key, value) factors [layers][kv_heads] past exact_len
 
 
 @dataclass
@@ -305,7 +306,7 @@ class DaserConnectorScheduler:
                 start, end, pieces, n_loaded, plan = ld
                 spec = LoadSpec(nr.req_id, block_ids, tokens[start:end], start, end, pieces,
                                 prefetch_id=self._pids.get(nr.req_id) or (plan.prefetch_id if plan else None))
-                if plan is not None and plan.recompute is not None:
+                if plan is not None and (plan.recompute is not None or plan.scales is not None):
                     exact, pos, starts, in_exact = 0, 0, [], True
                     for s in plan.segments[:n_loaded]:
                         in_exact = in_exact and s.exact
@@ -314,8 +315,9 @@ class DaserConnectorScheduler:
                         elif pos < end:
                             starts.append(pos)
                         pos += s.num_tokens
-                    spec.recompute, spec.exact_len, spec.context_ids = plan.recompute, min(exact, end), tokens[:end]
-                    spec.chunk_starts = starts
+                    spec.exact_len, spec.scales = min(exact, end), plan.scales
+                    if plan.recompute is not None:
+                        spec.recompute, spec.context_ids, spec.chunk_starts = plan.recompute, tokens[:end], starts
                 meta.loads.append(spec)
             params = (nr.sampling_params.extra_args or {}).get("kv_transfer_params") if nr.sampling_params else None
             segments, may_save = self.segments(tokens, params, nr.req_id)
@@ -491,6 +493,11 @@ class DaserConnectorWorker:
             return
         k_all = torch.cat(ks, dim=2)  # [L, H, T, D]
         v_all = torch.cat(vs, dim=2)
+        if ld.scales is not None:
+            why = self._calibrate(ld, k_all, v_all)
+            if why is not None:
+                self._fail(ld, ld.start, why)
+                return
         slots = slots_for(ld.block_ids, ld.start, ok_end, self.s.block_size)
         for i, name in enumerate(self.layer_names):
             self.layout.write(layers[name], self.kv_caches[name], k_all[i].transpose(0, 1),
@@ -498,6 +505,22 @@ class DaserConnectorWorker:
         self.stats["loaded_tokens"] += ok_end - ld.start
         if ld.recompute is not None and ok_end == ld.end:
             self._recompute(ld, (k_all, v_all, ld.start))
+
+    def _calibrate(self, ld: LoadSpec, k_all: torch.Tensor, v_all: torch.Tensor) -> str | None:
+        """Scale the re-positioned (stale) part of the loaded K/V in place, as daser's fusion does
+        (daser_rag/blend/fusion.py `_LayerFiller`): per layer and KV head, never the exact run.
+        Returns why not (then nothing is loaded and vLLM computes these tokens)."""
+        assert ld.scales is not None
+        ks = torch.tensor(ld.scales[0], dtype=torch.float32)
+        vs = torch.tensor(ld.scales[1], dtype=torch.float32)
+        if tuple(ks.shape) != tuple(k_all.shape[:2]):
+            return f"plan's calibration scales are {tuple(ks.shape)}, this model's K/V {tuple(k_all.shape[:2])}"
+        first = max(0, ld.exact_len - ld.start)
+        if first < k_all.shape[2]:
+            k_all[:, :, first:] *= ks.to(k_all.dtype)[:, :, None, None]
+            v_all[:, :, first:] *= vs.to(v_all.dtype)[:, :, None, None]
+            self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
+        return None
 
     def _recompute(self, ld: LoadSpec, loaded: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         from vllm_daser import blend

@@ -52,6 +52,8 @@ class Plan:
     doc_ids: tuple[str, ...] = ()
     recompute: tuple[float, int, str] | None = None  # (ratio, check layer, selector): in-engine recompute
     prefetch_id: str | None = None  # the prefetch message that pinned this request's entries (prefetch.py)
+    scales: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]] | None = None
+    """A calibration's (key, value) factors [layers][kv_heads] for re-positioned segments."""
 
     @property
     def num_tokens(self) -> int:
@@ -148,10 +150,38 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
     if pid is not None and (not isinstance(pid, str) or not pid or len(pid) > 200):
         raise PlanError(f"bad 'prefetch_id' {pid!r}: expected a non-empty string")
     plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute,
-                pid)
+                pid, _parse_scales(raw.get("scales")))
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
     return plan
+
+
+def _parse_scales(raw: Any) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]] | None:
+    """{"k": [[f, ...] per layer], "v": [...]} with the same rectangular shape, finite and > 0."""
+    if raw is None:
+        return None
+    import math
+
+    def table(rows: Any) -> tuple[tuple[float, ...], ...]:
+        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)) or not rows:
+            raise PlanError(f"bad 'scales' {raw!r}: expected {{'k': [[factor per KV head] per layer], 'v': ...}}")
+        out = []
+        for row in rows:
+            if (not isinstance(row, Sequence) or isinstance(row, (str, bytes)) or not row
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                               for x in row)):
+                raise PlanError(f"bad 'scales' row {row!r}: expected finite factors > 0")
+            out.append(tuple(float(x) for x in row))
+        if len({len(r) for r in out}) != 1:
+            raise PlanError("bad 'scales': every layer needs the same number of KV heads")
+        return tuple(out)
+
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"bad 'scales' {raw!r}: expected an object with 'k' and 'v'")
+    k, v = table(raw.get("k")), table(raw.get("v"))
+    if len(k) != len(v) or len(k[0]) != len(v[0]):
+        raise PlanError("bad 'scales': 'k' and 'v' must have the same [layers][kv_heads] shape")
+    return k, v
 
 
 def _is_key(k: Any) -> bool:

@@ -139,7 +139,7 @@ class VllmRagPrompter:
 
     def reuse(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = SHARED_TENANT,
               exact_nodes: bool = True, recompute_ratio: float = 0.0, check_layer: int = 1,
-              selector: str = "chunk_heads") -> VllmRequest:
+              selector: str = "chunk_heads", calibration: Any = None) -> VllmRequest:
         """Full reuse (r=0) inside vLLM: every stored context token is an external hit
         (`Planner.reuse` says how). Missing chunk entries come back as `prefill` requests: run
         them first and the main request loads every chunk.
@@ -149,13 +149,16 @@ class VllmRagPrompter:
         them, chosen by `selector`: "chunk_heads" (default: the first tokens of every chunk, no
         check pass; 2.19x vs vLLM prefix caching against 2.05x for deviation on the vllm_serve
         trace, docs/vllm.md) or "deviation" (CacheBlend, at `check_layer`), see blend.py.
+        `calibration` (a scales-only `Calibration`, docs/calibration.md): the connector scales the
+        re-positioned segments it loads, as daser's own fusion does.
         """
         if selector not in IN_ENGINE_SELECTORS:
             raise InvalidInputError(f"in-engine selector must be one of {IN_ENGINE_SELECTORS}, got {selector!r}")
         t0 = time.perf_counter()
         plan = self.planner.reuse(question, contexts, tenant=tenant, exact_nodes=exact_nodes,
-                                  recompute=(float(recompute_ratio), int(check_layer), selector))
-        info = {"segments": len(plan.chunks) + 1, "exact_chunks": plan.exact_chunks}
+                                  recompute=(float(recompute_ratio), int(check_layer), selector),
+                                  calibration=calibration)
+        info = {"segments": len(plan.chunks) + 1, "exact_chunks": plan.exact_chunks, "calibrated": plan.calibrated}
         return self._request(plan, "reuse", time.perf_counter() - t0, info)
 
     def _generator(self) -> CacheAwareGenerator:
