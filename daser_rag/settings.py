@@ -136,7 +136,7 @@ CALIBRATION = declare("engine.calibration", "auto", "str",
                       "calibration of reused KV (daser_rag/calibration, `daser-rag calibrate`): 'auto' (the model's "
                       "files in the cache dir, when `daser-rag calibrate` wrote any: one fitted at r=0, used at r=0; "
                       "one fitted at a recompute share, used at r<1); 'off'; or file paths joined by commas. A corrupt file or "
-                      "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN))
+                      "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN, _VLLM))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",
                             parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))
