@@ -56,7 +56,8 @@ def env(tmp_path_factory):
     llm = vllm.LLM(model=str(vllm_model_dir(lm)), dtype="float32", max_model_len=2048, enforce_eager=True,
                    block_size=32, max_num_seqs=4, enable_prefix_caching=False, disable_log_stats=False,
                    kv_transfer_config=kv_transfer_config(store_dir, fingerprint=gen.fingerprint, codec="fp32"))
-    docs = {d.doc_id: d for d in python_reference_corpus(["pass", "break", "continue", "del", "assert", "global", "for"])}
+    docs = {d.doc_id: d for d in python_reference_corpus(["pass", "break", "continue", "del", "assert", "global", "for",
+                                                          "while", "return", "raise"])}
     yield {"gen": gen, "llm": llm, "p": VllmRagPrompter(gen, codec="fp32"), "docs": docs}
     del llm
 
@@ -262,7 +263,7 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     cal = Calibration(gen.fingerprint, 0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
                       0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
                       torch.zeros(0, spec.hidden_size))
-    ctx = [d["pyref:for"], d["pyref:assert"], d["pyref:global"]]
+    ctx = [d["pyref:while"], d["pyref:return"], d["pyref:raise"]]  # documents no other test stores
     _run_prefills(env, env["p"].reuse(Q1, ctx, exact_nodes=False))
     plain = env["p"].reuse(Q1, ctx, exact_nodes=False)
     r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=cal)
