@@ -83,6 +83,7 @@ def test_reuse_plan_lists_missing_chunks_and_salts_repositioned_kv(generator):
     assert one.cache_salt is None and one.exact_chunks == 1  # exact: safe in vLLM's own prefix cache
 
 
+@pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generator):
     """The connector scales what the plan names (vllm_daser/connector.py `_calibrate`): the
     calibration's factors, for a context with re-positioned chunks; the salt names it, so scaled
