@@ -13,8 +13,9 @@ user's own documents, with full prefill as the teacher (no labels):
   (KVLink-style), computed fresh per request over the whole context.
 
 A calibration is fitted for one regime, full reuse (r = 0) or a recompute share (the engine's
-default, hybrid r = 0.15), and acts only on requests in that regime: scales fitted for all-stale
-context over-correct stale KV that sits beside repaired tokens.
+default, hybrid r = 0.15). An r = 0 fit acts only on r = 0 requests (its scales, fitted for an
+all-stale context, over-correct stale KV beside repaired tokens); an r > 0 fit acts wherever
+stored KV is reused (`adapter.Calibration.applies_to`).
 
 Modules: `config` (what a run fits), `adapter` (the parameters, their digest, the per-regime
 set), `storage` (the checksummed file keyed by the model fingerprint and regime), `examples`

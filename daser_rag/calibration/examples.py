@@ -132,9 +132,8 @@ def _segments(gen: Any, chunk_ids: list[list[int]]) -> list[ChunkKV]:
 
 
 @torch.inference_mode()
-def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def _reuse_buffer(gen: Any, segs: list[ChunkKV]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     runner = gen.runner
-    segs = _segments(gen, chunk_ids)
     filler = _LayerFiller(runner, segs)
     cache = runner.new_cache(filler.length)
     filler.cache = cache
@@ -148,9 +147,8 @@ def _reuse_buffer(gen: Any, chunk_ids: list[list[int]]) -> tuple[list[torch.Tens
 
 
 @torch.inference_mode()
-def _selection(gen: Any, chunk_ids: list[list[int]], q_ids: list[int], blend: BlendConfig) -> torch.Tensor:
+def _selection(gen: Any, segs: list[ChunkKV], q_ids: list[int], blend: BlendConfig) -> torch.Tensor:
     """The context positions `fuse` recomputes for this prompt at `blend`, uncalibrated."""
-    segs = _segments(gen, chunk_ids)
     res = fuse(gen.runner, segs, torch.tensor(q_ids), exact_len=exact_length(segs), config=blend)
     pos = res.recomputed_positions
     return torch.zeros(0, dtype=torch.long) if pos is None else pos.to(torch.long)
@@ -164,8 +162,9 @@ def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question
     q_ids = list(gen.prompt.query_ids(spec.question))
     ctx_ids = list(gen.prompt.prefix_ids) + [i for ids in chunk_ids for i in ids]
     answer, logp = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
-    keys, values, reused = _reuse_buffer(gen, chunk_ids)
-    selected = _selection(gen, chunk_ids, q_ids, blend) if blend is not None else None
+    segs = _segments(gen, chunk_ids)  # computed once: the buffer and the selection read the same KV
+    keys, values, reused = _reuse_buffer(gen, segs)
+    selected = _selection(gen, segs, q_ids, blend) if blend is not None else None
     # inference tensors cannot be saved for backward: plain copies
     keys = [k.clone() for k in keys]
     values = [v.clone() for v in values]
@@ -180,4 +179,4 @@ def with_selection(gen: Any, ex: ReuseExample, blend: BlendConfig | None) -> Reu
         return dataclasses.replace(ex, selected=None) if blend is None else ex
     chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in ex.spec.chunks]
     q_ids = list(gen.prompt.query_ids(ex.spec.question))
-    return dataclasses.replace(ex, selected=_selection(gen, chunk_ids, q_ids, blend).clone())
+    return dataclasses.replace(ex, selected=_selection(gen, _segments(gen, chunk_ids), q_ids, blend).clone())
