@@ -4,8 +4,10 @@ Two steps, both reproducible from this file:
 
 1. `--train DIR`: calibrate on the bundled Python Language Reference topics (the training
    documents; part of them held out by the calibration's own check), preparing the prompts
-   once and fitting three variants on them: `ape` (per-layer/per-head key and value scales on
-   reused context, no new tokens), `adapter` (4 learned link tokens, no scales) and `both`.
+   once and fitting variants on them: `ape` (per-layer/per-head key and value scales on
+   reused context, no new tokens), `bias` (those scales plus per-layer/per-head key and value
+   biases), `adapter` (4 learned link tokens, no scales) and `both`; `*_r15` are fitted at the
+   default repair (hybrid, r = 0.15) instead of full reuse.
    Writes DIR/{ape,adapter,both}.safetensors, their loss curves, and DIR/train.json.
 2. measure (default): the held-out stdlib grid (benchmarks/evalset.py: standard-library
    docstrings, none of which the calibration saw), answer document last by default; per
@@ -24,12 +26,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+_R15 = {"fit_share": 0.15, "fit_selector": "hybrid"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ape": {"scales": True, "link_tokens": 0}, "adapter": {"scales": False, "link_tokens": 4},
-    "both": {"scales": True, "link_tokens": 4},
+    "ape": {"scales": True, "biases": False, "link_tokens": 0},
+    "adapter": {"scales": False, "biases": False, "link_tokens": 4},
+    "both": {"scales": True, "biases": False, "link_tokens": 4},
+    "bias": {"scales": True, "biases": True, "link_tokens": 0},  # scales + key/value biases
     # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
-    "ape_r15": {"scales": True, "link_tokens": 0, "fit_share": 0.15, "fit_selector": "hybrid"},
-    "both_r15": {"scales": True, "link_tokens": 4, "fit_share": 0.15, "fit_selector": "hybrid"}}
+    "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, **_R15},
+    "both_r15": {"scales": True, "biases": False, "link_tokens": 4, **_R15},
+    "bias_r15": {"scales": True, "biases": True, "link_tokens": 0, **_R15}}
 DEFAULT_MODES = "0,chunk_heads:0.15,hybrid:0.15"
 
 

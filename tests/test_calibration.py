@@ -15,14 +15,41 @@ def _segments(gen, topics=("pass", "break", "continue")):
     return chunks, segs
 
 
-def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0):
+def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0, biases=True):
+    """Random scales, link tokens and (by default) key/value biases: every part a test can see."""
     from daser_rag.calibration.adapter import Calibration
 
     g = torch.Generator().manual_seed(seed)
     spec = gen.runner.spec
+    shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
     return Calibration(gen.fingerprint, 0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
                        0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
-                       0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g), fit_share=fit_share)
+                       0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g), fit_share=fit_share,
+                       key_bias=0.3 * torch.randn(shape, generator=g) if biases else None,
+                       value_bias=0.1 * torch.randn(shape, generator=g) if biases else None)
+
+
+def test_key_bias_is_added_before_rope_and_place_undoes():
+    """A stored key is R(p) k_raw; placed, it is R(p) (s k_raw + b): the bias turns with the
+    token's position like the key does. `unplace` gives the stored K/V back (selection ranks
+    staleness with it)."""
+    from daser_rag.calibration.adapter import place_kv, unplace_kv
+    from daser_rag.model.rope import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    heads, n, d = 3, 7, 8
+    raw_k, v = torch.randn(heads, n, d, generator=g), torch.randn(heads, n, d, generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    cos, sin = rope_cos_sin(torch.arange(100, 100 + n), inv_freq, 1.0, torch.float32)
+    k = apply_rope(raw_k, cos, sin)
+    ks, vs = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([1.5, 1.0, 0.25])
+    kb, vb = torch.randn(heads, d, generator=g), torch.randn(heads, d, generator=g)
+    pk, pv = place_kv(k, v, ks, vs, kb, vb, cos, sin)
+    want = apply_rope(raw_k * ks.view(-1, 1, 1) + kb.unsqueeze(1), cos, sin)
+    assert torch.allclose(pk, want, atol=1e-5)
+    assert torch.allclose(pv, v * vs.view(-1, 1, 1) + vb.unsqueeze(1), atol=1e-6)
+    bk, bv = unplace_kv(pk, pv, ks, vs, kb, vb, cos, sin)
+    assert torch.allclose(bk, k, atol=1e-5) and torch.allclose(bv, v, atol=1e-5)
 
 
 def test_r1_with_calibration_equals_full_prefill(generator):
@@ -94,7 +121,8 @@ def test_student_matches_fuse_at_r0(generator):
                  calibration=cal)
     assert int((~ex.reused).sum()) == exact_length(segs)
     with torch.no_grad():
-        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
+                             cal.key_bias, cal.value_bias)
     # tail = question + first answer token: the second-to-last row is the question's last token
     assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
 
@@ -120,9 +148,11 @@ def test_student_matches_fuse_at_r_above_zero(generator):
     assert ex.recomputed == fused.recomputed_tokens > 0
     assert torch.equal(ex.selected, fused.recomputed_positions)
     with torch.no_grad():
-        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+        got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
+                             cal.key_bias, cal.value_bias)
         at_r0 = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2)
-        r0 = student_logits(gen.runner, at_r0, cal.key_log_scale, cal.value_log_scale, cal.link, 2)
+        r0 = student_logits(gen.runner, at_r0, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
+                            cal.key_bias, cal.value_bias)
     assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
     assert (r0[0] - fused.logits[-1]).abs().max().item() > 1e-2  # the repair matters: not the r=0 student
 
@@ -131,6 +161,7 @@ def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
     from daser_rag.calibration import storage
 
     gen = generator
+    spec = gen.runner.spec
     cal = _random_calibration(gen)
     path = storage.save(cal, tmp_path / "cal.safetensors")
     back = storage.load_for(path, gen.runner, gen.fingerprint)
@@ -163,6 +194,26 @@ def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
         storage.load_for(tmp_path / "none.safetensors", gen.runner, gen.fingerprint)
     with pytest.raises(storage.CalibrationFileError, match="shape"):
         storage.load(path, fingerprint=gen.fingerprint, layers=3, kv_heads=3, hidden=576)
+    with pytest.raises(storage.CalibrationFileError, match="key_bias has shape"):
+        storage.load(path, fingerprint=gen.fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
+                     hidden=spec.hidden_size, head_dim=spec.head_dim * 2)
+    # biases are in the checksum; a file without them keeps the digest scales-only files always had
+    assert torch.equal(back.key_bias, cal.key_bias) and torch.equal(back.value_bias, cal.value_bias)
+    plain = _random_calibration(gen, biases=False)
+    assert set(plain.tensors()) == {"key_log_scale", "value_log_scale", "link"}
+    assert plain.digest() != _random_calibration(gen).digest()
+    back_plain = storage.load_for(storage.save(plain, tmp_path / "plain.safetensors"), gen.runner, gen.fingerprint)
+    assert back_plain.key_bias is None and back_plain.digest() == plain.digest()
+    moved = tmp_path / "bias-edited.safetensors"
+    save_file({**{k: v for k, v in cal.tensors().items()}, "value_bias": cal.value_bias + 0.01}, str(moved),
+              metadata=dict(safe_open(str(path), framework="pt").metadata()))
+    with pytest.raises(storage.CalibrationFileError, match="checksum"):
+        storage.load_for(moved, gen.runner, gen.fingerprint)
+    extra = tmp_path / "extra.safetensors"
+    save_file({**cal.tensors(), "query_bias": torch.zeros(2)}, str(extra),
+              metadata=dict(safe_open(str(path), framework="pt").metadata()))
+    with pytest.raises(storage.CalibrationFileError, match="does not know"):
+        storage.load_for(extra, gen.runner, gen.fingerprint)
 
 
 def test_chunk_keys_include_chunk_side_adapters_only(generator):

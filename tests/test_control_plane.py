@@ -88,6 +88,9 @@ def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generato
     """The connector scales what the plan names (vllm_daser/connector.py `_calibrate`): the
     calibration's factors, for a context with re-positioned chunks; the salt names it, so scaled
     blocks never meet unscaled ones in vLLM's prefix cache. Link tokens cannot go into vLLM."""
+    import base64
+    import dataclasses
+
     import torch
 
     from daser_rag.calibration.adapter import Calibration
@@ -95,7 +98,9 @@ def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generato
     spec = generator.runner.spec
     g = torch.Generator().manual_seed(0)
     cal = Calibration(generator.fingerprint, 0.2 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
-                      0.2 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g), torch.zeros(0, spec.hidden_size))
+                      0.2 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g), torch.zeros(0, spec.hidden_size),
+                      key_bias=torch.randn(spec.num_layers, spec.num_kv_heads, spec.head_dim, generator=g),
+                      value_bias=torch.randn(spec.num_layers, spec.num_kv_heads, spec.head_dim, generator=g))
     planner = Planner.for_generator(generator)
     generator.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
     ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")]
@@ -105,6 +110,15 @@ def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generato
     sent = scaled.kv_transfer_params["daser"]["scales"]
     assert torch.allclose(torch.tensor(sent["k"]), cal.key_log_scale.exp())
     assert torch.allclose(torch.tensor(sent["v"]), cal.value_log_scale.exp())
+    bias = scaled.kv_transfer_params["daser"]["bias"]  # the biases travel too, exactly (float32)
+    assert bias["shape"] == [spec.num_layers, spec.num_kv_heads, spec.head_dim]
+    for name, t in (("k", cal.key_bias), ("v", cal.value_bias)):
+        sent_t = torch.frombuffer(bytearray(base64.b64decode(bias[name])), dtype=torch.float32).view(t.shape)
+        assert torch.equal(sent_t, t)
+    unbiased = planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=dataclasses.replace(cal, key_bias=None,
+                                                                                              value_bias=None))
+    assert "bias" not in unbiased.kv_transfer_params["daser"]
+    assert len({scaled.cache_salt, unbiased.cache_salt, plain.cache_salt}) == 3  # the salt names the biases
     assert scaled.cache_salt not in (None, plain.cache_salt)
     exact = planner.reuse("Q?", [ChunkRef(doc_id="a")], tenant=SHARED_TENANT, calibration=cal)
     assert not exact.calibrated and "scales" not in exact.kv_transfer_params["daser"]  # nothing re-positioned

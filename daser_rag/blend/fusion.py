@@ -66,8 +66,8 @@ class _LayerFiller:
     Segments from a `LayerLoader` (with `ready_layer`) were decoded and re-rotated in the
     background while the previous layer computed; plain `ChunkKV`s are re-rotated here, all
     layers at once on first use. Each layer is written once. With a calibration, the K/V of
-    segments at or past `exact_len` (reused, stale) are scaled per layer and KV head as they
-    are written; exact runs are written as they are.
+    segments at or past `exact_len` (reused, stale) are placed by it as they are written
+    (scaled per layer and KV head, biases added); exact runs are written as they are.
     """
 
     def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV], calibration: Calibration | None = None,
@@ -84,6 +84,7 @@ class _LayerFiller:
         self.length = offset
         self._rotated: dict[int, torch.Tensor] = {}
         self._done: set[int] = set()
+        self._tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, layer: int) -> None:
         if layer in self._done:
@@ -91,7 +92,6 @@ class _LayerFiller:
         self._done.add(layer)
         assert self.cache is not None
         dev, dt = self.runner.device, self.runner.dtype
-        scales = None if self.calibration is None else self.calibration.scales(layer, dev, dt)
         for i, (seg, offset) in enumerate(self.placements):
             ready = getattr(seg, "ready_layer", None)
             if ready is not None:
@@ -102,9 +102,18 @@ class _LayerFiller:
                     self._rotated[i] = rerotate_keys(keys, offset - seg.start_pos, self.runner.inv_freq).to(dt)
                 k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
                 v = seg.values[layer].to(device=dev, dtype=dt)
-            if scales is not None and offset >= self.exact_len:
-                k, v = k * scales[0], v * scales[1]
+            if self.calibration is not None and offset >= self.exact_len:
+                k, v = self.calibration.place(layer, k, v, *self.rope(offset, seg.num_tokens))
             self.cache.write(layer, offset, k, v)
+
+    def rope(self, start: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """RoPE tables of positions [start, start + n) (what a key bias is rotated by; None
+        without one); cached per placement, shared by every layer."""
+        if self.calibration is None or self.calibration.key_bias is None:
+            return None, None
+        if (start, n) not in self._tables:
+            self._tables[(start, n)] = self.runner.rope(torch.arange(start, start + n, device=self.runner.device))
+        return self._tables[(start, n)]
 
     def fill_all(self) -> None:
         for i in range(self.runner.spec.num_layers):
@@ -228,9 +237,9 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
             k_old, v_old = cache.view(i, ctx_len)
             pos = active[:n_cur]
             k_old, v_old = k_old[:, pos], v_old[:, pos]
-            if filler.calibration is not None:  # rank by staleness, not by the calibration's scaling
-                ks, vs = filler.calibration.scales(i, dev, k_old.dtype)
-                k_old, v_old = k_old / ks, v_old / vs
+            if filler.calibration is not None:  # rank by staleness, not by what the calibration did
+                tables = runner.rope(pos) if filler.calibration.key_bias is not None else (None, None)
+                k_old, v_old = filler.calibration.unplace(i, k_old, v_old, *tables)
             deviation = kv_deviation(k[:, :n_cur], v[:, :n_cur], k_old, v_old, config.deviation)
             # Every active token went through all layers below, so its K/V here are exact: keep
             # them all (free), then carry on with the selected tokens only.

@@ -6,9 +6,11 @@ calibration instead adapts *how the fresh tokens read the stale ones*, once per 
 user's own documents, with full prefill as the teacher (no labels):
 
 * a per-layer, per-KV-head scale on the reused context's keys (an attention temperature, as in
-  APE) and on its values (the context's contribution), applied when stored KV is placed in the
-  prompt's buffer; exact runs and recomputed tokens are never scaled, so r = 1 stays exactly
-  full prefill;
+  APE) and on its values (the context's contribution), and a per-layer, per-KV-head bias vector
+  on each (the key bias added before RoPE, so it turns with the token's position): the
+  systematic part of what stale KV lacks. Applied when stored KV is placed in the prompt's
+  buffer; exact runs and recomputed tokens are never touched, so r = 1 stays exactly full
+  prefill;
 * k learned link tokens (soft embeddings) placed between the context and the question
   (KVLink-style), computed fresh per request over the whole context.
 

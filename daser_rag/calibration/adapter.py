@@ -3,7 +3,15 @@
 `key_log_scale[l, h]` / `value_log_scale[l, h]` scale the keys / values of reused context
 tokens in layer l, KV head h (exp of the stored number, so 0 is "no change"); scaling the keys
 is an attention temperature on the context, scaling the values rescales what the context
-contributes. `link` holds k embeddings placed between the context and the question.
+contributes. `key_bias[l, h]` / `value_bias[l, h]` ([head_dim] each, optional) then shift them:
+stale KV is off by a systematic amount a scale cannot express (a chunk computed after the
+system prefix alone has not seen the chunks before it). The key bias is added before RoPE, so it
+is rotated to each token's position like the key itself (a fixed vector in the rotated frame
+would favour some distances over others). `link` holds k embeddings placed between the context
+and the question.
+
+Everything but the link tokens is baked into the K/V written to the prompt's buffer, so any
+attention kernel reads it (decode steps, vLLM's paged attention) with no change.
 
 The digest names the parameters exactly (it is part of the file's checksum and of
 `GenerationResult`); `chunk_digest` is what chunk keys must include: the part of the adapter
@@ -15,13 +23,46 @@ and `daser_rag.kv.keys.chunk_key` keys it in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from daser_rag.model.rope import apply_rope
+
 VERSION = 1
+
+
+def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
+             key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
+             cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reused K/V [kvH, T, D] of one layer as the calibration places them: scaled by the
+    per-head factors ([kvH]), plus the biases ([kvH, D]; the key bias rotated by the tokens'
+    RoPE tables cos/sin [T, D]). Differentiable: the student fits through it; fusion and the
+    vLLM connector place stored KV with it."""
+    k = k * key_scale.view(-1, 1, 1)
+    v = v * value_scale.view(-1, 1, 1)
+    if key_bias is not None:
+        assert cos is not None and sin is not None, "a key bias needs the tokens' RoPE tables"
+        k = k + apply_rope(key_bias.unsqueeze(1).expand(-1, int(cos.shape[0]), -1), cos, sin)
+    if value_bias is not None:
+        v = v + value_bias.unsqueeze(1)
+    return k, v
+
+
+def unplace_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
+               key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
+               cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored K/V back from placed ones (`place_kv` inverted): selection ranks tokens by how
+    stale they are, not by what the calibration did to them."""
+    if key_bias is not None:
+        assert cos is not None and sin is not None, "a key bias needs the tokens' RoPE tables"
+        k = k - apply_rope(key_bias.unsqueeze(1).expand(-1, int(cos.shape[0]), -1), cos, sin)
+    if value_bias is not None:
+        v = v - value_bias.unsqueeze(1)
+    return k / key_scale.view(-1, 1, 1), v / value_scale.view(-1, 1, 1)
 
 
 @dataclass
@@ -38,24 +79,42 @@ class Calibration:
     fitted for full reuse over-correct stale KV that sits beside repaired tokens (held-out grid:
     hybrid r=0.15 KL 0.039 -> 0.044), while scales fitted at r = 0.15 help at r = 0 as well
     (0.116 -> 0.095, as much as an r = 0 fit): docs/calibration.md."""
+    key_bias: torch.Tensor | None = None
+    """[layers, kv_heads, head_dim], added to reused keys before RoPE (None: none)."""
+    value_bias: torch.Tensor | None = None
+    """[layers, kv_heads, head_dim] (None: none). Biases enter the digest only when present, so
+    a scales-only file keeps the checksum it was written with."""
 
     @classmethod
     def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
-                 link_init: torch.Tensor | None = None) -> Calibration:
-        """No change at all; `link_init` ([hidden]) seeds every link token's embedding."""
+                 link_init: torch.Tensor | None = None, head_dim: int = 0) -> Calibration:
+        """No change at all; `link_init` ([hidden]) seeds every link token's embedding;
+        `head_dim` > 0 adds zero biases (to be fitted)."""
         link = torch.zeros(link_tokens, hidden)
         if link_tokens and link_init is not None:
             link = link_init.detach().float().reshape(1, hidden).repeat(link_tokens, 1).clone()
-        return cls(fingerprint, torch.zeros(layers, kv_heads), torch.zeros(layers, kv_heads), link)
+        kb = torch.zeros(layers, kv_heads, head_dim) if head_dim else None
+        vb = torch.zeros(layers, kv_heads, head_dim) if head_dim else None
+        return cls(fingerprint, torch.zeros(layers, kv_heads), torch.zeros(layers, kv_heads), link,
+                   key_bias=kb, value_bias=vb)
+
+    @property
+    def has_biases(self) -> bool:
+        return self.key_bias is not None or self.value_bias is not None
 
     @property
     def link_tokens(self) -> int:
         return int(self.link.shape[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
-                "value_log_scale": self.value_log_scale.detach().float().contiguous(),
-                "link": self.link.detach().float().contiguous()}
+        out = {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
+               "value_log_scale": self.value_log_scale.detach().float().contiguous(),
+               "link": self.link.detach().float().contiguous()}
+        for name in ("key_bias", "value_bias"):
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = t.detach().float().contiguous()
+        return out
 
     def digest(self) -> str:
         """blake2b over the version, the fingerprint and every tensor's shape and bytes."""
@@ -73,15 +132,33 @@ class Calibration:
         """What chunk keys include: empty while the adapter leaves stored chunk KV unchanged."""
         return self.digest() if self.chunk_side else ""
 
-    def scales(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """([kvH, 1, 1] key factor, [kvH, 1, 1] value factor) for one layer."""
-        k = self.key_log_scale[layer].exp().to(device=device, dtype=dtype).view(-1, 1, 1)
-        v = self.value_log_scale[layer].exp().to(device=device, dtype=dtype).view(-1, 1, 1)
-        return k, v
+    def _layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                                                torch.Tensor | None]:
+        def to(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=like.device, dtype=like.dtype)
 
-    def check_shape(self, layers: int, kv_heads: int, hidden: int) -> None:
+        return (to(self.key_log_scale[layer].exp()), to(self.value_log_scale[layer].exp()),
+                None if self.key_bias is None else to(self.key_bias[layer]),
+                None if self.value_bias is None else to(self.value_bias[layer]))
+
+    def place(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
+              sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's reused K/V [kvH, T, D] as placed in a prompt (`place_kv`); cos/sin: the
+        RoPE tables [T, D] of the tokens' positions there (needed when there is a key bias)."""
+        return place_kv(k, v, *self._layer(layer, k), cos, sin)
+
+    def unplace(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`place` undone: the stored K/V (what selection compares fresh K/V with)."""
+        return unplace_kv(k, v, *self._layer(layer, k), cos, sin)
+
+    def check_shape(self, layers: int, kv_heads: int, hidden: int, head_dim: int | None = None) -> None:
         """The tensors fit a model of this shape (a mismatching file is an error, not a guess)."""
-        want = {"key_log_scale": (layers, kv_heads), "value_log_scale": (layers, kv_heads)}
+        want: dict[str, tuple[int, ...]] = {"key_log_scale": (layers, kv_heads), "value_log_scale": (layers, kv_heads)}
+        for name in ("key_bias", "value_bias"):
+            t = getattr(self, name)
+            if t is not None:
+                want[name] = (layers, kv_heads, head_dim if head_dim is not None else int(t.shape[-1]))
         for name, shape in want.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -97,6 +174,20 @@ class Calibration:
         connector, which scales the re-positioned segments it loads (vllm_daser/connector.py)."""
         return self.key_log_scale.exp().tolist(), self.value_log_scale.exp().tolist()
 
+    def bias_bytes(self) -> tuple[list[int], bytes, bytes] | None:
+        """(shape, key bias, value bias) as little-endian float32 bytes, what a vLLM plan carries
+        (`daser_rag.control.wire.plan_params(bias=)`); None without biases (a missing one is zeros)."""
+        if not self.has_biases:
+            return None
+        like = self.key_bias if self.key_bias is not None else self.value_bias
+        assert like is not None
+
+        def raw(t: torch.Tensor | None) -> bytes:
+            t = torch.zeros_like(like) if t is None else t
+            return t.detach().to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+
+        return [int(d) for d in like.shape], raw(self.key_bias), raw(self.value_bias)
+
     def applies_to(self, share: float | None) -> bool:
         """Whether a request recomputing `share` of its reused tokens (None: an adaptive budget,
         share not known before the look-ahead) may use it: an r = 0 fit only where nothing is
@@ -106,13 +197,13 @@ class Calibration:
         return share == 0.0
 
     def without_link(self) -> Calibration:
-        return Calibration(self.fingerprint, self.key_log_scale, self.value_log_scale,
-                           self.link[:0], dict(self.meta), self.chunk_side, self.fit_share)
+        return dataclasses.replace(self, link=self.link[:0], meta=dict(self.meta))
 
     def without_scales(self) -> Calibration:
-        return Calibration(self.fingerprint, torch.zeros_like(self.key_log_scale),
-                           torch.zeros_like(self.value_log_scale), self.link, dict(self.meta), self.chunk_side,
-                           self.fit_share)
+        """Only the link tokens: no scales and no biases."""
+        return dataclasses.replace(self, key_log_scale=torch.zeros_like(self.key_log_scale),
+                                   value_log_scale=torch.zeros_like(self.value_log_scale), key_bias=None,
+                                   value_bias=None, meta=dict(self.meta))
 
 
 @dataclass(frozen=True)
@@ -145,7 +236,8 @@ class CalibrationSet:
         return ranked[0] if ranked else None
 
     def describe(self) -> str:
-        return ", ".join(f"r={c.fit_share:g}" + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
+        return ", ".join(f"r={c.fit_share:g}" + (" with biases" if c.has_biases else "")
+                         + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
                          for c in self.members)
 
 

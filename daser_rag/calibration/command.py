@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-selector", default=d.fit_selector, help="selection replayed when --fit-share > 0")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch of 4 prompts each)")
     p.add_argument("--link-tokens", type=int, default=d.link_tokens, help="learned link tokens before the question")
-    p.add_argument("--no-scales", action="store_true", help="learn link tokens only (no key/value scales)")
+    p.add_argument("--no-scales", action="store_true", help="no key/value scales")
+    p.add_argument("--no-biases", action="store_true", help="no key/value biases (scales only, as before biases)")
     p.add_argument("--train-prompts", type=int, default=d.train_prompts)
     p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
     docs = list(documents) if documents is not None else read_documents(args.files, args.topics)
     try:
         cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=not args.no_scales, steps=args.steps,
+                                biases=not args.no_biases,
                                 train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
                                 answer_tokens=args.answer_tokens, min_gain=args.min_gain, seed=args.seed,
                                 fit_share=args.fit_share, fit_selector=args.fit_selector)

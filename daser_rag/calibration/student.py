@@ -1,7 +1,8 @@
 """The reuse path, differentiable in the calibration's parameters (the model stays frozen).
 
 Same arithmetic as `fuse` with a calibration: the stored (re-rotated) context KV, its reused
-positions scaled per layer and KV head, then [link tokens | question | answer] run through the
+positions placed by the calibration (`adapter.place_kv`: scaled per layer and KV head, biases
+added), then [link tokens | question | answer] run through the
 model over it with LayerRunner's own blocks. Only the tail is computed at r = 0, so a step
 costs about a forward and backward over ~20-60 tokens, not over the whole prompt. Fitted at
 r > 0, the example's selected context tokens are recomputed with the tail from layer 0, over
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from daser_rag.calibration.adapter import place_kv
 from daser_rag.calibration.examples import ReuseExample
 from daser_rag.model.runner import LayerRunner
 
 
 def student_logits(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.Tensor,
-                   value_log_scale: torch.Tensor, link: torch.Tensor, n_last: int) -> torch.Tensor:
+                   value_log_scale: torch.Tensor, link: torch.Tensor, n_last: int,
+                   key_bias: torch.Tensor | None = None, value_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n_last, vocab] at the last `n_last` tail positions (link tokens excluded)."""
     c = ex.context_tokens
     k_link = int(link.shape[0])
@@ -34,13 +37,15 @@ def student_logits(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.T
         positions = torch.cat([sel, positions])
     n_sel = 0 if sel is None else int(sel.shape[0])
     cos, sin = runner.rope(positions)
+    ctx_cos, ctx_sin = runner.rope(torch.arange(c, device=runner.device)) if key_bias is not None else (None, None)
     mask = runner.mask_for(positions, c + t)
     reused = ex.reused.to(runner.device).view(1, -1, 1)
     for i in range(runner.spec.num_layers):
         _, q, k, v = runner.qkv(i, h, cos, sin)
-        kf = torch.where(reused, key_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=k.dtype))
-        vf = torch.where(reused, value_log_scale[i].exp().view(-1, 1, 1), torch.ones((), dtype=v.dtype))
-        k_ctx, v_ctx = ex.keys[i] * kf, ex.values[i] * vf
+        k_pl, v_pl = place_kv(ex.keys[i], ex.values[i], key_log_scale[i].exp(), value_log_scale[i].exp(),
+                              None if key_bias is None else key_bias[i], None if value_bias is None else value_bias[i],
+                              ctx_cos, ctx_sin)
+        k_ctx, v_ctx = torch.where(reused, k_pl, ex.keys[i]), torch.where(reused, v_pl, ex.values[i])
         if sel is not None:  # the repaired tokens' fresh K/V replace their stale ones
             k_ctx = k_ctx.index_copy(1, sel, k[:, :n_sel])
             v_ctx = v_ctx.index_copy(1, sel, v[:, :n_sel])
@@ -58,6 +63,8 @@ def kl_loss(teacher_logp: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 
 
 def example_kl(runner: LayerRunner, ex: ReuseExample, key_log_scale: torch.Tensor, value_log_scale: torch.Tensor,
-               link: torch.Tensor) -> torch.Tensor:
+               link: torch.Tensor, key_bias: torch.Tensor | None = None,
+               value_bias: torch.Tensor | None = None) -> torch.Tensor:
     n = int(ex.teacher_logp.shape[0])
-    return kl_loss(ex.teacher_logp, student_logits(runner, ex, key_log_scale, value_log_scale, link, n))
+    return kl_loss(ex.teacher_logp, student_logits(runner, ex, key_log_scale, value_log_scale, link, n,
+                                                   key_bias, value_bias))

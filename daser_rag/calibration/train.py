@@ -1,7 +1,7 @@
 """Self-distillation of the calibration, and the held-out check that decides whether to use it.
 
-The teacher is full prefill on the user's own documents; the student is the r = 0 reuse path
-with the calibration (`student.py`). Adam on the adapter's parameters only (the model's are
+The teacher is full prefill on the user's own documents; the student is the reuse path with
+the calibration (`student.py`). Adam on the adapter's parameters only (the model's are
 frozen for the run and restored after). Documents are split before any prompt is built: the
 held-out prompts use only documents no training prompt used, and the calibration is accepted
 only if it lowers the mean KL there (by `min_gain`, relative); otherwise the report says so and
@@ -75,7 +75,8 @@ class _Frozen:
 
 def mean_kls(gen: Any, examples: Sequence[ReuseExample], cal: Calibration) -> list[float]:
     with torch.no_grad():
-        return [float(example_kl(gen.runner, e, cal.key_log_scale, cal.value_log_scale, cal.link)) for e in examples]
+        return [float(example_kl(gen.runner, e, cal.key_log_scale, cal.value_log_scale, cal.link, cal.key_bias,
+                                 cal.value_bias)) for e in examples]
 
 
 def chunks_by_document(gen: Any, documents: Sequence[Document], per_document: int) -> dict[str, list[str]]:
@@ -148,9 +149,14 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
     ks = cal.key_log_scale.clone().requires_grad_(config.scales)
     vs = cal.value_log_scale.clone().requires_grad_(config.scales)
     link = cal.link.clone().requires_grad_(bool(config.link_tokens))
+    bias_shape = (spec.num_layers, spec.num_kv_heads, runner.head_dim)
+    kb = torch.zeros(bias_shape, requires_grad=True) if config.biases else None
+    vb = torch.zeros(bias_shape, requires_grad=True) if config.biases else None
     groups: list[dict[str, Any]] = []
     if config.scales:
         groups.append({"params": [ks, vs], "lr": config.lr_scale})
+    if kb is not None and vb is not None:
+        groups.append({"params": [kb, vb], "lr": config.lr_bias})
     if config.link_tokens:
         groups.append({"params": [link], "lr": config.lr_link})
     opt = torch.optim.Adam(groups)
@@ -162,7 +168,7 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
             opt.zero_grad()
             total = 0.0
             for e in batch:  # one graph at a time: an r > 0 student holds ~1 GB of activations
-                loss = example_kl(runner, e, ks, vs, link) / len(batch)
+                loss = example_kl(runner, e, ks, vs, link, kb, vb) / len(batch)
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += float(loss.detach())
             opt.step()
@@ -170,7 +176,8 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
             if step % 10 == 9 or step == config.steps - 1:
                 say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
     trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone(),
-                          fit_share=config.fit_share)
+                          fit_share=config.fit_share, key_bias=None if kb is None else kb.detach().clone(),
+                          value_bias=None if vb is None else vb.detach().clone())
     after = mean_kls(gen, held, trained)
     kl_b, kl_a = sum(before) / len(before), sum(after) / len(after)
     accepted = kl_a < kl_b * (1.0 - config.min_gain)

@@ -60,7 +60,7 @@ class ReusePlan:
     prefill: list[PrefillPlan] = field(default_factory=list)
     """Chunks missing from the store: run these first and the main request loads every chunk."""
     calibrated: bool = False
-    """The plan carries a calibration's scales for its re-positioned segments."""
+    """The plan carries a calibration (scales, biases) for its re-positioned segments."""
 
     @property
     def chunk_keys(self) -> list[str]:
@@ -152,8 +152,8 @@ class Planner:
         is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
         path) only while everything before it was exact. Missing chunk entries come back as
         `prefill` plans. Writes the request's document refs (so invalidation reaches its KV).
-        `calibration` (scales only; docs/calibration.md): the connector scales every re-positioned
-        segment it loads by its factors; the plan's cache salt names it. `ReusePlan.calibrated`
+        `calibration` (scales and biases, no link tokens; docs/calibration.md): the connector places
+        every re-positioned segment it loads with it; the plan's cache salt names it. `ReusePlan.calibrated`
         says whether it went into the plan (not when the whole context is exact).
         """
         _check_question(question)
@@ -202,7 +202,8 @@ class Planner:
             if cal is not None:  # scaled KV is another KV: its blocks never meet unscaled ones
                 h.update(b"\0calibration\0" + cal.digest().encode())
             salt = "r" + h.hexdigest()
-        params = plan_params(segs, recompute=rc, scales=cal.factors() if cal is not None else None)
+        params = plan_params(segs, recompute=rc, scales=cal.factors() if cal is not None else None,
+                             bias=cal.bias_bytes() if cal is not None else None)
         return ReusePlan(ids, params, ctx, len(ids) - ctx, chunks, salt,
                          sum(1 for s in segs[1:] if s[0] == s[2]), prefill, calibrated=cal is not None)
 

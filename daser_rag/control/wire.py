@@ -46,12 +46,16 @@ def in_engine_selectors() -> NameView:
 
 def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
                 recompute: Recompute | None = None, prefetch_id: str | None = None,
-                scales: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None) -> dict[str, Any]:
+                scales: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
+                bias: tuple[Sequence[int], bytes, bytes] | None = None) -> dict[str, Any]:
     """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key).
     `prefetch_id`: the prefetch message that pinned this request's entries on the instance (its
     pin ends once the request has loaded them). `scales`: a calibration's (key, value) factors
     [layers][kv_heads], applied by the connector to every re-positioned segment it loads
-    (daser_rag/calibration: exp of the stored log-scales)."""
+    (daser_rag/calibration: exp of the stored log-scales). `bias`: its (shape [layers, kv_heads,
+    head_dim], key bias, value bias) as little-endian float32 bytes, added after the scales (the
+    key bias rotated to each token's position); base64 in the plan, about 31 KB each for
+    SmolLM2-135M, where lists of numbers would be ~4x that."""
     out: list[list[Any]] = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
@@ -64,7 +68,22 @@ def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
     if scales is not None:
         plan["scales"] = {"k": [[float(x) for x in row] for row in scales[0]],
                           "v": [[float(x) for x in row] for row in scales[1]]}
+    if bias is not None:
+        plan["bias"] = encode_bias(*bias)
     return {PLAN_FIELD: plan}
+
+
+def encode_bias(shape: Sequence[int], key: bytes, value: bytes) -> dict[str, Any]:
+    """A plan's `bias` entry; vllm_daser/plan.py `_parse_bias` is the reading side."""
+    import base64
+
+    n = 4
+    for d in shape:
+        n *= int(d)
+    if len(key) != n or len(value) != n:
+        raise ValueError(f"bias bytes ({len(key)}, {len(value)}) do not hold float32 {list(shape)} ({n} bytes)")
+    return {"shape": [int(d) for d in shape], "k": base64.b64encode(key).decode("ascii"),
+            "v": base64.b64encode(value).decode("ascii")}
 
 
 # -- control messages (vllm_daser/prefetch.py): one-token requests the connector acts on ---------------

@@ -251,8 +251,8 @@ def test_full_reuse_any_order_equals_daser_r0(env):
 
 
 def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
-    """A calibration's scales (docs/calibration.md) applied by the connector to the re-positioned
-    segments it loads give daser's own calibrated r=0 greedy tokens, which differ from the
+    """A calibration's scales and biases (docs/calibration.md) applied by the connector to the
+    re-positioned segments it loads give daser's own calibrated r=0 greedy tokens, which differ from the
     uncalibrated ones; the plan's cache salt names the calibration, so its blocks never meet
     unscaled ones."""
     from daser_rag.calibration.adapter import Calibration, CalibrationSet
@@ -282,6 +282,22 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (toks, ours.token_ids)
     assert list(ours.token_ids) != list(uncal)  # the scales act
     assert list(run(env, plain)[0][:n]) == list(uncal[:n])  # and the unscaled plan is unaffected
+    # key/value biases too (the key bias rotated to each token's place): daser's own tokens again
+    shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
+    biased = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(0, spec.hidden_size),
+                         key_bias=0.3 * torch.randn(shape, generator=g), value_bias=0.1 * torch.randn(shape, generator=g))
+    rb = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=biased)
+    assert rb.info["calibrated"] and rb.prompt["cache_salt"] not in (r.prompt["cache_salt"], plain.prompt["cache_salt"])
+    btoks, bcached = run(env, rb)
+    assert bcached == rb.context_tokens
+    gen.calibration = CalibrationSet((biased,))
+    try:
+        ours_b = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
+    finally:
+        gen.calibration = None
+    nb = min(len(btoks), len(ours_b.token_ids))
+    assert nb >= 8 and list(btoks[:nb]) == list(ours_b.token_ids[:nb]), (btoks, ours_b.token_ids)
+    assert list(ours_b.token_ids) != list(ours.token_ids)  # the biases act
     # link tokens cannot be placed inside vLLM: a clear error, not a silently different calibration
     with_links = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
     with pytest.raises(Exception, match="link tokens"):

@@ -46,7 +46,8 @@ from daser_rag.control.wire import PLAN_FIELD, STATS_FIELD
 from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.shared import default_namespace, open_store
 from daser_rag.kv.store import KVStore
-from daser_rag.model.rope import rerotate_keys
+from daser_rag.calibration.adapter import place_kv
+from daser_rag.model.rope import rerotate_keys, rope_cos_sin
 from daser_rag.settings import VLLM_PREFETCH_MAX_BYTES, VLLM_PREFETCH_MAX_REQUESTS, VLLM_PREFETCH_TTL
 from vllm_daser.layout import PagedLayout, layer_order, layout_for, slots_for
 from vllm_daser.plan import (
@@ -98,6 +99,7 @@ class LoadSpec:
     context_ids: list[int] = field(default_factory=list)  # prompt tokens [0, end), for recompute
     prefetch_id: str | None = None  # the prefetch pin that holds these entries (released after the load)
     scales: tuple[Any, Any] | None = None  # calibration (key, value) factors [layers][kv_heads] past exact_len
+    bias: tuple[tuple[int, int, int], bytes, bytes] | None = None  # calibration biases (plan.py Plan.bias)
 
 
 @dataclass
@@ -315,7 +317,7 @@ class DaserConnectorScheduler:
                         elif pos < end:
                             starts.append(pos)
                         pos += s.num_tokens
-                    spec.exact_len, spec.scales = min(exact, end), plan.scales
+                    spec.exact_len, spec.scales, spec.bias = min(exact, end), plan.scales, plan.bias
                     if plan.recompute is not None:
                         spec.recompute, spec.context_ids, spec.chunk_starts = plan.recompute, tokens[:end], starts
                 meta.loads.append(spec)
@@ -515,10 +517,25 @@ class DaserConnectorWorker:
         vs = torch.tensor(ld.scales[1], dtype=torch.float32)
         if tuple(ks.shape) != tuple(k_all.shape[:2]):
             return f"plan's calibration scales are {tuple(ks.shape)}, this model's K/V {tuple(k_all.shape[:2])}"
+        kb = vb = None
+        if ld.bias is not None:
+            shape, kraw, vraw = ld.bias
+            if shape != (k_all.shape[0], k_all.shape[1], k_all.shape[3]):
+                return f"plan's calibration biases are {shape}, this model's K/V {tuple(k_all.shape[:2]) + (k_all.shape[3],)}"
+            kb = torch.frombuffer(bytearray(kraw), dtype=torch.float32).view(shape)
+            vb = torch.frombuffer(bytearray(vraw), dtype=torch.float32).view(shape)
         first = max(0, ld.exact_len - ld.start)
         if first < k_all.shape[2]:
-            k_all[:, :, first:] *= ks.to(k_all.dtype)[:, :, None, None]
-            v_all[:, :, first:] *= vs.to(v_all.dtype)[:, :, None, None]
+            cos = sin = None
+            if kb is not None:
+                assert self.inv_freq is not None
+                pos = torch.arange(ld.start + first, ld.start + k_all.shape[2])
+                cos, sin = rope_cos_sin(pos, self.inv_freq, 1.0, k_all.dtype)
+            for i in range(k_all.shape[0]):  # what daser's fusion does (calibration/adapter.py place_kv)
+                k_all[i, :, first:], v_all[i, :, first:] = place_kv(
+                    k_all[i, :, first:], v_all[i, :, first:], ks[i].to(k_all.dtype), vs[i].to(v_all.dtype),
+                    None if kb is None else kb[i].to(k_all.dtype), None if vb is None else vb[i].to(v_all.dtype),
+                    cos, sin)
             self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
         return None
 

@@ -54,6 +54,9 @@ class Plan:
     prefetch_id: str | None = None  # the prefetch message that pinned this request's entries (prefetch.py)
     scales: tuple[tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]] | None = None
     """A calibration's (key, value) factors [layers][kv_heads] for re-positioned segments."""
+    bias: tuple[tuple[int, int, int], bytes, bytes] | None = None
+    """A calibration's (shape [layers, kv_heads, head_dim], key bias, value bias) as float32
+    little-endian bytes, added after the scales (the key bias rotated to each token's position)."""
 
     @property
     def num_tokens(self) -> int:
@@ -150,7 +153,10 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
     if pid is not None and (not isinstance(pid, str) or not pid or len(pid) > 200):
         raise PlanError(f"bad 'prefetch_id' {pid!r}: expected a non-empty string")
     plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute,
-                pid, _parse_scales(raw.get("scales")))
+                pid, _parse_scales(raw.get("scales")), _parse_bias(raw.get("bias")))
+    if plan.bias is not None and (plan.scales is None or plan.bias[0][:2] != (len(plan.scales[0]),
+                                                                                 len(plan.scales[0][0]))):
+        raise PlanError("bad 'bias': it comes with 'scales' of the same [layers][kv_heads] shape")
     if plan.num_tokens > prompt_len:
         raise PlanError(f"plan covers {plan.num_tokens} tokens but the prompt has only {prompt_len}")
     return plan
@@ -182,6 +188,41 @@ def _parse_scales(raw: Any) -> tuple[tuple[tuple[float, ...], ...], tuple[tuple[
     if len(k) != len(v) or len(k[0]) != len(v[0]):
         raise PlanError("bad 'scales': 'k' and 'v' must have the same [layers][kv_heads] shape")
     return k, v
+
+
+_MAX_BIAS_VALUES = 1 << 22
+"""4M numbers (16 MB of float32 per tensor): well past any model's layers x kv_heads x head_dim."""
+
+
+def _parse_bias(raw: Any) -> tuple[tuple[int, int, int], bytes, bytes] | None:
+    """{"shape": [layers, kv_heads, head_dim], "k": base64 float32, "v": base64 float32}, finite."""
+    if raw is None:
+        return None
+    import base64
+    import binascii
+    import math
+    import struct
+
+    want = "{'shape': [layers, kv_heads, head_dim], 'k': base64 float32, 'v': base64 float32}"
+    shape = raw.get("shape") if isinstance(raw, Mapping) else None
+    if (not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)) or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+            or shape[0] * shape[1] * shape[2] > _MAX_BIAS_VALUES):
+        raise PlanError(f"bad 'bias': expected {want}, got shape {shape!r}")
+    n = shape[0] * shape[1] * shape[2]
+    out = []
+    for name in ("k", "v"):
+        text = raw.get(name)
+        try:
+            blob = base64.b64decode(text, validate=True) if isinstance(text, str) else None
+        except (binascii.Error, ValueError):
+            blob = None
+        if blob is None or len(blob) != 4 * n:
+            raise PlanError(f"bad 'bias' {name!r}: expected base64 of {n} float32 numbers ({want})")
+        if not all(math.isfinite(x) for x in struct.unpack(f"<{n}f", blob)):
+            raise PlanError(f"bad 'bias' {name!r}: holds non-finite numbers")
+        out.append(blob)
+    return (shape[0], shape[1], shape[2]), out[0], out[1]
 
 
 def _is_key(k: Any) -> bool:
