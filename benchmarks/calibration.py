@@ -91,7 +91,10 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
 
 
 def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, position: str, answer_tokens: int,
-            seed: int, shard: str) -> dict[str, Any]:
+            seed: int, shard: str, workload: str = "stdlib") -> dict[str, Any]:
+    """`workload` "stdlib": the held-out grid; "qa": the QA trace's 16 multi-document questions
+    over Language Reference topics (calibrate on `--train-corpus stdlib` for it: documents it
+    never saw)."""
     from benchmarks.harness import FULL, Harness, blend_mode
     from benchmarks.selection import prompt_sets, shard_items, token_f1
     from daser_rag.calibration import storage
@@ -108,7 +111,8 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
         # each variant alone, applied to every mode (what the table compares), whatever its regime
         cals = {v: None if v == "none" else CalibrationSet((_everywhere(storage.load_for(
             cal_dir / f"{v}.safetensors", gen.runner, gen.fingerprint)),)) for v in variants}
-        items = [it for it in prompt_sets(gen, "stdlib", n, seed)["stdlib"] if position in ("all", it["position"])]
+        items = [it for it in prompt_sets(gen, workload, n if workload == "stdlib" else 0, seed)[workload]
+                 if workload == "qa" or position in ("all", it["position"])]
         items = shard_items(items, shard)
         h = Harness(gen, answer_tokens=answer_tokens)
         for k, it in enumerate(items):
@@ -130,7 +134,8 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
             gen.calibration = None
             print(f"[{k + 1}/{len(items)}] " + ", ".join(
                 f"{v}/{m}: KL {s['mean_kl']:.3f}" for (v, m), s in list(summarize(rows).items())[:12]), flush=True)
-    return {"rows": rows, "modes": [m.name for m in modes], "variants": variants, "position": position}
+    return {"rows": rows, "modes": [m.name for m in modes], "variants": variants, "position": position,
+            "workload": workload}
 
 
 def _everywhere(cal: Any) -> Any:
@@ -187,7 +192,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for p in pts:
             ax.annotate(p[2].replace("daser ", ""), (p[0], p[1]), fontsize=6)
     ax.set(xlabel="TTFT speed-up over full prefill (paired median)", ylabel="mean KL vs full prefill",
-           yscale="log", title=f"calibration on held-out stdlib docs (answer {data['position']})")
+           yscale="log", title=(f"calibration on held-out stdlib docs (answer {data['position']})"
+                                if data.get("workload", "stdlib") == "stdlib" else "calibration on the QA trace"))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -211,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated [selector:]ratio")
     ap.add_argument("-n", type=int, default=100, help="grid size (answer first/middle/last cycle)")
     ap.add_argument("--position", default="last", choices=["first", "middle", "last", "all"])
+    ap.add_argument("--workload", default="stdlib", choices=["stdlib", "qa"],
+                    help="stdlib: the held-out grid; qa: the QA trace's 16 questions (Language Reference)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         t0 = time.perf_counter()
         data = measure(Path(args.dir), args.variants.split(","), args.modes, args.n, args.position,
-                       args.answer_tokens, args.seed, args.shard)
+                       args.answer_tokens, args.seed, args.shard, args.workload)
         data["minutes"] = (time.perf_counter() - t0) / 60
         data["command"] = " ".join(["daser-rag", "bench", "calibration", *(argv if argv is not None else sys.argv[1:])])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,53 @@ def test_kernel_failure_falls_back_to_torch_attention(captured, monkeypatch):
     assert modes == [None, False], modes  # tried the kernel, then torch attention
     assert out["run"](req, 8) == want
     assert calls[-1][1].get("paged_attention") is False
+
+
+def test_check_layer_ranks_stored_values_under_a_calibration(captured, monkeypatch):
+    """With a calibration the worker places loaded V as v * s + b; the in-engine check layer must
+    rank how stale tokens are, not what the calibration did: given the connector's undo
+    (`DaserConnectorWorker._stored_value`), the deviation it ranks by is the uncalibrated one."""
+    from vllm_daser import blend
+    from vllm_daser.connector import DaserConnectorWorker, LoadSpec
+
+    real, out = captured
+    args, kw, ld = out["deviation"]
+    args = list(args)
+    exact_len, first = args[6], ld[2]
+    seen: list[torch.Tensor] = []
+    real_keep = blend.check_layer_keep
+
+    def spy(sel, deviation, *a, **k):
+        seen.append(deviation.clone())
+        return real_keep(sel, deviation, *a, **k)
+
+    monkeypatch.setattr(blend, "check_layer_keep", spy)
+    layers, heads, _, d = ld[1].shape
+    g = torch.Generator().manual_seed(3)
+    vs = (0.3 * torch.randn(layers, heads, generator=g)).exp()
+    vb = 0.2 * torch.randn(layers, heads, d, generator=g)
+    spec = LoadSpec("r", [], [], 0, 0, [], scales=(torch.ones(layers, heads).tolist(), vs.tolist()),
+                    bias=((layers, heads, d), torch.zeros(layers, heads, d).numpy().tobytes(),
+                          vb.numpy().astype("<f4").tobytes()))
+    undo = DaserConnectorWorker._stored_value(spec)
+    assert undo is not None
+
+    def replay(placed: bool, stored_value=None) -> torch.Tensor:
+        V = ld[1].clone()
+        if placed:
+            cut = max(0, exact_len - first)
+            V[:, :, cut:] = V[:, :, cut:] * vs[:, :, None, None].to(V.dtype) + vb[:, :, None, :].to(V.dtype)
+        loaded = (ld[0].clone(), V, first)
+        a = list(args)
+        if len(a) > 10:
+            a[10] = loaded
+            real(*a, **{**kw, "paged_attention": False, "stored_value": stored_value})
+        else:
+            real(*a, **{**kw, "loaded": loaded, "paged_attention": False, "stored_value": stored_value})
+        return seen[-1]
+
+    plain = replay(False)
+    undone = replay(True, undo)
+    raw = replay(True)
+    assert torch.allclose(undone, plain, rtol=1e-4, atol=1e-6), float((undone - plain).abs().max())
+    assert not torch.allclose(raw, plain, rtol=1e-2)  # without the undo it ranks the calibration

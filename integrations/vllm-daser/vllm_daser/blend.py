@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -184,7 +185,8 @@ def _torch_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, active: 
 def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch.Tensor], block_ids: list[int],
            token_ids: list[int], exact_len: int, ctx_len: int, ratio: float, check_layer: int,
            loaded: tuple[torch.Tensor, torch.Tensor, int] | None = None, *, selector: str = "deviation",
-           chunk_starts: list[int] | None = None, paged_attention: bool | None = None) -> int:
+           chunk_starts: list[int] | None = None, paged_attention: bool | None = None,
+           stored_value: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> int:
     """Recompute the top-`ratio` share of context tokens [exact_len, ctx_len) in place.
 
     `selector`: a registered selector that needs only `plan.ENGINE_SIGNALS`; its registry entry
@@ -200,6 +202,9 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
     `paged_attention`: attend through vLLM's CPU paged-attention kernel straight from the
     request's blocks (default where the layout is vLLM's CPU one), else torch attention over
     `loaded` (plus [0, first) read back from the cache).
+    `stored_value(layer, rows)`: the stored V of loaded rows [n, kv_heads, d] the worker placed
+    with a calibration (the plan's scales and biases undone): the check layer ranks how stale a
+    token is, not what the calibration did to it (daser's own fusion does the same).
     Each layer's fresh K/V is written before that layer's attention; the last layer stops there
     (only its K/V is kept, so its attention and MLP would be wasted).
     Returns how many tokens were recomputed after the check layer.
@@ -247,6 +252,8 @@ def repair(model: Any, layout: Any, layer_modules: list[Any], caches: list[torch
         k3, v3 = k.reshape(-1, hk, d), v.reshape(-1, hk, d)  # [n, kv_heads, d]
         if i == check_layer and n_sel < active.shape[0]:
             old_v = _loaded_rows(layout, caches[i], block_ids, loaded, i, active)
+            if stored_value is not None:
+                old_v = stored_value(i, old_v)
             deviation = ((v3.float() - old_v.float()) ** 2).sum(dim=(1, 2))
             keep = check_layer_keep(sel, deviation, n_sel, exact_len, ctx_len, starts)
             active, q, k3, v3, residual = active[keep], q[keep], k3[keep], v3[keep], residual[keep]

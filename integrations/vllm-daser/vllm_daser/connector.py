@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -539,6 +540,23 @@ class DaserConnectorWorker:
             self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
         return None
 
+    @staticmethod
+    def _stored_value(ld: LoadSpec) -> Callable[[int, torch.Tensor], torch.Tensor] | None:
+        """Undoes `_calibrate` on loaded V rows [n, kv_heads, d] of layer i (None: nothing to
+        undo), so the in-engine check layer compares fresh V with the stored V."""
+        if ld.scales is None:
+            return None
+        vs = torch.tensor(ld.scales[1], dtype=torch.float32)
+        vb = None if ld.bias is None else torch.frombuffer(bytearray(ld.bias[2]), dtype=torch.float32).view(ld.bias[0])
+
+        def stored(i: int, rows: torch.Tensor) -> torch.Tensor:
+            out = rows.float()
+            if vb is not None:
+                out = out - vb[i].to(out.device)
+            return (out / vs[i].to(out.device).view(1, -1, 1)).to(rows.dtype)
+
+        return stored
+
     def _recompute(self, ld: LoadSpec, loaded: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         from vllm_daser import blend
 
@@ -553,7 +571,8 @@ class DaserConnectorWorker:
         t0 = time.perf_counter()
         args = (model, self.layout, [layers[n] for n in self.layer_names], [self.kv_caches[n] for n in self.layer_names],
                 ld.block_ids, ld.context_ids, ld.exact_len, ld.end, ld.recompute[0], ld.recompute[1], loaded)
-        kw: dict[str, Any] = {"selector": ld.recompute[2], "chunk_starts": ld.chunk_starts}
+        kw: dict[str, Any] = {"selector": ld.recompute[2], "chunk_starts": ld.chunk_starts,
+                              "stored_value": self._stored_value(ld)}
         try:
             n = blend.repair(*args, **kw, paged_attention=None if self._paged_ok else False)
         except (RuntimeError, TypeError, AttributeError, ValueError) as exc:
