@@ -22,7 +22,8 @@ class CalibrationConfig:
     """Learn the per-layer, per-head key/value scales on reused context."""
     biases: bool = True
     """Learn per-layer, per-head key/value biases on reused context too ([head_dim] each; the key
-    bias before RoPE). Held-out r = 0 KL 0.114 (scales) -> 0.093 (scales + biases)."""
+    bias before RoPE). The calibration's held-out check on the Language Reference, fitted at
+    hybrid r = 0.15: KL 0.0505 (none) -> 0.0360 (scales) -> 0.0321 (scales + biases)."""
     steps: int = 40
     batch: int = 4
     lr_scale: float = 0.05

@@ -269,35 +269,34 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=cal)
     assert r.info["calibrated"] and not plain.info["calibrated"] and not r.prefill
     assert r.prompt["cache_salt"] != plain.prompt["cache_salt"]
-    toks, cached = run(env, r)
-    assert cached == r.context_tokens
-    gen.calibration = CalibrationSet((cal,))
-    try:
-        ours = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
-    finally:
-        gen.calibration = None
+
+    def same_as_daser(req, calibration):
+        """vLLM's greedy tokens for `req` equal daser's own calibrated r=0 ones; those returned."""
+        toks, cached = run(env, req)
+        assert cached == req.context_tokens
+        gen.calibration = CalibrationSet((calibration,))
+        try:
+            ours = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
+        finally:
+            gen.calibration = None
+        assert ours.calibrated
+        n = min(len(toks), len(ours.token_ids))
+        assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (toks, ours.token_ids)
+        return ours
+
+    ours = same_as_daser(r, cal)
     uncal = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS).token_ids
-    assert ours.calibrated
-    n = min(len(toks), len(ours.token_ids))
-    assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (toks, ours.token_ids)
     assert list(ours.token_ids) != list(uncal)  # the scales act
-    assert list(run(env, plain)[0][:n]) == list(uncal[:n])  # and the unscaled plan is unaffected
+    plain_toks = run(env, plain)[0]
+    n = min(len(plain_toks), len(uncal))
+    assert n >= 8 and list(plain_toks[:n]) == list(uncal[:n])  # and the unscaled plan is unaffected
     # key/value biases too (the key bias rotated to each token's place): daser's own tokens again
     shape = (spec.num_layers, spec.num_kv_heads, spec.head_dim)
     biased = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(0, spec.hidden_size),
                          key_bias=0.3 * torch.randn(shape, generator=g), value_bias=0.1 * torch.randn(shape, generator=g))
     rb = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=biased)
     assert rb.info["calibrated"] and rb.prompt["cache_salt"] not in (r.prompt["cache_salt"], plain.prompt["cache_salt"])
-    btoks, bcached = run(env, rb)
-    assert bcached == rb.context_tokens
-    gen.calibration = CalibrationSet((biased,))
-    try:
-        ours_b = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
-    finally:
-        gen.calibration = None
-    nb = min(len(btoks), len(ours_b.token_ids))
-    assert nb >= 8 and list(btoks[:nb]) == list(ours_b.token_ids[:nb]), (btoks, ours_b.token_ids)
-    assert list(ours_b.token_ids) != list(ours.token_ids)  # the biases act
+    assert list(same_as_daser(rb, biased).token_ids) != list(ours.token_ids)  # the biases act
     # link tokens cannot be placed inside vLLM: a clear error, not a silently different calibration
     with_links = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
     with pytest.raises(Exception, match="link tokens"):
