@@ -143,15 +143,14 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
     with torch.no_grad():
         init = runner.embed(torch.tensor(newline)).detach()[0]
     cal = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size,
-                               config.link_tokens, init)
+                               config.link_tokens, init, head_dim=runner.head_dim if config.biases else 0)
     cal.fit_share = config.fit_share
     before = mean_kls(gen, held, cal.without_link())
     ks = cal.key_log_scale.clone().requires_grad_(config.scales)
     vs = cal.value_log_scale.clone().requires_grad_(config.scales)
     link = cal.link.clone().requires_grad_(bool(config.link_tokens))
-    bias_shape = (spec.num_layers, spec.num_kv_heads, runner.head_dim)
-    kb = torch.zeros(bias_shape, requires_grad=True) if config.biases else None
-    vb = torch.zeros(bias_shape, requires_grad=True) if config.biases else None
+    kb = None if cal.key_bias is None else cal.key_bias.clone().requires_grad_(True)
+    vb = None if cal.value_bias is None else cal.value_bias.clone().requires_grad_(True)
     groups: list[dict[str, Any]] = []
     if config.scales:
         groups.append({"params": [ks, vs], "lr": config.lr_scale})
