@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+_R0 = {"fit_share": 0.0}  # explicit: CalibrationConfig's default share is the engine's (0.15)
 _R15 = {"fit_share": 0.15, "fit_selector": "hybrid"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "ape": {"scales": True, "biases": False, "link_tokens": 0},
-    "adapter": {"scales": False, "biases": False, "link_tokens": 4},
-    "both": {"scales": True, "biases": False, "link_tokens": 4},
-    "bias": {"scales": True, "biases": True, "link_tokens": 0},  # scales + key/value biases
+    # fitted for full reuse (r = 0)
+    "ape": {"scales": True, "biases": False, "link_tokens": 0, **_R0},
+    "adapter": {"scales": False, "biases": False, "link_tokens": 4, **_R0},
+    "both": {"scales": True, "biases": False, "link_tokens": 4, **_R0},
+    "bias": {"scales": True, "biases": True, "link_tokens": 0, **_R0},  # scales + key/value biases
     # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
     "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, **_R15},
     "both_r15": {"scales": True, "biases": False, "link_tokens": 4, **_R15},

@@ -221,3 +221,15 @@ def test_prefix_tree_trace_kinds():
             assert t["docs"] in earlier
         if t["kind"] == "reorder":
             assert any(sorted(t["docs"]) == sorted(e) for e in earlier)
+
+
+def test_calibration_bench_variants_fit_the_regime_their_name_says():
+    """`ape`, `adapter`, `both`, `bias` are full-reuse fits, `*_r15` fits at hybrid r = 0.15: the
+    share is explicit (CalibrationConfig's default share is the engine's, 0.15, so a variant that
+    left it out silently became an r = 0.15 fit)."""
+    from benchmarks.calibration import VARIANTS
+    from daser_rag.calibration.config import CalibrationConfig
+
+    for name, opts in VARIANTS.items():
+        cfg = CalibrationConfig(**{**CalibrationConfig().__dict__, **opts})
+        assert cfg.fit_share == (0.15 if name.endswith("_r15") else 0.0), name
