@@ -103,6 +103,19 @@ class LoadSpec:
     bias: tuple[tuple[int, int, int], bytes, bytes] | None = None  # calibration biases (plan.py Plan.bias)
 
 
+def _plan_calibration(ld: LoadSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A load's calibration as tensors: key and value factors [layers, kv_heads], key and value
+    biases [layers, kv_heads, head_dim] (None without biases); the plan parser checked them."""
+    assert ld.scales is not None
+    ks = torch.tensor(ld.scales[0], dtype=torch.float32)
+    vs = torch.tensor(ld.scales[1], dtype=torch.float32)
+    if ld.bias is None:
+        return ks, vs, None, None
+    shape, kraw, vraw = ld.bias
+    return (ks, vs, torch.frombuffer(bytearray(kraw), dtype=torch.float32).view(shape),
+            torch.frombuffer(bytearray(vraw), dtype=torch.float32).view(shape))
+
+
 @dataclass
 class SaveSpec:
     req_id: str
@@ -513,18 +526,12 @@ class DaserConnectorWorker:
         """Scale the re-positioned (stale) part of the loaded K/V in place, as daser's fusion does
         (daser_rag/blend/fusion.py `_LayerFiller`): per layer and KV head, never the exact run.
         Returns why not (then nothing is loaded and vLLM computes these tokens)."""
-        assert ld.scales is not None
-        ks = torch.tensor(ld.scales[0], dtype=torch.float32)
-        vs = torch.tensor(ld.scales[1], dtype=torch.float32)
+        ks, vs, kb, vb = _plan_calibration(ld)
         if tuple(ks.shape) != tuple(k_all.shape[:2]):
             return f"plan's calibration scales are {tuple(ks.shape)}, this model's K/V {tuple(k_all.shape[:2])}"
-        kb = vb = None
-        if ld.bias is not None:
-            shape, kraw, vraw = ld.bias
-            if shape != (k_all.shape[0], k_all.shape[1], k_all.shape[3]):
-                return f"plan's calibration biases are {shape}, this model's K/V {tuple(k_all.shape[:2]) + (k_all.shape[3],)}"
-            kb = torch.frombuffer(bytearray(kraw), dtype=torch.float32).view(shape)
-            vb = torch.frombuffer(bytearray(vraw), dtype=torch.float32).view(shape)
+        if kb is not None and tuple(kb.shape) != (k_all.shape[0], k_all.shape[1], k_all.shape[3]):
+            return (f"plan's calibration biases are {tuple(kb.shape)}, "
+                    f"this model's K/V {tuple(k_all.shape[:2]) + (k_all.shape[3],)}")
         first = max(0, ld.exact_len - ld.start)
         if first < k_all.shape[2]:
             cos = sin = None
@@ -546,8 +553,7 @@ class DaserConnectorWorker:
         undo), so the in-engine check layer compares fresh V with the stored V."""
         if ld.scales is None:
             return None
-        vs = torch.tensor(ld.scales[1], dtype=torch.float32)
-        vb = None if ld.bias is None else torch.frombuffer(bytearray(ld.bias[2]), dtype=torch.float32).view(ld.bias[0])
+        _, vs, _, vb = _plan_calibration(ld)
 
         def stored(i: int, rows: torch.Tensor) -> torch.Tensor:
             out = rows.float()
