@@ -13,6 +13,7 @@ answers identical to full prefill's, and the share of context tokens served exac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -57,13 +58,23 @@ def make_trace(n: int, per_request: int, n_docs: int, repeat_share: float, seed:
 
 
 def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, answer_tokens: int,
-        log: Any = print, materialize: str = "inline", back_to_back: bool = False) -> list[dict[str, Any]]:
+        log: Any = print, materialize: str = "inline", back_to_back: bool = False, burst: int = 0,
+        gap_s: float = 0.0, stats: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """`materialize`: "inline" (the request crossing the threshold computes the path) or
     "background" (engine/materialize.py computes it after the request, in idle time, which this
     trace grants between requests: the background seconds are reported, never charged to a TTFT).
     `back_to_back`: grant no idle time; the next request starts at once, so background work only
     gets the gaps the engine's own idle rule (`engine.prefix_tree_idle_ms`) finds and is
-    preempted at a layer boundary when a request wants the model: what a busy service sees."""
+    preempted at a layer boundary when a request wants the model: what a busy service sees.
+    `burst` > 0 (background only): bursty traffic, what a service sees between those extremes:
+    `burst` requests back to back, then `gap_s` seconds in which no request arrives; the
+    materializer runs under the engine's own idle rule, as in a service, and nothing waits for it."""
+    if burst < 0 or gap_s < 0:
+        raise ValueError(f"burst and gap_s must be >= 0, got {burst} and {gap_s}")
+    if burst and materialize != "background":
+        raise ValueError("bursts with idle gaps only make sense with background materialization")
+    if burst:
+        back_to_back = True
     from daser_rag.blend.prefix_tree import PrefixTree
     from daser_rag.engine.materialize import BackgroundMaterializer
 
@@ -75,7 +86,8 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
         mat = BackgroundMaterializer(gen.assembler, gen.lock) if back_to_back else \
             BackgroundMaterializer(gen.assembler, gen.lock, idle_s=0.0)
     off = Mode(f"blend r={ratio:g}, tree off", "blend", ratio)
-    on = Mode(f"blend r={ratio:g}, tree on ({materialize}{', back-to-back' if back_to_back else ''})", "blend", ratio)
+    arrival = f", bursts of {burst}, {gap_s:g} s idle" if burst else (", back-to-back" if back_to_back else "")
+    on = Mode(f"blend r={ratio:g}, tree on ({materialize}{arrival})", "blend", ratio)
     rows = []
     for i, tr in enumerate(trace):
         ctx = [chunks[d] for d in tr["docs"]]
@@ -95,8 +107,12 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
         gen.assembler.materializer = None
         log(f"[{i + 1}/{len(trace)}] {tr['kind']:7s} " + ", ".join(
             f"{r['mode']} {r['ttft_s'] * 1000:.0f} ms" for r in rows[-3:]))
+        if burst and (i + 1) % burst == 0 and i + 1 < len(trace):
+            time.sleep(gap_s)  # no request arrives: the engine is idle, the materializer may run
     if mat is not None:
         log(f"background materializer: {mat.stats}")
+        if stats is not None:
+            stats.update(dataclasses.asdict(mat.stats))
         mat.close()
     return rows
 
@@ -168,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--back-to-back", action="store_true",
                     help="background mode without idle time between requests (the materializer only gets the "
                          "gaps its idle rule finds and is preempted by requests)")
+    ap.add_argument("--burst", type=int, default=0,
+                    help="bursty traffic (background only): this many requests back to back, then --gap-s seconds "
+                         "with no request; the materializer works under the engine's own idle rule")
+    ap.add_argument("--gap-s", type=float, default=5.0, help="idle seconds between bursts (with --burst)")
     ap.add_argument("--json", default="")
     ap.add_argument("--update-doc", default="", help="rewrite the marked section (prefix-tree) of this markdown file")
     args = ap.parse_args(argv)
@@ -185,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         chunks = [gen.split(d.text)[0] for d in docs]  # the first chunk of each document
         trace = make_trace(args.requests, args.per_request, len(chunks), args.repeat_share, args.seed)
         t0 = time.perf_counter()
+        mat_stats: dict[str, Any] = {}
         rows = run(gen, trace, chunks, args.ratio, args.answer_tokens, materialize=args.materialize,
-                   back_to_back=args.back_to_back)
+                   back_to_back=args.back_to_back, burst=args.burst, gap_s=args.gap_s, stats=mat_stats)
         minutes = (time.perf_counter() - t0) / 60
     summary = summarize(rows)
     cmd = "daser-rag bench prefix_tree " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
@@ -195,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             f"(first chunk, ~{statistics.fmean(r['context_tokens'] for r in rows if 'tree' in r['mode']):.0f} "
             f"context tokens), kinds {counts}, {args.answer_tokens}-token greedy answers, {minutes:.0f} min, "
             f"torch threads {torch.get_num_threads()}:\n\n" + table(summary))
+    if mat_stats:
+        text += ("\n\nBackground materializer: " + ", ".join(f"{k} {v}" for k, v in mat_stats.items() if k != "pending")
+                 + " (paths).")
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "trace": trace, "command": cmd},
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "trace": trace, "command": cmd,
+                                               "materializer": mat_stats},
                                               indent=1))
     if args.update_doc:
         replace_marked(Path(args.update_doc), "prefix-tree", text, append=True)

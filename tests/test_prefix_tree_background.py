@@ -144,3 +144,26 @@ def test_prefix_tree_option(lm: Any, store: Any) -> None:
         CacheAwareGenerator(lm, store, prefix_tree="sometimes")
     with pytest.raises(InvalidInputError, match="prefix_tree_after"):
         CacheAwareGenerator(lm, store, prefix_tree="inline", prefix_tree_after=0)
+
+
+def test_a_submitted_path_is_materialized_even_if_the_tree_is_swapped_out(generator: Any, ctx: list[ChunkRef],
+                                                                         background: BackgroundMaterializer) -> None:
+    """The job was decided when the path crossed the threshold; a caller that sets the assembler's
+    tree to None meanwhile (the prefix-tree benchmark toggles it between modes) must not make the
+    job vanish uncounted (it did: materialized 0, nothing dropped)."""
+    lock: ModelLock = generator.lock
+    lock.note_queued("busy")
+    try:
+        for _ in range(2):
+            generator.prefill("Which statement does nothing?", ctx, recompute_ratio=0.0)
+        assert background.stats.submitted == 1
+        generator.assembler.prefix_tree = None
+    finally:
+        lock.note_done("busy")
+    assert background.wait_idle(120)
+    generator.assembler.prefix_tree = PrefixTree(materialize_after=2)  # to look the nodes up
+    stored = _nodes_stored(generator, ctx)
+    assert background.stats.materialized == 1 and len(stored) == 2 and all(stored)
+    background.submit(generator.resolve(ctx, ""), "")  # a path already stored is counted as such
+    assert background.wait_idle(60)
+    assert background.stats.already_stored == 1 and background.stats.materialized == 1

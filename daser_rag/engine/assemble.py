@@ -137,8 +137,12 @@ class SegmentAssembler:
     def materialize_path(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
                          before_layer: Callable[[int], None] | None = None) -> bool:
         """Store every tree node of this ordered path not stored yet (the background job; the
-        caller holds the model lock). False when the whole path was already stored."""
-        if self.prefix_tree is None or len(chunks) < 2:
+        caller holds the model lock). False when the whole path was already stored.
+
+        The job was decided when the path crossed the threshold, so it does not consult
+        `self.prefix_tree` (which a caller may have swapped out since): the nodes it stores are
+        exact whatever reads them later."""
+        if len(chunks) < 2:
             return False
         match = PrefixTree.longest_stored(self.computer.prefix_key(tenant), [c.key for c in chunks],
                                           self.store.contains)

@@ -48,6 +48,8 @@ class MaterializeStats:
     """Paths dropped because a chunk on them was invalidated (or evicted) before their turn."""
     dropped_retries: int = 0
     """Paths given up after `max_attempts` preemptions."""
+    already_stored: int = 0
+    """Paths whose nodes were all stored by the time their turn came (another job or process)."""
     pending: int = 0
 
 
@@ -197,6 +199,8 @@ class BackgroundMaterializer:
                 return True
             if stored:
                 self.stats.materialized += 1
+            else:
+                self.stats.already_stored += 1
             return False
         finally:
             self.lock.release()
