@@ -113,6 +113,9 @@ def run(gen: Any, trace: list[dict[str, Any]], chunks: list[str], ratio: float, 
         log(f"background materializer: {mat.stats}")
         if stats is not None:
             stats.update(dataclasses.asdict(mat.stats))
+            w = gen.lock.background_waits  # the only way background work can delay a request
+            stats.update(request_waits=w.count, request_wait_max_ms=round(w.max_s * 1000, 1),
+                         request_wait_total_ms=round(w.total_s * 1000, 1))
         mat.close()
     return rows
 

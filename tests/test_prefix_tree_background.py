@@ -167,3 +167,13 @@ def test_a_submitted_path_is_materialized_even_if_the_tree_is_swapped_out(genera
     background.submit(generator.resolve(ctx, ""), "")  # a path already stored is counted as such
     assert background.wait_idle(60)
     assert background.stats.already_stored == 1 and background.stats.materialized == 1
+
+
+def test_health_reports_background_work_and_its_cost(generator: Any, ctx: list[ChunkRef],
+                                                    background: BackgroundMaterializer) -> None:
+    for _ in range(2):
+        generator.prefill("What is while for?", ctx, recompute_ratio=0.0)
+    assert background.wait_idle(120)
+    detail = generator.health().detail["prefix_tree"]
+    assert detail["submitted"] == 1 and detail["materialized"] == 1
+    assert set(detail["request_waits"]) == {"count", "total_s", "max_s"}

@@ -8,6 +8,8 @@ behind the exact system prefix, and decode with the one decode loop.
 
 from __future__ import annotations
 
+import dataclasses
+
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
@@ -157,8 +159,13 @@ class CacheAwareGenerator(StreamingEngine):
         self.lookahead.finished(request_id)
 
     def health(self) -> EngineHealth:
-        return EngineHealth(True, "daser", {"device": str(self.runner.device), "selector": self.blend.selector,
-                                            "prefetch": self.lookahead.stats()})
+        detail: dict[str, Any] = {"device": str(self.runner.device), "selector": self.blend.selector,
+                                  "prefetch": self.lookahead.stats()}
+        mat = self.assembler.materializer
+        if mat is not None:  # what background materialization did, and what it cost requests
+            detail["prefix_tree"] = {**dataclasses.asdict(mat.stats),
+                                     "request_waits": dataclasses.asdict(self.lock.background_waits)}
+        return EngineHealth(True, "daser", detail)
 
     def close(self) -> None:
         """Stops the prefetch and materialization threads; the model lives as long as the process."""

@@ -203,7 +203,7 @@ class BackgroundMaterializer:
                 self.stats.already_stored += 1
             return False
         finally:
-            self.lock.release()
+            self.lock.release_quietly()
 
 
 __all__ = ["BackgroundMaterializer", "MaterializeStats", "Preempted"]
