@@ -177,3 +177,45 @@ def test_health_reports_background_work_and_its_cost(generator: Any, ctx: list[C
     detail = generator.health().detail["prefix_tree"]
     assert detail["submitted"] == 1 and detail["materialized"] == 1
     assert set(detail["request_waits"]) == {"count", "total_s", "max_s"}
+
+
+def test_a_path_is_stored_node_by_node_and_resumes_after_preemption(generator: Any, ctx: list[ChunkRef],
+                                                                     background: BackgroundMaterializer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request waits for at most one layer of one chunk, and a preempted path keeps the nodes it
+    stored (it used to compute the whole path in one go and lose it all when preempted)."""
+    from daser_rag.blend.prefix_tree import node_key
+
+    lock: ModelLock = generator.lock
+    lock.note_queued("hold")
+    for _ in range(2):
+        generator.prefill("What is del for?", ctx, recompute_ratio=0.0)
+    chunks = generator.resolve(ctx, "")
+    pk = generator.computer.prefix_key("")
+    second = node_key(pk, [c.key for c in chunks[:2]])
+    third = node_key(pk, [c.key for c in chunks])
+    real = generator.computer.compute_after
+    calls: list[int] = []
+
+    def compute_after(runs: Any, ids: Any, keys: Any, *, before_layer: Any = None) -> Any:
+        calls.append(len(ids))
+
+        def hook(layer: int) -> None:
+            if len(calls) == 2 and layer == 2:
+                lock.note_queued("r")  # a request arrives during the second node
+            if before_layer is not None:
+                before_layer(layer)
+        return real(runs, ids, keys, before_layer=hook)
+
+    monkeypatch.setattr(generator.computer, "compute_after", compute_after)
+    lock.note_done("hold")
+    deadline = time.monotonic() + 60
+    while background.stats.preempted == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert background.stats.preempted == 1 and calls[:2] == [1, 1]  # one chunk per step
+    assert generator.store.contains(second) and not generator.store.contains(third)  # the first node is kept
+    lock.note_done("r")
+    assert background.wait_idle(120)
+    assert calls == [1, 1, 1]  # resumed at the third chunk, did not redo the second
+    assert generator.store.contains(third)
+    assert background.stats.materialized == 1 and background.stats.nodes == 2

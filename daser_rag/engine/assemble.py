@@ -135,27 +135,32 @@ class SegmentAssembler:
         return asm
 
     def materialize_path(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
-                         before_layer: Callable[[int], None] | None = None) -> bool:
-        """Store every tree node of this ordered path not stored yet (the background job; the
-        caller holds the model lock). False when the whole path was already stored.
+                         before_layer: Callable[[int], None] | None = None,
+                         max_nodes: int | None = None) -> tuple[int, bool]:
+        """Store the next tree nodes of this ordered path not stored yet, at most `max_nodes`
+        (the background job; the caller holds the model lock). Returns (nodes stored, whether the
+        whole path is stored now).
 
-        The job was decided when the path crossed the threshold, so it does not consult
-        `self.prefix_tree` (which a caller may have swapped out since): the nodes it stores are
-        exact whatever reads them later."""
+        Node by node, a path progresses across preemptions and a request waits at most one layer
+        of one chunk. The job was decided when the path crossed the threshold, so it does not
+        consult `self.prefix_tree` (which a caller may have swapped out since): the nodes it
+        stores are exact whatever reads them later."""
         if len(chunks) < 2:
-            return False
+            return 0, True
         match = PrefixTree.longest_stored(self.computer.prefix_key(tenant), [c.key for c in chunks],
                                           self.store.contains)
         if match.depth >= len(chunks):
-            return False
-        self._materialize(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
-                          before_layer=before_layer)
-        return True
+            return 0, True
+        depth = self._materialize(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
+                                  before_layer=before_layer, limit=max_nodes)
+        return max(0, depth - match.depth), depth >= len(chunks)
 
     def _materialize(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
-                     tenant: str, timings: Timings, *, before_layer: Callable[[int], None] | None = None) -> int:
-        """Compute chunks depth.. exactly after the exact run and store them as tree nodes
-        (all of them or, when `before_layer` raises, none)."""
+                     tenant: str, timings: Timings, *, before_layer: Callable[[int], None] | None = None,
+                     limit: int | None = None) -> int:
+        """Compute chunks depth.. (at most `limit` of them) exactly after the exact run and store
+        them as tree nodes (all of them or, when `before_layer` raises, none); returns the depth
+        now stored."""
         runs = [prefix]
         for j in range(depth):
             if j == 0:
@@ -166,11 +171,12 @@ class SegmentAssembler:
                     depth = j
                     break
             runs.append(kv)
-        rest = chunks[depth:]
-        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:],
+        end = len(chunks) if limit is None else min(len(chunks), depth + max(1, limit))
+        rest = chunks[depth:end]
+        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:end],
                                             before_layer=before_layer)
         for j, kv in enumerate(nodes, start=depth):
             self.store.put(kv)
             doc_ids = [q.doc_id for q in chunks[: j + 1] if q.doc_id is not None]
             self.store.add_derived(doc_ids, node_keys[j], tenant)  # any of them dropped -> node dropped
-        return len(chunks)
+        return end
