@@ -50,3 +50,22 @@ def test_waiting_for_another_request_is_not_charged_to_background_work() -> None
     with lock:  # free: nothing waited
         pass
     assert lock.background_waits.count == 0
+
+
+def test_a_request_holding_the_model_counts_as_wanting_it() -> None:
+    """A caller that uses the engine directly (no service queue) holds the lock while it computes:
+    the model is not idle then, and background work must not treat it as idle (it did: `wanted()`
+    only saw waiting threads and queued requests, so background work grabbed the model the moment
+    such a request let go, without the idle rule's pause)."""
+    lock = ModelLock()
+    assert not lock.wanted()
+    with lock:
+        assert lock.wanted()
+        with lock:  # reentrant
+            assert lock.wanted()
+        assert lock.wanted()
+    assert not lock.wanted()
+    assert lock.acquire_quietly()
+    assert not lock.wanted()  # background work is not demand
+    lock.release_quietly()
+    assert not lock.wanted()

@@ -42,6 +42,23 @@ class Assembly:
             self.loader.close()
 
 
+@dataclass
+class PathWork:
+    """The next tree nodes of an ordered path to store: chunks[depth:end], computed after `runs`
+    (the system prefix and the path's stored nodes before `depth`)."""
+
+    chunks: list[ResolvedChunk]
+    node_keys: list[str]
+    runs: list[ChunkKV]
+    depth: int
+    end: int
+
+    @property
+    def complete(self) -> bool:
+        """Storing these nodes stores the whole path."""
+        return self.end >= len(self.chunks)
+
+
 class SegmentAssembler:
     def __init__(self, runner: LayerRunner, store: KVStore, computer: ChunkComputer, *,
                  prefix_tree: PrefixTree | None = None, layerwise: bool = False) -> None:
@@ -134,33 +151,39 @@ class SegmentAssembler:
             asm.segments = list(asm.loader.segments())
         return asm
 
-    def materialize_path(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
-                         before_layer: Callable[[int], None] | None = None,
-                         max_nodes: int | None = None) -> tuple[int, bool]:
-        """Store the next tree nodes of this ordered path not stored yet, at most `max_nodes`
-        (the background job; the caller holds the model lock). Returns (nodes stored, whether the
-        whole path is stored now).
+    def path_work(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
+                  max_nodes: int | None = None) -> PathWork | None:
+        """What storing the next nodes of this ordered path takes (at most `max_nodes`): the stored
+        runs they extend, read from the store, no model work. None when the whole path is stored.
 
-        Node by node, a path progresses across preemptions and a request waits at most one layer
-        of one chunk. The job was decided when the path crossed the threshold, so it does not
-        consult `self.prefix_tree` (which a caller may have swapped out since): the nodes it
-        stores are exact whatever reads them later."""
+        The job was decided when the path crossed the threshold, so this does not consult
+        `self.prefix_tree` (which a caller may have swapped out since): the nodes are exact
+        whatever reads them later."""
         if len(chunks) < 2:
-            return 0, True
+            return None
         match = PrefixTree.longest_stored(self.computer.prefix_key(tenant), [c.key for c in chunks],
                                           self.store.contains)
         if match.depth >= len(chunks):
-            return 0, True
-        depth = self._materialize(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
-                                  before_layer=before_layer, limit=max_nodes)
-        return max(0, depth - match.depth), depth >= len(chunks)
+            return None
+        return self._path_work(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
+                               max_nodes)
 
-    def _materialize(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
-                     tenant: str, timings: Timings, *, before_layer: Callable[[int], None] | None = None,
-                     limit: int | None = None) -> int:
-        """Compute chunks depth.. (at most `limit` of them) exactly after the exact run and store
-        them as tree nodes (all of them or, when `before_layer` raises, none); returns the depth
-        now stored."""
+    def compute_nodes(self, work: PathWork, *, before_layer: Callable[[int], None] | None = None) -> list[ChunkKV]:
+        """The model work (the caller holds the model lock); `before_layer` may raise to stop."""
+        return self.computer.compute_after(work.runs, [c.token_ids for c in work.chunks[work.depth:work.end]],
+                                           work.node_keys[work.depth:work.end], before_layer=before_layer)
+
+    def store_nodes(self, work: PathWork, nodes: list[ChunkKV], tenant: str) -> None:
+        """Store computed nodes, each registered under every document on its path (any of them
+        invalidated -> the node is dropped). Needs no model: background work does it after giving
+        the model back."""
+        for j, kv in enumerate(nodes, start=work.depth):
+            self.store.put(kv)
+            doc_ids = [q.doc_id for q in work.chunks[: j + 1] if q.doc_id is not None]
+            self.store.add_derived(doc_ids, work.node_keys[j], tenant)
+
+    def _path_work(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
+                   tenant: str, timings: Timings, limit: int | None) -> PathWork:
         runs = [prefix]
         for j in range(depth):
             if j == 0:
@@ -172,11 +195,12 @@ class SegmentAssembler:
                     break
             runs.append(kv)
         end = len(chunks) if limit is None else min(len(chunks), depth + max(1, limit))
-        rest = chunks[depth:end]
-        nodes = self.computer.compute_after(runs, [c.token_ids for c in rest], node_keys[depth:end],
-                                            before_layer=before_layer)
-        for j, kv in enumerate(nodes, start=depth):
-            self.store.put(kv)
-            doc_ids = [q.doc_id for q in chunks[: j + 1] if q.doc_id is not None]
-            self.store.add_derived(doc_ids, node_keys[j], tenant)  # any of them dropped -> node dropped
-        return end
+        return PathWork(list(chunks), list(node_keys), runs, depth, end)
+
+    def _materialize(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
+                     tenant: str, timings: Timings) -> int:
+        """Inline: compute every node of the path after the exact run and store it; returns the
+        depth now stored."""
+        work = self._path_work(prefix, chunks, node_keys, depth, tenant, timings, None)
+        self.store_nodes(work, self.compute_nodes(work), tenant)
+        return work.end

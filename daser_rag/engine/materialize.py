@@ -182,45 +182,50 @@ class BackgroundMaterializer:
                 self._done(key, job, retry)
 
     def _attempt(self, job: _Job) -> bool:
-        """One try; True when the job should be retried later."""
+        """One try at the path's next node; True when the job should be retried (preempted) or
+        go on (more nodes). Only the layer computations hold the model: reading the runs they
+        extend and storing the result happen outside the lock, so a request never waits for I/O."""
         if not self._idle_for(self.idle_s):
             return False
-        if not self.lock.acquire_quietly():
-            return True
-        try:
-            if self.lock.wanted():
-                return True
-            store = self.assembler.store
-            if not all(store.contains(c.key) for c in job.chunks):
-                self.stats.dropped_stale += 1
-                return False
-            wanted: Callable[[], bool] = self.lock.wanted
-
-            def check(_layer: int) -> None:
-                if wanted():
-                    raise Preempted()
-
-            try:
-                stored, complete = self.assembler.materialize_path(job.chunks, job.tenant, Timings(),
-                                                                   before_layer=check, max_nodes=1)
-            except Preempted:
-                self.stats.preempted += 1
-                job.attempts += 1
-                if job.attempts >= self.max_attempts:
-                    self.stats.dropped_retries += 1
-                    return False
-                return True
-            self.stats.nodes += stored
-            if not complete:  # more nodes: it keeps its place and goes on after the idle rule
-                job.progressed = True
-                return True
-            if stored or job.progressed:
+        store = self.assembler.store
+        if not all(store.contains(c.key) for c in job.chunks):
+            self.stats.dropped_stale += 1
+            return False
+        work = self.assembler.path_work(job.chunks, job.tenant, Timings(), max_nodes=1)
+        if work is None:
+            if job.progressed:
                 self.stats.materialized += 1
             else:
                 self.stats.already_stored += 1
             return False
+        if self.lock.wanted() or not self.lock.acquire_quietly():
+            return True
+        wanted: Callable[[], bool] = self.lock.wanted
+
+        def check(_layer: int) -> None:
+            if wanted():
+                raise Preempted()
+
+        try:
+            if wanted():
+                return True
+            nodes = self.assembler.compute_nodes(work, before_layer=check)
+        except Preempted:
+            self.stats.preempted += 1
+            job.attempts += 1
+            if job.attempts >= self.max_attempts:
+                self.stats.dropped_retries += 1
+                return False
+            return True
         finally:
             self.lock.release_quietly()
+        self.assembler.store_nodes(work, nodes, job.tenant)
+        self.stats.nodes += len(nodes)
+        job.progressed = True
+        if not work.complete:  # more nodes: it keeps its place and goes on after the idle rule
+            return True
+        self.stats.materialized += 1
+        return False
 
 
 __all__ = ["BackgroundMaterializer", "MaterializeStats", "Preempted"]
