@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                          "with no request; the materializer works under the engine's own idle rule")
     ap.add_argument("--gap-s", type=float, default=5.0, help="idle seconds between bursts (with --burst)")
     ap.add_argument("--json", default="")
-    ap.add_argument("--update-doc", default="", help="rewrite the marked section (prefix-tree) of this markdown file")
+    ap.add_argument("--update-doc", default="", help="rewrite the marked section (--section) of this markdown file")
+    ap.add_argument("--section", default="prefix-tree", help="the marked section --update-doc rewrites")
     args = ap.parse_args(argv)
 
     import torch
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "materializer": mat_stats},
                                               indent=1))
     if args.update_doc:
-        replace_marked(Path(args.update_doc), "prefix-tree", text, append=True)
+        replace_marked(Path(args.update_doc), args.section, text, append=True)
     return 0
 
 

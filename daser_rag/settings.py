@@ -125,10 +125,11 @@ PREFETCH_WINDOW = declare("engine.prefetch_window", 4, "int",
                           "queued requests whose chunk KV daser's engine prefetches into host RAM and protects "
                           "from eviction until they run (PCR look-ahead; 0: off)",
                           parse=int, flag="--prefetch-window", used_by=(_SERVE, _GEN, "LookAhead"))
-PREFIX_TREE = declare("engine.prefix_tree", "off", "str",
-                      "exact reuse of repeated ordered chunk paths (blend/prefix_tree.py): 'off'; 'background' "
-                      "(a path requested prefix_tree_after times is computed exactly while the engine is idle, "
-                      "and background work yields the model within one layer when a request arrives); "
+PREFIX_TREE = declare("engine.prefix_tree", "background", "str",
+                      "exact reuse of repeated ordered chunk paths (blend/prefix_tree.py): 'background' (a path "
+                      "requested prefix_tree_after times is computed exactly, one chunk at a time, while the engine "
+                      "is idle; background work yields the model within one layer of one chunk when a request "
+                      "arrives; on a bursty trace TTFT was lower at every percentile, docs/benchmarks.md); 'off'; "
                       "'inline' (the request that crosses the threshold computes it: ~1.2x a full prefill)",
                       parse=str, choices=("off", "background", "inline"), flag="--prefix-tree",
                       used_by=(_SERVE, _GEN))

@@ -27,7 +27,9 @@ def store(tmp_path):
 def generator(lm, store):
     from daser_rag.engine.generator import CacheAwareGenerator
 
-    return CacheAwareGenerator(lm, store=store)
+    g = CacheAwareGenerator(lm, store=store)
+    yield g
+    g.close()  # its background threads (prefix-tree materialization, prefetch) stop with the test
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,18 @@ def ctx(generator, corpus):
     return [ChunkRef(text=generator.split(d.text)[0], doc_id=d.doc_id) for d in docs]
 
 
+def _inline(generator, after):
+    """The tree in inline mode: the request crossing the threshold stores the path itself."""
+    generator.assembler.prefix_tree = PrefixTree(materialize_after=after)
+    generator.assembler.materializer = None
+
+
 def test_repeated_sequence_reuses_exact_kv(generator, ctx):
     q = "What does pass do?"
     full, _ = generator.prefill(q, ctx, use_cache=False)
     blended, info = generator.prefill(q, ctx, recompute_ratio=0.0)
     assert info["exact_chunks"] == 1
-    generator.assembler.prefix_tree = PrefixTree(materialize_after=2)
+    _inline(generator, 2)
     first, info1 = generator.prefill(q, ctx, recompute_ratio=0.0)
     assert info1["exact_chunks"] == 1 and "materialized" not in info1  # seen once: blend
     second, info2 = generator.prefill(q, ctx, recompute_ratio=0.0)
@@ -62,7 +68,7 @@ def test_repeated_sequence_reuses_exact_kv(generator, ctx):
 
 
 def test_invalidating_any_document_on_the_path_drops_its_nodes(generator, ctx):
-    generator.assembler.prefix_tree = PrefixTree(materialize_after=1)
+    _inline(generator, 1)
     generator.prefill("What does pass do?", ctx)
     keys = generator.plan_keys(ctx)
     nodes = [k for k in keys if k.startswith("s")]
@@ -74,7 +80,7 @@ def test_invalidating_any_document_on_the_path_drops_its_nodes(generator, ctx):
 
 
 def test_changed_text_never_hits_old_nodes(generator, ctx):
-    generator.assembler.prefix_tree = PrefixTree(materialize_after=1)
+    _inline(generator, 1)
     generator.prefill("What does pass do?", ctx)
     edited = [ctx[0], ChunkRef(text=ctx[1].text + " Edited.", doc_id=ctx[1].doc_id), ctx[2]]
     assert generator.plan_keys(edited)[1:] == [c.key for c in generator.resolve(edited[1:], "")]

@@ -139,7 +139,10 @@ def test_prefix_tree_option(lm: Any, store: Any) -> None:
     g = CacheAwareGenerator(lm, store, prefix_tree="inline", prefix_tree_after=3)
     assert g.assembler.materializer is None and g.assembler.prefix_tree is not None
     assert g.assembler.prefix_tree.materialize_after == 3
-    assert CacheAwareGenerator(lm, store).assembler.prefix_tree is None  # the default: off
+    default = CacheAwareGenerator(lm, store)  # the default: background
+    assert default.assembler.prefix_tree is not None and default.assembler.materializer is not None
+    default.close()
+    assert CacheAwareGenerator(lm, store, prefix_tree="off").assembler.prefix_tree is None
     with pytest.raises(InvalidInputError, match="prefix_tree must be one of"):
         CacheAwareGenerator(lm, store, prefix_tree="sometimes")
     with pytest.raises(InvalidInputError, match="prefix_tree_after"):

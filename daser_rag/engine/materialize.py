@@ -17,9 +17,11 @@ Bounded: at most `queue_max` paths wait (the oldest is dropped beyond that), eac
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,15 @@ if TYPE_CHECKING:
     from daser_rag.engine.assemble import SegmentAssembler
 
 _log = logging.getLogger(__name__)
+_live: weakref.WeakSet[BackgroundMaterializer] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every materializer before the interpreter tears down: a daemon thread killed inside a
+    torch kernel at exit aborts the process ("terminate called without an active exception")."""
+    for m in list(_live):
+        m.close()
 
 
 class Preempted(Exception):
@@ -90,6 +101,7 @@ class BackgroundMaterializer:
         self._closed = False
         self._busy = False
         self._thread: threading.Thread | None = None
+        _live.add(self)
 
     # -- request side --------------------------------------------------------------------------
     def submit(self, chunks: list[ResolvedChunk], tenant: str) -> bool:
@@ -203,7 +215,7 @@ class BackgroundMaterializer:
         wanted: Callable[[], bool] = self.lock.wanted
 
         def check(_layer: int) -> None:
-            if wanted():
+            if wanted() or self._closed:
                 raise Preempted()
 
         try:
@@ -211,6 +223,8 @@ class BackgroundMaterializer:
                 return True
             nodes = self.assembler.compute_nodes(work, before_layer=check)
         except Preempted:
+            if self._closed:
+                return False
             self.stats.preempted += 1
             job.attempts += 1
             if job.attempts >= self.max_attempts:
@@ -219,6 +233,8 @@ class BackgroundMaterializer:
             return True
         finally:
             self.lock.release_quietly()
+        if self._closed:  # the engine is shutting down: its store may be closing too
+            return False
         self.assembler.store_nodes(work, nodes, job.tenant)
         self.stats.nodes += len(nodes)
         job.progressed = True
