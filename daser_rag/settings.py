@@ -141,6 +141,11 @@ CALIBRATION = declare("engine.calibration", "auto", "str",
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",
                             parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))
+PREFIX_TREE_MAX_NODES = declare("engine.prefix_tree_max_nodes", 100_000, "int",
+                                "ordered chunk paths whose request counts the prefix tree keeps (one node per chunk "
+                                "on a path, ~200 B each); when full, paths requested once are forgotten first, then "
+                                "all counts (stored nodes stay)",
+                                parse=int, used_by=(_GEN, "PrefixTree"))
 PREFIX_TREE_QUEUE = declare("engine.prefix_tree_queue", 32, "int",
                             "paths waiting for background materialization (the oldest is dropped beyond it)",
                             parse=int, used_by=(_GEN, "BackgroundMaterializer"))

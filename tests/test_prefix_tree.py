@@ -86,3 +86,18 @@ def test_changed_text_never_hits_old_nodes(generator, ctx):
     assert generator.plan_keys(edited)[1:] == [c.key for c in generator.resolve(edited[1:], "")]
     _, info = generator.prefill("What does pass do?", edited, recompute_ratio=0.0)
     assert info.get("materialized")  # new path: computed, never served from the old nodes
+
+
+def test_a_full_tree_keeps_learning():
+    """Counts are bounded (max_nodes); a full tree used to stop counting new paths for good, so a
+    long-running service would never materialize a path again. Now it forgets one-off paths."""
+    tree = PrefixTree(materialize_after=2, max_nodes=20)
+    hot = ["h1", "h2", "h3"]
+    assert tree.record("p", hot) == 1 and tree.record("p", hot) == 2
+    for i in range(40):  # many one-off orders fill the tree
+        tree.record("p", [f"a{i}", f"b{i}"])
+        assert len(tree) <= 20
+    assert tree.pruned >= 1
+    assert tree.count("p", hot) >= 2  # a path requested twice survives the pruning of one-offs
+    fresh = ["x1", "x2"]
+    assert tree.record("p", fresh) == 1 and tree.record("p", fresh) == 2  # and new paths are still learned

@@ -26,6 +26,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from daser_rag import settings
+
 
 def node_key(prefix_key: str, chunk_keys: Sequence[str]) -> str:
     """Store key of the node for `chunk_keys` (a path of >= 1 chunks) after `prefix_key`."""
@@ -61,14 +63,19 @@ class TreeMatch:
 
 
 class PrefixTree:
-    def __init__(self, *, materialize_after: int = 2, max_nodes: int = 100_000) -> None:
+    def __init__(self, *, materialize_after: int = 2,
+                 max_nodes: int = settings.PREFIX_TREE_MAX_NODES.default) -> None:
         if materialize_after < 1:
             raise ValueError(f"materialize_after must be >= 1, got {materialize_after}")
+        if max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {max_nodes}")
         self.materialize_after = materialize_after
         self.max_nodes = max_nodes
         self._roots: dict[str, _Node] = {}
         self._nodes = 0
         self._lock = threading.Lock()
+        self.pruned = 0
+        """Times the full tree made room (see `_prune`)."""
 
     def __len__(self) -> int:
         return self._nodes
@@ -76,13 +83,15 @@ class PrefixTree:
     def record(self, prefix_key: str, chunk_keys: Sequence[str]) -> int:
         """Count one request for this ordered sequence; returns the full path's count."""
         with self._lock:
+            if self._nodes + len(chunk_keys) > self.max_nodes:
+                self._prune()
             node = self._roots.setdefault(prefix_key, _Node())
             node.count += 1
             for k in chunk_keys:
                 child = node.children.get(k)
                 if child is None:
                     if self._nodes >= self.max_nodes:
-                        return 0  # counts are advisory; a full tree just stops learning
+                        return 0  # a path longer than the whole tree: not counted
                     child = node.children[k] = _Node()
                     self._nodes += 1
                 child.count += 1
@@ -122,6 +131,25 @@ class PrefixTree:
             else:
                 self._roots.pop(prefix_key, None)
                 self._nodes = sum(self._count_nodes(r) for r in self._roots.values())
+
+    def _prune(self) -> None:
+        """Make room when the tree is full (it used to stop learning for good): forget the paths
+        requested only once (the many one-off orders), or everything when those are not enough to
+        free a quarter of the tree. Counts only decide what is worth materializing, so forgetting
+        one costs at most one more request before that path is stored; stored nodes stay."""
+        def drop_singles(node: _Node) -> None:
+            for k in [k for k, c in node.children.items() if c.count < 2]:
+                del node.children[k]
+            for c in node.children.values():
+                drop_singles(c)
+
+        for r in self._roots.values():
+            drop_singles(r)
+        self._nodes = sum(self._count_nodes(r) for r in self._roots.values())
+        if self._nodes > 3 * self.max_nodes // 4:
+            self._roots.clear()
+            self._nodes = 0
+        self.pruned += 1
 
     @classmethod
     def _count_nodes(cls, node: _Node) -> int:
