@@ -69,10 +69,24 @@ class Run:
         return out
 
 
+def disable_prefix_tree(gen: Any) -> None:
+    """No exact tree nodes for this generator (benchmarks that compare blending modes on repeats)."""
+    asm = gen.assembler
+    if asm.materializer is not None:
+        asm.materializer.close()
+    asm.prefix_tree = None
+    asm.materializer = None
+
+
 class Harness:
     """Owns the generator, the prefix cache, and the per-request mode loop."""
 
-    def __init__(self, gen: Any, *, answer_tokens: int = 32, prefix_block: int = 16) -> None:
+    def __init__(self, gen: Any, *, answer_tokens: int = 32, prefix_block: int = 16, prefix_tree: bool = False) -> None:
+        """`prefix_tree=False` (the default) turns the generator's prefix tree off: every mode runs
+        on the same contexts, so with the tree (on by default in the engine) the repeats would be
+        served exactly and hide what blending does. The prefix-tree bench sets it per mode."""
+        if not prefix_tree:
+            disable_prefix_tree(gen)
         self.gen = gen
         self.runner = gen.runner
         self.answer_tokens = answer_tokens

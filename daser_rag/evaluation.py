@@ -68,7 +68,9 @@ def measure_fidelity(
         full, _ = gen.prefill(question, contexts, use_cache=False, extra_capacity=steps)
         ref_tokens, ref_logits = _continuation_logits(gen, full, None, steps)
         for r in ratios:
-            fused, _ = gen.prefill(question, contexts, recompute_ratio=r, selector=selector, extra_capacity=steps)
+            # blending itself: the same prompt at every ratio would otherwise become exact tree nodes
+            fused, _ = gen.prefill(question, contexts, recompute_ratio=r, selector=selector, extra_capacity=steps,
+                                   prefix_tree=False)
             _, logits = _continuation_logits(gen, fused, ref_tokens, steps)
             f = results[r]
             f.prompts += 1

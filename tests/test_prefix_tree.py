@@ -101,3 +101,32 @@ def test_a_full_tree_keeps_learning():
     assert tree.count("p", hot) >= 2  # a path requested twice survives the pruning of one-offs
     fresh = ["x1", "x2"]
     assert tree.record("p", fresh) == 1 and tree.record("p", fresh) == 2  # and new paths are still learned
+
+
+def test_a_request_can_skip_the_tree(generator, ctx):
+    """`prefill(prefix_tree=False)` neither counts towards storing a path nor reads its nodes
+    (what measures blending itself on repeated prompts)."""
+    q = "What does break do?"
+    _inline(generator, 1)
+    _, info = generator.prefill(q, ctx, recompute_ratio=0.0, prefix_tree=False)
+    assert "materialized" not in info and info["exact_chunks"] == 1
+    assert generator.assembler.prefix_tree.count(generator.computer.prefix_key(""),
+                                                 [c.key for c in generator.resolve(ctx, "")]) == 0
+    _, info = generator.prefill(q, ctx, recompute_ratio=0.0)
+    assert info.get("materialized") and info["exact_chunks"] == 3
+    _, info = generator.prefill(q, ctx, recompute_ratio=0.0, prefix_tree=False)
+    assert info["exact_chunks"] == 1  # the nodes exist; this request blends anyway
+
+
+def test_fidelity_measures_blending_even_with_the_tree_on(generator, ctx):
+    """measure_fidelity runs the same prompt again and again; with the tree on by default those
+    repeats would be served exactly and report KL 0 for blending."""
+    from daser_rag.evaluation import measure_fidelity
+
+    assert generator.assembler.materializer is not None  # the default: background
+    kls = []
+    for _ in range(3):
+        res = measure_fidelity(generator, [("What does del do?", ctx)], [0.0], steps=4)
+        kls.append(res[0.0].mean_kl)
+        assert generator.assembler.materializer.wait_idle(120)
+    assert kls[0] > 1e-3 and max(kls) - min(kls) < 1e-6

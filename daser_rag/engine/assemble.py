@@ -107,12 +107,13 @@ class SegmentAssembler:
         return m.node_keys[: m.depth] + keys[m.depth:]
 
     # -- assemble ---------------------------------------------------------------------------
-    def assemble(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings) -> Assembly:
+    def assemble(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
+                 use_tree: bool = True) -> Assembly:
         prefix = self.computer.prefix()
         depth = min(1, len(chunks))
         node_keys = [c.key for c in chunks]
         materialized = False
-        if self.prefix_tree is not None and len(chunks) > 1:
+        if self.prefix_tree is not None and use_tree and len(chunks) > 1:
             pk = self.computer.prefix_key(tenant)
             count = self.prefix_tree.record(pk, node_keys)
             match = PrefixTree.longest_stored(pk, node_keys, self.store.contains)

@@ -241,15 +241,21 @@ class CacheAwareGenerator(StreamingEngine):
         tenant: str = SHARED_TENANT,
         extra_capacity: int = 0,
         timings: Timings | None = None,
+        prefix_tree: bool = True,
     ) -> tuple[FusionResult, PrefillInfo]:
-        """Build the prompt's KV (fused or full) and return it with the next-token logits."""
+        """Build the prompt's KV (fused or full) and return it with the next-token logits.
+
+        `prefix_tree=False`: this request neither reads exact tree nodes nor counts towards
+        storing them (what measures blending itself on repeated prompts, `evaluation.py`)."""
         params = GenerationParams(recompute_ratio=recompute_ratio, selector=selector, use_cache=use_cache,
                                   tenant=tenant)
         rc = RequestContext(tenant=tenant, params=params, timings=timings or Timings())
-        return self._prefill(rc, question, contexts, blend=blend, extra_capacity=extra_capacity)
+        return self._prefill(rc, question, contexts, blend=blend, extra_capacity=extra_capacity,
+                             prefix_tree=prefix_tree)
 
     def _prefill(self, rc: RequestContext, question: str, contexts: Sequence[ContextItem] | None, *,
-                 blend: BlendConfig | None = None, extra_capacity: int = 0) -> tuple[FusionResult, PrefillInfo]:
+                 blend: BlendConfig | None = None, extra_capacity: int = 0,
+                 prefix_tree: bool = True) -> tuple[FusionResult, PrefillInfo]:
         """Prefill for one request: its tenant, its options (`rc.params`) and its timings."""
         if not isinstance(question, str) or not question.strip():
             raise InvalidInputError("question must be a non-empty string")
@@ -272,7 +278,7 @@ class CacheAwareGenerator(StreamingEngine):
                 fused = full_prefill(self.runner, torch.tensor(ids, dtype=torch.long), q_ids, needed)
                 timings.fuse_s = time.perf_counter() - t0
                 return fused, info
-            asm = self.assembler.assemble(chunks, tenant, timings)
+            asm = self.assembler.assemble(chunks, tenant, timings, use_tree=prefix_tree)
             info["hits"], info["misses"], info["exact_chunks"] = asm.hits, asm.misses, asm.exact_chunks
             if asm.materialized:
                 info["materialized"] = True

@@ -52,7 +52,8 @@ Q2 = "Is pass useful as a placeholder?"
 def env(tmp_path_factory):
     store_dir = tmp_path_factory.mktemp("daser-vllm")
     lm = load_model(dtype=torch.float32)
-    gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec="fp32"), chunk_tokens=256)
+    gen = CacheAwareGenerator(lm, store=KVStore(store_dir, codec="fp32"), chunk_tokens=256,
+                              prefix_tree="off")  # these tests compare blending: no exact tree nodes
     llm = vllm.LLM(model=str(vllm_model_dir(lm)), dtype="float32", max_model_len=2048, enforce_eager=True,
                    block_size=32, max_num_seqs=4, enable_prefix_caching=False, disable_log_stats=False,
                    kv_transfer_config=kv_transfer_config(store_dir, fingerprint=gen.fingerprint, codec="fp32"))
