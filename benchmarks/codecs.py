@@ -46,7 +46,7 @@ def codec_fidelity(lm: LoadedModel, *, codecs: tuple[str, ...] = CODECS, items: 
                    ratio: float = 0.0, chunk_tokens: int = 256, reference: str = "bf16") -> dict[str, Any]:
     corpus = {d.doc_id: d for d in python_reference_corpus()}
     qa = QA_SET[:items]
-    base = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32"), chunk_tokens=chunk_tokens)
+    base = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32"), chunk_tokens=chunk_tokens, prefix_tree="off")
     for item in qa:  # compute every chunk once, in fp32
         base.add_documents([corpus[d] for d in item.doc_ids])
     keys = list(base.store.host.keys())
@@ -69,7 +69,7 @@ def codec_fidelity(lm: LoadedModel, *, codecs: tuple[str, ...] = CODECS, items: 
             nbytes += enc.nbytes
             tokens += kv.num_tokens
         store.index = base.store.index  # same documents, same chunk texts
-        gens[c] = CacheAwareGenerator(lm, store=store, chunk_tokens=chunk_tokens)
+        gens[c] = CacheAwareGenerator(lm, store=store, chunk_tokens=chunk_tokens, prefix_tree="off")
         sizes[c] = {"bytes_per_token": nbytes / tokens,
                     "encode_s": t_enc, "decode_s": t_dec, "tokens": tokens}
     agree = {c: [] for c in codecs}

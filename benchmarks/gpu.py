@@ -33,7 +33,8 @@ def exactness(model: str | None, dtype: torch.dtype) -> dict[str, Any]:
     from daser_rag.model.loader import load_model
 
     lm = load_model(model, device="cuda", dtype=dtype)
-    gen = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32" if dtype == torch.float32 else "bf16"))
+    gen = CacheAwareGenerator(lm, store=KVStore(None, codec="fp32" if dtype == torch.float32 else "bf16"),
+                              prefix_tree="off")
     chunks = make_chunks(gen, 3, 256)
     full, _ = gen.prefill(QUESTION, chunks, use_cache=False)
     gen.prefill(QUESTION, chunks)
@@ -89,7 +90,8 @@ def ttft_table(model: str | None, sizes: list[tuple[int, int]], repeats: int, lm
     lm = lm if lm is not None else load_model(model, device="cuda", dtype=torch.bfloat16)
     rows = []
     for n_chunks, chunk_tokens in sizes:
-        gen = CacheAwareGenerator(lm, store=KVStore(None, codec="bf16", device="cuda", device_bytes=8 << 30))
+        gen = CacheAwareGenerator(lm, store=KVStore(None, codec="bf16", device="cuda", device_bytes=8 << 30),
+                                  prefix_tree="off")
         chunks = make_chunks(gen, n_chunks, chunk_tokens)
         for _ in range(2):  # precompute + warm-up
             _ttft(gen, chunks)
