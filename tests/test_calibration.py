@@ -272,18 +272,20 @@ def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_
     from daser_rag.engine.generator import CacheAwareGenerator
     from daser_rag.errors import InvalidInputError
 
-    plain = CacheAwareGenerator(lm, store=store)
+    # the tree off: these generators share one store, and one's background nodes would serve
+    # another's repeats exactly (this test is about calibration regimes, compared on blending)
+    plain = CacheAwareGenerator(lm, store=store, prefix_tree="off")
     chunks, _ = _segments(plain)
     q = "What does the pass statement do?"
     r0, r15 = _random_calibration(plain, seed=1), _random_calibration(plain, seed=2, fit_share=0.15)
-    only_r0 = CacheAwareGenerator(lm, store=store, calibration=r0)
+    only_r0 = CacheAwareGenerator(lm, store=store, prefix_tree="off", calibration=r0)
     assert only_r0.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.0).calibrated
     at_r15 = only_r0.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.15)
     assert not at_r15.calibrated  # not its regime: served uncalibrated, and says so
     assert at_r15.token_ids == plain.generate(q, chunks, max_new_tokens=4, recompute_ratio=0.15).token_ids
     with pytest.raises(InvalidInputError, match="no calibration fitted for recompute share 0.15"):
         only_r0.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.15, calibration=True)
-    only_r15 = CacheAwareGenerator(lm, store=store, calibration=r15)
+    only_r15 = CacheAwareGenerator(lm, store=store, prefix_tree="off", calibration=r15)
     assert only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.0).calibrated
     assert only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=0.15).calibrated
     assert not only_r15.generate(q, chunks, max_new_tokens=2, recompute_ratio=1.0).calibrated
@@ -291,7 +293,7 @@ def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_
     root = store.root
     storage.save(r0, storage.default_path(root, plain.fingerprint))
     storage.save(r15, storage.default_path(root, plain.fingerprint, 0.15))
-    both = CacheAwareGenerator(lm, store=store, calibration="auto")
+    both = CacheAwareGenerator(lm, store=store, prefix_tree="off", calibration="auto")
     assert isinstance(both.calibration, CalibrationSet) and len(both.calibration.members) == 2
     assert both.calibration.pick(0.0) is not None and both.calibration.pick(0.0).fit_share == 0.0
     assert both.calibration.pick(0.3).fit_share == 0.15 and both.calibration.pick(None).fit_share == 0.15
@@ -299,7 +301,7 @@ def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_
     fused = {r: both.generate(q, chunks, max_new_tokens=3, recompute_ratio=r) for r in (0.0, 0.15, 1.0)}
     assert fused[0.0].calibrated and fused[0.15].calibrated and not fused[1.0].calibrated
     with pytest.raises(storage.CalibrationFileError, match="at most one"):
-        CacheAwareGenerator(lm, store=store, calibration=[r15, _random_calibration(plain, seed=3, fit_share=0.3)])
+        CacheAwareGenerator(lm, store=store, prefix_tree="off", calibration=[r15, _random_calibration(plain, seed=3, fit_share=0.3)])
 
 
 @pytest.mark.slow
