@@ -48,12 +48,16 @@ def prepared(gen):
     return data
 
 
-def main():
+def setup():
+    """The generator, its runner, (layers, KV heads, head dim) and the prepared prompts."""
     torch.set_num_threads(int(os.environ.get("T", "2")))
     gen = build_generator(cache_dir=tempfile.mkdtemp(), chunk_tokens=512)
     runner = gen.runner
-    L, H, D = runner.spec.num_layers, runner.n_kv, runner.head_dim
-    data = prepared(gen)
+    return gen, runner, (runner.spec.num_layers, runner.n_kv, runner.head_dim), prepared(gen)
+
+
+def main():
+    gen, runner, (L, H, D), data = setup()
 
     def offsets(ex):
         lens = [len(gen.prompt.chunk_ids(c)) for c in ex.spec.chunks]

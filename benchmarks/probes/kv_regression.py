@@ -20,14 +20,12 @@ kv_corrections.py: 16 training + 12 held-out from the Language Reference, cached
 import json
 import math
 import os
-import tempfile
 import time
 
 import torch
 
-from benchmarks.probes.kv_corrections import prepared
+from benchmarks.probes.kv_corrections import setup
 from daser_rag.calibration.student import kl_loss
-from daser_rag.engine.factory import build_generator
 from daser_rag.model.rope import apply_rope
 
 OUT = os.environ.get("OUT", "results/probes")
@@ -35,11 +33,7 @@ SETS = {"bias": 1, "own": 3, "ctx": 5, "attn": 6}  # how many feature blocks (1 
 
 
 def main():
-    torch.set_num_threads(int(os.environ.get("T", "2")))
-    gen = build_generator(cache_dir=tempfile.mkdtemp(), chunk_tokens=512)
-    runner = gen.runner
-    L, H, D = runner.spec.num_layers, runner.n_kv, runner.head_dim
-    data = prepared(gen)
+    gen, runner, (L, H, D), data = setup()
     lam = float(os.environ.get("LAM", "1e-2"))
     alpha = float(os.environ.get("ALPHA", "1"))
 
