@@ -167,7 +167,7 @@ class SegmentAssembler:
         if match.depth >= len(chunks):
             return None
         return self._path_work(self.computer.prefix(), chunks, match.node_keys, match.depth, tenant, timings,
-                               max_nodes)
+                               max_nodes, model_held=False)
 
     def compute_nodes(self, work: PathWork, *, before_layer: Callable[[int], None] | None = None) -> list[ChunkKV]:
         """The model work (the caller holds the model lock); `before_layer` may raise to stop."""
@@ -184,10 +184,13 @@ class SegmentAssembler:
             self.store.add_derived(doc_ids, work.node_keys[j], tenant)
 
     def _path_work(self, prefix: ChunkKV, chunks: list[ResolvedChunk], node_keys: list[str], depth: int,
-                   tenant: str, timings: Timings, limit: int | None) -> PathWork:
+                   tenant: str, timings: Timings, limit: int | None, *, model_held: bool) -> PathWork:
+        """`model_held=False` (background, outside the model lock): only reads; a first chunk
+        evicted meanwhile becomes part of the work (computed by `compute_nodes`, under the lock)
+        instead of being computed here."""
         runs = [prefix]
         for j in range(depth):
-            if j == 0:
+            if j == 0 and model_held:
                 kv, _ = self.fetch(chunks[0], tenant, timings)
             else:
                 kv = self.store.get(node_keys[j], dtype=self.runner.dtype, device=self.runner.device)
@@ -202,6 +205,6 @@ class SegmentAssembler:
                      tenant: str, timings: Timings) -> int:
         """Inline: compute every node of the path after the exact run and store it; returns the
         depth now stored."""
-        work = self._path_work(prefix, chunks, node_keys, depth, tenant, timings, None)
+        work = self._path_work(prefix, chunks, node_keys, depth, tenant, timings, None, model_held=True)
         self.store_nodes(work, self.compute_nodes(work), tenant)
         return work.end
