@@ -210,7 +210,7 @@ class BackgroundMaterializer:
             else:
                 self.stats.already_stored += 1
             return False
-        if self.lock.wanted() or not self.lock.acquire_quietly():
+        if not self.lock.acquire_quietly():
             return True
         wanted: Callable[[], bool] = self.lock.wanted
 
