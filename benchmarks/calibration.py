@@ -6,7 +6,9 @@ Two steps, both reproducible from this file:
    documents; part of them held out by the calibration's own check), preparing the prompts
    once and fitting variants on them: `ape` (per-layer/per-head key and value scales on
    reused context, no new tokens), `bias` (those scales plus per-layer/per-head key and value
-   biases), `adapter` (4 learned link tokens, no scales) and `both`; `*_r15` are fitted at the
+   biases), `adapter` (4 learned link tokens, no scales), `both`, `map` (the token map alone,
+   fitted by regression) and `map_bias` (the map, then scales and biases by KL on top of it);
+   `*_r15` are fitted at the
    default repair (hybrid, r = 0.15) instead of full reuse.
    Writes DIR/{ape,adapter,both}.safetensors, their loss curves, and DIR/train.json.
 2. measure (default): the held-out stdlib grid (benchmarks/evalset.py: standard-library
@@ -30,14 +32,18 @@ _R0 = {"fit_share": 0.0}  # explicit: CalibrationConfig's default share is the e
 _R15 = {"fit_share": 0.15, "fit_selector": "hybrid"}
 VARIANTS: dict[str, dict[str, Any]] = {
     # fitted for full reuse (r = 0)
-    "ape": {"scales": True, "biases": False, "link_tokens": 0, **_R0},
-    "adapter": {"scales": False, "biases": False, "link_tokens": 4, **_R0},
-    "both": {"scales": True, "biases": False, "link_tokens": 4, **_R0},
-    "bias": {"scales": True, "biases": True, "link_tokens": 0, **_R0},  # scales + key/value biases
+    "ape": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R0},
+    "adapter": {"scales": False, "biases": False, "link_tokens": 4, "token_map": False, **_R0},
+    "both": {"scales": True, "biases": False, "link_tokens": 4, "token_map": False, **_R0},
+    "bias": {"scales": True, "biases": True, "link_tokens": 0, "token_map": False, **_R0},  # scales + biases
+    "map": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, **_R0},  # the token map alone
+    "map_l1": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, "token_map_ridge": 1.0, **_R0},
+    "map_bias": {"scales": True, "biases": True, "link_tokens": 0, "token_map": True, **_R0},  # map, then KL
     # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
-    "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, **_R15},
-    "both_r15": {"scales": True, "biases": False, "link_tokens": 4, **_R15},
-    "bias_r15": {"scales": True, "biases": True, "link_tokens": 0, **_R15}}
+    "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R15},
+    "both_r15": {"scales": True, "biases": False, "link_tokens": 4, "token_map": False, **_R15},
+    "bias_r15": {"scales": True, "biases": True, "link_tokens": 0, "token_map": False, **_R15},
+    "map_bias_r15": {"scales": True, "biases": True, "link_tokens": 0, "token_map": True, **_R15}}
 DEFAULT_MODES = "0,chunk_heads:0.15,hybrid:0.15"
 
 
@@ -77,7 +83,8 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
             share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "")
             if share_key not in prepared:
                 first = next(iter(prepared.values()), None)
-                prepared[share_key] = (prepare_split(gen, docs, cfg, log=print) if first is None
+                with_map = any(VARIANTS[v].get("token_map", False) for v in variants)
+                prepared[share_key] = (prepare_split(gen, docs, cfg, log=print, token_map=with_map) if first is None
                                        else first.for_config(gen, cfg))
                 summary[f"prepare_s@{cfg.fit_share}"] = prepared[share_key].seconds
                 summary["train_prompts"] = len(prepared[share_key].train)

@@ -15,8 +15,9 @@ def _segments(gen, topics=("pass", "break", "continue")):
     return chunks, segs
 
 
-def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0, biases=True):
-    """Random scales, link tokens and (by default) key/value biases: every part a test can see."""
+def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0, biases=True, token_map=True):
+    """Random scales, link tokens and (by default) key/value biases and a token map: every part
+    a test can see."""
     from daser_rag.calibration.adapter import Calibration
 
     g = torch.Generator().manual_seed(seed)
@@ -26,7 +27,64 @@ def _random_calibration(gen, link_tokens=3, seed=0, fit_share=0.0, biases=True):
                        0.3 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
                        0.05 * torch.randn(link_tokens, spec.hidden_size, generator=g), fit_share=fit_share,
                        key_bias=0.3 * torch.randn(shape, generator=g) if biases else None,
-                       value_bias=0.1 * torch.randn(shape, generator=g) if biases else None)
+                       value_bias=0.1 * torch.randn(shape, generator=g) if biases else None,
+                       kv_map=_random_map(spec.num_layers, spec.num_kv_heads, spec.head_dim, g) if token_map else None)
+
+
+def _random_map(layers, heads, d, g):
+    """A token map with a moderate correction (I + W stays well conditioned)."""
+    return 0.02 * torch.randn(layers, heads, 1 + 2 * d, 2 * d, generator=g)
+
+
+def test_token_map_corrects_keys_before_rope_and_unplace_undoes():
+    """A stored key is R(p) k_raw; the token map corrects [k_raw; v] by W0 + W^T [k_raw; v] and
+    rotates the key back: the same token placed anywhere gets the same correction, turned with
+    its position. Scales and biases act after it; `unplace` gives the stored K/V back."""
+    from daser_rag.calibration.adapter import place_kv, unplace_kv
+    from daser_rag.calibration.token_map import inverse_matrices
+    from daser_rag.model.rope import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(0)
+    heads, n, d = 3, 7, 8
+    raw_k, v = torch.randn(heads, n, d, generator=g), torch.randn(heads, n, d, generator=g)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    w = _random_map(1, heads, d, g)
+    ks, vs = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([1.5, 1.0, 0.25])
+    kb, vb = torch.randn(heads, d, generator=g), torch.randn(heads, d, generator=g)
+    z = torch.cat([raw_k, v], -1)
+    fixed = z + w[0, :, :1, :] + z @ w[0, :, 1:, :]
+    for start in (0, 100, 3000):
+        cos, sin = rope_cos_sin(torch.arange(start, start + n), inv_freq, 1.0, torch.float32)
+        pk, pv = place_kv(apply_rope(raw_k, cos, sin), v, ks, vs, kb, vb, cos, sin, w[0])
+        want_k = apply_rope(fixed[..., :d] * ks.view(-1, 1, 1) + kb.unsqueeze(1), cos, sin)
+        assert torch.allclose(pk, want_k, atol=1e-4)
+        assert torch.allclose(pv, fixed[..., d:] * vs.view(-1, 1, 1) + vb.unsqueeze(1), atol=1e-5)
+        bk, bv = unplace_kv(pk, pv, ks, vs, kb, vb, cos, sin, w[0], inverse_matrices(w)[0])
+        assert torch.allclose(bk, apply_rope(raw_k, cos, sin), atol=1e-4) and torch.allclose(bv, v, atol=1e-4)
+
+
+def test_token_map_regression_recovers_an_affine_correction():
+    """The normal equations accumulated token by token and solved in closed form give back the
+    affine map that produced the targets (noise-free, ridge ~0), and rows count once per token."""
+    from daser_rag.calibration.token_map import TokenMapStats, apply
+    from daser_rag.model.rope import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(1)
+    layers, heads, d = 2, 2, 4
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    w = _random_map(layers, heads, d, g) * 5
+    stats = TokenMapStats.empty(layers, heads, d)
+    for start in (0, 40, 90):
+        cos, sin = rope_cos_sin(torch.arange(start, start + 30), inv_freq, 1.0, torch.float32)
+        for i in range(layers):
+            k = apply_rope(torch.randn(heads, 30, d, generator=g), cos, sin)
+            v = torch.randn(heads, 30, d, generator=g)
+            fk, fv = apply(w[i], k, v, cos, sin)
+            stats.add(i, k, v, fk, fv, cos, sin)
+    assert stats.rows == 90
+    assert torch.allclose(stats.solve(1e-9), w, atol=1e-3)
+    with pytest.raises(ValueError, match="no reused tokens"):
+        TokenMapStats.empty(1, 1, 2).solve(1e-2)
 
 
 def test_key_bias_is_added_before_rope_and_place_undoes():
@@ -122,7 +180,7 @@ def test_student_matches_fuse_at_r0(generator):
     assert int((~ex.reused).sum()) == exact_length(segs)
     with torch.no_grad():
         got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
-                             cal.key_bias, cal.value_bias)
+                             cal.key_bias, cal.value_bias, cal.kv_map)
     # tail = question + first answer token: the second-to-last row is the question's last token
     assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
 
@@ -149,10 +207,10 @@ def test_student_matches_fuse_at_r_above_zero(generator):
     assert torch.equal(ex.selected, fused.recomputed_positions)
     with torch.no_grad():
         got = student_logits(gen.runner, ex, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
-                             cal.key_bias, cal.value_bias)
+                             cal.key_bias, cal.value_bias, cal.kv_map)
         at_r0 = prepare(gen, PromptSpec(question, tuple(chunks)), answer_tokens=2)
         r0 = student_logits(gen.runner, at_r0, cal.key_log_scale, cal.value_log_scale, cal.link, 2,
-                            cal.key_bias, cal.value_bias)
+                            cal.key_bias, cal.value_bias, cal.kv_map)
     assert (got[0] - fused.logits[-1]).abs().max().item() < 1e-3
     assert (r0[0] - fused.logits[-1]).abs().max().item() > 1e-2  # the repair matters: not the r=0 student
 
@@ -199,7 +257,7 @@ def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
                      hidden=spec.hidden_size, head_dim=spec.head_dim * 2)
     # biases are in the checksum; a file without them keeps the digest scales-only files always had
     assert torch.equal(back.key_bias, cal.key_bias) and torch.equal(back.value_bias, cal.value_bias)
-    plain = _random_calibration(gen, biases=False)
+    plain = _random_calibration(gen, biases=False, token_map=False)
     assert set(plain.tensors()) == {"key_log_scale", "value_log_scale", "link"}
     assert plain.digest() != _random_calibration(gen).digest()
     back_plain = storage.load_for(storage.save(plain, tmp_path / "plain.safetensors"), gen.runner, gen.fingerprint)
@@ -214,6 +272,20 @@ def test_calibration_file_roundtrip_and_refusals(generator, tmp_path):
               metadata=dict(safe_open(str(path), framework="pt").metadata()))
     with pytest.raises(storage.CalibrationFileError, match="does not know"):
         storage.load_for(extra, gen.runner, gen.fingerprint)
+    # the token map: loaded as written, in the checksum, its shape checked against the model
+    assert back.kv_map is not None and torch.equal(back.kv_map, cal.kv_map)
+    no_map = _random_calibration(gen, token_map=False)
+    assert no_map.digest() != cal.digest() and "kv_map" not in no_map.tensors()
+    header = dict(safe_open(str(path), framework="pt").metadata())
+    edited = tmp_path / "map-edited.safetensors"
+    save_file({**cal.tensors(), "kv_map": cal.kv_map * 1.01}, str(edited), metadata=header)
+    with pytest.raises(storage.CalibrationFileError, match="checksum"):
+        storage.load_for(edited, gen.runner, gen.fingerprint)
+    narrow = _random_calibration(gen)
+    narrow.kv_map = narrow.kv_map[:, :, :-2, :]
+    wrong = storage.save(narrow, tmp_path / "map-shape.safetensors")
+    with pytest.raises(storage.CalibrationFileError, match="kv_map has shape"):
+        storage.load_for(wrong, gen.runner, gen.fingerprint)
 
 
 def test_chunk_keys_include_chunk_side_adapters_only(generator):
@@ -317,11 +389,30 @@ def test_calibrate_refuses_what_does_not_beat_no_adapter(lm, store, tmp_path):
     docs = python_reference_corpus(("pass", "break", "continue", "del", "return", "global"))
     ap = argparse.ArgumentParser()
     add_arguments(ap)
-    args = ap.parse_args(["--steps", "0", "--link-tokens", "0", "--train-prompts", "1", "--held-out-prompts", "2",
+    args = ap.parse_args(["--steps", "0", "--link-tokens", "0", "--no-token-map", "--train-prompts", "1",
+                          "--held-out-prompts", "2",
                           "--out", str(tmp_path / "cal.safetensors")])
     assert run(args, small, docs) == 1
     assert not (tmp_path / "cal.safetensors").exists()
     assert (tmp_path / "cal.curve.csv").read_text().startswith("step,batch_kl,seconds")
+
+
+@pytest.mark.slow
+def test_a_kl_stage_that_loses_to_the_token_map_alone_is_dropped(lm, store):
+    """Scales fitted by KL on top of the token map are kept only if they beat the map alone on
+    the held-out prompts; a ruinous KL stage (huge learning rate) leaves the map alone."""
+    from daser_rag.calibration.train import CalibrationConfig, calibrate
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    small = CacheAwareGenerator(lm, store=store, chunk_tokens=48)
+    docs = python_reference_corpus(("pass", "break", "continue", "del", "return", "global"))
+    cfg = CalibrationConfig(scales=True, biases=False, steps=2, lr_scale=5.0, train_prompts=2, held_out_prompts=2,
+                            fit_share=0.0, answer_tokens=4)
+    rep = calibrate(small, docs, cfg)
+    assert "the map alone is kept" in rep.reason
+    assert rep.calibration.kv_map is not None and not rep.calibration.has_biases
+    assert torch.equal(rep.calibration.key_log_scale, torch.zeros_like(rep.calibration.key_log_scale))
+    assert rep.held_out_after == rep.held_out_map_only
 
 
 @pytest.mark.slow
@@ -353,10 +444,11 @@ def test_default_calibration_fitted_at_r015_improves_kl_there_on_documents_it_ne
     small = CacheAwareGenerator(lm, store=store, chunk_tokens=160)  # ~700-token prompts: a CPU-sized run
     cfg = CalibrationConfig(steps=25, train_prompts=12, held_out_prompts=20, chunks_per_document=1)
     assert cfg.fit_share == 0.15 and cfg.fit_selector == "hybrid" and cfg.link_tokens == 0
+    assert cfg.token_map and not cfg.scales and not cfg.biases  # the default: the token map alone
     rep = calibrate(small, python_reference_corpus(), cfg)
     assert len(rep.held_out_after) == 20
     assert not set(rep.train_documents) & set(rep.held_out_documents)
-    assert rep.calibration.fit_share == 0.15
+    assert rep.calibration.fit_share == 0.15 and rep.calibration.kv_map is not None
     assert rep.accepted, rep.reason
     assert rep.kl_after < 0.95 * rep.kl_before, (rep.kl_before, rep.kl_after)
     assert rep.improved_share >= 0.6, (rep.held_out_before, rep.held_out_after)

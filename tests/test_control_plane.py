@@ -125,6 +125,23 @@ def test_reuse_plan_carries_calibration_scales_for_repositioned_kv_only(generato
     links = Calibration(generator.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
     with pytest.raises(InvalidInputError, match="link tokens"):
         planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=links)
+    # a token map is published in the store directory by its digest, which the plan names
+    from daser_rag.calibration.storage import load_published
+
+    mapped = dataclasses.replace(cal, kv_map=0.01 * torch.randn(spec.num_layers, spec.num_kv_heads,
+                                                                1 + 2 * spec.head_dim, 2 * spec.head_dim, generator=g))
+    with_map = planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=mapped)
+    assert with_map.calibrated and with_map.kv_transfer_params["daser"]["token_map"] == mapped.digest()
+    assert with_map.cache_salt not in (scaled.cache_salt, plain.cache_salt)
+    assert "token_map" not in scaled.kv_transfer_params["daser"]
+    back = load_published(generator.store.root, mapped.digest(), fingerprint=generator.fingerprint,
+                          layers=spec.num_layers, kv_heads=spec.num_kv_heads, head_dim=spec.head_dim)
+    assert torch.equal(back.kv_map, mapped.kv_map)
+    # the in-engine deviation selector ranks V rows it cannot un-map: refused with the reason
+    with pytest.raises(InvalidInputError, match="deviation selector cannot rank"):
+        planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=mapped, recompute=(0.15, 1, "deviation"))
+    assert planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=mapped,
+                         recompute=(0.15, 1, "chunk_heads")).calibrated
 
 
 def test_the_embedded_engine_satisfies_the_engine_protocol(generator):

@@ -67,7 +67,7 @@ class _LayerFiller:
     background while the previous layer computed; plain `ChunkKV`s are re-rotated here, all
     layers at once on first use. Each layer is written once. With a calibration, the K/V of
     segments at or past `exact_len` (reused, stale) are placed by it as they are written
-    (scaled per layer and KV head, biases added); exact runs are written as they are.
+    (token map, scales, biases: `Calibration.place`); exact runs are written as they are.
     """
 
     def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV], calibration: Calibration | None = None,
@@ -109,7 +109,7 @@ class _LayerFiller:
     def rope(self, start: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """RoPE tables of positions [start, start + n) (what a key bias is rotated by; None
         without one); cached per placement, shared by every layer."""
-        if self.calibration is None or self.calibration.key_bias is None:
+        if self.calibration is None or not self.calibration.needs_rope:
             return None, None
         if (start, n) not in self._tables:
             self._tables[(start, n)] = self.runner.rope(torch.arange(start, start + n, device=self.runner.device))
@@ -238,7 +238,7 @@ def _recompute_from_check(runner: LayerRunner, cache: PositionalKVCache, filler:
             pos = active[:n_cur]
             k_old, v_old = k_old[:, pos], v_old[:, pos]
             if filler.calibration is not None:  # rank by staleness, not by what the calibration did
-                tables = runner.rope(pos) if filler.calibration.key_bias is not None else (None, None)
+                tables = runner.rope(pos) if filler.calibration.needs_rope else (None, None)
                 k_old, v_old = filler.calibration.unplace(i, k_old, v_old, *tables)
             deviation = kv_deviation(k[:, :n_cur], v[:, :n_cur], k_old, v_old, config.deviation)
             # Every active token went through all layers below, so its K/V here are exact: keep

@@ -11,6 +11,10 @@ user's own documents, with full prefill as the teacher (no labels):
   systematic part of what stale KV lacks. Applied when stored KV is placed in the prompt's
   buffer; exact runs and recomputed tokens are never touched, so r = 1 stays exactly full
   prefill;
+* a token map: per layer and KV head, an affine map of each reused token's own stored K/V
+  to a correction of both, fitted in closed form (ridge regression) against full prefill's K/V
+  on every reused token of the training prompts (`token_map.py`); applied at placement too,
+  before the scales and biases;
 * k learned link tokens (soft embeddings) placed between the context and the question
   (KVLink-style), computed fresh per request over the whole context.
 
@@ -20,7 +24,7 @@ all-stale context, over-correct stale KV beside repaired tokens); an r > 0 fit a
 stored KV is reused (`adapter.Calibration.applies_to`).
 
 Modules: `config` (what a run fits), `adapter` (the parameters, their digest, the per-regime
-set), `storage` (the checksummed file keyed by the model fingerprint and regime), `examples`
+set), `token_map` (the regression and its application), `storage` (the checksummed file keyed by the model fingerprint and regime), `examples`
 (prompts from the user's documents, teacher targets, the selection replayed at r > 0),
 `student` (the differentiable reuse path), `train` (self-distillation and the held-out check),
 `curve` (loss curve CSV/PNG). This package imports torch only inside those modules.

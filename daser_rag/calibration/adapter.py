@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from daser_rag.calibration import token_map
 from daser_rag.model.rope import apply_rope
 
 VERSION = 1
@@ -37,11 +38,16 @@ VERSION = 1
 
 def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
              key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
-             cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reused K/V [kvH, T, D] of one layer as the calibration places them: scaled by the
-    per-head factors ([kvH]), plus the biases ([kvH, D]; the key bias rotated by the tokens'
-    RoPE tables cos/sin [T, D]). Differentiable: the student fits through it; fusion and the
-    vLLM connector place stored KV with it."""
+             cos: torch.Tensor | None, sin: torch.Tensor | None,
+             kv_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reused K/V [kvH, T, D] of one layer as the calibration places them: corrected token by
+    token by the token map ([kvH, 1 + 2D, 2D], `token_map.apply`), then scaled by the per-head
+    factors ([kvH]), plus the biases ([kvH, D]; the key bias rotated by the tokens' RoPE tables
+    cos/sin [T, D], which the map needs too). Differentiable in the scales and biases: the
+    student fits through it; fusion and the vLLM connector place stored KV with it."""
+    if kv_map is not None:
+        assert cos is not None and sin is not None, "a token map needs the tokens' RoPE tables"
+        k, v = token_map.apply(kv_map, k, v, cos, sin)
     k = k * key_scale.view(-1, 1, 1)
     v = v * value_scale.view(-1, 1, 1)
     if key_bias is not None:
@@ -54,15 +60,21 @@ def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_sc
 
 def unplace_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
                key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
-               cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stored K/V back from placed ones (`place_kv` inverted): selection ranks tokens by how
-    stale they are, not by what the calibration did to them."""
+               cos: torch.Tensor | None, sin: torch.Tensor | None, kv_map: torch.Tensor | None = None,
+               map_inverse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored K/V back from placed ones (`place_kv` inverted; `map_inverse`:
+    `token_map.inverse_matrices` of the map's layer): selection ranks tokens by how stale they
+    are, not by what the calibration did to them."""
     if key_bias is not None:
         assert cos is not None and sin is not None, "a key bias needs the tokens' RoPE tables"
         k = k - apply_rope(key_bias.unsqueeze(1).expand(-1, int(cos.shape[0]), -1), cos, sin)
     if value_bias is not None:
         v = v - value_bias.unsqueeze(1)
-    return k / key_scale.view(-1, 1, 1), v / value_scale.view(-1, 1, 1)
+    k, v = k / key_scale.view(-1, 1, 1), v / value_scale.view(-1, 1, 1)
+    if kv_map is not None:
+        assert cos is not None and sin is not None and map_inverse is not None, "undoing a token map needs its inverse"
+        k, v = token_map.invert(kv_map, map_inverse, k, v, cos, sin)
+    return k, v
 
 
 @dataclass
@@ -84,6 +96,10 @@ class Calibration:
     value_bias: torch.Tensor | None = None
     """[layers, kv_heads, head_dim] (None: none). Biases enter the digest only when present, so
     a scales-only file keeps the checksum it was written with."""
+    kv_map: torch.Tensor | None = None
+    """[layers, kv_heads, 1 + 2 head_dim, 2 head_dim]: the token map (`token_map.py`), applied
+    before the scales and biases (None: none; in the digest only when present)."""
+    _inverse: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
@@ -103,6 +119,11 @@ class Calibration:
         return self.key_bias is not None or self.value_bias is not None
 
     @property
+    def needs_rope(self) -> bool:
+        """Placing needs the tokens' RoPE tables (a key bias is rotated, a token map un-rotates)."""
+        return self.key_bias is not None or self.kv_map is not None
+
+    @property
     def link_tokens(self) -> int:
         return int(self.link.shape[0])
 
@@ -110,7 +131,7 @@ class Calibration:
         out = {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
                "value_log_scale": self.value_log_scale.detach().float().contiguous(),
                "link": self.link.detach().float().contiguous()}
-        for name in ("key_bias", "value_bias"):
+        for name in ("key_bias", "value_bias", "kv_map"):
             t = getattr(self, name)
             if t is not None:
                 out[name] = t.detach().float().contiguous()
@@ -144,13 +165,18 @@ class Calibration:
     def place(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
               sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's reused K/V [kvH, T, D] as placed in a prompt (`place_kv`); cos/sin: the
-        RoPE tables [T, D] of the tokens' positions there (needed when there is a key bias)."""
-        return place_kv(k, v, *self._layer(layer, k), cos, sin)
+        RoPE tables [T, D] of the tokens' positions there (needed when `needs_rope`)."""
+        return place_kv(k, v, *self._layer(layer, k), cos, sin,
+                        None if self.kv_map is None else self.kv_map[layer])
 
     def unplace(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
                 sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`place` undone: the stored K/V (what selection compares fresh K/V with)."""
-        return unplace_kv(k, v, *self._layer(layer, k), cos, sin)
+        if self.kv_map is None:
+            return unplace_kv(k, v, *self._layer(layer, k), cos, sin)
+        if self._inverse is None:
+            self._inverse = token_map.inverse_matrices(self.kv_map)
+        return unplace_kv(k, v, *self._layer(layer, k), cos, sin, self.kv_map[layer], self._inverse[layer])
 
     def check_shape(self, layers: int, kv_heads: int, hidden: int, head_dim: int | None = None) -> None:
         """The tensors fit a model of this shape (a mismatching file is an error, not a guess)."""
@@ -159,6 +185,9 @@ class Calibration:
             t = getattr(self, name)
             if t is not None:
                 want[name] = (layers, kv_heads, head_dim if head_dim is not None else int(t.shape[-1]))
+        if self.kv_map is not None:
+            d = head_dim if head_dim is not None else (int(self.kv_map.shape[-1]) // 2)
+            want["kv_map"] = (layers, kv_heads, 1 + 2 * d, 2 * d)
         for name, shape in want.items():
             got = tuple(getattr(self, name).shape)
             if got != shape:
@@ -200,10 +229,16 @@ class Calibration:
         return dataclasses.replace(self, link=self.link[:0], meta=dict(self.meta))
 
     def without_scales(self) -> Calibration:
-        """Only the link tokens: no scales and no biases."""
+        """Only the link tokens: no scales, biases or token map."""
         return dataclasses.replace(self, key_log_scale=torch.zeros_like(self.key_log_scale),
                                    value_log_scale=torch.zeros_like(self.value_log_scale), key_bias=None,
-                                   value_bias=None, meta=dict(self.meta))
+                                   value_bias=None, kv_map=None, meta=dict(self.meta))
+
+    def map_only(self) -> Calibration:
+        """Only the token map: no scales, biases or link tokens (what the KL fit starts from)."""
+        return dataclasses.replace(self, key_log_scale=torch.zeros_like(self.key_log_scale),
+                                   value_log_scale=torch.zeros_like(self.value_log_scale), key_bias=None,
+                                   value_bias=None, link=self.link[:0], meta=dict(self.meta))
 
 
 @dataclass(frozen=True)
@@ -237,6 +272,7 @@ class CalibrationSet:
 
     def describe(self) -> str:
         return ", ".join(f"r={c.fit_share:g}" + (" with biases" if c.has_biases else "")
+                         + (" with a token map" if c.kv_map is not None else "")
                          + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
                          for c in self.members)
 

@@ -30,10 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fit-share", type=float, default=d.fit_share,
                    help="recompute share to fit for (0: full reuse; the calibration serves that regime only)")
     p.add_argument("--fit-selector", default=d.fit_selector, help="selection replayed when --fit-share > 0")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (batch of 4 prompts each)")
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help="optimizer steps of the KL stage (batch of 4 prompts each; none without scales, biases or "
+                        "link tokens)")
     p.add_argument("--link-tokens", type=int, default=d.link_tokens, help="learned link tokens before the question")
-    p.add_argument("--no-scales", action="store_true", help="no key/value scales")
-    p.add_argument("--no-biases", action="store_true", help="no key/value biases (scales only, as before biases)")
+    p.add_argument("--scales", action=argparse.BooleanOptionalAction, default=None,
+                   help="key/value scales fitted by KL (default: only with --no-token-map)")
+    p.add_argument("--biases", action=argparse.BooleanOptionalAction, default=None,
+                   help="key/value biases fitted by KL (default: only with --no-token-map)")
+    p.add_argument("--token-map", action=argparse.BooleanOptionalAction, default=d.token_map,
+                   help="fit the token map (a per-token K/V correction fitted by regression; docs/calibration.md)")
+    p.add_argument("--token-map-ridge", type=float, default=d.token_map_ridge,
+                   help="ridge penalty of the token map's regression (relative to the features' energy)")
     p.add_argument("--train-prompts", type=int, default=d.train_prompts)
     p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")
@@ -98,8 +106,9 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
         torch.set_num_threads(args.threads)
     docs = list(documents) if documents is not None else read_documents(args.files, args.topics)
     try:
-        cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=not args.no_scales, steps=args.steps,
-                                biases=not args.no_biases,
+        cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=args.scales, steps=args.steps,
+                                biases=args.biases, token_map=args.token_map,
+                                token_map_ridge=args.token_map_ridge,
                                 train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
                                 answer_tokens=args.answer_tokens, min_gain=args.min_gain, seed=args.seed,
                                 fit_share=args.fit_share, fit_selector=args.fit_selector)

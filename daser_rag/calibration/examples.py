@@ -29,6 +29,7 @@ import torch
 
 from daser_rag.blend.config import BlendConfig
 from daser_rag.blend.fusion import _LayerFiller, fuse
+from daser_rag.calibration.token_map import TokenMapStats
 from daser_rag.engine.decode import decode_n_tokens
 from daser_rag.evaluation import GENERIC_QUESTIONS
 from daser_rag.kv.chunk_kv import ChunkKV
@@ -105,7 +106,9 @@ def make_prompts(chunks_by_doc: dict[str, list[str]], n: int, chunks_per_prompt:
 
 @torch.inference_mode()
 def _teacher(gen: Any, ctx_ids: list[int], q_ids: list[int], answer_tokens: int,
-             loss_question_tokens: int) -> tuple[list[int], torch.Tensor]:
+             loss_question_tokens: int) -> tuple[list[int], torch.Tensor, Any]:
+    """Full prefill's greedy answer, its log-probabilities along the loss positions, and its
+    cache (the context's K/V are what the token map is fitted to)."""
     runner = gen.runner
     cache = runner.new_cache(len(ctx_ids) + len(q_ids) + answer_tokens)
     runner.forward(torch.tensor(ctx_ids), 0, cache)
@@ -115,7 +118,23 @@ def _teacher(gen: Any, ctx_ids: list[int], q_ids: list[int], answer_tokens: int,
     rows = [q_logits[-min(loss_question_tokens, len(q_ids)):-1]] if loss_question_tokens > 1 else []
     rows.append(torch.stack([lg.reshape(-1) for _, lg in pairs]))
     logits = torch.cat(rows)
-    return answer, torch.log_softmax(logits.float(), -1).to(torch.float16)
+    return answer, torch.log_softmax(logits.float(), -1).to(torch.float16), cache
+
+
+@torch.inference_mode()
+def add_token_map_rows(gen: Any, stats: TokenMapStats, teacher: Any, keys: list[torch.Tensor],
+                       values: list[torch.Tensor], reused: torch.Tensor) -> None:
+    """One prompt's reused tokens into the token map's normal equations: its r = 0 buffer
+    (stale K/V) against full prefill's K/V at the same positions."""
+    runner = gen.runner
+    rows = reused.nonzero().squeeze(1).to(runner.device)
+    if rows.numel() == 0:
+        return
+    cos, sin = runner.rope(rows)
+    cos, sin = cos.float(), sin.float()
+    for i in range(runner.spec.num_layers):
+        stats.add(i, keys[i][:, rows], values[i][:, rows], teacher.keys[i][:, rows], teacher.values[i][:, rows],
+                  cos, sin)
 
 
 def exact_length(segments: list[ChunkKV]) -> int:
@@ -155,15 +174,19 @@ def _selection(gen: Any, segs: list[ChunkKV], q_ids: list[int], blend: BlendConf
 
 
 def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4,
-            blend: BlendConfig | None = None) -> ReuseExample:
+            blend: BlendConfig | None = None, token_map_stats: TokenMapStats | None = None) -> ReuseExample:
     """The teacher's targets and the r = 0 buffer for one prompt; with `blend` (r > 0), also
-    the positions that selection recomputes, for a student that repairs them as serving does."""
+    the positions that selection recomputes, for a student that repairs them as serving does;
+    with `token_map_stats`, its reused tokens are added to the token map's regression."""
     chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in spec.chunks]
     q_ids = list(gen.prompt.query_ids(spec.question))
     ctx_ids = list(gen.prompt.prefix_ids) + [i for ids in chunk_ids for i in ids]
-    answer, logp = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
+    answer, logp, teacher = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
     segs = _segments(gen, chunk_ids)  # computed once: the buffer and the selection read the same KV
     keys, values, reused = _reuse_buffer(gen, segs)
+    if token_map_stats is not None:
+        add_token_map_rows(gen, token_map_stats, teacher, keys, values, reused)
+    del teacher
     selected = _selection(gen, segs, q_ids, blend) if blend is not None else None
     # inference tensors cannot be saved for backward: plain copies
     keys = [k.clone() for k in keys]

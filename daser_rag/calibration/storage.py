@@ -81,12 +81,13 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
                                    f"{header.get('fit_share')!r}") from None
     if not 0.0 <= fit_share < 1.0:
         raise CalibrationFileError(f"calibration file {str(path)!r} has fit_share {fit_share}, not in [0, 1)")
-    unknown = set(tensors) - {"key_log_scale", "value_log_scale", "link", "key_bias", "value_bias"}
+    unknown = set(tensors) - {"key_log_scale", "value_log_scale", "link", "key_bias", "value_bias", "kv_map"}
     if unknown:
         raise CalibrationFileError(f"calibration file {str(path)!r} holds tensors this version does not know: "
                                    f"{sorted(unknown)} (made by a newer daser-rag?)")
     cal = Calibration(fingerprint, tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
-                      header.get("chunk_side") == "1", fit_share, tensors.get("key_bias"), tensors.get("value_bias"))
+                      header.get("chunk_side") == "1", fit_share, tensors.get("key_bias"), tensors.get("value_bias"),
+                      tensors.get("kv_map"))
     if cal.digest() != header.get("checksum"):
         raise CalibrationFileError(f"calibration file {str(path)!r} fails its checksum (changed or damaged)")
     try:
@@ -102,6 +103,40 @@ def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
     spec = runner.spec
     return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
                 hidden=spec.hidden_size, head_dim=spec.head_dim)
+
+
+def published_path(root: str | Path, digest: str) -> Path:
+    """Where a calibration is published for vLLM connectors, by its digest: a plan names the
+    digest (a token map's 1.5M numbers do not travel in a plan), the connector reads the file
+    from the store directory it shares with the control plane."""
+    if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+        raise CalibrationFileError(f"not a calibration digest: {digest!r}")
+    return Path(root) / "calibration" / "by-digest" / f"{digest}.safetensors"
+
+
+def publish(cal: Any, root: str | Path) -> Path:
+    """Write `cal` to `published_path` unless a file with its checksum is already there."""
+    path = published_path(root, cal.digest())
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("checksum") == cal.digest():
+                    return path
+        except Exception:  # noqa: BLE001 - a damaged file is rewritten below
+            pass
+    return save(cal, path)
+
+
+def load_published(root: str | Path, digest: str, *, fingerprint: str, layers: int, kv_heads: int,
+                   head_dim: int) -> Any:
+    """The calibration a plan names by `digest`, checked like `load` and against the digest."""
+    cal = load(published_path(root, digest), fingerprint=fingerprint, layers=layers, kv_heads=kv_heads, hidden=0,
+               head_dim=head_dim)
+    if cal.digest() != digest:
+        raise CalibrationFileError(f"published calibration {digest} holds another calibration ({cal.digest()})")
+    return cal
 
 
 def _model_files(cache_root: str | Path, fingerprint: str) -> list[Path]:

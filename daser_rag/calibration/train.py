@@ -22,6 +22,7 @@ from daser_rag.calibration.adapter import Calibration
 from daser_rag.calibration.config import CalibrationConfig as CalibrationConfig
 from daser_rag.calibration.examples import ReuseExample, make_prompts, prepare, split_documents, with_selection
 from daser_rag.calibration.student import example_kl
+from daser_rag.calibration.token_map import TokenMapStats
 from daser_rag.types import Document
 
 
@@ -32,6 +33,7 @@ class CalibrationReport:
     reason: str
     held_out_before: list[float]  # per held-out prompt, mean KL vs full prefill, no calibration
     held_out_after: list[float]
+    held_out_map_only: list[float] = field(default_factory=list)  # the token map alone (empty: no map)
     curve: list[tuple[int, float, float]] = field(default_factory=list)  # (step, batch loss, seconds)
     train_documents: list[str] = field(default_factory=list)
     held_out_documents: list[str] = field(default_factory=list)
@@ -54,7 +56,9 @@ class CalibrationReport:
         return {"accepted": self.accepted, "reason": self.reason, "held_out_prompts": len(self.held_out_after),
                 "held_out_kl_before": self.kl_before, "held_out_kl_after": self.kl_after,
                 "held_out_improved_share": self.improved_share, "seconds": self.seconds,
-                "train_documents": len(self.train_documents), "held_out_documents": len(self.held_out_documents)}
+                "train_documents": len(self.train_documents), "held_out_documents": len(self.held_out_documents),
+                **({"held_out_kl_token_map_only": sum(self.held_out_map_only) / len(self.held_out_map_only)}
+                   if self.held_out_map_only else {})}
 
 
 class _Frozen:
@@ -76,7 +80,7 @@ class _Frozen:
 def mean_kls(gen: Any, examples: Sequence[ReuseExample], cal: Calibration) -> list[float]:
     with torch.no_grad():
         return [float(example_kl(gen.runner, e, cal.key_log_scale, cal.value_log_scale, cal.link, cal.key_bias,
-                                 cal.value_bias)) for e in examples]
+                                 cal.value_bias, cal.kv_map)) for e in examples]
 
 
 def chunks_by_document(gen: Any, documents: Sequence[Document], per_document: int) -> dict[str, list[str]]:
@@ -97,6 +101,8 @@ class Prepared:
     train_documents: list[str]
     held_out_documents: list[str]
     seconds: float
+    token_map: TokenMapStats | None = None
+    """The token map's normal equations over the training prompts (None: not accumulated)."""
 
     def for_config(self, gen: Any, config: CalibrationConfig) -> Prepared:
         """The same prompts for a student fitted at `config`'s share (adds or drops the selection)."""
@@ -105,12 +111,14 @@ class Prepared:
         train = [with_selection(gen, e, blend) for e in self.train]
         held = [with_selection(gen, e, blend) for e in self.held_out]
         return Prepared(train, held, self.train_documents, self.held_out_documents,
-                        self.seconds + time.perf_counter() - t0)
+                        self.seconds + time.perf_counter() - t0, self.token_map)
 
 
 def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationConfig,
-                  log: Callable[[str], None] | None = None) -> Prepared:
-    """Split documents (train / held-out), build prompts from each side, run the teacher."""
+                  log: Callable[[str], None] | None = None, token_map: bool | None = None) -> Prepared:
+    """Split documents (train / held-out), build prompts from each side, run the teacher; with
+    a token map (`token_map`, default `config.token_map`), accumulate its regression over the
+    training prompts' reused tokens while the teacher's K/V are at hand."""
     say = log or (lambda _m: None)
     t0 = time.perf_counter()
     by_doc = chunks_by_document(gen, documents, config.chunks_per_document)
@@ -124,11 +132,15 @@ def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationCo
     say(f"{len(train_ids)} training / {len(held_ids)} held-out documents; preparing "
         f"{len(train_specs)} + {len(held_specs)} prompts (teacher: full prefill)")
     blend = config.blend()
-    train, held = ([prepare(gen, s, answer_tokens=config.answer_tokens,
-                            loss_question_tokens=config.loss_question_tokens, blend=blend) for s in specs]
-                   for specs in (train_specs, held_specs))
+    spec = gen.runner.spec
+    stats = (TokenMapStats.empty(spec.num_layers, spec.num_kv_heads, spec.head_dim)
+             if (config.token_map if token_map is None else token_map) else None)
+    train = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
+                     blend=blend, token_map_stats=stats) for s in train_specs]
+    held = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
+                    blend=blend) for s in held_specs]
     say(f"prepared in {time.perf_counter() - t0:.0f} s")
-    return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0)
+    return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0, stats)
 
 
 def fit(gen: Any, data: Prepared, config: CalibrationConfig,
@@ -146,8 +158,18 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
                                config.link_tokens, init, head_dim=runner.head_dim if config.biases else 0)
     cal.fit_share = config.fit_share
     before = mean_kls(gen, held, cal.without_link())
-    ks = cal.key_log_scale.clone().requires_grad_(config.scales)
-    vs = cal.value_log_scale.clone().requires_grad_(config.scales)
+    kv_map = None
+    map_only: list[float] = []
+    if config.token_map:
+        if data.token_map is None:
+            raise ValueError("a token map needs the prompts prepared with its regression (prepare_split(token_map=True))")
+        kv_map = data.token_map.solve(config.token_map_ridge)
+        cal.kv_map = kv_map
+        map_only = mean_kls(gen, held, cal.map_only())
+        say(f"token map fitted on {data.token_map.rows} reused tokens: held-out mean KL "
+            f"{sum(before) / len(before):.4f} -> {sum(map_only) / len(map_only):.4f} (map alone)")
+    ks = cal.key_log_scale.clone().requires_grad_(bool(config.scales))
+    vs = cal.value_log_scale.clone().requires_grad_(bool(config.scales))
     link = cal.link.clone().requires_grad_(bool(config.link_tokens))
     kb = None if cal.key_bias is None else cal.key_bias.clone().requires_grad_(True)
     vb = None if cal.value_bias is None else cal.value_bias.clone().requires_grad_(True)
@@ -158,16 +180,17 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
         groups.append({"params": [kb, vb], "lr": config.lr_bias})
     if config.link_tokens:
         groups.append({"params": [link], "lr": config.lr_link})
-    opt = torch.optim.Adam(groups)
     rng = random.Random(config.seed)
     curve: list[tuple[int, float, float]] = []
+    opt = torch.optim.Adam(groups) if groups else None
     with _Frozen(gen.lm.hf_model), torch.enable_grad():
-        for step in range(config.steps):
+        for step in range(config.steps if opt is not None else 0):
+            assert opt is not None
             batch = rng.sample(train, min(config.batch, len(train)))
             opt.zero_grad()
             total = 0.0
             for e in batch:  # one graph at a time: an r > 0 student holds ~1 GB of activations
-                loss = example_kl(runner, e, ks, vs, link, kb, vb) / len(batch)
+                loss = example_kl(runner, e, ks, vs, link, kb, vb, kv_map) / len(batch)
                 loss.backward()  # type: ignore[no-untyped-call]
                 total += float(loss.detach())
             opt.step()
@@ -176,14 +199,20 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
                 say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
     trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone(),
                           fit_share=config.fit_share, key_bias=None if kb is None else kb.detach().clone(),
-                          value_bias=None if vb is None else vb.detach().clone())
-    after = mean_kls(gen, held, trained)
+                          value_bias=None if vb is None else vb.detach().clone(), kv_map=kv_map)
+    after = mean_kls(gen, held, trained) if groups else map_only
+    kept = ""
+    if groups and map_only and not config.link_tokens and sum(map_only) <= sum(after):
+        # the KL stage on top of the map overfits the training prompts (measured, config.py): keep the map alone
+        kept = (f"; scales/biases fitted on top of the token map did not beat the map alone there "
+                f"({sum(after) / len(after):.4f}): the map alone is kept")
+        trained, after = trained.map_only(), map_only
     kl_b, kl_a = sum(before) / len(before), sum(after) / len(after)
     accepted = kl_a < kl_b * (1.0 - config.min_gain)
     reason = (f"held-out mean KL {kl_b:.4f} -> {kl_a:.4f} on {len(held)} prompts from {len(data.held_out_documents)} documents "
-              f"it never trained on")
+              f"it never trained on") + kept
     reason += "" if accepted else f": not {config.min_gain:.0%} better, refused"
-    report = CalibrationReport(trained, accepted, reason, before, after, curve, data.train_documents,
+    report = CalibrationReport(trained, accepted, reason, before, after, map_only, curve, data.train_documents,
                                data.held_out_documents, time.perf_counter() - t0 + data.seconds)
     trained.meta = {"config": config.__dict__, **report.summary()}
     say(reason)

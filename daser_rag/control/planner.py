@@ -86,6 +86,7 @@ class Planner:
             raise InvalidInputError(f"chunk_tokens must be in [8, {room}] for this model's window "
                                     f"({self.context_window} positions), got {chunk_tokens!r}")
         self.chunk_tokens = chunk_tokens
+        self._published: set[str] = set()  # calibration digests published for the connectors
 
     @classmethod
     def from_files(cls, files: ModelFiles, store: KVStore, **kw: Any) -> Planner:
@@ -152,14 +153,20 @@ class Planner:
         is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
         path) only while everything before it was exact. Missing chunk entries come back as
         `prefill` plans. Writes the request's document refs (so invalidation reaches its KV).
-        `calibration` (scales and biases, no link tokens; docs/calibration.md): the connector places
-        every re-positioned segment it loads with it; the plan's cache salt names it. `ReusePlan.calibrated`
+        `calibration` (scales, biases and a token map, no link tokens; docs/calibration.md): the
+        connector places every re-positioned segment it loads with it (a token map by the digest
+        the plan names, published in the shared store directory); the plan's cache salt names it. `ReusePlan.calibrated`
         says whether it went into the plan (not when the whole context is exact).
         """
         _check_question(question)
         if calibration is not None and calibration.link_tokens:
             raise InvalidInputError(f"this calibration has {calibration.link_tokens} link tokens, which cannot be "
                                     "placed inside vLLM (docs/calibration.md); calibrate with --link-tokens 0")
+        if (calibration is not None and calibration.kv_map is not None and recompute is not None
+                and recompute[0] > 0 and (recompute[2] if len(recompute) > 2 else "deviation") == "deviation"):
+            raise InvalidInputError("the in-engine deviation selector cannot rank staleness under a token map (the "
+                                    "connector undoes scales and biases on V rows only; docs/calibration.md): use "
+                                    "selector chunk_heads, or a calibration made with --no-token-map")
         store = self.store
         chunks = self.resolve(contexts, tenant)
         n_pre = len(self.prompt.prefix_ids)
@@ -203,9 +210,24 @@ class Planner:
                 h.update(b"\0calibration\0" + cal.digest().encode())
             salt = "r" + h.hexdigest()
         params = plan_params(segs, recompute=rc, scales=cal.factors() if cal is not None else None,
-                             bias=cal.bias_bytes() if cal is not None else None)
+                             bias=cal.bias_bytes() if cal is not None else None,
+                             token_map=self._publish(cal) if cal is not None and cal.kv_map is not None else None)
         return ReusePlan(ids, params, ctx, len(ids) - ctx, chunks, salt,
                          sum(1 for s in segs[1:] if s[0] == s[2]), prefill, calibrated=cal is not None)
+
+    def _publish(self, cal: Calibration) -> str:
+        """The digest a plan names for `cal`'s token map, after publishing the calibration in the
+        store directory the connectors share (once per digest and planner)."""
+        digest = cal.digest()
+        if digest not in self._published:
+            from daser_rag.calibration.storage import publish
+
+            if self.store.root is None:
+                raise InvalidInputError("a calibration with a token map needs a store directory shared with the "
+                                        "vLLM connectors (the map is published there, not sent in the plan)")
+            publish(cal, self.store.root)
+            self._published.add(digest)
+        return digest
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *,
               tenant: str) -> ReusePlan:

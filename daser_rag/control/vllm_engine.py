@@ -169,6 +169,8 @@ class VllmEngine(StreamingEngine):
         from daser_rag.calibration.adapter import calibration_for_request
 
         cal = calibration_for_request(self.calibration, p.calibration, float(ratio))
+        if cal is not None and cal.kv_map is not None and sel == "deviation" and float(ratio) > 0 and not p.calibration:
+            cal = None  # the in-engine deviation selector cannot rank under a token map: served uncalibrated, and says so
         return self.planner.reuse(question, contexts, tenant=p.tenant, recompute=(ratio, self.check_layer, sel),
                                   calibration=cal)
 

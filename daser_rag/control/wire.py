@@ -47,7 +47,8 @@ def in_engine_selectors() -> NameView:
 def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
                 recompute: Recompute | None = None, prefetch_id: str | None = None,
                 scales: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]] | None = None,
-                bias: tuple[Sequence[int], bytes, bytes] | None = None) -> dict[str, Any]:
+                bias: tuple[Sequence[int], bytes, bytes] | None = None,
+                token_map: str | None = None) -> dict[str, Any]:
     """The `kv_transfer_params` value that carries a plan: segments are (key, n) or (key, n, save_key).
     `prefetch_id`: the prefetch message that pinned this request's entries on the instance (its
     pin ends once the request has loaded them). `scales`: a calibration's (key, value) factors
@@ -55,7 +56,10 @@ def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
     (daser_rag/calibration: exp of the stored log-scales). `bias`: its (shape [layers, kv_heads,
     head_dim], key bias, value bias) as little-endian float32 bytes, added after the scales (the
     key bias rotated to each token's position); base64 in the plan, about 31 KB each for
-    SmolLM2-135M, where lists of numbers would be ~4x that."""
+    SmolLM2-135M, where lists of numbers would be ~4x that. `token_map`: the digest of a
+    calibration with a token map, published in the store directory
+    (`daser_rag.calibration.storage.publish`): the connector loads the map from there and applies
+    it before the scales."""
     out: list[list[Any]] = []
     for s in segments:
         out.append([s[0], int(s[1])] if len(s) == 2 else [s[0], int(s[1]), s[2]])
@@ -70,6 +74,8 @@ def plan_params(segments: Sequence[Sequence[Any]], *, save: bool = True,
                           "v": [[float(x) for x in row] for row in scales[1]]}
     if bias is not None:
         plan["bias"] = encode_bias(*bias)
+    if token_map is not None:
+        plan["token_map"] = token_map
     return {PLAN_FIELD: plan}
 
 

@@ -61,3 +61,19 @@ def test_bias_needs_scales() -> None:
     raw = plan_params([["k0", 4]], bias=(SHAPE, _floats([0.0] * N), _floats([0.0] * N)))
     with pytest.raises(plan.PlanError, match="comes with 'scales'"):
         plan.parse_plan(raw, 8)
+
+
+def test_token_map_is_named_by_digest_and_checked() -> None:
+    """A token map travels as the digest of its published calibration (the map's numbers stay in
+    the store directory); a malformed digest, or one without the calibration's scales, is refused."""
+    digest = "0123456789abcdef" * 2
+    assert plan.parse_plan(_params(token_map=digest), 8).token_map == digest
+    assert plan.parse_plan(_params(), 8).token_map is None
+    for bad in ("../../etc/passwd", digest[:-1], digest.upper(), 7):
+        raw = _params()
+        raw[PLAN_FIELD]["token_map"] = bad
+        with pytest.raises(plan.PlanError, match="token_map"):
+            plan.parse_plan(raw, 8)
+    no_scales = plan_params([["k0", 4]], token_map=digest)
+    with pytest.raises(plan.PlanError, match="scales"):
+        plan.parse_plan(no_scales, 8)

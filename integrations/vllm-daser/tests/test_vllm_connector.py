@@ -298,6 +298,25 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     rb = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=biased)
     assert rb.info["calibrated"] and rb.prompt["cache_salt"] not in (r.prompt["cache_salt"], plain.prompt["cache_salt"])
     assert list(same_as_daser(rb, biased).token_ids) != list(ours.token_ids)  # the biases act
+    # a token map (published in the store directory by its digest, loaded by the connector):
+    # daser's own tokens again, and a plan whose published file is damaged loads nothing
+    mapped = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(0, spec.hidden_size),
+                         kv_map=0.02 * torch.randn(spec.num_layers, spec.num_kv_heads, 1 + 2 * spec.head_dim,
+                                                   2 * spec.head_dim, generator=g))
+    rm = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=mapped)
+    assert rm.info["calibrated"] and rm.prompt["cache_salt"] not in (r.prompt["cache_salt"], rb.prompt["cache_salt"])
+    assert list(same_as_daser(rm, mapped).token_ids) != list(ours.token_ids)  # the map acts
+    from daser_rag.calibration.storage import published_path
+
+    other = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(0, spec.hidden_size),
+                        kv_map=0.5 * mapped.kv_map)
+    ro = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=other)
+    path = published_path(gen.store.root, other.digest())
+    raw = bytearray(path.read_bytes())
+    raw[-9] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    toks, _ = run(env, ro)
+    assert toks == baseline(env, ro)  # refused by its checksum: vLLM recomputed the context (full prefill)
     # link tokens cannot be placed inside vLLM: a clear error, not a silently different calibration
     with_links = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))
     with pytest.raises(Exception, match="link tokens"):

@@ -101,6 +101,7 @@ class LoadSpec:
     prefetch_id: str | None = None  # the prefetch pin that holds these entries (released after the load)
     scales: tuple[Any, Any] | None = None  # calibration (key, value) factors [layers][kv_heads] past exact_len
     bias: tuple[tuple[int, int, int], bytes, bytes] | None = None  # calibration biases (plan.py Plan.bias)
+    token_map: str | None = None  # digest of a published calibration whose token map applies (plan.py Plan.token_map)
 
 
 def _plan_calibration(ld: LoadSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -332,6 +333,7 @@ class DaserConnectorScheduler:
                             starts.append(pos)
                         pos += s.num_tokens
                     spec.exact_len, spec.scales, spec.bias = min(exact, end), plan.scales, plan.bias
+                    spec.token_map = plan.token_map
                     if plan.recompute is not None:
                         spec.recompute, spec.context_ids, spec.chunk_starts = plan.recompute, tokens[:end], starts
                 meta.loads.append(spec)
@@ -414,6 +416,7 @@ class DaserConnectorWorker:
         self._load_errors: set[int] = set()
         self._warned_blend = False
         self._paged_ok = True  # vLLM's paged-attention kernel for the repair (else torch attention)
+        self._token_maps: dict[str, torch.Tensor] = {}  # digest -> map [L, H, 1 + 2D, 2D], the last few used
         self.stats = {"loaded_tokens": 0, "rerotated_tokens": 0, "saved_tokens": 0, "load_errors": 0}
         self.prefetch = HostPrefetch(self.store, max_requests=settings.prefetch_max_requests,
                                      max_bytes=settings.prefetch_max_bytes, ttl_s=settings.prefetch_ttl_s)
@@ -532,20 +535,50 @@ class DaserConnectorWorker:
         if kb is not None and tuple(kb.shape) != (k_all.shape[0], k_all.shape[1], k_all.shape[3]):
             return (f"plan's calibration biases are {tuple(kb.shape)}, "
                     f"this model's K/V {tuple(k_all.shape[:2]) + (k_all.shape[3],)}")
+        kv_map = None
+        if ld.token_map is not None:
+            if ld.recompute is not None and ld.recompute[2] == "deviation":
+                return "the deviation selector cannot rank staleness under a token map (only V rows are undone)"
+            got = self._token_map(ld.token_map, k_all)
+            if isinstance(got, str):
+                return got
+            kv_map = got
         first = max(0, ld.exact_len - ld.start)
         if first < k_all.shape[2]:
             cos = sin = None
-            if kb is not None:
+            if kb is not None or kv_map is not None:
                 assert self.inv_freq is not None
                 pos = torch.arange(ld.start + first, ld.start + k_all.shape[2])
-                cos, sin = rope_cos_sin(pos, self.inv_freq, 1.0, k_all.dtype)
-            for i in range(k_all.shape[0]):  # what daser's fusion does (calibration/adapter.py place_kv)
-                k_all[i, :, first:], v_all[i, :, first:] = place_kv(
-                    k_all[i, :, first:], v_all[i, :, first:], ks[i].to(k_all.dtype), vs[i].to(v_all.dtype),
-                    None if kb is None else kb[i].to(k_all.dtype), None if vb is None else vb[i].to(v_all.dtype),
-                    cos, sin)
+                cos, sin = rope_cos_sin(pos, self.inv_freq, 1.0, torch.float32)
+            for i in range(k_all.shape[0]):  # what daser's fusion does (calibration/adapter.py place_kv), in fp32
+                k_pl, v_pl = place_kv(
+                    k_all[i, :, first:].float(), v_all[i, :, first:].float(), ks[i], vs[i],
+                    None if kb is None else kb[i], None if vb is None else vb[i],
+                    cos, sin, None if kv_map is None else kv_map[i])
+                k_all[i, :, first:], v_all[i, :, first:] = k_pl.to(k_all.dtype), v_pl.to(v_all.dtype)
             self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
         return None
+
+    def _token_map(self, digest: str, k_all: torch.Tensor) -> torch.Tensor | str:
+        """The token map of the calibration published under `digest` in the store directory
+        (checked: this model's fingerprint and K/V shape, the file's checksum and digest), or why
+        not. The last 4 used stay in memory (6 MB each for SmolLM2-135M)."""
+        if digest in self._token_maps:
+            self._token_maps[digest] = self._token_maps.pop(digest)  # most recently used last
+            return self._token_maps[digest]
+        from daser_rag.calibration.storage import CalibrationFileError, load_published
+
+        try:
+            cal = load_published(self.s.store_dir, digest, fingerprint=self.s.fingerprint,
+                                 layers=int(k_all.shape[0]), kv_heads=int(k_all.shape[1]), head_dim=int(k_all.shape[3]))
+        except CalibrationFileError as exc:
+            return f"plan's token map cannot be used: {exc}"
+        if cal.kv_map is None:
+            return f"published calibration {digest} has no token map"
+        while len(self._token_maps) >= 4:
+            self._token_maps.pop(next(iter(self._token_maps)))
+        self._token_maps[digest] = cal.kv_map.float()
+        return self._token_maps[digest]
 
     @staticmethod
     def _stored_value(ld: LoadSpec) -> Callable[[int, torch.Tensor], torch.Tensor] | None:

@@ -57,6 +57,9 @@ class Plan:
     bias: tuple[tuple[int, int, int], bytes, bytes] | None = None
     """A calibration's (shape [layers, kv_heads, head_dim], key bias, value bias) as float32
     little-endian bytes, added after the scales (the key bias rotated to each token's position)."""
+    token_map: str | None = None
+    """The digest of a calibration with a token map, published in the store directory
+    (daser_rag/calibration/storage.py `publish`); applied before the scales."""
 
     @property
     def num_tokens(self) -> int:
@@ -152,8 +155,13 @@ def parse_plan(kv_transfer_params: Mapping[str, Any] | None, prompt_len: int) ->
     pid = raw.get("prefetch_id")
     if pid is not None and (not isinstance(pid, str) or not pid or len(pid) > 200):
         raise PlanError(f"bad 'prefetch_id' {pid!r}: expected a non-empty string")
+    tm = raw.get("token_map")
+    if tm is not None and not (isinstance(tm, str) and len(tm) == 32 and all(c in "0123456789abcdef" for c in tm)):
+        raise PlanError(f"bad 'token_map' {tm!r}: expected a calibration digest (32 hex digits)")
     plan = Plan(tuple(out), bool(raw.get("save", True)), tuple(str(d) for d in raw.get("doc_ids", ())), recompute,
-                pid, _parse_scales(raw.get("scales")), _parse_bias(raw.get("bias")))
+                pid, _parse_scales(raw.get("scales")), _parse_bias(raw.get("bias")), tm)
+    if plan.token_map is not None and plan.scales is None:
+        raise PlanError("bad 'token_map': it comes with the calibration's 'scales'")
     if plan.bias is not None and (plan.scales is None or plan.bias[0][:2] != (len(plan.scales[0]),
                                                                                  len(plan.scales[0][0]))):
         raise PlanError("bad 'bias': it comes with 'scales' of the same [layers][kv_heads] shape")
