@@ -479,3 +479,34 @@ def test_deviation_ranks_staleness_not_the_calibrations_scaling(generator, monke
     assert fusion.fuse(gen.runner, segs, q, exact_len=segs[0].num_tokens, config=cfg, calibration=cal).calibrated
     assert len(seen) == 2
     assert torch.allclose(seen[0], seen[1], rtol=1e-4, atol=1e-5)
+
+
+def test_digest_is_memoized_but_follows_every_change():
+    """The vLLM planner names a calibration by its digest on every request (6 MB hashed with a
+    token map), so it is memoized; any change to a tensor (in place or replaced), the share or
+    the fingerprint gives the digest of what the calibration now holds, as does the inverse."""
+    import dataclasses
+
+    from daser_rag.calibration.adapter import Calibration
+
+    def fresh(c):
+        return dataclasses.replace(c, _digest_memo=None, _inverse=None).digest()
+
+    g = torch.Generator().manual_seed(3)
+    c = Calibration("fp", torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(0, 8), kv_map=_random_map(2, 3, 4, g))
+    d0 = c.digest()
+    assert c.digest() == d0 == fresh(c)
+    c.kv_map.mul_(2.0)
+    assert c.digest() != d0 and c.digest() == fresh(c)
+    c.key_log_scale = torch.ones(2, 3)
+    assert c.digest() == fresh(c)
+    for field, value in (("fit_share", 0.15), ("fingerprint", "other")):
+        before = c.digest()
+        setattr(c, field, value)
+        assert c.digest() != before and c.digest() == fresh(c)
+    k, v = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+    bk, _ = c.unplace(0, *c.place(0, k, v, cos, sin), cos, sin)
+    c.kv_map.mul_(0.5)  # the cached inverse must follow the map
+    bk2, _ = c.unplace(0, *c.place(0, k, v, cos, sin), cos, sin)
+    assert torch.allclose(bk, k, atol=1e-4) and torch.allclose(bk2, k, atol=1e-4)
