@@ -510,3 +510,18 @@ def test_digest_is_memoized_but_follows_every_change():
     c.kv_map.mul_(0.5)  # the cached inverse must follow the map
     bk2, _ = c.unplace(0, *c.place(0, k, v, cos, sin), cos, sin)
     assert torch.allclose(bk, k, atol=1e-4) and torch.allclose(bk2, k, atol=1e-4)
+
+
+def test_digest_and_inverse_of_inference_tensors():
+    """Tensors made under inference mode (the vLLM worker loads maps there) have no version
+    counter: nothing is memoized for them, and digest and unplace still work."""
+    from daser_rag.calibration.adapter import Calibration
+
+    with torch.inference_mode():
+        g = torch.Generator().manual_seed(4)
+        c = Calibration("fp", torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(0, 8), kv_map=_random_map(2, 3, 4, g))
+        k, v = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+        cos, sin = torch.ones(5, 4), torch.zeros(5, 4)
+        assert c.digest() == c.digest()
+        bk, bv = c.unplace(0, *c.place(0, k, v, cos, sin), cos, sin)
+        assert torch.allclose(bk, k, atol=1e-4) and torch.allclose(bv, v, atol=1e-4)

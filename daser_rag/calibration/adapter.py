@@ -99,8 +99,8 @@ class Calibration:
     kv_map: torch.Tensor | None = None
     """[layers, kv_heads, 1 + 2 head_dim, 2 head_dim]: the token map (`token_map.py`), applied
     before the scales and biases (None: none; in the digest only when present)."""
-    _inverse: tuple[tuple[Any, ...], torch.Tensor] | None = field(default=None, repr=False, compare=False)
-    _digest_memo: tuple[tuple[Any, ...], str] | None = field(default=None, repr=False, compare=False)
+    _inverse: tuple[tuple[Any, ...] | None, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _digest_memo: tuple[tuple[Any, ...] | None, str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
@@ -138,17 +138,20 @@ class Calibration:
                 out[name] = t.detach().float().contiguous()
         return out
 
-    def _state(self) -> tuple[Any, ...]:
+    def _state(self) -> tuple[Any, ...] | None:
         """What the digest and the map's inverse depend on: the fingerprint, the fitted share, each
-        tensor object (held, so its id cannot be reused) and its in-place version counter."""
+        tensor object (held, so its id cannot be reused) and its in-place version counter. None
+        (nothing is memoized) when a tensor is an inference tensor, which has no version counter."""
         tensors = tuple(getattr(self, n) for n in
                         ("key_log_scale", "value_log_scale", "link", "key_bias", "value_bias", "kv_map"))
+        if any(t is not None and t.is_inference() for t in tensors):
+            return None
         return self.fingerprint, self.fit_share, tensors, tuple(None if t is None else t._version for t in tensors)
 
-    def _same_state(self, memo: tuple[Any, ...]) -> bool:
-        fp, share, tensors, versions = self._state()
-        return (memo[0] == fp and memo[1] == share and memo[3] == versions
-                and all(a is b for a, b in zip(memo[2], tensors)))
+    def _same_state(self, memo: tuple[Any, ...] | None) -> bool:
+        now = self._state()
+        return (memo is not None and now is not None and memo[0] == now[0] and memo[1] == now[1]
+                and memo[3] == now[3] and all(a is b for a, b in zip(memo[2], now[2])))
 
     def digest(self) -> str:
         """blake2b over the version, the fingerprint and every tensor's shape and bytes. Memoized
@@ -163,8 +166,9 @@ class Calibration:
         for name, t in sorted(self.tensors().items()):
             h.update(f"{name}:{tuple(t.shape)}\0".encode())
             h.update(t.numpy().tobytes())
-        self._digest_memo = (self._state(), h.hexdigest())
-        return self._digest_memo[1]
+        digest = h.hexdigest()
+        self._digest_memo = (self._state(), digest)
+        return digest
 
     @property
     def chunk_digest(self) -> str:
@@ -194,7 +198,8 @@ class Calibration:
             return unplace_kv(k, v, *self._layer(layer, k), cos, sin)
         if self._inverse is None or not self._same_state(self._inverse[0]):
             self._inverse = (self._state(), token_map.inverse_matrices(self.kv_map))
-        return unplace_kv(k, v, *self._layer(layer, k), cos, sin, self.kv_map[layer], self._inverse[1][layer])
+        inverse = self._inverse[1]
+        return unplace_kv(k, v, *self._layer(layer, k), cos, sin, self.kv_map[layer], inverse[layer])
 
     def check_shape(self, layers: int, kv_heads: int, hidden: int, head_dim: int | None = None) -> None:
         """The tensors fit a model of this shape (a mismatching file is an error, not a guess)."""
