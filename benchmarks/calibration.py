@@ -100,10 +100,12 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
 
 
 def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, position: str, answer_tokens: int,
-            seed: int, shard: str, workload: str = "stdlib") -> dict[str, Any]:
+            seed: int, shard: str, workload: str = "stdlib", premap: bool = True) -> dict[str, Any]:
     """`workload` "stdlib": the held-out grid; "qa": the QA trace's 16 multi-document questions
     over Language Reference topics (calibrate on `--train-corpus stdlib` for it: documents it
-    never saw)."""
+    never saw). `premap`: variants with a token map store each prompt's chunks mapped at ingest
+    (untimed, like the ingest itself: what `add_documents` does with a map loaded); without it
+    the map is applied on every request."""
     from benchmarks.harness import FULL, Harness, blend_mode
     from benchmarks.selection import prompt_sets, shard_items, token_f1
     from daser_rag.calibration import storage
@@ -124,8 +126,12 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
                  if workload == "qa" or position in ("all", it["position"])]
         items = shard_items(items, shard)
         h = Harness(gen, answer_tokens=answer_tokens)
+        gen.premap = premap
         for k, it in enumerate(items):
             h.ingest(it["chunks"])
+            for v in variants if premap else ():
+                gen.calibration = cals[v]
+                gen.premap_contexts(it["chunks"])
             gen.calibration = None
             ref = h.run(FULL, it["question"], it["chunks"])
             order = [(v, m) for v in variants for m in modes]
@@ -144,7 +150,7 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
             print(f"[{k + 1}/{len(items)}] " + ", ".join(
                 f"{v}/{m}: KL {s['mean_kl']:.3f}" for (v, m), s in list(summarize(rows).items())[:12]), flush=True)
     return {"rows": rows, "modes": [m.name for m in modes], "variants": variants, "position": position,
-            "workload": workload}
+            "workload": workload, "premap": premap}
 
 
 def _everywhere(cal: Any) -> Any:
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img", default="", help="frontier PNG (e.g. docs/img/calibration.png)")
     ap.add_argument("--render", default="", help="no run: report a saved JSON")
     ap.add_argument("--no-measure", action="store_true", help="with --train: train only")
+    ap.add_argument("--premap", action=argparse.BooleanOptionalAction, default=True,
+                    help="store chunks with a variant's token map applied at ingest (--no-premap: apply it per request)")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         t0 = time.perf_counter()
         data = measure(Path(args.dir), args.variants.split(","), args.modes, args.n, args.position,
-                       args.answer_tokens, args.seed, args.shard, args.workload)
+                       args.answer_tokens, args.seed, args.shard, args.workload, args.premap)
         data["minutes"] = (time.perf_counter() - t0) / 60
         data["command"] = " ".join(["daser-rag", "bench", "calibration", *(argv if argv is not None else sys.argv[1:])])
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -138,6 +138,11 @@ CALIBRATION = declare("engine.calibration", "auto", "str",
                       "files in the cache dir, when `daser-rag calibrate` wrote any: one fitted at r=0, used at r=0; "
                       "one fitted at a recompute share, used at r<1); 'off'; or file paths joined by commas. A corrupt file or "
                       "one made for another model is an error", parse=str, flag="--calibration", used_by=(_CLI, "calibrate", _GEN, _VLLM))
+PREMAP = declare("engine.premap", True, "bool",
+                 "with a calibration that has a token map: store each reused chunk's KV with the map applied "
+                 "(a second entry, keyed by the map; made by the first request that reuses the chunk, dropped with "
+                 "its document) so later requests skip the map's per-request product (calibration/premap.py)",
+                 used_by=(_GEN,))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",
                             parse=int, flag="--prefix-tree-after", used_by=(_SERVE, _GEN, "PrefixTree"))

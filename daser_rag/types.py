@@ -51,6 +51,8 @@ class PrefillInfo(TypedDict):
     keys: list[str]  # the request's chunk keys, in prompt order
     exact_chunks: NotRequired[int]  # leading chunks whose KV is exactly full prefill's
     materialized: NotRequired[bool]  # present (True) when prefix-tree nodes were built
+    mapped_chunks: NotRequired[int]  # chunks read with the calibration's token map applied (premap.py)
+    mapped_hits: NotRequired[int]  # of those, read from the store (the rest were mapped by this request)
 
 
 @dataclass(kw_only=True)
@@ -64,6 +66,7 @@ class IngestReport:
     reused_chunks: int = 0
     tokens: int = 0
     dropped_chunks: int = 0
+    mapped_chunks: int = 0  # chunks stored with the engine's token map applied (calibration/premap.py)
     seconds: float = 0.0
 
 

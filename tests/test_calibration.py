@@ -490,16 +490,19 @@ def test_digest_is_memoized_but_follows_every_change():
     from daser_rag.calibration.adapter import Calibration
 
     def fresh(c):
-        return dataclasses.replace(c, _digest_memo=None, _inverse=None).digest()
+        return dataclasses.replace(c).digest()  # a copy starts with nothing memoized
 
     g = torch.Generator().manual_seed(3)
     c = Calibration("fp", torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(0, 8), kv_map=_random_map(2, 3, 4, g))
-    d0 = c.digest()
+    d0, m0 = c.digest(), c.map_digest()
     assert c.digest() == d0 == fresh(c)
     c.kv_map.mul_(2.0)
     assert c.digest() != d0 and c.digest() == fresh(c)
+    m1 = c.map_digest()
+    assert m1 != m0 and m1 == dataclasses.replace(c).map_digest()
     c.key_log_scale = torch.ones(2, 3)
     assert c.digest() == fresh(c)
+    assert c.map_digest() == m1  # the map's name follows the map only (premapped KV is shared)
     for field, value in (("fit_share", 0.15), ("fingerprint", "other")):
         before = c.digest()
         setattr(c, field, value)

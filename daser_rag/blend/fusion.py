@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,13 +69,15 @@ class _LayerFiller:
     layers at once on first use. Each layer is written once. With a calibration, the K/V of
     segments at or past `exact_len` (reused, stale) are placed by it as they are written
     (token map, scales, biases: `Calibration.place`); exact runs are written as they are.
+    Segments in `mapped` were stored with the token map applied and get the rest.
     """
 
     def __init__(self, runner: LayerRunner, segments: Sequence[ChunkKV], calibration: Calibration | None = None,
-                 exact_len: int = 0) -> None:
+                 exact_len: int = 0, mapped: AbstractSet[int] = frozenset()) -> None:
         self.runner = runner
         self.calibration = calibration
         self.exact_len = exact_len
+        self.mapped = mapped
         self.cache: PositionalKVCache | None = None
         self.placements: list[tuple[ChunkKV, int]] = []
         offset = 0
@@ -103,7 +106,7 @@ class _LayerFiller:
                 k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
                 v = seg.values[layer].to(device=dev, dtype=dt)
             if self.calibration is not None and offset >= self.exact_len:
-                k, v = self.calibration.place(layer, k, v, *self.rope(offset, seg.num_tokens))
+                k, v = self.calibration.place(layer, k, v, *self.rope(offset, seg.num_tokens), mapped=i in self.mapped)
             self.cache.write(layer, offset, k, v)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -286,6 +289,7 @@ def fuse(
     config: BlendConfig = _DEFAULT_CONFIG,
     extra_capacity: int = 0,
     calibration: Calibration | None = None,
+    mapped: AbstractSet[int] = frozenset(),
 ) -> FusionResult:
     """Build the KV buffer for `segments` + `query_ids` and return the last-token logits.
 
@@ -295,23 +299,29 @@ def fuse(
     before the question; it is not used when nothing is reused (no candidates, or a fixed
     share that recomputes every candidate: r = 1 stays exactly full prefill), nor outside the
     regime it was fitted for (`Calibration.applies_to`: fitted at r = 0 -> r = 0 only).
+    `mapped`: indices of `segments` stored with `calibration`'s token map already applied
+    (`calibration/premap.py`); they are reused segments, so they need that calibration unless
+    every reused token is recomputed.
     """
     ctx_len = sum(seg.num_tokens for seg in segments)
     if int(query_ids.shape[0]) == 0:
         raise ValueError("query must contain at least one token")
     exact_len = min(exact_len, ctx_len)
     n_cand = ctx_len - exact_len
-    if calibration is not None and (n_cand == 0 or (not config.is_auto and num_selected(
-            n_cand, float(config.recompute_ratio)) >= n_cand)
-            or not calibration.applies_to(None if config.is_auto else float(config.recompute_ratio))):
+    all_recomputed = n_cand > 0 and not config.is_auto and num_selected(n_cand, float(config.recompute_ratio)) >= n_cand
+    if calibration is not None and (n_cand == 0 or all_recomputed or not calibration.applies_to(
+            None if config.is_auto else float(config.recompute_ratio))):
         calibration = None  # nothing reused, or a regime it was not fitted for
+    if mapped and not all_recomputed and (calibration is None or calibration.kv_map is None):
+        raise ValueError("segments stored with a token map applied need the calibration with that map, "
+                         "and it does not apply to this request")
     n_link = calibration.link_tokens if calibration is not None else 0
     query_ids = query_ids.to(runner.device)
     q_len = int(query_ids.shape[0])
     if calibration is not None and n_link:
         runner = runner.with_link_embeddings(calibration.link)
         query_ids = torch.cat([runner.link_ids(n_link), query_ids])
-    filler = _LayerFiller(runner, segments, calibration, exact_len)
+    filler = _LayerFiller(runner, segments, calibration, exact_len, mapped)
     total = ctx_len + n_link + q_len
     cache = runner.new_cache(total + extra_capacity)
     filler.cache = cache

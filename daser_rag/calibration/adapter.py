@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +100,10 @@ class Calibration:
     kv_map: torch.Tensor | None = None
     """[layers, kv_heads, 1 + 2 head_dim, 2 head_dim]: the token map (`token_map.py`), applied
     before the scales and biases (None: none; in the digest only when present)."""
-    _inverse: tuple[tuple[Any, ...] | None, torch.Tensor] | None = field(default=None, repr=False, compare=False)
-    _digest_memo: tuple[tuple[Any, ...] | None, str] | None = field(default=None, repr=False, compare=False)
+    _memo: dict[str, tuple[tuple[Any, ...] | None, Any]] = field(default_factory=dict, init=False, repr=False,
+                                                                   compare=False)
+    """Values derived from the tensors (digests, the map's inverse), each with the `_state` it
+    was computed in: reused only while that state holds (`_memoized`)."""
 
     @classmethod
     def identity(cls, fingerprint: str, layers: int, kv_heads: int, hidden: int, link_tokens: int = 0,
@@ -153,22 +156,47 @@ class Calibration:
         return (memo is not None and now is not None and memo[0] == now[0] and memo[1] == now[1]
                 and memo[3] == now[3] and all(a is b for a, b in zip(memo[2], now[2])))
 
+    def _memoized(self, name: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`, reused while no tensor of this calibration changes (`_same_state`)."""
+        memo = self._memo.get(name)
+        if memo is not None and self._same_state(memo[0]):
+            return memo[1]
+        value = compute()
+        self._memo[name] = (self._state(), value)
+        return value
+
     def digest(self) -> str:
         """blake2b over the version, the fingerprint and every tensor's shape and bytes. Memoized
         while nothing changes: the vLLM planner names a calibration by it on every request, and
         with a token map it hashes 6 MB."""
-        if self._digest_memo is not None and self._same_state(self._digest_memo[0]):
-            return self._digest_memo[1]
-        h = hashlib.blake2b(digest_size=16)
-        h.update(f"daser-calibration-v{VERSION}\0{self.fingerprint}\0".encode())
-        if self.fit_share:  # files fitted at r = 0 keep the digest they always had
-            h.update(f"fit_share:{self.fit_share!r}\0".encode())
-        for name, t in sorted(self.tensors().items()):
-            h.update(f"{name}:{tuple(t.shape)}\0".encode())
-            h.update(t.numpy().tobytes())
-        digest = h.hexdigest()
-        self._digest_memo = (self._state(), digest)
-        return digest
+        def compute() -> str:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"daser-calibration-v{VERSION}\0{self.fingerprint}\0".encode())
+            if self.fit_share:  # files fitted at r = 0 keep the digest they always had
+                h.update(f"fit_share:{self.fit_share!r}\0".encode())
+            for name, t in sorted(self.tensors().items()):
+                h.update(f"{name}:{tuple(t.shape)}\0".encode())
+                h.update(t.numpy().tobytes())
+            return h.hexdigest()
+
+        return str(self._memoized("digest", compute))
+
+    def map_digest(self) -> str:
+        """Names the token map alone (and the model it was fitted for): what chunk KV stored with
+        the map already applied is keyed by (`calibration/premap.py`), so calibrations that share
+        a map (refits of the scales) share those entries. Empty without a map."""
+        kv_map = self.kv_map
+        if kv_map is None:
+            return ""
+
+        def compute() -> str:
+            t = kv_map.detach().float().contiguous()
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f"daser-token-map-v1\0{self.fingerprint}\0{tuple(t.shape)}\0".encode())
+            h.update(t.cpu().numpy().tobytes())
+            return h.hexdigest()
+
+        return str(self._memoized("map_digest", compute))
 
     @property
     def chunk_digest(self) -> str:
@@ -185,20 +213,21 @@ class Calibration:
                 None if self.value_bias is None else to(self.value_bias[layer]))
 
     def place(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
-              sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              sin: torch.Tensor | None = None, *, mapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer's reused K/V [kvH, T, D] as placed in a prompt (`place_kv`); cos/sin: the
-        RoPE tables [T, D] of the tokens' positions there (needed when `needs_rope`)."""
+        RoPE tables [T, D] of the tokens' positions there (needed when `needs_rope`).
+        `mapped`: the K/V were stored with this calibration's token map already applied
+        (`premap.py`), so only the scales and biases are left to place."""
         return place_kv(k, v, *self._layer(layer, k), cos, sin,
-                        None if self.kv_map is None else self.kv_map[layer])
+                        None if self.kv_map is None or mapped else self.kv_map[layer])
 
     def unplace(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
                 sin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`place` undone: the stored K/V (what selection compares fresh K/V with)."""
         if self.kv_map is None:
             return unplace_kv(k, v, *self._layer(layer, k), cos, sin)
-        if self._inverse is None or not self._same_state(self._inverse[0]):
-            self._inverse = (self._state(), token_map.inverse_matrices(self.kv_map))
-        inverse = self._inverse[1]
+        kv_map = self.kv_map
+        inverse = self._memoized("map_inverse", lambda: token_map.inverse_matrices(kv_map))
         return unplace_kv(k, v, *self._layer(layer, k), cos, sin, self.kv_map[layer], inverse[layer])
 
     def check_shape(self, layers: int, kv_heads: int, hidden: int, head_dim: int | None = None) -> None:

@@ -4,7 +4,9 @@ Exact first: the system prefix is exact; so is the first chunk (computed right a
 prefix); with a prefix tree, the longest stored run of tree nodes for this ordered chunk
 sequence is exact too, and a sequence seen often enough is materialized as nodes. Chunks
 missing from the store are computed in place and stored, never a reason to stop reusing
-the chunks after them.
+the chunks after them. With a calibration that has a token map, the chunks that are reused
+(not exact) are read as stored with the map already applied (`calibration/premap.py`); the
+first request to reuse a chunk under a map makes that entry.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from daser_rag.blend.layer_loader import LayerLoader, source_token_ids
 from daser_rag.blend.prefix_tree import PrefixTree
+from daser_rag.calibration.premap import mapped_key, premap
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.codecs import decode
 from daser_rag.kv.store import KVStore
 from daser_rag.model.runner import LayerRunner
 from daser_rag.types import ResolvedChunk, Timings
 
 if TYPE_CHECKING:
+    from daser_rag.calibration.adapter import Calibration
     from daser_rag.engine.materialize import BackgroundMaterializer
 
 
@@ -36,6 +43,11 @@ class Assembly:
     materialized: bool = False
     loader: LayerLoader | None = None
     keys: list[str] = field(default_factory=list)
+    mapped: set[int] = field(default_factory=set)
+    """Indices in `segments` whose K/V carry the calibration's token map already (fusion then
+    places them with the scales and biases only)."""
+    mapped_hits: int = 0
+    """Mapped entries read from the store (the rest of `mapped` were made by this request)."""
 
     def close(self) -> None:
         if self.loader is not None:
@@ -97,6 +109,29 @@ class SegmentAssembler:
             return got, True
         return self.compute_and_store(chunk, tenant, timings), False
 
+    def fetch_mapped(self, chunk: ResolvedChunk, tenant: str, timings: Timings,
+                     calibration: Calibration) -> tuple[Any, bool, bool]:
+        """The chunk's K/V with `calibration`'s token map applied: (entry, chunk was stored,
+        mapped entry was stored). On a miss the raw entry is read (or computed), mapped, and the
+        result stored and registered under the chunk's document (invalidated with it)."""
+        key = mapped_key(chunk.key, calibration.map_digest())
+        got = self.lookup(key, timings)
+        if got is not None:
+            return got, True, True
+        t0 = time.perf_counter()
+        raw = self.store.get(chunk.key, dtype=torch.float32, device=self.runner.device)
+        timings.fetch_s += time.perf_counter() - t0
+        hit = raw is not None
+        if raw is None:
+            raw = self.compute_and_store(chunk, tenant, timings)
+        t0 = time.perf_counter()
+        enc = self.store.put(premap(raw, calibration, self.runner.rope))
+        if chunk.doc_id is not None:
+            self.store.add_derived([chunk.doc_id], key, tenant)
+        timings.precompute_s += time.perf_counter() - t0
+        # what later requests will read (the codec's rounding included), so the first is no different
+        return (enc if self.layerwise else decode(enc, self.runner.dtype, self.runner.device)), hit, False
+
     # -- plan -------------------------------------------------------------------------------
     def plan_keys(self, chunks: list[ResolvedChunk], tenant: str) -> list[str]:
         """Store keys a request will read: what a scheduler protects and prefetches."""
@@ -108,7 +143,11 @@ class SegmentAssembler:
 
     # -- assemble ---------------------------------------------------------------------------
     def assemble(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
-                 use_tree: bool = True) -> Assembly:
+                 use_tree: bool = True, mapped_by: Calibration | None = None) -> Assembly:
+        """`mapped_by`: a calibration with a token map that fusion will place this request's
+        reused KV with; the non-exact chunks are then read premapped by it (`Assembly.mapped`)."""
+        if mapped_by is not None and mapped_by.kv_map is None:
+            mapped_by = None
         prefix = self.computer.prefix()
         depth = min(1, len(chunks))
         node_keys = [c.key for c in chunks]
@@ -135,7 +174,12 @@ class SegmentAssembler:
                     # the node vanished between lookup and fetch (evicted or invalidated); the plain
                     # chunk was computed after the prefix only, so exactness ends here
                     asm.exact_chunks = j
-                kv, hit = self.fetch(c, tenant, timings)
+                if mapped_by is not None and j >= asm.exact_chunks:
+                    kv, hit, stored = self.fetch_mapped(c, tenant, timings, mapped_by)
+                    asm.mapped.add(j + 1)
+                    asm.mapped_hits += int(stored)
+                else:
+                    kv, hit = self.fetch(c, tenant, timings)
             asm.hits += int(hit)
             asm.misses += int(not hit)
             asm.segments.append(kv)

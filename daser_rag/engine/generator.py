@@ -45,7 +45,7 @@ from daser_rag.params import GenerationParams
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
 from daser_rag.textcheck import check_text
-from daser_rag.types import Document, GenerationResult, IngestReport, PrefillInfo, ResolvedChunk, Timings
+from daser_rag.types import ChunkRef, Document, GenerationResult, IngestReport, PrefillInfo, ResolvedChunk, Timings
 
 MIN_QUESTION_ROOM = 64
 """Tokens of the window a chunk must leave free for the question and the answer's start."""
@@ -73,6 +73,7 @@ class CacheAwareGenerator(StreamingEngine):
         layerwise: bool = False,
         prefetch_window: int = settings.PREFETCH_WINDOW.default,
         calibration: Any = settings.CALIBRATION.default,
+        premap: bool = settings.PREMAP.default,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -107,6 +108,9 @@ class CacheAwareGenerator(StreamingEngine):
 
         self.calibration = resolve_calibration(calibration, self.runner, self.fingerprint, store.root)
         """The calibration of reused KV (daser_rag/calibration) requests use by default, or None."""
+        self.premap = premap
+        """Reused chunks are read with the calibration's token map already applied (stored once per
+        chunk and map: calibration/premap.py)."""
 
     # -- identity ----------------------------------------------------------------------------
     @property
@@ -207,8 +211,31 @@ class CacheAwareGenerator(StreamingEngine):
 
     def add_documents(self, documents: Iterable[Document], *, tenant: str = SHARED_TENANT, progress: Progress = False,
                       precompute: bool = True) -> IngestReport:
+        """Index time: split, precompute and register the documents; with a token map loaded (and
+        `premap`), their chunks are stored mapped as well, so no request pays for the map."""
+        docs = list(documents)
         with self.lock:
-            return self.ingestor.add_documents(documents, tenant=tenant, progress=progress, precompute=precompute)
+            report = self.ingestor.add_documents(docs, tenant=tenant, progress=progress, precompute=precompute)
+            if precompute and self.premap:
+                report.mapped_chunks = self.premap_contexts([ChunkRef(doc_id=d.doc_id) for d in docs], tenant=tenant)
+            return report
+
+    def premap_contexts(self, contexts: Sequence[ContextItem], *, tenant: str = SHARED_TENANT) -> int:
+        """Store these contexts' chunks with each token map of the engine's calibration applied
+        now (index time), instead of on their first reuse; returns how many entries were made.
+        Chunks already mapped cost a lookup. Nothing happens without a token map."""
+        maps = {c.map_digest(): c for c in (self.calibration.members if self.calibration is not None else ())
+                if c.kv_map is not None}
+        if not maps:
+            return 0
+        made = 0
+        with self.lock:
+            chunks = self.resolve(contexts, tenant)
+            timings = Timings()
+            for cal in maps.values():
+                for c in chunks:
+                    made += int(not self.assembler.fetch_mapped(c, tenant, timings, cal)[2])
+        return made
 
     def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:
         with self.lock:
@@ -278,14 +305,17 @@ class CacheAwareGenerator(StreamingEngine):
                 fused = full_prefill(self.runner, torch.tensor(ids, dtype=torch.long), q_ids, needed)
                 timings.fuse_s = time.perf_counter() - t0
                 return fused, info
-            asm = self.assembler.assemble(chunks, tenant, timings, use_tree=prefix_tree)
+            mapped_by = calibration if self.premap and _places_map(calibration, cfg) else None
+            asm = self.assembler.assemble(chunks, tenant, timings, use_tree=prefix_tree, mapped_by=mapped_by)
             info["hits"], info["misses"], info["exact_chunks"] = asm.hits, asm.misses, asm.exact_chunks
+            if asm.mapped:
+                info["mapped_chunks"], info["mapped_hits"] = len(asm.mapped), asm.mapped_hits
             if asm.materialized:
                 info["materialized"] = True
             t0 = time.perf_counter()
             try:
                 fused = fuse(self.runner, asm.segments, q_ids, exact_len=asm.exact_len, config=cfg,
-                             extra_capacity=extra_capacity, calibration=calibration)
+                             extra_capacity=extra_capacity, calibration=calibration, mapped=asm.mapped)
             finally:
                 asm.close()
             timings.fuse_s = time.perf_counter() - t0
@@ -360,3 +390,10 @@ def _prefix_tree(spec: PrefixTree | bool | str, after: int) -> tuple[PrefixTree 
     if not isinstance(after, int) or after < 1:
         raise InvalidInputError(f"prefix_tree_after must be an integer >= 1, got {after!r}")
     return PrefixTree(materialize_after=after), spec
+
+
+def _places_map(calibration: Any, cfg: BlendConfig) -> bool:
+    """Fusion will place reused KV with this calibration's token map (it has one, and the request
+    does not recompute every reused token, where fusion drops the calibration)."""
+    return (calibration is not None and calibration.kv_map is not None
+            and (cfg.is_auto or float(cfg.recompute_ratio) < 1.0))
