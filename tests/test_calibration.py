@@ -436,14 +436,16 @@ def test_trained_calibration_improves_kl_on_documents_it_never_saw(lm, store):
 
 @pytest.mark.slow
 def test_default_calibration_fitted_at_r015_improves_kl_there_on_documents_it_never_saw(lm, store):
-    """The default run (scales fitted at the engine's default repair, hybrid r = 0.15) on some
-    reference topics; judged at r = 0.15 on 20 prompts built only from held-out topics."""
+    """The default run (the token map, checked at the repair requests get with it: chunk_heads
+    r = 0.15) on some reference topics; judged there on 20 prompts built only from held-out topics.
+    Without a map the check replays the engine's own selector (hybrid)."""
     from daser_rag.calibration.train import CalibrationConfig, calibrate
     from daser_rag.engine.generator import CacheAwareGenerator
 
     small = CacheAwareGenerator(lm, store=store, chunk_tokens=160)  # ~700-token prompts: a CPU-sized run
     cfg = CalibrationConfig(steps=25, train_prompts=12, held_out_prompts=20, chunks_per_document=1)
-    assert cfg.fit_share == 0.15 and cfg.fit_selector == "hybrid" and cfg.link_tokens == 0
+    assert cfg.fit_share == 0.15 and cfg.fit_selector == "chunk_heads" and cfg.link_tokens == 0
+    assert CalibrationConfig(token_map=False).fit_selector == "hybrid"
     assert cfg.token_map and not cfg.scales and not cfg.biases  # the default: the token map alone
     rep = calibrate(small, python_reference_corpus(), cfg)
     assert len(rep.held_out_after) == 20

@@ -63,7 +63,7 @@ def test_mapped_keys_name_the_entry_and_the_map(generator):
 
 @pytest.mark.slow  # several seconds: CI's slow step runs it
 def test_engine_maps_a_chunk_once_and_drops_it_with_its_document(lm, store, tmp_path):
-    """First reuse under a map stores the mapped entry, later requests read it (same answer, no
+    """Requests naming no selector get `calibrated_selector` under a map. First reuse under a map stores the mapped entry, later requests read it (same answer, no
     mapping); the first chunk (exact) stays raw; r = 1 maps nothing; `premap=False` answers the
     same from raw KV; editing or invalidating the document drops its mapped entries."""
     from daser_rag.calibration import storage
@@ -76,19 +76,26 @@ def test_engine_maps_a_chunk_once_and_drops_it_with_its_document(lm, store, tmp_
     docs = [Document(f"d{i}", t) for i, t in enumerate(_segments(plain)[0])]
     assert plain.add_documents(docs).mapped_chunks == 0  # ingested with no map loaded: mapped on first reuse
     plain.close()
-    gen = CacheAwareGenerator(lm, store=store, calibration=str(path))
+    gen = CacheAwareGenerator(lm, store=store, calibration=str(path), prefix_tree="off")
     refs = [ChunkRef(doc_id=d.doc_id) for d in docs]
     q = "What does the pass statement do?"
-    first, info1 = gen.prefill(q, refs, recompute_ratio=0.15, prefix_tree=False)
+    first, info1 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info1["mapped_chunks"] == 2 and info1["mapped_hits"] == 0 and info1["hits"] == 3
-    second, info2 = gen.prefill(q, refs, recompute_ratio=0.15, prefix_tree=False)
+    second, info2 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info2["mapped_chunks"] == 2 and info2["mapped_hits"] == 2
     assert torch.equal(first.logits, second.logits)
+    # requests that name no selector get the calibrated one (the map leaves chunk starts most wrong)
+    res = gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15)
+    assert res.calibrated and res.selector == "chunk_heads"
+    assert gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15, selector="hybrid").selector == "hybrid"
+    assert gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15, calibration=False).selector == "hybrid"
     layerwise = CacheAwareGenerator(lm, store=store, calibration=str(path), layerwise=True)
-    streamed, info5 = layerwise.prefill(q, refs, recompute_ratio=0.15, prefix_tree=False)
+    streamed, info5 = layerwise.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info5["mapped_hits"] == 2 and (streamed.logits - first.logits).abs().max().item() < 1e-4
     layerwise.close()
-    raw = CacheAwareGenerator(lm, store=store, calibration=str(path), premap=False)
+    raw = CacheAwareGenerator(lm, store=store, calibration=str(path), premap=False, calibrated_selector="",
+                              prefix_tree="off")
+    assert raw.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15).selector == "hybrid"
     on_the_fly, info3 = raw.prefill(q, refs, recompute_ratio=0.15, prefix_tree=False)
     assert "mapped_chunks" not in info3
     assert (on_the_fly.logits - first.logits).abs().max().item() < 2e-3

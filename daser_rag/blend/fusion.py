@@ -106,7 +106,10 @@ class _LayerFiller:
                 k = self._rotated[i][layer] if i in self._rotated else seg.keys[layer].to(device=dev, dtype=dt)
                 v = seg.values[layer].to(device=dev, dtype=dt)
             if self.calibration is not None and offset >= self.exact_len:
-                k, v = self.calibration.place(layer, k, v, *self.rope(offset, seg.num_tokens), mapped=i in self.mapped)
+                mapped = i in self.mapped
+                tables = self.rope(offset, seg.num_tokens) if self.calibration.needs_rope_for(mapped=mapped) \
+                    else (None, None)
+                k, v = self.calibration.place(layer, k, v, *tables, mapped=mapped)
             self.cache.write(layer, offset, k, v)
 
     def rope(self, start: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -37,7 +37,7 @@ from daser_rag.model.rope import apply_rope
 VERSION = 1
 
 
-def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
+def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor | None, value_scale: torch.Tensor | None,
              key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
              cos: torch.Tensor | None, sin: torch.Tensor | None,
              kv_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +49,10 @@ def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_sc
     if kv_map is not None:
         assert cos is not None and sin is not None, "a token map needs the tokens' RoPE tables"
         k, v = token_map.apply(kv_map, k, v, cos, sin)
-    k = k * key_scale.view(-1, 1, 1)
-    v = v * value_scale.view(-1, 1, 1)
+    if key_scale is not None:  # None: factors of 1 (nothing to multiply)
+        k = k * key_scale.view(-1, 1, 1)
+    if value_scale is not None:
+        v = v * value_scale.view(-1, 1, 1)
     if key_bias is not None:
         assert cos is not None and sin is not None, "a key bias needs the tokens' RoPE tables"
         k = k + apply_rope(key_bias.unsqueeze(1).expand(-1, int(cos.shape[0]), -1), cos, sin)
@@ -59,7 +61,7 @@ def place_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_sc
     return k, v
 
 
-def unplace_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_scale: torch.Tensor,
+def unplace_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor | None, value_scale: torch.Tensor | None,
                key_bias: torch.Tensor | None, value_bias: torch.Tensor | None,
                cos: torch.Tensor | None, sin: torch.Tensor | None, kv_map: torch.Tensor | None = None,
                map_inverse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +73,10 @@ def unplace_kv(k: torch.Tensor, v: torch.Tensor, key_scale: torch.Tensor, value_
         k = k - apply_rope(key_bias.unsqueeze(1).expand(-1, int(cos.shape[0]), -1), cos, sin)
     if value_bias is not None:
         v = v - value_bias.unsqueeze(1)
-    k, v = k / key_scale.view(-1, 1, 1), v / value_scale.view(-1, 1, 1)
+    if key_scale is not None:
+        k = k / key_scale.view(-1, 1, 1)
+    if value_scale is not None:
+        v = v / value_scale.view(-1, 1, 1)
     if kv_map is not None:
         assert cos is not None and sin is not None and map_inverse is not None, "undoing a token map needs its inverse"
         k, v = token_map.invert(kv_map, map_inverse, k, v, cos, sin)
@@ -203,14 +208,24 @@ class Calibration:
         """What chunk keys include: empty while the adapter leaves stored chunk KV unchanged."""
         return self.digest() if self.chunk_side else ""
 
-    def _layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                                                torch.Tensor | None]:
+    def _layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                                                torch.Tensor | None, torch.Tensor | None]:
+        """One layer's factors and biases on `like`'s device and dtype; factors of exactly 1 (a map
+        fitted alone) are None, so placing premapped KV costs no multiply."""
         def to(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=like.device, dtype=like.dtype)
 
-        return (to(self.key_log_scale[layer].exp()), to(self.value_log_scale[layer].exp()),
+        unit_k, unit_v = self._memoized("unit_scales", lambda: (
+            not bool(self.key_log_scale.detach().any()), not bool(self.value_log_scale.detach().any())))
+        return (None if unit_k else to(self.key_log_scale[layer].exp()),
+                None if unit_v else to(self.value_log_scale[layer].exp()),
                 None if self.key_bias is None else to(self.key_bias[layer]),
                 None if self.value_bias is None else to(self.value_bias[layer]))
+
+    def needs_rope_for(self, *, mapped: bool) -> bool:
+        """`needs_rope` for K/V stored with the map applied already (then only a key bias needs
+        the tables)."""
+        return self.key_bias is not None if mapped else self.needs_rope
 
     def place(self, layer: int, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor | None = None,
               sin: torch.Tensor | None = None, *, mapped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the fitted share, where the engine's calibration='auto' finds it)")
     p.add_argument("--fit-share", type=float, default=d.fit_share,
                    help="recompute share to fit for (0: full reuse; the calibration serves that regime only)")
-    p.add_argument("--fit-selector", default=d.fit_selector, help="selection replayed when --fit-share > 0")
+    p.add_argument("--fit-selector", default=None,
+                   help="selection replayed when --fit-share > 0 (default: what requests get with the calibration: "
+                        "blend.calibrated_selector with a token map, else blend.selector)")
     p.add_argument("--steps", type=int, default=d.steps,
                    help="optimizer steps of the KL stage (batch of 4 prompts each; none without scales, biases or "
                         "link tokens)")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, DEFAULT_SELECTOR
+from daser_rag.settings import CALIBRATED_SELECTOR
 
 if TYPE_CHECKING:
     from daser_rag.blend.config import BlendConfig
@@ -14,8 +15,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Defaults are what measured best on held-out documents (docs/calibration.md): the token
-    map alone (no KL stage, no link tokens), checked at the engine's default repair (hybrid,
-    r = 0.15), 16-token answers in the loss."""
+    map alone (no KL stage, no link tokens), checked at the repair requests get with it
+    (chunk_heads r = 0.15, `blend.calibrated_selector`), 16-token answers in the loss."""
 
     link_tokens: int = 0
     """Learned link tokens between context and question (0: none)."""
@@ -55,7 +56,9 @@ class CalibrationConfig:
     """The recompute share the calibration is fitted at (and, with `Calibration.applies_to`, the
     regime it serves): 0 fits full reuse; > 0 replays the selection `fit_selector` makes at that
     share, so the scales suit stale KV beside repaired KV. Default: the engine's default share."""
-    fit_selector: str = DEFAULT_SELECTOR
+    fit_selector: str | None = None
+    """The selection replayed at `fit_share` (None: what requests get with this calibration:
+    `blend.calibrated_selector` with a token map, else `blend.selector`)."""
     min_gain: float = 0.05
     """Accept only if held-out mean KL drops by at least this share."""
     seed: int = 0
@@ -64,6 +67,10 @@ class CalibrationConfig:
         for name in ("scales", "biases"):  # frozen: resolve the defaults in place
             if getattr(self, name) is None:
                 object.__setattr__(self, name, not self.token_map)
+        if self.fit_selector is None:
+            object.__setattr__(self, "fit_selector",
+                               CALIBRATED_SELECTOR.default if self.token_map and CALIBRATED_SELECTOR.default
+                               else DEFAULT_SELECTOR)
         if self.link_tokens < 0 or self.steps < 0 or self.batch < 1 or self.train_prompts < 1:
             raise ValueError("link_tokens and steps must be >= 0, batch and train_prompts >= 1")
         if not 0.0 < self.held_out_share < 1.0 or self.held_out_prompts < 1:
@@ -81,4 +88,5 @@ class CalibrationConfig:
         """The selection the student replays (None: r = 0)."""
         from daser_rag.blend.config import BlendConfig
 
-        return BlendConfig(recompute_ratio=self.fit_share, selector=self.fit_selector) if self.fit_share > 0 else None
+        selector = self.fit_selector or DEFAULT_SELECTOR
+        return BlendConfig(recompute_ratio=self.fit_share, selector=selector) if self.fit_share > 0 else None

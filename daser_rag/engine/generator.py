@@ -21,6 +21,7 @@ import torch
 from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.config import BlendConfig
+from daser_rag.params import check_selector
 from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.context import SHARED_TENANT, RequestContext
@@ -74,6 +75,7 @@ class CacheAwareGenerator(StreamingEngine):
         prefetch_window: int = settings.PREFETCH_WINDOW.default,
         calibration: Any = settings.CALIBRATION.default,
         premap: bool = settings.PREMAP.default,
+        calibrated_selector: str = settings.CALIBRATED_SELECTOR.default,
     ) -> None:
         self.lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.runner = LayerRunner(self.lm)
@@ -109,6 +111,11 @@ class CacheAwareGenerator(StreamingEngine):
         self.calibration = resolve_calibration(calibration, self.runner, self.fingerprint, store.root)
         """The calibration of reused KV (daser_rag/calibration) requests use by default, or None."""
         self.premap = premap
+        if calibrated_selector:
+            check_selector(calibrated_selector)
+        self.calibrated_selector = calibrated_selector
+        """The selector of requests that name none and get a calibration with a token map (the map
+        leaves chunk starts, which chunk_heads repairs, as what is most wrong): '' for none."""
         """Reused chunks are read with the calibration's token map already applied (stored once per
         chunk and map: calibration/premap.py)."""
 
@@ -294,6 +301,9 @@ class CacheAwareGenerator(StreamingEngine):
             q_ids = torch.tensor(self.prompt.query_ids(question), dtype=torch.long)
             ctx_len = len(self.prompt.prefix_ids) + sum(c.num_tokens for c in chunks)
             calibration = self._calibration_for(p, cfg)
+            if (blend is None and p.selector is None and self.calibrated_selector and calibration is not None
+                    and calibration.kv_map is not None):
+                cfg = cfg.with_request(selector=self.calibrated_selector)
             needed = ctx_len + len(q_ids) + extra_capacity + (calibration.link_tokens if calibration else 0)
             if needed > self.runner.max_positions:
                 raise ContextTooLongError(needed, self.runner.max_positions)
