@@ -170,7 +170,8 @@ SELECTOR = declare("blend.selector", "hybrid", "str",
 CALIBRATED_SELECTOR = declare("blend.calibrated_selector", "chunk_heads", "str",
                               "selector for requests that name none when the calibration they get has a token map "
                               "(held-out grid, map + r=0.15: chunk_heads KL 0.023 at 4.6x vs hybrid 0.028 at 3.0x; "
-                              "docs/calibration.md); '' keeps blend.selector for every request",
+                              "docs/calibration.md); '' keeps blend.selector for every request, as does an engine built with a "
+                              "selector of its own",
                               parse=str, used_by=(_GEN,))
 CHECK_LAYER = declare("blend.check_layer", 1, "int", "layer whose K/V deviation ranks tokens (CacheBlend)",
                       parse=int, used_by=("BlendConfig", _GEN, _VLLM))

@@ -93,6 +93,9 @@ def test_engine_maps_a_chunk_once_and_drops_it_with_its_document(lm, store, tmp_
     streamed, info5 = layerwise.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info5["mapped_hits"] == 2 and (streamed.logits - first.logits).abs().max().item() < 1e-4
     layerwise.close()
+    chosen = CacheAwareGenerator(lm, store=store, calibration=str(path), selector="deviation", prefix_tree="off")
+    assert chosen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15).selector == "deviation"
+    chosen.close()
     raw = CacheAwareGenerator(lm, store=store, calibration=str(path), premap=False, calibrated_selector="",
                               prefix_tree="off")
     assert raw.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15).selector == "hybrid"

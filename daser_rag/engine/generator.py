@@ -113,9 +113,11 @@ class CacheAwareGenerator(StreamingEngine):
         self.premap = premap
         if calibrated_selector:
             check_selector(calibrated_selector)
-        self.calibrated_selector = calibrated_selector
+        chosen = blend is not None or selector != settings.SELECTOR.default  # the engine's own choice stands
+        self.calibrated_selector = "" if chosen else calibrated_selector
         """The selector of requests that name none and get a calibration with a token map (the map
-        leaves chunk starts, which chunk_heads repairs, as what is most wrong): '' for none."""
+        leaves chunk starts, which chunk_heads repairs, as what is most wrong); '' for none, and
+        none when the engine was built with its own selector or blend config."""
         """Reused chunks are read with the calibration's token map already applied (stored once per
         chunk and map: calibration/premap.py)."""
 
