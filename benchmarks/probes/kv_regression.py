@@ -32,6 +32,32 @@ OUT = os.environ.get("OUT", "results/probes")
 SETS = {"bias": 1, "own": 3, "ctx": 5, "attn": 6}  # how many feature blocks (1 = the constant)
 
 
+@torch.inference_mode()
+def full_context_kv(runner, ex):
+    """Full prefill's K/V of the example's context, per layer [kvH, C, D] (the regression target)."""
+    cache = runner.new_cache(ex.context_tokens)
+    runner.forward(ex.context_ids, 0, cache)
+    n = ex.context_tokens
+    layers = runner.spec.num_layers
+    return [cache.keys[i][:, :n].clone() for i in range(layers)], [cache.values[i][:, :n].clone() for i in range(layers)]
+
+
+def fixed_kv_logits(runner, ex, fixed_k, fixed_v):
+    """The question and answer run over a context whose K/V are given per layer (an r = 0 student):
+    logits at the teacher's loss positions."""
+    c = ex.context_tokens
+    h = runner.embed(ex.tail_ids)
+    t = int(h.shape[0])
+    positions = torch.arange(c, c + t)
+    cos, sin = runner.rope(positions)
+    mask = runner.mask_for(positions, c + t)
+    for i in range(runner.spec.num_layers):
+        _, q, k, v = runner.qkv(i, h, cos, sin)
+        h = runner.attend_and_mlp(i, h, q, torch.cat([fixed_k[i], k], 1), torch.cat([fixed_v[i], v], 1), mask)
+    return runner.logits(h[-int(ex.teacher_logp.shape[0]):])
+
+
+
 def main():
     gen, runner, (L, H, D), data = setup()
     lam = float(os.environ.get("LAM", "1e-2"))
@@ -48,12 +74,8 @@ def main():
             pos += n
         return s
 
-    @torch.inference_mode()
     def teacher_kv(ex):
-        cache = runner.new_cache(ex.context_tokens)
-        runner.forward(ex.context_ids, 0, cache)
-        n = ex.context_tokens
-        return [cache.keys[i][:, :n].clone() for i in range(L)], [cache.values[i][:, :n].clone() for i in range(L)]
+        return full_context_kv(runner, ex)
 
     @torch.inference_mode()
     def features(ex, i, cos, sin, st):
@@ -111,16 +133,7 @@ def main():
         return torch.cholesky_solve(xty[:, :, :f].contiguous(), c).float()
 
     def student(ex, fixed_k, fixed_v):
-        c = ex.context_tokens
-        h = runner.embed(ex.tail_ids)
-        t = int(h.shape[0])
-        positions = torch.arange(c, c + t)
-        cos, sin = runner.rope(positions)
-        mask = runner.mask_for(positions, c + t)
-        for i in range(L):
-            _, q, k, v = runner.qkv(i, h, cos, sin)
-            h = runner.attend_and_mlp(i, h, q, torch.cat([fixed_k[i], k], 1), torch.cat([fixed_v[i], v], 1), mask)
-        return runner.logits(h[-int(ex.teacher_logp.shape[0]):])
+        return fixed_kv_logits(runner, ex, fixed_k, fixed_v)
 
     held_teacher = {}
     res = {}

@@ -26,6 +26,7 @@ import time
 import torch
 
 from benchmarks.probes.kv_corrections import setup
+from benchmarks.probes.kv_regression import fixed_kv_logits, full_context_kv
 from daser_rag.calibration.student import kl_loss
 from daser_rag.model.rope import apply_rope
 
@@ -68,12 +69,8 @@ def main():
         pos = torch.stack([torch.log1p(off) / 6, 1 / (1 + off)], -1)
         return torch.cat([torch.ones(len(r), 1), cur, pos, prev], -1), cur
 
-    @torch.inference_mode()
     def teacher_kv(e):
-        cache = runner.new_cache(e.context_tokens)
-        runner.forward(e.context_ids, 0, cache)
-        n = e.context_tokens
-        return [cache.keys[i][:, :n].clone() for i in range(L)], [cache.values[i][:, :n].clone() for i in range(L)]
+        return full_context_kv(runner, e)
 
     def flat_of(e, ks, vs, i):
         k = apply_rope(ks[i].float(), e.cos, -e.sin)
@@ -122,16 +119,7 @@ def main():
         return lambda x, i: x[:, :n] @ w[i]
 
     def student(ex, fixed_k, fixed_v):
-        c = ex.context_tokens
-        h = runner.embed(ex.tail_ids)
-        t = int(h.shape[0])
-        positions = torch.arange(c, c + t)
-        cos, sin = runner.rope(positions)
-        mask = runner.mask_for(positions, c + t)
-        for i in range(L):
-            _, q, k, v = runner.qkv(i, h, cos, sin)
-            h = runner.attend_and_mlp(i, h, q, torch.cat([fixed_k[i], k], 1), torch.cat([fixed_v[i], v], 1), mask)
-        return runner.logits(h[-int(ex.teacher_logp.shape[0]):])
+        return fixed_kv_logits(runner, ex, fixed_k, fixed_v)
 
     held = {}
     res = {}
