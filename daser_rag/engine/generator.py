@@ -21,7 +21,6 @@ import torch
 from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.config import BlendConfig
-from daser_rag.params import check_selector
 from daser_rag.blend.fusion import FusionResult, full_prefill, fuse
 from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.context import SHARED_TENANT, RequestContext
@@ -42,7 +41,7 @@ from daser_rag.kv.chunk_kv import ChunkKV
 from daser_rag.kv.store import KVStore
 from daser_rag.model.loader import LoadedModel, load_model
 from daser_rag.model.runner import LayerRunner
-from daser_rag.params import GenerationParams
+from daser_rag.params import GenerationParams, check_selector
 from daser_rag.prompt import DEFAULT_SYSTEM_PROMPT, PromptFormat
 from daser_rag.sampling import sample_next
 from daser_rag.textcheck import check_text
@@ -111,6 +110,8 @@ class CacheAwareGenerator(StreamingEngine):
         self.calibration = resolve_calibration(calibration, self.runner, self.fingerprint, store.root)
         """The calibration of reused KV (daser_rag/calibration) requests use by default, or None."""
         self.premap = premap
+        """Reused chunks are read with the calibration's token map already applied (stored once per
+        chunk and map: calibration/premap.py)."""
         if calibrated_selector:
             check_selector(calibrated_selector)
         chosen = blend is not None or selector != settings.SELECTOR.default  # the engine's own choice stands
@@ -118,8 +119,6 @@ class CacheAwareGenerator(StreamingEngine):
         """The selector of requests that name none and get a calibration with a token map (the map
         leaves chunk starts, which chunk_heads repairs, as what is most wrong); '' for none, and
         none when the engine was built with its own selector or blend config."""
-        """Reused chunks are read with the calibration's token map already applied (stored once per
-        chunk and map: calibration/premap.py)."""
 
     # -- identity ----------------------------------------------------------------------------
     @property
