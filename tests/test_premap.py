@@ -84,7 +84,7 @@ def test_engine_maps_a_chunk_once_and_drops_it_with_its_document(lm, store, tmp_
     second, info2 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info2["mapped_chunks"] == 2 and info2["mapped_hits"] == 2
     assert torch.equal(first.logits, second.logits)
-    # requests that name no selector get the calibrated one (the map leaves chunk starts most wrong)
+    # requests that name no selector get the calibrated one (with a map it measured better)
     res = gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15)
     assert res.calibrated and res.selector == "chunk_heads"
     assert gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15, selector="hybrid").selector == "hybrid"
