@@ -107,15 +107,14 @@ class _LayerFiller:
                 v = seg.values[layer].to(device=dev, dtype=dt)
             if self.calibration is not None and offset >= self.exact_len:
                 mapped = i in self.mapped
-                tables = self.rope(offset, seg.num_tokens) if self.calibration.needs_rope_for(mapped=mapped) \
-                    else (None, None)
-                k, v = self.calibration.place(layer, k, v, *tables, mapped=mapped)
+                k, v = self.calibration.place(layer, k, v, *self.rope(offset, seg.num_tokens, mapped), mapped=mapped)
             self.cache.write(layer, offset, k, v)
 
-    def rope(self, start: int, n: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """RoPE tables of positions [start, start + n) (what a key bias is rotated by; None
-        without one); cached per placement, shared by every layer."""
-        if self.calibration is None or not self.calibration.needs_rope:
+    def rope(self, start: int, n: int, mapped: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """RoPE tables of positions [start, start + n) (what a key bias is rotated by and a token
+        map un-rotates by; None when placing needs neither, e.g. premapped K/V without a key
+        bias); cached per placement, shared by every layer."""
+        if self.calibration is None or not self.calibration.needs_rope_for(mapped=mapped):
             return None, None
         if (start, n) not in self._tables:
             self._tables[(start, n)] = self.runner.rope(torch.arange(start, start + n, device=self.runner.device))

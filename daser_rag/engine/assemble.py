@@ -23,7 +23,7 @@ from daser_rag.blend.prefix_tree import PrefixTree
 from daser_rag.calibration.premap import mapped_key, premap
 from daser_rag.engine.chunks import ChunkComputer
 from daser_rag.kv.chunk_kv import ChunkKV
-from daser_rag.kv.codecs import decode
+from daser_rag.kv.codecs import EncodedKV, decode
 from daser_rag.kv.store import KVStore
 from daser_rag.model.runner import LayerRunner
 from daser_rag.types import ResolvedChunk, Timings
@@ -112,12 +112,28 @@ class SegmentAssembler:
     def fetch_mapped(self, chunk: ResolvedChunk, tenant: str, timings: Timings,
                      calibration: Calibration) -> tuple[Any, bool, bool]:
         """The chunk's K/V with `calibration`'s token map applied: (entry, chunk was stored,
-        mapped entry was stored). On a miss the raw entry is read (or computed), mapped, and the
-        result stored and registered under the chunk's document (invalidated with it)."""
+        mapped entry was stored). On a miss it is made and stored (`_make_mapped`)."""
         key = mapped_key(chunk.key, calibration.map_digest())
         got = self.lookup(key, timings)
         if got is not None:
             return got, True, True
+        enc, hit = self._make_mapped(chunk, key, tenant, timings, calibration)
+        # what later requests will read (the codec's rounding included), so the first is no different
+        return (enc if self.layerwise else decode(enc, self.runner.dtype, self.runner.device)), hit, False
+
+    def store_mapped(self, chunk: ResolvedChunk, tenant: str, timings: Timings, calibration: Calibration) -> bool:
+        """Make and store the chunk's mapped entry unless it is stored (index time: nothing is
+        decoded); whether it was made now."""
+        key = mapped_key(chunk.key, calibration.map_digest())
+        if self.store.contains(key):
+            return False
+        self._make_mapped(chunk, key, tenant, timings, calibration)
+        return True
+
+    def _make_mapped(self, chunk: ResolvedChunk, key: str, tenant: str, timings: Timings,
+                     calibration: Calibration) -> tuple[EncodedKV, bool]:
+        """Read the raw entry (or compute it), map it, store the result under `key` and register it
+        under the chunk's document (invalidated with it); (the stored entry, raw was stored)."""
         t0 = time.perf_counter()
         raw = self.store.get(chunk.key, dtype=torch.float32, device=self.runner.device)
         timings.fetch_s += time.perf_counter() - t0
@@ -129,8 +145,7 @@ class SegmentAssembler:
         if chunk.doc_id is not None:
             self.store.add_derived([chunk.doc_id], key, tenant)
         timings.precompute_s += time.perf_counter() - t0
-        # what later requests will read (the codec's rounding included), so the first is no different
-        return (enc if self.layerwise else decode(enc, self.runner.dtype, self.runner.device)), hit, False
+        return enc, hit
 
     # -- plan -------------------------------------------------------------------------------
     def plan_keys(self, chunks: list[ResolvedChunk], tenant: str) -> list[str]:

@@ -231,7 +231,7 @@ class CacheAwareGenerator(StreamingEngine):
     def premap_contexts(self, contexts: Sequence[ContextItem], *, tenant: str = SHARED_TENANT) -> int:
         """Store these contexts' chunks with each token map of the engine's calibration applied
         now (index time), instead of on their first reuse; returns how many entries were made.
-        Chunks already mapped cost a lookup. Nothing happens without a token map."""
+        Chunks already mapped cost a `contains`. Nothing happens without a token map."""
         maps = {c.map_digest(): c for c in (self.calibration.members if self.calibration is not None else ())
                 if c.kv_map is not None}
         if not maps:
@@ -242,7 +242,7 @@ class CacheAwareGenerator(StreamingEngine):
             timings = Timings()
             for cal in maps.values():
                 for c in chunks:
-                    made += int(not self.assembler.fetch_mapped(c, tenant, timings, cal)[2])
+                    made += int(self.assembler.store_mapped(c, tenant, timings, cal))
         return made
 
     def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:
