@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-_R0 = {"fit_share": 0.0}  # explicit: CalibrationConfig's default share is the engine's (0.15)
-_R15 = {"fit_share": 0.15, "fit_selector": "hybrid"}
+_R0 = {"fit_share": 0.0, "primer_tokens": 0}  # explicit: CalibrationConfig's default share is the engine's (0.15)
+_R15 = {"fit_share": 0.15, "fit_selector": "hybrid", "primer_tokens": 0}
+_PRIMED = {"fit_share": 0.0, "primer_tokens": 512}
 VARIANTS: dict[str, dict[str, Any]] = {
     # fitted for full reuse (r = 0)
     "ape": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R0},
@@ -39,6 +40,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "map": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, **_R0},  # the token map alone
     "map_l1": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, "token_map_ridge": 1.0, **_R0},
     "map_bias": {"scales": True, "biases": True, "link_tokens": 0, "token_map": True, **_R0},  # map, then KL
+    # reused chunks computed after a 512-token primer from the training documents
+    "primer": {"scales": False, "biases": False, "link_tokens": 0, "token_map": False, **_PRIMED},
+    "primer_map": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, "token_map_ridge": 1.0,
+                   **_PRIMED},
     # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
     "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R15},
     "both_r15": {"scales": True, "biases": False, "link_tokens": 4, "token_map": False, **_R15},
@@ -80,9 +85,10 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
         for name in variants:
             opts = VARIANTS[name]
             cfg = CalibrationConfig(**{**base.__dict__, **opts})
-            share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "")
+            share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "", cfg.primer_tokens)
             if share_key not in prepared:
-                first = next(iter(prepared.values()), None)
+                # the same prompts at another share reuse the teacher; another primer prepares its own
+                first = next((p for k, p in prepared.items() if k[2] == cfg.primer_tokens), None)
                 with_map = any(VARIANTS[v].get("token_map", False) for v in variants)
                 prepared[share_key] = (prepare_split(gen, docs, cfg, log=print, token_map=with_map) if first is None
                                        else first.for_config(gen, cfg))

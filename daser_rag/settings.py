@@ -141,7 +141,8 @@ CALIBRATION = declare("engine.calibration", "auto", "str",
 PREMAP = declare("engine.premap", True, "bool",
                  "with a calibration that has a token map: store each reused chunk's KV with the map applied "
                  "(a second entry, keyed by the map; made by the first request that reuses the chunk, dropped with "
-                 "its document) so later requests skip the map's per-request product (calibration/premap.py)",
+                 "its document) so later requests skip the map's per-request product (calibration/premap.py); "
+                 "a calibration with a primer always stores its chunks so (a primer cannot act at placement)",
                  used_by=(_GEN,))
 PREFIX_TREE_AFTER = declare("engine.prefix_tree_after", 2, "int",
                             "requests of the same ordered chunk path before it is materialized",

@@ -303,7 +303,7 @@ def fuse(
     regime it was fitted for (`Calibration.applies_to`: fitted at r = 0 -> r = 0 only).
     `mapped`: indices of `segments` stored with `calibration`'s token map already applied
     (`calibration/premap.py`); they are reused segments, so they need that calibration unless
-    every reused token is recomputed.
+    every reused token is recomputed. With a primer, every reused segment must be one of them.
     """
     ctx_len = sum(seg.num_tokens for seg in segments)
     if int(query_ids.shape[0]) == 0:
@@ -314,9 +314,15 @@ def fuse(
     if calibration is not None and (n_cand == 0 or all_recomputed or not calibration.applies_to(
             None if config.is_auto else float(config.recompute_ratio))):
         calibration = None  # nothing reused, or a regime it was not fitted for
-    if mapped and not all_recomputed and (calibration is None or calibration.kv_map is None):
+    if mapped and not all_recomputed and (calibration is None or not calibration.prepares_chunks):
         raise ValueError("segments stored with a token map applied need the calibration with that map, "
                          "and it does not apply to this request")
+    if calibration is not None and calibration.primer is not None:
+        offsets = [sum(seg.num_tokens for seg in segments[:i]) for i in range(len(segments))]
+        raw = [i for i, off in enumerate(offsets) if off >= exact_len and i not in mapped]
+        if raw:
+            raise ValueError(f"segments {raw} are reused raw, but this calibration's token map was fitted on chunks "
+                             "computed after its primer: read them primed (calibration/premap.py)")
     n_link = calibration.link_tokens if calibration is not None else 0
     query_ids = query_ids.to(runner.device)
     q_len = int(query_ids.shape[0])

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit the token map (a per-token K/V correction fitted by regression; docs/calibration.md)")
     p.add_argument("--token-map-ridge", type=float, default=d.token_map_ridge,
                    help="ridge penalty of the token map's regression (relative to the features' energy)")
+    p.add_argument("--primer-tokens", type=int, default=d.primer_tokens,
+                   help="compute reused chunks after a primer of this many tokens from the training documents "
+                        "(0: none; docs/calibration.md)")
     p.add_argument("--train-prompts", type=int, default=d.train_prompts)
     p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
     try:
         cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=args.scales, steps=args.steps,
                                 biases=args.biases, token_map=args.token_map,
-                                token_map_ridge=args.token_map_ridge,
+                                token_map_ridge=args.token_map_ridge, primer_tokens=args.primer_tokens,
                                 train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
                                 answer_tokens=args.answer_tokens, min_gain=args.min_gain, seed=args.seed,
                                 fit_share=args.fit_share, fit_selector=args.fit_selector)

@@ -56,6 +56,10 @@ class ReuseExample:
     context_ids: torch.Tensor | None = None  # [C] the context's token ids (needed when `selected` is not empty)
     selected: torch.Tensor | None = None  # sorted context positions recomputed at the fitted share
     spec: PromptSpec | None = None  # the prompt it was prepared from
+    primer: tuple[int, ...] = ()  # the primer its reused chunks were computed after (empty: none)
+    baseline: ReuseExample | None = None
+    """With a primer: the same prompt with chunks as the store holds them uncalibrated (computed
+    after the system prefix alone), what the held-out check's "before" is measured on."""
 
     @property
     def recomputed(self) -> int:
@@ -144,10 +148,18 @@ def exact_length(segments: list[ChunkKV]) -> int:
     return segments[0].num_tokens + (segments[1].num_tokens if len(segments) > 1 else 0)
 
 
-def _segments(gen: Any, chunk_ids: list[list[int]]) -> list[ChunkKV]:
-    """The system prefix and each chunk computed after it alone: what the store would hold."""
+def _segments(gen: Any, chunk_ids: list[list[int]], primer: Sequence[int] = ()) -> list[ChunkKV]:
+    """The system prefix and each chunk computed after it alone: what the store would hold; with
+    a primer, the chunks after the first (the exact one) computed after [prefix, primer], as a
+    calibration with that primer reads them (`premap.py`)."""
     prefix: ChunkKV = gen.computer.prefix()
-    return [prefix] + [gen.computer.compute(ids, f"calibration:{i}") for i, ids in enumerate(chunk_ids)]
+    out = [prefix]
+    for i, ids in enumerate(chunk_ids):
+        if primer and i > 0:
+            out.append(gen.computer.compute_primed(ids, f"calibration:{i}", primer))
+        else:
+            out.append(gen.computer.compute(ids, f"calibration:{i}"))
+    return out
 
 
 @torch.inference_mode()
@@ -174,32 +186,42 @@ def _selection(gen: Any, segs: list[ChunkKV], q_ids: list[int], blend: BlendConf
 
 
 def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4,
-            blend: BlendConfig | None = None, token_map_stats: TokenMapStats | None = None) -> ReuseExample:
+            blend: BlendConfig | None = None, token_map_stats: TokenMapStats | None = None,
+            primer: Sequence[int] = (), baseline: bool = False) -> ReuseExample:
     """The teacher's targets and the r = 0 buffer for one prompt; with `blend` (r > 0), also
     the positions that selection recomputes, for a student that repairs them as serving does;
-    with `token_map_stats`, its reused tokens are added to the token map's regression."""
+    with `token_map_stats`, its reused tokens are added to the token map's regression; with a
+    `primer`, the reused chunks are computed after it (and with `baseline`, the unprimed prompt
+    is kept too, for the held-out check's "before")."""
     chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in spec.chunks]
     q_ids = list(gen.prompt.query_ids(spec.question))
     ctx_ids = list(gen.prompt.prefix_ids) + [i for ids in chunk_ids for i in ids]
     answer, logp, teacher = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
-    segs = _segments(gen, chunk_ids)  # computed once: the buffer and the selection read the same KV
-    keys, values, reused = _reuse_buffer(gen, segs)
-    if token_map_stats is not None:
-        add_token_map_rows(gen, token_map_stats, teacher, keys, values, reused)
-    del teacher
-    selected = _selection(gen, segs, q_ids, blend) if blend is not None else None
-    # inference tensors cannot be saved for backward: plain copies
-    keys = [k.clone() for k in keys]
-    values = [v.clone() for v in values]
     tail = torch.tensor(q_ids + answer[:-1], dtype=torch.long)
-    return ReuseExample(keys, values, reused.clone(), tail, logp.clone(), answer,
-                        torch.tensor(ctx_ids, dtype=torch.long), None if selected is None else selected.clone(), spec)
+
+    def example(p: Sequence[int], stats: TokenMapStats | None) -> ReuseExample:
+        segs = _segments(gen, chunk_ids, p)  # computed once: the buffer and the selection read the same KV
+        keys, values, reused = _reuse_buffer(gen, segs)
+        if stats is not None:
+            add_token_map_rows(gen, stats, teacher, keys, values, reused)
+        selected = _selection(gen, segs, q_ids, blend) if blend is not None else None
+        # inference tensors cannot be saved for backward: plain copies
+        return ReuseExample([k.clone() for k in keys], [v.clone() for v in values], reused.clone(), tail,
+                            logp.clone(), answer, torch.tensor(ctx_ids, dtype=torch.long),
+                            None if selected is None else selected.clone(), spec, tuple(int(i) for i in p))
+
+    ex = example(primer, token_map_stats)
+    if primer and baseline:
+        ex.baseline = example((), None)
+    return ex
 
 
 def with_selection(gen: Any, ex: ReuseExample, blend: BlendConfig | None) -> ReuseExample:
     """`ex` for a student fitted at `blend` (None: r = 0); the teacher and buffer are reused."""
+    base = None if ex.baseline is None else with_selection(gen, ex.baseline, blend)
     if blend is None or ex.spec is None:
-        return dataclasses.replace(ex, selected=None) if blend is None else ex
+        return dataclasses.replace(ex, selected=None, baseline=base) if blend is None else ex
     chunk_ids = [list(gen.prompt.chunk_ids(c)) for c in ex.spec.chunks]
     q_ids = list(gen.prompt.query_ids(ex.spec.question))
-    return dataclasses.replace(ex, selected=_selection(gen, _segments(gen, chunk_ids), q_ids, blend).clone())
+    return dataclasses.replace(ex, selected=_selection(gen, _segments(gen, chunk_ids, ex.primer), q_ids,
+                                                       blend).clone(), baseline=base)

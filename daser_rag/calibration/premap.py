@@ -7,6 +7,10 @@ applying it there gives: the mapped chunk can be stored once and placed anywhere
 machine the map's product (~4.5 GFLOP for 1,536 reused tokens) took full reuse from 10.6x to 8.1x
 of full prefill's speed; stored mapped, a reused chunk costs what an uncalibrated one does.
 
+A calibration with a primer (`adapter.py`) makes that second entry from the chunk computed after
+[system prefix, primer] instead of from the raw entry (`ChunkComputer.compute_primed`), then maps
+it when it has a map too; the key names the primer as well (`Calibration.map_digest`).
+
 The mapped KV is a second entry, not a replacement: exact placements (the first chunk after the
 system prefix, prefix-tree nodes), uncalibrated requests, other maps and vLLM read the raw one.
 Its key names the raw entry's key and the map (`Calibration.map_digest`), so KV mapped by one map
@@ -44,10 +48,16 @@ def mapped_key(key: str, map_digest: str) -> str:
 @torch.inference_mode()
 def premap(kv: ChunkKV, calibration: Calibration, rope: RopeTables) -> ChunkKV:
     """`kv` with `calibration`'s token map applied at the positions it was computed at (float32;
-    the store's codec encodes it like any entry). `rope(positions)` gives the RoPE tables."""
+    the store's codec encodes it like any entry), keyed as its second entry. `rope(positions)`
+    gives the RoPE tables. With a primer, `kv` must be the chunk computed after it (the caller's
+    job: the raw entry was not); without a map it is only re-keyed."""
     kv_map = calibration.kv_map
+    digest = calibration.map_digest()
+    if not digest:
+        raise ValueError("this calibration has no token map or primer to store chunks with")
     if kv_map is None:
-        raise ValueError("this calibration has no token map to apply")
+        return ChunkKV(mapped_key(kv.key, digest), kv.token_ids, kv.start_pos, kv.keys, kv.values,
+                       {**kv.meta, "primed": digest, "raw_key": kv.key})
     n = kv.num_tokens
     cos, sin = rope(torch.arange(kv.start_pos, kv.start_pos + n))
     cos, sin = cos.float(), sin.float()
@@ -57,6 +67,5 @@ def premap(kv: ChunkKV, calibration: Calibration, rope: RopeTables) -> ChunkKV:
                                kv.values[layer].to(cos.device, torch.float32), cos, sin)
         keys.append(k)
         values.append(v)
-    digest = calibration.map_digest()
     return ChunkKV(mapped_key(kv.key, digest), kv.token_ids, kv.start_pos, torch.stack(keys), torch.stack(values),
                    {**kv.meta, "token_map": digest, "raw_key": kv.key})

@@ -46,7 +46,7 @@ def save(cal: Any, path: str | Path) -> Path:
 
 
 def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidden: int,
-         head_dim: int | None = None) -> Any:
+         head_dim: int | None = None, vocab: int | None = None) -> Any:
     """The calibration in `path`, checked against the model it is meant for."""
     from safetensors import safe_open
 
@@ -81,17 +81,18 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
                                    f"{header.get('fit_share')!r}") from None
     if not 0.0 <= fit_share < 1.0:
         raise CalibrationFileError(f"calibration file {str(path)!r} has fit_share {fit_share}, not in [0, 1)")
-    unknown = set(tensors) - {"key_log_scale", "value_log_scale", "link", "key_bias", "value_bias", "kv_map"}
+    unknown = set(tensors) - {"key_log_scale", "value_log_scale", "link", "key_bias", "value_bias", "kv_map",
+                              "primer"}
     if unknown:
         raise CalibrationFileError(f"calibration file {str(path)!r} holds tensors this version does not know: "
                                    f"{sorted(unknown)} (made by a newer daser-rag?)")
     cal = Calibration(fingerprint, tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
                       header.get("chunk_side") == "1", fit_share, tensors.get("key_bias"), tensors.get("value_bias"),
-                      tensors.get("kv_map"))
+                      tensors.get("kv_map"), tensors.get("primer"))
     if cal.digest() != header.get("checksum"):
         raise CalibrationFileError(f"calibration file {str(path)!r} fails its checksum (changed or damaged)")
     try:
-        cal.check_shape(layers, kv_heads, hidden, head_dim)
+        cal.check_shape(layers, kv_heads, hidden, head_dim, vocab)
     except ValueError as e:
         raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
     return cal
@@ -102,7 +103,7 @@ def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
     weight-free control plane)."""
     spec = runner.spec
     return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
-                hidden=spec.hidden_size, head_dim=spec.head_dim)
+                hidden=spec.hidden_size, head_dim=spec.head_dim, vocab=getattr(spec, "vocab_size", None))
 
 
 def published_path(root: str | Path, digest: str) -> Path:
@@ -176,7 +177,8 @@ def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: s
             if c.fingerprint != fingerprint:
                 raise CalibrationFileError(f"this calibration was made for model {c.fingerprint!r}, not {fingerprint!r}")
             try:
-                c.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size, spec.head_dim)
+                c.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size, spec.head_dim,
+                              getattr(spec, "vocab_size", None))
             except ValueError as e:
                 raise CalibrationFileError(str(e)) from e
     if not members:

@@ -103,6 +103,8 @@ class Prepared:
     seconds: float
     token_map: TokenMapStats | None = None
     """The token map's normal equations over the training prompts (None: not accumulated)."""
+    primer: tuple[int, ...] = ()
+    """The primer the prompts' reused chunks were computed after (empty: none)."""
 
     def for_config(self, gen: Any, config: CalibrationConfig) -> Prepared:
         """The same prompts for a student fitted at `config`'s share (adds or drops the selection)."""
@@ -111,7 +113,17 @@ class Prepared:
         train = [with_selection(gen, e, blend) for e in self.train]
         held = [with_selection(gen, e, blend) for e in self.held_out]
         return Prepared(train, held, self.train_documents, self.held_out_documents,
-                        self.seconds + time.perf_counter() - t0, self.token_map)
+                        self.seconds + time.perf_counter() - t0, self.token_map, self.primer)
+
+
+def choose_primer(gen: Any, specs: Sequence[Any], tokens: int) -> tuple[int, ...]:
+    """The first `tokens` tokens of the first training prompt's chunks, one after another: text
+    from the user's own documents (a generic paragraph measured far worse), and from training
+    documents only, so the held-out check stays honest."""
+    if tokens <= 0 or not specs:
+        return ()
+    ids = [int(t) for c in specs[0].chunks for t in gen.prompt.chunk_ids(c)]
+    return tuple(ids[:tokens])
 
 
 def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationConfig,
@@ -135,12 +147,15 @@ def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationCo
     spec = gen.runner.spec
     stats = (TokenMapStats.empty(spec.num_layers, spec.num_kv_heads, spec.head_dim)
              if (config.token_map if token_map is None else token_map) else None)
+    primer = choose_primer(gen, train_specs, config.primer_tokens)
+    if primer:
+        say(f"reused chunks computed after a {len(primer)}-token primer from the training documents")
     train = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
-                     blend=blend, token_map_stats=stats) for s in train_specs]
+                     blend=blend, token_map_stats=stats, primer=primer) for s in train_specs]
     held = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
-                    blend=blend) for s in held_specs]
+                    blend=blend, primer=primer, baseline=True) for s in held_specs]
     say(f"prepared in {time.perf_counter() - t0:.0f} s")
-    return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0, stats)
+    return Prepared(train, held, train_ids, held_ids, time.perf_counter() - t0, stats, primer)
 
 
 def fit(gen: Any, data: Prepared, config: CalibrationConfig,
@@ -157,9 +172,15 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
     cal = Calibration.identity(gen.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size,
                                config.link_tokens, init, head_dim=runner.head_dim if config.biases else 0)
     cal.fit_share = config.fit_share
-    before = mean_kls(gen, held, cal.without_link())
-    kv_map = None
     map_only: list[float] = []
+    before = mean_kls(gen, [e.baseline or e for e in held], cal.without_link())  # what the store serves uncalibrated
+    primer = torch.tensor(data.primer, dtype=torch.int64) if data.primer else None
+    cal.primer = primer
+    if primer is not None and not config.token_map:
+        map_only = mean_kls(gen, held, cal.map_only())
+        say(f"{len(data.primer)}-token primer: held-out mean KL {sum(before) / len(before):.4f} -> "
+            f"{sum(map_only) / len(map_only):.4f} (primer alone)")
+    kv_map = None
     if config.token_map:
         if data.token_map is None:
             raise ValueError("a token map needs the prompts prepared with its regression (prepare_split(token_map=True))")
@@ -199,7 +220,7 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
                 say(f"step {step + 1}/{config.steps}: batch KL {curve[-1][1]:.4f} ({curve[-1][2]:.0f} s)")
     trained = Calibration(gen.fingerprint, ks.detach().clone(), vs.detach().clone(), link.detach().clone(),
                           fit_share=config.fit_share, key_bias=None if kb is None else kb.detach().clone(),
-                          value_bias=None if vb is None else vb.detach().clone(), kv_map=kv_map)
+                          value_bias=None if vb is None else vb.detach().clone(), kv_map=kv_map, primer=primer)
     after = mean_kls(gen, held, trained) if groups else map_only
     kept = ""
     if groups and map_only and not config.link_tokens and sum(map_only) <= sum(after):

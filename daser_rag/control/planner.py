@@ -162,6 +162,9 @@ class Planner:
         if calibration is not None and calibration.link_tokens:
             raise InvalidInputError(f"this calibration has {calibration.link_tokens} link tokens, which cannot be "
                                     "placed inside vLLM (docs/calibration.md); calibrate with --link-tokens 0")
+        if calibration is not None and calibration.primer is not None:
+            raise InvalidInputError("this calibration has a primer: its chunks are stored primed, which the vLLM "
+                                    "connector does not load yet (docs/calibration.md); calibrate with --primer-tokens 0")
         if (calibration is not None and calibration.kv_map is not None and recompute is not None
                 and recompute[0] > 0 and (recompute[2] if len(recompute) > 2 else "deviation") == "deviation"):
             raise InvalidInputError("the in-engine deviation selector cannot rank staleness under a token map (the "

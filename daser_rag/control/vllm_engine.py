@@ -85,6 +85,12 @@ class VllmEngine(StreamingEngine):
 
             raise CalibrationFileError("a calibration with link tokens cannot be used on the vLLM engine (they "
                                        "cannot be placed inside vLLM); calibrate with --link-tokens 0")
+        if self.calibration is not None and any(c.primer is not None for c in self.calibration.members):
+            from daser_rag.calibration.storage import CalibrationFileError
+
+            raise CalibrationFileError("a calibration with a primer cannot be used on the vLLM engine yet (the "
+                                       "connector loads raw chunk entries, not primed ones); calibrate with "
+                                       "--primer-tokens 0")
         self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
         self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
         self.served_name = served_name

@@ -4,8 +4,9 @@ Exact first: the system prefix is exact; so is the first chunk (computed right a
 prefix); with a prefix tree, the longest stored run of tree nodes for this ordered chunk
 sequence is exact too, and a sequence seen often enough is materialized as nodes. Chunks
 missing from the store are computed in place and stored, never a reason to stop reusing
-the chunks after them. With a calibration that has a token map, the chunks that are reused
-(not exact) are read as stored with the map already applied (`calibration/premap.py`); the
+the chunks after them. With a calibration that has a token map or a primer, the chunks that are
+reused (not exact) are read from a second entry stored with the map applied (computed after the
+primer, with a primer) (`calibration/premap.py`); the
 first request to reuse a chunk under a map makes that entry.
 """
 
@@ -44,7 +45,8 @@ class Assembly:
     loader: LayerLoader | None = None
     keys: list[str] = field(default_factory=list)
     mapped: set[int] = field(default_factory=set)
-    """Indices in `segments` whose K/V carry the calibration's token map already (fusion then
+    """Indices in `segments` read from the calibration's second entries: primed and/or carrying its
+    token map already (fusion then
     places them with the scales and biases only)."""
     mapped_hits: int = 0
     """Mapped entries read from the store (the rest of `mapped` were made by this request)."""
@@ -132,12 +134,19 @@ class SegmentAssembler:
 
     def _make_mapped(self, chunk: ResolvedChunk, key: str, tenant: str, timings: Timings,
                      calibration: Calibration) -> tuple[EncodedKV, bool]:
-        """Read the raw entry (or compute it), map it, store the result under `key` and register it
-        under the chunk's document (invalidated with it); (the stored entry, raw was stored)."""
-        t0 = time.perf_counter()
-        raw = self.store.get(chunk.key, dtype=torch.float32, device=self.runner.device)
-        timings.fetch_s += time.perf_counter() - t0
-        hit = raw is not None
+        """Read the raw entry (or compute it; with a primer, compute the chunk after the primer
+        instead), map it, store the result under `key` and register it under the chunk's document
+        (invalidated with it); (the stored entry, raw was stored)."""
+        if calibration.primer is not None:  # computed after the primer, not read from the raw entry
+            t0 = time.perf_counter()
+            raw: ChunkKV | None = self.computer.compute_primed(chunk.token_ids, chunk.key, calibration.primer_ids())
+            timings.precompute_s += time.perf_counter() - t0
+            hit = False
+        else:
+            t0 = time.perf_counter()
+            raw = self.store.get(chunk.key, dtype=torch.float32, device=self.runner.device)
+            timings.fetch_s += time.perf_counter() - t0
+            hit = raw is not None
         if raw is None:
             raw = self.compute_and_store(chunk, tenant, timings)
         t0 = time.perf_counter()
@@ -159,9 +168,10 @@ class SegmentAssembler:
     # -- assemble ---------------------------------------------------------------------------
     def assemble(self, chunks: list[ResolvedChunk], tenant: str, timings: Timings, *,
                  use_tree: bool = True, mapped_by: Calibration | None = None) -> Assembly:
-        """`mapped_by`: a calibration with a token map that fusion will place this request's
-        reused KV with; the non-exact chunks are then read premapped by it (`Assembly.mapped`)."""
-        if mapped_by is not None and mapped_by.kv_map is None:
+        """`mapped_by`: a calibration with a token map or a primer that fusion will place this
+        request's reused KV with; the non-exact chunks are then read from its second entries
+        (`Assembly.mapped`)."""
+        if mapped_by is not None and not mapped_by.prepares_chunks:
             mapped_by = None
         prefix = self.computer.prefix()
         depth = min(1, len(chunks))

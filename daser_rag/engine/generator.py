@@ -111,7 +111,8 @@ class CacheAwareGenerator(StreamingEngine):
         """The calibration of reused KV (daser_rag/calibration) requests use by default, or None."""
         self.premap = premap
         """Reused chunks are read with the calibration's token map already applied (stored once per
-        chunk and map: calibration/premap.py)."""
+        chunk and map: calibration/premap.py). A calibration with a primer is always read so: its
+        chunks must be computed after the primer, which placement cannot do."""
         if calibrated_selector:
             check_selector(calibrated_selector)
         chosen = blend is not None or selector != settings.SELECTOR.default  # the engine's own choice stands
@@ -233,7 +234,7 @@ class CacheAwareGenerator(StreamingEngine):
         now (index time), instead of on their first reuse; returns how many entries were made.
         Chunks already mapped cost a `contains`. Nothing happens without a token map."""
         maps = {c.map_digest(): c for c in (self.calibration.members if self.calibration is not None else ())
-                if c.kv_map is not None}
+                if c.prepares_chunks}
         if not maps:
             return 0
         made = 0
@@ -316,7 +317,9 @@ class CacheAwareGenerator(StreamingEngine):
                 fused = full_prefill(self.runner, torch.tensor(ids, dtype=torch.long), q_ids, needed)
                 timings.fuse_s = time.perf_counter() - t0
                 return fused, info
-            mapped_by = calibration if self.premap and _places_map(calibration, cfg) else None
+            # a primer cannot be applied at placement: primed chunks are always read from their entries
+            mapped_by = (calibration if _places_map(calibration, cfg)
+                         and (self.premap or calibration.primer is not None) else None)
             asm = self.assembler.assemble(chunks, tenant, timings, use_tree=prefix_tree, mapped_by=mapped_by)
             info["hits"], info["misses"], info["exact_chunks"] = asm.hits, asm.misses, asm.exact_chunks
             if asm.mapped:
@@ -404,7 +407,7 @@ def _prefix_tree(spec: PrefixTree | bool | str, after: int) -> tuple[PrefixTree 
 
 
 def _places_map(calibration: Any, cfg: BlendConfig) -> bool:
-    """Fusion will place reused KV with this calibration's token map (it has one, and the request
-    does not recompute every reused token, where fusion drops the calibration)."""
-    return (calibration is not None and calibration.kv_map is not None
+    """Fusion will place reused KV with this calibration's token map or primer (it has one, and
+    the request does not recompute every reused token, where fusion drops the calibration)."""
+    return (calibration is not None and calibration.prepares_chunks
             and (cfg.is_auto or float(cfg.recompute_ratio) < 1.0))

@@ -1,0 +1,191 @@
+"""Reused chunks computed after a primer (calibration/adapter.py, `primer`): the chunk's K/V are
+what a forward over [system prefix, primer, chunk] computes; the primed entry is a second store
+entry keyed by the primer, read for every reused chunk and never confused with raw KV; a file's
+primer is checked like every other tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from daser_rag import ChunkRef, Document
+from daser_rag.context import SHARED_TENANT
+from tests.test_calibration import _random_calibration, _segments
+
+
+def _primer(gen, n=40):
+    from daser_rag.corpus import python_reference_corpus
+
+    text = python_reference_corpus(("del",))[0].text
+    return torch.tensor(gen.prompt.chunk_ids(text)[:n], dtype=torch.int64)
+
+
+def _with_primer(cal, primer, token_map=True):
+    return dataclasses.replace(cal, primer=primer, kv_map=cal.kv_map if token_map else None, meta={})
+
+
+def test_primed_chunk_is_the_chunk_of_a_forward_over_prefix_primer_chunk(generator):
+    gen = generator
+    chunks, _ = _segments(gen)
+    ids = gen.prompt.chunk_ids(chunks[1])
+    primer = _primer(gen).tolist()
+    kv = gen.computer.compute_primed(ids, "k", primer)
+    pre = len(gen.prompt.prefix_ids)
+    assert kv.start_pos == pre + len(primer) and kv.num_tokens == len(ids)
+    seq = torch.tensor(list(gen.prompt.prefix_ids) + primer + list(ids))
+    cache = gen.runner.new_cache(len(seq))
+    gen.runner.forward(seq, 0, cache)
+    for i in (0, gen.runner.spec.num_layers - 1):
+        k, v = cache.view(i, len(seq))
+        assert (kv.keys[i] - k[:, kv.start_pos:]).abs().max().item() < 1e-4
+        assert (kv.values[i] - v[:, kv.start_pos:]).abs().max().item() < 1e-4
+    # and it differs from the chunk computed after the prefix alone (the point of a primer)
+    plain = gen.computer.compute(ids, "p")
+    assert (plain.values[-1] - kv.values[-1]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("token_map", [False, True])
+def test_fusion_places_primed_segments_and_refuses_raw_ones(generator, token_map):
+    """Primed (and mapped) entries are placed like any re-positioned chunk; with the primer's
+    calibration, a reused chunk read raw is refused, never placed with a map fitted on primed KV."""
+    from daser_rag.blend.config import BlendConfig
+    from daser_rag.blend.fusion import fuse
+    from daser_rag.calibration.premap import premap
+
+    gen = generator
+    chunks, segs = _segments(gen)
+    cal = _with_primer(_random_calibration(gen, link_tokens=0, fit_share=0.15, biases=False), _primer(gen),
+                       token_map)
+    cal = dataclasses.replace(cal, key_log_scale=torch.zeros_like(cal.key_log_scale),
+                              value_log_scale=torch.zeros_like(cal.value_log_scale))
+    q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
+    exact = segs[0].num_tokens + segs[1].num_tokens
+    primed = [gen.computer.compute_primed(gen.prompt.chunk_ids(c), s.key, cal.primer_ids())
+              for c, s in zip(chunks[1:], segs[2:])]
+    stored = segs[:2] + [premap(p, cal, gen.runner.rope) for p in primed]
+    cfg = BlendConfig(recompute_ratio=0.0)
+    got = fuse(gen.runner, stored, q, exact_len=exact, config=cfg, calibration=cal, mapped={2, 3})
+    assert got.calibrated
+    if not token_map:  # the primed chunks placed as they are: the buffer of placing them uncalibrated
+        ref = fuse(gen.runner, segs[:2] + primed, q, exact_len=exact, config=cfg)
+        assert torch.equal(got.logits, ref.logits)
+    plain = fuse(gen.runner, segs, q, exact_len=exact, config=cfg)
+    assert (got.logits - plain.logits).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="primer"):
+        fuse(gen.runner, segs, q, exact_len=exact, config=cfg, calibration=cal)
+    with pytest.raises(ValueError, match="primer"):
+        fuse(gen.runner, stored[:3] + segs[3:], q, exact_len=exact, config=cfg, calibration=cal, mapped={2})
+
+
+def test_primed_keys_name_the_primer(generator):
+    from daser_rag.calibration.premap import mapped_key
+
+    gen = generator
+    base = _random_calibration(gen, link_tokens=0)
+    a, b = _with_primer(base, _primer(gen, 40)), _with_primer(base, _primer(gen, 41))
+    alone = _with_primer(base, _primer(gen, 40), token_map=False)
+    digests = {base.map_digest(), a.map_digest(), b.map_digest(), alone.map_digest()}
+    assert len(digests) == 4 and "" not in digests
+    key = "c" + "0" * 32
+    assert len({mapped_key(key, d) for d in digests} | {key}) == 5
+    assert base.map_digest() == dataclasses.replace(base, meta={}).map_digest()  # a map alone keeps its digest
+    assert a.digest() != base.digest() and a.prepares_chunks and alone.prepares_chunks
+
+
+def _save_raw(cal, path):
+    """`storage.save`, but with the primer tensor written as it is (save normalizes it to int64)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from daser_rag.calibration import storage
+
+    storage.save(cal, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    tensors["primer"] = cal.primer.contiguous()
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_primer_file_roundtrip_and_refusals(generator, tmp_path):
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.storage import CalibrationFileError
+
+    gen = generator
+    cal = _with_primer(_random_calibration(gen, link_tokens=0), _primer(gen))
+    path = storage.save(cal, tmp_path / "cal.safetensors")
+    back = storage.load_for(path, gen.runner, gen.fingerprint)
+    assert torch.equal(back.primer, cal.primer) and back.primer.dtype == torch.int64
+    assert back.digest() == cal.digest() and back.map_digest() == cal.map_digest()
+    vocab = gen.runner.spec.vocab_size
+    bad = {"float ids": cal.primer.float(), "2-d ids": cal.primer.view(1, -1), "empty": cal.primer[:0],
+           "outside the vocabulary": cal.primer + vocab}
+    for what, primer in bad.items():
+        p = tmp_path / f"bad-{what}.safetensors"
+        # the file's own header and checksum, its primer tensor swapped: only the primer's check can refuse it
+        _save_raw(dataclasses.replace(cal, primer=primer), p)
+        with pytest.raises(CalibrationFileError, match="primer"):
+            storage.load_for(p, gen.runner, gen.fingerprint)
+
+
+def test_planner_refuses_a_primer(generator):
+    """The vLLM connector loads raw chunk entries: a primer's map must not be placed on them."""
+    from daser_rag.control.planner import Planner
+    from daser_rag.errors import InvalidInputError
+
+    gen = generator
+    cal = _with_primer(_random_calibration(gen, link_tokens=0), _primer(gen))
+    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    planner = Planner.for_generator(gen)
+    ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")]
+    with pytest.raises(InvalidInputError, match="primer"):
+        planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal)
+    assert planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=dataclasses.replace(cal, primer=None)).calibrated
+
+
+@pytest.mark.slow  # several seconds: CI's slow step runs it
+def test_engine_reads_primed_entries_and_drops_them_with_their_document(lm, store, tmp_path):
+    """First reuse under a primer computes and stores the primed entry (a miss), later requests
+    read it (the same logits); the exact first chunk stays raw; `premap=False` still reads primed
+    entries (a primer cannot act at placement); r = 1 is exactly full prefill; invalidating or
+    editing a document drops its primed entries."""
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.premap import mapped_key
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    plain = CacheAwareGenerator(lm, store=store, calibration="off")
+    cal = _with_primer(_random_calibration(plain, link_tokens=0, fit_share=0.15), _primer(plain))
+    path = storage.save(cal, tmp_path / "cal.safetensors")
+    docs = [Document(f"d{i}", t) for i, t in enumerate(_segments(plain)[0])]
+    assert plain.add_documents(docs).mapped_chunks == 0
+    plain.close()
+    gen = CacheAwareGenerator(lm, store=store, calibration=str(path), prefix_tree="off")
+    refs = [ChunkRef(doc_id=d.doc_id) for d in docs]
+    q = "What does the pass statement do?"
+    first, info1 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
+    # the two reused chunks were computed after the primer: misses, though their raw entries are stored
+    assert info1["mapped_chunks"] == 2 and info1["mapped_hits"] == 0 and info1["hits"] == 1
+    second, info2 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
+    assert info2["mapped_hits"] == 2 and info2["hits"] == 3 and torch.equal(first.logits, second.logits)
+    raw = CacheAwareGenerator(lm, store=store, calibration=str(path), premap=False, prefix_tree="off")
+    again, info3 = raw.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
+    assert info3["mapped_hits"] == 2 and torch.equal(again.logits, first.logits)
+    raw.close()
+    full, _ = gen.prefill(q, refs, use_cache=False)
+    r1, info4 = gen.prefill(q, refs, recompute_ratio=1.0, prefix_tree=False)
+    assert "mapped_chunks" not in info4 and not r1.calibrated  # nothing reused: no primer, no map
+    assert (r1.logits - full.logits).abs().max().item() < 1e-3  # full prefill, up to the split into passes
+    off = gen.generate(q, refs, max_new_tokens=1, recompute_ratio=0.15, calibration=False)
+    assert not off.calibrated
+    digest = gen.calibration.members[0].map_digest()
+    keys = {d.doc_id: gen.store.index.chunk_keys(d.doc_id, "") for d in docs}
+    assert not gen.store.contains(mapped_key(keys["d0"][0], digest))  # exact: never primed
+    m1, m2 = mapped_key(keys["d1"][0], digest), mapped_key(keys["d2"][0], digest)
+    assert gen.store.contains(m1) and gen.store.contains(m2)
+    gen.invalidate("d1")
+    assert not gen.store.contains(m1) and gen.store.contains(m2)
+    edited = gen.add_documents([Document("d2", docs[2].text + " Edited.")])
+    assert not gen.store.contains(m2) and edited.mapped_chunks == 1  # primed at index time
+    gen.close()
