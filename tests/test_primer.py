@@ -189,3 +189,26 @@ def test_engine_reads_primed_entries_and_drops_them_with_their_document(lm, stor
     edited = gen.add_documents([Document("d2", docs[2].text + " Edited.")])
     assert not gen.store.contains(m2) and edited.mapped_chunks == 1  # primed at index time
     gen.close()
+
+
+def test_vllm_engine_refuses_a_named_primer_and_skips_one_found_by_auto(generator, tmp_path, caplog):
+    """`daser-rag calibrate` adds a primer by default; the vLLM engine cannot place primed chunks
+    yet, so a file named for it is an error and one found by `auto` is skipped, with the reason."""
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.storage import CalibrationFileError
+    from daser_rag.control.vllm_engine import vllm_calibration
+    from daser_rag.model.files import ModelFiles
+
+    gen = generator
+    files = ModelFiles(None, dtype="float32")
+    base = dataclasses.replace(_random_calibration(gen, link_tokens=0), fingerprint=files.fingerprint)
+    primed = dataclasses.replace(_with_primer(base, _primer(gen)), fit_share=0.15)
+    storage.save(primed, storage.default_path(tmp_path, files.fingerprint, 0.15))
+    with pytest.raises(CalibrationFileError, match="primer"):
+        vllm_calibration(str(storage.default_path(tmp_path, files.fingerprint, 0.15)), files, tmp_path)
+    with caplog.at_level("WARNING"):
+        assert vllm_calibration("auto", files, tmp_path) is None
+    assert "primer" in caplog.text
+    storage.save(base, storage.default_path(tmp_path, files.fingerprint, 0.0))  # a plain r = 0 file beside it
+    kept = vllm_calibration("auto", files, tmp_path)
+    assert kept is not None and [c.primer for c in kept.members] == [None]

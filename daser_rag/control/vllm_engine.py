@@ -59,6 +59,32 @@ CONTROL_TOKEN = 0
 message from `kv_transfer_params`, and vLLM computes this one token)."""
 
 
+def vllm_calibration(value: Any, files: ModelFiles, store_root: Any) -> Any:
+    """The engine's `calibration` option as what the connector can place (a CalibrationSet or
+    None). Link tokens cannot go into vLLM and primed chunk entries are not loaded by the connector
+    yet (docs/calibration.md): a calibration with either is an error when named, and skipped with a
+    warning when found by `auto` (`daser-rag calibrate` adds a primer by default, and a vLLM
+    deployment must still start)."""
+    from daser_rag.calibration.adapter import CalibrationSet
+    from daser_rag.calibration.storage import CalibrationFileError, resolve_calibration
+
+    loaded = resolve_calibration(value, files, files.fingerprint, store_root)
+    if loaded is None:
+        return None
+    usable = []
+    for c in loaded.members:
+        why = ("link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens
+               else "a primer (the connector loads raw chunk entries, not primed ones; calibrate with "
+                    "--primer-tokens 0)" if c.primer is not None else "")
+        if not why:
+            usable.append(c)
+        elif value == "auto":
+            log.warning("calibration fitted at r=%g skipped on the vLLM engine: it has %s", c.fit_share, why)
+        else:
+            raise CalibrationFileError(f"a calibration with {why} cannot be used on the vLLM engine yet")
+    return CalibrationSet(tuple(usable)) if usable else None
+
+
 class VllmEngine(StreamingEngine):
     """The engine protocol over N vLLM instances (see the module docstring)."""
 
@@ -74,23 +100,10 @@ class VllmEngine(StreamingEngine):
                  prefetch_ttl_s: float = settings.VLLM_PREFETCH_TTL.default,
                  processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None,
                  calibration: Any = settings.CALIBRATION.default) -> None:
-        from daser_rag.calibration.storage import resolve_calibration
-
         self.files = files
         self._store = store
-        self.calibration = resolve_calibration(calibration, files, files.fingerprint, store.root)
+        self.calibration = vllm_calibration(calibration, files, store.root)
         """Scales for re-positioned KV, applied by the connector (docs/calibration.md), or None."""
-        if self.calibration is not None and any(c.link_tokens for c in self.calibration.members):
-            from daser_rag.calibration.storage import CalibrationFileError
-
-            raise CalibrationFileError("a calibration with link tokens cannot be used on the vLLM engine (they "
-                                       "cannot be placed inside vLLM); calibrate with --link-tokens 0")
-        if self.calibration is not None and any(c.primer is not None for c in self.calibration.members):
-            from daser_rag.calibration.storage import CalibrationFileError
-
-            raise CalibrationFileError("a calibration with a primer cannot be used on the vLLM engine yet (the "
-                                       "connector loads raw chunk entries, not primed ones); calibrate with "
-                                       "--primer-tokens 0")
         self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
         self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
         self.served_name = served_name
