@@ -225,7 +225,8 @@ class CacheAwareGenerator(StreamingEngine):
         docs = list(documents)
         with self.lock:
             report = self.ingestor.add_documents(docs, tenant=tenant, progress=progress, precompute=precompute)
-            if precompute and self.premap:
+            primed = self.calibration is not None and any(c.primer is not None for c in self.calibration.members)
+            if precompute and (self.premap or primed):  # a primer is never applied per request
                 report.mapped_chunks = self.premap_contexts([ChunkRef(doc_id=d.doc_id) for d in docs], tenant=tenant)
             return report
 
