@@ -170,7 +170,8 @@ SELECTOR = declare("blend.selector", "hybrid", "str",
                    parse=str, flag="--selector", used_by=(_ASK, _SERVE, "BlendConfig", _GEN))
 CALIBRATED_SELECTOR = declare("blend.calibrated_selector", "chunk_heads", "str",
                               "selector for requests that name none when the calibration they get has a token map "
-                              "(held-out grid, map + r=0.15: chunk_heads KL 0.023 at 4.6x vs hybrid 0.028 at 3.0x; "
+                              "(held-out grid, r=0.15 with the default primer + map: chunk_heads KL 0.014 at 5.5x vs "
+                              "hybrid 0.021 at 3.7x; map alone: 0.023 vs 0.028; "
                               "docs/calibration.md); '' keeps blend.selector for every request, as does an engine built with a "
                               "selector of its own",
                               parse=str, used_by=(_GEN,))

@@ -233,3 +233,5 @@ def test_calibration_bench_variants_fit_the_regime_their_name_says():
     for name, opts in VARIANTS.items():
         cfg = CalibrationConfig(**{**CalibrationConfig().__dict__, **opts})
         assert cfg.fit_share == (0.15 if name.endswith("_r15") else 0.0), name
+        # likewise the primer (CalibrationConfig's default is 512): only the primer variants have one
+        assert cfg.primer_tokens == (512 if name.startswith("primer") else 0), name

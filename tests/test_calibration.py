@@ -378,8 +378,8 @@ def test_each_request_gets_the_calibration_fitted_for_its_regime(lm, store, tmp_
 
 @pytest.mark.slow
 def test_calibrate_refuses_what_does_not_beat_no_adapter(lm, store, tmp_path):
-    """0 steps and no link tokens leave the identity: no better than no adapter on held-out
-    documents, so refused and no file is written (exit 1), while the curve still is."""
+    """0 steps, no link tokens and no primer leave the identity: no better than no adapter on
+    held-out documents, so refused and no file is written (exit 1), while the curve still is."""
     import argparse
 
     from daser_rag.calibration.command import add_arguments, run
@@ -389,7 +389,8 @@ def test_calibrate_refuses_what_does_not_beat_no_adapter(lm, store, tmp_path):
     docs = python_reference_corpus(("pass", "break", "continue", "del", "return", "global"))
     ap = argparse.ArgumentParser()
     add_arguments(ap)
-    args = ap.parse_args(["--steps", "0", "--link-tokens", "0", "--no-token-map", "--train-prompts", "1",
+    args = ap.parse_args(["--steps", "0", "--link-tokens", "0", "--no-token-map", "--primer-tokens", "0",
+                          "--train-prompts", "1",
                           "--held-out-prompts", "2",
                           "--out", str(tmp_path / "cal.safetensors")])
     assert run(args, small, docs) == 1
