@@ -212,3 +212,28 @@ def test_vllm_engine_refuses_a_named_primer_and_skips_one_found_by_auto(generato
     storage.save(base, storage.default_path(tmp_path, files.fingerprint, 0.0))  # a plain r = 0 file beside it
     kept = vllm_calibration("auto", files, tmp_path)
     assert kept is not None and [c.primer for c in kept.members] == [None]
+
+
+@pytest.mark.slow  # minutes: CI's slow step runs it
+def test_primer_lowers_held_out_kl_below_the_map_alone(lm, store):
+    """Calibrated with and without the primer on the same reference topics (the same prompts), full
+    reuse, judged on 20 prompts built only from documents neither run trained on: the primer (with
+    the map fitted on primed KV) beats the map alone, in the mean and on most prompts."""
+    from daser_rag.calibration.train import CalibrationConfig, calibrate
+    from daser_rag.corpus import python_reference_corpus
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    small = CacheAwareGenerator(lm, store=store, chunk_tokens=160)  # ~700-token prompts: a CPU-sized run
+    docs = python_reference_corpus()
+    runs = {}
+    for tokens in (0, 512):
+        cfg = CalibrationConfig(train_prompts=12, held_out_prompts=20, chunks_per_document=1, fit_share=0.0,
+                                answer_tokens=8, primer_tokens=tokens)
+        runs[tokens] = calibrate(small, docs, cfg)
+    plain, primed = runs[0], runs[512]
+    assert primed.calibration.primer is not None and plain.calibration.primer is None
+    assert primed.held_out_documents == plain.held_out_documents and len(primed.held_out_after) == 20
+    assert primed.held_out_before == plain.held_out_before  # "before" is the unprimed store either way
+    assert primed.accepted and primed.kl_after < 0.9 * plain.kl_after, (plain.kl_after, primed.kl_after)
+    wins = sum(a < b for a, b in zip(primed.held_out_after, plain.held_out_after))
+    assert wins >= 12, (plain.held_out_after, primed.held_out_after)
