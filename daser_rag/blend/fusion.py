@@ -16,6 +16,7 @@ r = 0 is full reuse; r = 1 recomputes every non-exact token in every layer: full
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
@@ -318,8 +319,8 @@ def fuse(
         raise ValueError("segments stored with a token map applied need the calibration with that map, "
                          "and it does not apply to this request")
     if calibration is not None and calibration.primer is not None:
-        offsets = [sum(seg.num_tokens for seg in segments[:i]) for i in range(len(segments))]
-        raw = [i for i, off in enumerate(offsets) if off >= exact_len and i not in mapped]
+        starts = itertools.accumulate((seg.num_tokens for seg in segments[:-1]), initial=0)
+        raw = [i for i, off in enumerate(starts) if off >= exact_len and i not in mapped]
         if raw:
             raise ValueError(f"segments {raw} are reused raw, but this calibration's token map was fitted on chunks "
                              "computed after its primer: read them primed (calibration/premap.py)")
