@@ -10,6 +10,22 @@ from daser_rag import ChunkRef, Document
 from tests.test_calibration import _random_calibration, _segments
 
 
+def engine_after_plain_ingest(lm, store, tmp_path, make_calibration):
+    """Three documents ingested with no calibration loaded (so their second entries are made on
+    first reuse), then an engine with `make_calibration(plain engine)` saved to a file:
+    (engine, file, documents, their refs)."""
+    from daser_rag.calibration import storage
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    plain = CacheAwareGenerator(lm, store=store, calibration="off")
+    path = storage.save(make_calibration(plain), tmp_path / "cal.safetensors")
+    docs = [Document(f"d{i}", t) for i, t in enumerate(_segments(plain)[0])]
+    assert plain.add_documents(docs).mapped_chunks == 0
+    plain.close()
+    gen = CacheAwareGenerator(lm, store=store, calibration=str(path), prefix_tree="off")
+    return gen, path, docs, [ChunkRef(doc_id=d.doc_id) for d in docs]
+
+
 def _premapped(gen, segs, cal, indices):
     from daser_rag.calibration.premap import premap
 
@@ -66,18 +82,11 @@ def test_engine_maps_a_chunk_once_and_drops_it_with_its_document(lm, store, tmp_
     """Requests naming no selector get `calibrated_selector` under a map. First reuse under a map stores the mapped entry, later requests read it (same answer, no
     mapping); the first chunk (exact) stays raw; r = 1 maps nothing; `premap=False` answers the
     same from raw KV; editing or invalidating the document drops its mapped entries."""
-    from daser_rag.calibration import storage
     from daser_rag.calibration.premap import mapped_key
     from daser_rag.engine.generator import CacheAwareGenerator
 
-    plain = CacheAwareGenerator(lm, store=store, calibration="off")
-    cal = _random_calibration(plain, link_tokens=0, fit_share=0.15)
-    path = storage.save(cal, tmp_path / "cal.safetensors")
-    docs = [Document(f"d{i}", t) for i, t in enumerate(_segments(plain)[0])]
-    assert plain.add_documents(docs).mapped_chunks == 0  # ingested with no map loaded: mapped on first reuse
-    plain.close()
-    gen = CacheAwareGenerator(lm, store=store, calibration=str(path), prefix_tree="off")
-    refs = [ChunkRef(doc_id=d.doc_id) for d in docs]
+    gen, path, docs, refs = engine_after_plain_ingest(lm, store, tmp_path, lambda plain: _random_calibration(
+        plain, link_tokens=0, fit_share=0.15))
     q = "What does the pass statement do?"
     first, info1 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     assert info1["mapped_chunks"] == 2 and info1["mapped_hits"] == 0 and info1["hits"] == 3

@@ -13,6 +13,7 @@ import torch
 from daser_rag import ChunkRef, Document
 from daser_rag.context import SHARED_TENANT
 from tests.test_calibration import _random_calibration, _segments
+from tests.test_premap import engine_after_plain_ingest
 
 
 def _primer(gen, n=40):
@@ -151,18 +152,11 @@ def test_engine_reads_primed_entries_and_drops_them_with_their_document(lm, stor
     read it (the same logits); the exact first chunk stays raw; `premap=False` still reads primed
     entries (a primer cannot act at placement); r = 1 is exactly full prefill; invalidating or
     editing a document drops its primed entries."""
-    from daser_rag.calibration import storage
     from daser_rag.calibration.premap import mapped_key
     from daser_rag.engine.generator import CacheAwareGenerator
 
-    plain = CacheAwareGenerator(lm, store=store, calibration="off")
-    cal = _with_primer(_random_calibration(plain, link_tokens=0, fit_share=0.15), _primer(plain))
-    path = storage.save(cal, tmp_path / "cal.safetensors")
-    docs = [Document(f"d{i}", t) for i, t in enumerate(_segments(plain)[0])]
-    assert plain.add_documents(docs).mapped_chunks == 0
-    plain.close()
-    gen = CacheAwareGenerator(lm, store=store, calibration=str(path), prefix_tree="off")
-    refs = [ChunkRef(doc_id=d.doc_id) for d in docs]
+    gen, path, docs, refs = engine_after_plain_ingest(lm, store, tmp_path, lambda plain: _with_primer(
+        _random_calibration(plain, link_tokens=0, fit_share=0.15), _primer(plain)))
     q = "What does the pass statement do?"
     first, info1 = gen.prefill(q, refs, recompute_ratio=0.15, selector="hybrid", prefix_tree=False)
     # the two reused chunks were computed after the primer: misses, though their raw entries are stored

@@ -77,34 +77,23 @@ class ChunkComputer:
         self.runner.forward(t, p, cache)
         return extract(self.runner, cache, key, t, p, self.fingerprint)
 
-    @torch.inference_mode()
     def primed_prefix(self, primer: Sequence[int]) -> ChunkKV:
-        """KV of [system prefix, primer] (the last primer's is kept: an engine serves one)."""
+        """The primer's KV computed after the system prefix (the last primer's is kept: an engine
+        serves one)."""
         ids = tuple(int(i) for i in primer)
         with self._lock:
             if self._primed is not None and self._primed[0] == ids:
                 return self._primed[1]
-        prefix = self.prefix()
-        t = torch.tensor(ids, dtype=torch.long)
-        cache = self.runner.new_cache(prefix.num_tokens + len(t))
-        p = write_runs(self.runner, cache, [prefix])
-        self.runner.forward(t, p, cache)
-        run = extract(self.runner, cache, "primer", torch.cat([prefix.token_ids, t]), 0, self.fingerprint)
+        run = self.compute_after([self.prefix()], [ids], ["primer"])[0]
         with self._lock:
             self._primed = (ids, run)
         return run
 
-    @torch.inference_mode()
     def compute_primed(self, token_ids: Sequence[int], key: str, primer: Sequence[int]) -> ChunkKV:
         """Chunk KV computed after [system prefix, primer] (`calibration/adapter.py`, primer): at
         the positions it was computed at (`start_pos` past the primer), which fusion re-rotates
         from like any chunk; the primer's own KV is not part of it."""
-        run = self.primed_prefix(primer)
-        t = torch.tensor(list(token_ids), dtype=torch.long)
-        cache = self.runner.new_cache(run.num_tokens + len(t))
-        p = write_runs(self.runner, cache, [run])
-        self.runner.forward(t, p, cache)
-        return extract(self.runner, cache, key, t, p, self.fingerprint)
+        return self.compute_after([self.prefix(), self.primed_prefix(primer)], [token_ids], [key])[0]
 
     @torch.inference_mode()
     def compute_after(self, runs: Sequence[ChunkKV], pieces: Sequence[Sequence[int]],
