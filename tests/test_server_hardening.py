@@ -65,6 +65,9 @@ HOSTILE = [
     ("/v1/completions", '{"prompt": "q", "seed": 1.5}', "seed"),
     ("/v1/completions", '{"prompt": "q", "recompute_ratio": "0.3"}', "recompute_ratio"),
     ("/v1/completions", '{"prompt": "q", "selector": "nonsense"}', "selector"),
+    ("/v1/completions", '{"prompt": "q", "calibration": "yes"}', "calibration: Input should be a valid boolean"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "q"}], "calibration": 1}',
+     "calibration: Input should be a valid boolean"),
     ("/v1/documents", '{"documents": [{"id": "a", "text": "x"}], "precompute": 1}', "precompute"),
     ("/v1/completions", '{"prompt": "q", "tenant": "t1\\n"}', "tenant"),
 ]
@@ -115,6 +118,78 @@ def test_recompute_ratio_auto_and_selector_reach_the_generation_params(generator
     assert (p.recompute_ratio, p.selector, p.tenant, p.max_new_tokens) == ("auto", "query", "t", 256)
     with pytest.raises(Exception, match="selector"):
         svc.params(CompletionRequest(prompt="q", selector="nonsense"), "")
+
+
+def test_calibration_per_request_reaches_the_engine_and_the_answer_says_whether_it_was_used(client, generator):
+    """`calibration`: null (default) uses the engine's when it has one, false never, true requires
+    one: on an engine without a calibration that is a 400 naming calibration, streamed or not."""
+    from daser_rag.server.schemas import CompletionRequest
+    from daser_rag.server.service import Service
+
+    svc = Service(generator)
+    assert svc.params(CompletionRequest(prompt="q"), "").calibration is None
+    assert svc.params(CompletionRequest(prompt="q", calibration=False), "").calibration is False
+    assert svc.params(CompletionRequest(prompt="q", calibration=True), "").calibration is True
+    docs = [PASS_DOC, "A break statement terminates the nearest enclosing loop."]
+    for calibration in (False, None):
+        r = client.post("/v1/completions", json={"prompt": Q, "documents": docs, "max_tokens": 1,
+                                                 "calibration": calibration})
+        assert r.status_code == 200, r.text
+        assert r.json()["daser"]["calibrated"] is False
+    for path, body in (("/v1/completions", {"prompt": Q}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": Q}]})):
+        for stream in (False, True):
+            r = client.post(path, json={**body, "documents": docs, "max_tokens": 1, "calibration": True,
+                                        "stream": stream})
+            err = _err(r, 400, "invalid_request")
+            assert "calibration" in err["message"] and "no calibration loaded" in err["message"], err
+
+
+def test_calibration_false_turns_an_engines_calibration_off_per_request(lm, store):
+    """On an engine with a calibration (an identity one, fitted at r = 0): used by default and with
+    true, not with false; `daser.calibrated` says which."""
+    from daser_rag.calibration.adapter import Calibration
+    from daser_rag.engine.generator import CacheAwareGenerator
+
+    plain = CacheAwareGenerator(lm, store=store)
+    spec = plain.runner.spec
+    identity = Calibration.identity(plain.fingerprint, spec.num_layers, spec.num_kv_heads, spec.hidden_size)
+    plain.close()
+    gen = CacheAwareGenerator(lm, store=store, calibration=identity)
+    try:
+        docs = [PASS_DOC, "A break statement terminates the nearest enclosing loop."]
+        with TestClient(create_app(gen, limits=Limits(max_new_tokens=8))) as http:
+            used = {}
+            for calibration in (None, True, False):
+                r = http.post("/v1/completions", json={"prompt": Q, "documents": docs, "max_tokens": 1,
+                                                       "recompute_ratio": 0.0, "calibration": calibration})
+                assert r.status_code == 200, r.text
+                used[calibration] = r.json()["daser"]["calibrated"]
+        assert used == {None: True, True: True, False: False}
+    finally:
+        gen.close()
+
+
+def test_client_forwards_calibration_and_reads_calibrated_back(client):
+    from daser_rag.errors import InvalidInputError
+    from daser_rag.server.client import DaserClient, _result
+    from daser_rag.types import GenerationResult, Timings
+
+    remote = DaserClient("http://testserver")
+    remote._http.close()
+    remote._http = client
+    body = remote._completion_body("q", None, None, {"calibration": False})
+    assert body["calibration"] is False and "calibration" not in remote._completion_body("q", None, None, {})
+    docs = [PASS_DOC, "A break statement terminates the nearest enclosing loop."]
+    with pytest.raises(InvalidInputError, match="calibration"):  # the service's 400, as the library's error
+        remote.generate(Q, docs, max_new_tokens=1, calibration=True)
+    with pytest.raises(InvalidInputError, match="calibration"):
+        remote.generate(Q, docs, max_new_tokens=1, calibration="yes")  # refused before anything is sent
+    answer = GenerationResult(text="t", token_ids=[1], prompt_tokens=3, context_tokens=2, query_tokens=1,
+                              exact_tokens=1, reused_tokens=1, recomputed_tokens=0, cache_hits=2, cache_misses=0,
+                              mode="blend", recompute_ratio=0.0, finish_reason="length", timings=Timings(),
+                              calibrated=True)
+    assert _result("t", answer.to_dict()).calibrated is True
 
 
 def test_unknown_document_references_leave_no_ghost(client):

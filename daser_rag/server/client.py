@@ -201,7 +201,7 @@ class DaserClient:
         body: dict[str, Any] = {"prompt": question, "documents": [_context_item(c) for c in contexts or []],
                                 "max_tokens": p.max_new_tokens, "temperature": p.temperature, "top_p": p.top_p,
                                 "top_k": p.top_k, "use_cache": p.use_cache}
-        for name in ("seed", "recompute_ratio", "selector"):
+        for name in ("seed", "recompute_ratio", "selector", "calibration"):
             if getattr(p, name) is not None:
                 body[name] = getattr(p, name)
         if p.stop:

@@ -166,6 +166,10 @@ class _GenParams(_Strict):
     recompute_ratio: Annotated[float, Strict(), Field(ge=0.0, le=1.0)] | Literal["auto"] | None = None
     selector: str | None = Field(default=None, max_length=32)
     use_cache: Bool = True
+    calibration: Bool | None = None
+    """Use the engine's calibration (daser_rag/calibration): null when it has one for the
+    request's regime, false never, true required (400 when it has none); the answer's
+    `daser.calibrated` says whether one acted."""
 
     @field_validator("tenant")
     @classmethod

@@ -176,7 +176,7 @@ class Service:
             return GenerationParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                     top_k=req.top_k, seed=req.seed, stop=tuple(req.stop or ()),
                                     recompute_ratio=req.recompute_ratio, selector=req.selector,
-                                    use_cache=req.use_cache, tenant=tenant)
+                                    use_cache=req.use_cache, calibration=req.calibration, tenant=tenant)
         except InvalidInputError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from exc
 

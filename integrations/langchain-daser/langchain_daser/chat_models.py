@@ -115,6 +115,10 @@ class ChatDaser(BaseChatModel):
     """How recomputed tokens are chosen (see `daser_rag.params.SELECTORS`); None: the generator's default."""
     use_cache: bool = True
     """False prefills everything from scratch (the baseline)."""
+    calibration: bool | None = None
+    """The engine's calibration of reused KV: None uses it when the engine has one for the
+    request's regime, False never, True requires it (an InvalidInputError when there is none).
+    `response_metadata["daser"]["calibrated"]` says whether one acted."""
     tenant: str = SHARED_TENANT
     stop: list[str] | None = None
 
@@ -129,6 +133,11 @@ class ChatDaser(BaseChatModel):
     @classmethod
     def _check_selector(cls, value: Any) -> Any:
         return None if value is None else check_selector(value)
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _check_calibration(cls, value: Any) -> Any:
+        return GenerationParams(calibration=value).calibration  # strictly True, False or None
 
     @model_validator(mode="before")
     @classmethod
@@ -211,6 +220,7 @@ class ChatDaser(BaseChatModel):
             "recompute_ratio": self.recompute_ratio,
             "selector": self.selector,
             "use_cache": self.use_cache,
+            "calibration": self.calibration,
         }
 
     # -- request building -------------------------------------------------------------------
@@ -240,6 +250,7 @@ class ChatDaser(BaseChatModel):
             "seed": self.seed,
             "recompute_ratio": self.recompute_ratio,
             "selector": self.selector,
+            "calibration": self.calibration,
             "tenant": self.tenant,
         }
         if kwargs.get("max_tokens") is not None:

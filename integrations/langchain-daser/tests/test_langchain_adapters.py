@@ -147,6 +147,26 @@ def test_options_pass_through_and_no_chunks_is_never_a_blend():
         ChatDaser(generator=fake, recompute_ratio="sometimes")
 
 
+def test_calibration_field_and_per_call_option_reach_the_generator():
+    fake = FakeGenerator()
+    llm = ChatDaser(generator=fake)
+    assert llm.calibration is None
+    msg = llm.invoke("q", documents=["a doc"])
+    assert "calibration" not in fake.calls[-1][2]  # unset: the generator's own choice
+    assert msg.response_metadata["daser"]["calibrated"] is False
+    off = ChatDaser(generator=fake, calibration=False)
+    off.invoke("q", documents=["a doc"])
+    assert fake.calls[-1][2]["calibration"] is False
+    off.invoke("q", documents=["a doc"], calibration=True)  # per call wins
+    assert fake.calls[-1][2]["calibration"] is True
+    assert off._identifying_params["calibration"] is False
+    with pytest.raises(InvalidInputError, match="calibration"):
+        off.invoke("q", documents=["d"], calibration="yes")
+    for bad in ("yes", 1, "false"):
+        with pytest.raises(ValueError, match="calibration"):
+            ChatDaser(generator=fake, calibration=bad)
+
+
 @pytest.fixture
 def small_window(lm, tmp_path, monkeypatch):
     """The real model with a 512-token window and 64-token chunks: oversized input stays cheap."""

@@ -158,6 +158,30 @@ def test_synthesizer_prompt_templates_and_option_pass_through():
         DaserLLM(fake, recompute_ratio="sometimes")
 
 
+def test_calibration_field_and_per_call_option_reach_the_generator_and_the_summary():
+    fake = Recorder()
+    llm = DaserLLM(fake)
+    assert llm.calibration is None
+    resp = llm.complete("hi", contexts=["x"])
+    assert "calibration" not in fake.calls[-1][2]  # unset: the generator's own choice
+    assert resp.additional_kwargs["calibrated"] is False and resp.raw["daser"]["calibrated"] is False
+    off = DaserLLM(fake, calibration=False)
+    off.complete("hi", contexts=["x"])
+    assert fake.calls[-1][2]["calibration"] is False
+    off.complete("hi", contexts=["x"], calibration=True)  # per call wins
+    assert fake.calls[-1][2]["calibration"] is True
+    CacheAwareSynthesizer(off).get_response("q", ["ctx"])
+    assert fake.calls[-1][2]["calibration"] is False
+    fake.results[-1].calibrated = True
+    assert pkg.result_summary(fake.results[-1])["calibrated"] is True
+    assert DaserLLM.from_dict(off.to_dict(), generator=fake).calibration is False
+    with pytest.raises(InvalidInputError, match="calibration"):
+        off.complete("hi", contexts=["x"], calibration="yes")
+    for bad in ("yes", 1, "false"):
+        with pytest.raises(ValueError, match="calibration"):
+            DaserLLM(fake, calibration=bad)
+
+
 def long_document(generator, window: int) -> str:
     """A real-text document about 3x `window` tokens long, with the castle fact in the middle."""
     topics = [d.text for d in python_reference_corpus()]

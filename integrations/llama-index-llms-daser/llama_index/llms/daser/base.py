@@ -80,6 +80,7 @@ def result_summary(result: GenerationResult | None) -> dict[str, Any]:
         "mode": result.mode if result.cache_hits + result.cache_misses > 0
         and (result.cache_hits > 0 or result.reused_tokens > 0) else "full",
         "recompute_ratio": result.recompute_ratio,
+        "calibrated": result.calibrated,
         "finish_reason": result.finish_reason,
         "ttft_s": result.timings.ttft_s,
         "total_s": result.timings.total_s,
@@ -130,6 +131,10 @@ class DaserLLM(CustomLLM):
         default=None,
         description=f"How recomputed tokens are chosen, one of {SELECTORS} (None: the generator's default).")
     use_cache: bool = Field(default=True, description="False runs full prefill (the baseline).")
+    calibration: bool | None = Field(
+        default=None,
+        description="The engine's calibration of reused KV: None uses it when the engine has one for the request's "
+                    "regime, False never, True requires it (InvalidInputError when there is none).")
     tenant: str = Field(default="", description="Tenant salt: tenants never share chunk KV.")
     context_window: int = Field(default=8192, gt=0)
     model_name: str = Field(default="daser-rag", description="The model's name (default: taken from the generator).")
@@ -146,6 +151,11 @@ class DaserLLM(CustomLLM):
     @classmethod
     def _check_selector(cls, value: Any) -> Any:
         return None if value is None else check_selector(value)
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _check_calibration(cls, value: Any) -> Any:
+        return GenerationParams(calibration=value).calibration  # strictly True, False or None
 
     def __init__(self, generator: KVGenerator, **kwargs: Any) -> None:
         if not isinstance(generator, KVGenerator):
@@ -226,6 +236,7 @@ class DaserLLM(CustomLLM):
             "tenant": self.tenant,
             "recompute_ratio": self.recompute_ratio,
             "selector": self.selector,
+            "calibration": self.calibration,
         }
         if kwargs.get("max_tokens") is not None:  # the name most LlamaIndex LLMs use
             kwargs.setdefault("max_new_tokens", kwargs["max_tokens"])
