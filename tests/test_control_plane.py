@@ -258,6 +258,8 @@ def test_print_vllm_config_names_the_planners_namespace(tmp_path):
     fp = ModelFiles(None, dtype="float32").fingerprint
     assert extra["fingerprint"] == fp and extra["redis_namespace"] == default_namespace(fp)
     assert cfg["kv_transfer_config"]["kv_connector"] == "DaserKVConnector" and cfg["env"]["DASER_VLLM_BLEND"] == "1"
+    # where the planner publishes calibrations its plans name by digest (the control plane's store dir)
+    assert extra["calibration_dir"] == str(tmp_path / "control-plane")
 
 
 def test_vllm_engine_ratio_uses_the_one_validator_and_refuses_auto():

@@ -16,7 +16,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,14 +40,15 @@ ORCHARD = ("The Hallow orchard grows forty varieties of apple. Its oldest tree, 
 MAX = 16
 
 
-@pytest.fixture(scope="module")
-def plane(tmp_path_factory, lm):  # lm: the model loaded once here makes the HF copy vLLM serves
-    base = tmp_path_factory.mktemp("control-plane")
+@contextmanager
+def control_plane(base: Path, spawn: int = 2, args: tuple[str, ...] = ()) -> Iterator[dict]:
+    """`serve --engine vllm` with `spawn` instances and a redis-server, all under `base`; taken
+    down with SIGKILL at the end, which must take its vLLM servers down too (asserted)."""
     redis = RedisServer(workdir=base / "redis").start()
     port = free_port()
-    cmd = [sys.executable, "-m", "daser_rag.server", "--engine", "vllm", "--vllm-spawn", "2", "--redis-url",
+    cmd = [sys.executable, "-m", "daser_rag.server", "--engine", "vllm", "--vllm-spawn", str(spawn), "--redis-url",
            redis.url, "--cache-dir", str(base / "cache"), "--port", str(port), "--chunk-tokens", "256",
-           "--max-pending", "16", "--log-level", "warning"]
+           "--max-pending", "16", "--log-level", "warning", *args]
     log = open(base / "service.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -75,6 +78,12 @@ def plane(tmp_path_factory, lm):  # lm: the model loaded once here makes the HF 
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         redis.stop()
+
+
+@pytest.fixture(scope="module")
+def plane(tmp_path_factory, lm):  # lm: the model loaded once here makes the HF copy vLLM serves
+    with control_plane(tmp_path_factory.mktemp("control-plane")) as p:
+        yield p
 
 
 def _alive(pid: int) -> bool:

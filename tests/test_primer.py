@@ -131,19 +131,55 @@ def test_primer_file_roundtrip_and_refusals(generator, tmp_path):
             storage.load_for(p, gen.runner, gen.fingerprint)
 
 
-def test_planner_refuses_a_primer(generator):
-    """The vLLM connector loads raw chunk entries: a primer's map must not be placed on them."""
+def test_planner_loads_primed_entries_for_re_positioned_chunks(generator):
+    """On the vLLM path a re-positioned chunk under a primer loads its primed entry (computed after
+    [system prefix, primer], not token-mapped: the connector maps it as it loads it); the exact
+    first chunk stays raw. A missing primed entry is a prefill plan over [prefix, primer, chunk]
+    that saves the primer's part as an entry of its own; the embedded engine stores a primer-only
+    calibration's entries under the same key, so the plan finds them; invalidating the document
+    drops the entry; a primer that cannot fit the window with a chunk is refused."""
+    from daser_rag.calibration.adapter import CalibrationSet
+    from daser_rag.calibration.premap import mapped_key
     from daser_rag.control.planner import Planner
     from daser_rag.errors import InvalidInputError
 
     gen = generator
     cal = _with_primer(_random_calibration(gen, link_tokens=0), _primer(gen))
-    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps."),
+                       Document("c", "Gamma text about ants.")])
     planner = Planner.for_generator(gen)
-    ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")]
-    with pytest.raises(InvalidInputError, match="primer"):
-        planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal)
-    assert planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=dataclasses.replace(cal, primer=None)).calibrated
+    ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b"), ChunkRef(doc_id="c")]
+    plan = planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal)
+    assert plan.calibrated
+    segs = [s[0] for s in plan.kv_transfer_params["daser"]["segments"]]
+    ka, kb, kc = plan.chunk_keys
+    pb, pc = planner.primed_key(kb, cal), planner.primed_key(kc, cal)
+    assert segs[1:] == [ka, pb, pc] and pb == mapped_key(kb, cal.primer_digest()) != mapped_key(kb, cal.map_digest())
+    assert [pf.key for pf in plan.prefill] == [pb, pc]  # the raw entries are stored; the primed ones not yet
+    pf = plan.prefill[0]
+    n_pre, primer = len(gen.prompt.prefix_ids), cal.primer_ids()
+    assert pf.prompt_ids == list(gen.prompt.prefix_ids) + primer + list(plan.chunks[1].token_ids)
+    assert [s[1:] for s in pf.kv_transfer_params["daser"]["segments"]] == [
+        [n_pre], [len(primer)], [plan.chunks[1].num_tokens]]
+    assert pf.kv_transfer_params["daser"]["segments"][1][0] == planner.key(primer, "")  # the primer as an entry
+    # uncalibrated (or without the primer) the same request loads raw entries
+    assert [s[0] for s in planner.reuse("Q?", ctx, tenant=SHARED_TENANT).kv_transfer_params["daser"]["segments"]][2:] \
+        == [kb, kc]
+    # the embedded engine, primer-only calibration: stores the entries the plan names
+    gen.calibration = CalibrationSet((_with_primer(cal, cal.primer, token_map=False),))
+    try:
+        gen.premap_contexts(ctx[1:])
+    finally:
+        gen.calibration = None
+    assert gen.store.contains(pb) and gen.store.contains(pc)
+    assert not planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal).prefill
+    gen.invalidate("c")  # the planner registered the primed entry under its document
+    assert not gen.store.contains(pc) and gen.store.contains(pb)
+    big = Planner(gen.tokenizer, gen.fingerprint, gen.store, context_window=gen.context_window,
+                  chunk_tokens=gen.context_window - n_pre - 64, prompt=gen.prompt)
+    assert big.reuse("Q?", ctx[:2], tenant=SHARED_TENANT, calibration=cal).calibrated  # 40 primer tokens fit
+    with pytest.raises(InvalidInputError, match="primer"):  # 100 do not
+        big.reuse("Q?", ctx[:2], tenant=SHARED_TENANT, calibration=_with_primer(cal, _primer(gen, 100)))
 
 
 @pytest.mark.slow  # several seconds: CI's slow step runs it
@@ -185,9 +221,10 @@ def test_engine_reads_primed_entries_and_drops_them_with_their_document(lm, stor
     gen.close()
 
 
-def test_vllm_engine_refuses_a_named_primer_and_skips_one_found_by_auto(generator, tmp_path, caplog):
-    """`daser-rag calibrate` adds a primer by default; the vLLM engine cannot place primed chunks
-    yet, so a file named for it is an error and one found by `auto` is skipped, with the reason."""
+def test_vllm_engine_takes_a_primer_and_refuses_link_tokens(generator, tmp_path, caplog):
+    """`daser-rag calibrate` adds a primer by default and the vLLM engine carries it (named or
+    found by `auto`); link tokens cannot go into vLLM: named, an error; found by `auto`, skipped
+    with the reason."""
     from daser_rag.calibration import storage
     from daser_rag.calibration.storage import CalibrationFileError
     from daser_rag.control.vllm_engine import vllm_calibration
@@ -197,15 +234,20 @@ def test_vllm_engine_refuses_a_named_primer_and_skips_one_found_by_auto(generato
     files = ModelFiles(None, dtype="float32")
     base = dataclasses.replace(_random_calibration(gen, link_tokens=0), fingerprint=files.fingerprint)
     primed = dataclasses.replace(_with_primer(base, _primer(gen)), fit_share=0.15)
-    storage.save(primed, storage.default_path(tmp_path, files.fingerprint, 0.15))
-    with pytest.raises(CalibrationFileError, match="primer"):
-        vllm_calibration(str(storage.default_path(tmp_path, files.fingerprint, 0.15)), files, tmp_path)
+    path = storage.default_path(tmp_path, files.fingerprint, 0.15)
+    storage.save(primed, path)
+    named = vllm_calibration(str(path), files, tmp_path)
+    assert named is not None and named.members[0].primer_ids() == primed.primer_ids()
+    found = vllm_calibration("auto", files, tmp_path)
+    assert found is not None and found.members[0].primer is not None
+    linked = dataclasses.replace(_random_calibration(gen, link_tokens=2), fingerprint=files.fingerprint)
+    link_path = storage.default_path(tmp_path, files.fingerprint, 0.0)
+    storage.save(linked, link_path)
+    with pytest.raises(CalibrationFileError, match="link tokens"):
+        vllm_calibration(str(link_path), files, tmp_path)
     with caplog.at_level("WARNING"):
-        assert vllm_calibration("auto", files, tmp_path) is None
-    assert "primer" in caplog.text
-    storage.save(base, storage.default_path(tmp_path, files.fingerprint, 0.0))  # a plain r = 0 file beside it
-    kept = vllm_calibration("auto", files, tmp_path)
-    assert kept is not None and [c.primer for c in kept.members] == [None]
+        kept = vllm_calibration("auto", files, tmp_path)
+    assert "link tokens" in caplog.text and kept is not None and [c.fit_share for c in kept.members] == [0.15]
 
 
 @pytest.mark.slow  # minutes: CI's slow step runs it

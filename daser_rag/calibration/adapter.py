@@ -234,6 +234,17 @@ class Calibration:
 
         return str(self._memoized("map_digest", compute))
 
+    def primer_digest(self) -> str:
+        """Names the primer alone (and the model): what a chunk computed after the primer but not
+        token-mapped is keyed by. It is the `map_digest` a primer-only calibration has, so the
+        embedded engine (which stores such chunks for a primer-only calibration) and the vLLM
+        connector (which stores primed chunks unmapped and maps them as it loads them,
+        control/planner.py) share those entries. Empty without a primer."""
+        if self.primer is None:
+            return ""
+        return str(self._memoized("primer_digest",
+                                  lambda: dataclasses.replace(self, kv_map=None, meta={}).map_digest()))
+
     @property
     def chunk_digest(self) -> str:
         """What chunk keys include: empty while the adapter leaves stored chunk KV unchanged."""

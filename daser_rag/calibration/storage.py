@@ -8,7 +8,9 @@ wrong shape or non-finite numbers raise `CalibrationFileError`, never a silent f
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +48,11 @@ def save(cal: Any, path: str | Path) -> Path:
 
 
 def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidden: int,
-         head_dim: int | None = None, vocab: int | None = None) -> Any:
-    """The calibration in `path`, checked against the model it is meant for."""
+         head_dim: int | None = None, vocab: int | None = None, aliases: Sequence[str] = ()) -> Any:
+    """The calibration in `path`, checked against the model it is meant for. `aliases`: other
+    fingerprints of the same weights (the vLLM control plane names them by their served files,
+    daser's own engine, which `daser-rag calibrate` runs, by the loaded model): a file made for
+    one is accepted and renamed to `fingerprint`, after its checksum is verified."""
     from safetensors import safe_open
 
     from daser_rag.calibration.adapter import VERSION, Calibration
@@ -64,7 +69,8 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
     if header.get("format") != FORMAT or header.get("version") != str(VERSION):
         raise CalibrationFileError(f"{str(path)!r} is not a version-{VERSION} daser calibration file "
                                    f"(format {header.get('format')!r}, version {header.get('version')!r})")
-    if header.get("fingerprint") != fingerprint:
+    made_for = header.get("fingerprint")
+    if made_for != fingerprint and made_for not in aliases:
         raise CalibrationFileError(f"calibration file {str(path)!r} was made for model {header.get('fingerprint')!r}, "
                                    f"not this model ({fingerprint}); recalibrate")
     missing = {"key_log_scale", "value_log_scale", "link"} - set(tensors)
@@ -86,7 +92,7 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
     if unknown:
         raise CalibrationFileError(f"calibration file {str(path)!r} holds tensors this version does not know: "
                                    f"{sorted(unknown)} (made by a newer daser-rag?)")
-    cal = Calibration(fingerprint, tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
+    cal = Calibration(str(made_for), tensors["key_log_scale"], tensors["value_log_scale"], tensors["link"], meta,
                       header.get("chunk_side") == "1", fit_share, tensors.get("key_bias"), tensors.get("value_bias"),
                       tensors.get("kv_map"), tensors.get("primer"))
     if cal.digest() != header.get("checksum"):
@@ -95,15 +101,18 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
         cal.check_shape(layers, kv_heads, hidden, head_dim, vocab)
     except ValueError as e:
         raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
+    if made_for != fingerprint:
+        cal = dataclasses.replace(cal, fingerprint=fingerprint, meta={**cal.meta, "made_for": made_for})
     return cal
 
 
-def load_for(path: str | Path, runner: Any, fingerprint: str) -> Any:
+def load_for(path: str | Path, runner: Any, fingerprint: str, aliases: Sequence[str] = ()) -> Any:
     """`load` with the shape facts of a model: anything with `.spec` (a LayerRunner, or ModelFiles for the
     weight-free control plane)."""
     spec = runner.spec
     return load(path, fingerprint=fingerprint, layers=spec.num_layers, kv_heads=spec.num_kv_heads,
-                hidden=spec.hidden_size, head_dim=spec.head_dim, vocab=getattr(spec, "vocab_size", None))
+                hidden=spec.hidden_size, head_dim=spec.head_dim, vocab=getattr(spec, "vocab_size", None),
+                aliases=aliases)
 
 
 def published_path(root: str | Path, digest: str) -> Path:
@@ -148,12 +157,28 @@ def _model_files(cache_root: str | Path, fingerprint: str) -> list[Path]:
                   if p.name == f"{stem}.safetensors" or p.name.startswith(f"{stem}-r"))
 
 
-def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: str | Path | None) -> Any:
+def _auto_files(cache_root: str | Path, fingerprints: Sequence[str]) -> list[Path]:
+    """The files `auto` loads: per regime (r = 0, each fitted share) the first fingerprint's."""
+    paths: list[Path] = []
+    regimes: set[str] = set()
+    for fp in fingerprints:
+        for p in _model_files(cache_root, fp):
+            regime = p.name[len(fp[:32]):]  # the suffix, after "-r<share>" when fitted at a share
+            if regime not in regimes:
+                regimes.add(regime)
+                paths.append(p)
+    return paths
+
+
+def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: str | Path | None,
+                        aliases: Sequence[str] = ()) -> Any:
     """The engine's `calibration` option as a CalibrationSet or None.
 
     None / "off": none. "auto": the model's files under the cache dir (one fitted at r = 0,
-    one at a recompute share), none when there are none. A path, or several joined by commas:
-    those files, which must load. A Calibration (or a list of them): checked like a file.
+    one at a recompute share), none when there are none; files named for an alias (another
+    fingerprint of the same weights, see `load`) fill the regimes the model's own do not. A path,
+    or several joined by commas: those files, which must load. A Calibration (or a list of
+    them): checked like a file.
     """
     from daser_rag.calibration.adapter import Calibration, CalibrationSet
 
@@ -163,10 +188,10 @@ def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: s
         value = list(value.members)
     if isinstance(value, (str, Path)):
         if value == "auto":
-            paths = _model_files(cache_root, fingerprint) if cache_root is not None else []
+            paths = _auto_files(cache_root, (fingerprint, *aliases)) if cache_root is not None else []
         else:
             paths = [Path(p.strip()) for p in str(value).split(",") if p.strip()]
-        members = [load_for(p, runner, fingerprint) for p in paths]
+        members = [load_for(p, runner, fingerprint, aliases) for p in paths]
     else:
         members = list(value) if isinstance(value, (list, tuple)) else [value]
         spec = runner.spec
@@ -174,13 +199,15 @@ def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: s
             if not isinstance(c, Calibration):
                 raise CalibrationFileError("calibration must be 'off', 'auto', a path or a Calibration, "
                                            f"got {type(c).__name__}")
-            if c.fingerprint != fingerprint:
+            if c.fingerprint != fingerprint and c.fingerprint not in aliases:
                 raise CalibrationFileError(f"this calibration was made for model {c.fingerprint!r}, not {fingerprint!r}")
             try:
                 c.check_shape(spec.num_layers, spec.num_kv_heads, spec.hidden_size, spec.head_dim,
                               getattr(spec, "vocab_size", None))
             except ValueError as e:
                 raise CalibrationFileError(str(e)) from e
+        members = [c if c.fingerprint == fingerprint else dataclasses.replace(c, fingerprint=fingerprint, meta=dict(c.meta))
+                   for c in members]
     if not members:
         return None
     try:

@@ -55,18 +55,47 @@ def ensure_converted(model: str | None) -> None:
             raise ModelLoadError(f"converting {model or 'the default model'} failed: {done.stderr[-800:]}") from exc
 
 
+def _calibration_aliases(model: str | None, dtype: str, engine_kw: dict[str, Any]) -> tuple[str, ...]:
+    """The fingerprint daser's own engine gives this model at `dtype`, which the files `daser-rag
+    calibrate` writes carry (the control plane names the weights by the files vLLM serves).
+    Computed in a child process that loads the tokenizer only, so the control plane never imports
+    transformers; skipped when calibration is off."""
+    if engine_kw.get("calibration", settings.CALIBRATION.default) in (None, "off"):
+        return ()
+    code = ("import sys, torch; from daser_rag.model.loader import engine_fingerprint; "
+            "print(engine_fingerprint(sys.argv[1] or None, getattr(torch, sys.argv[2])))")
+    done = subprocess.run([sys.executable, "-c", code, model or "", dtype], capture_output=True, text=True)
+    if done.returncode != 0:
+        log.warning("cannot name this model as daser's own engine does (%s): calibrations made by `daser-rag "
+                    "calibrate` will not be found", done.stderr.strip()[-300:])
+        return ()
+    return (done.stdout.strip().splitlines()[-1],)
+
+
+def control_plane_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    """The control plane's store directory under the cache dir: where it publishes calibrations
+    for the connectors (`calibration_dir` in their config)."""
+    from daser_rag.kv.store import default_cache_dir
+
+    return (Path(cache_dir) if cache_dir else default_cache_dir()) / "control-plane"
+
+
 def instance_config(model: str | None, *, redis_url: str, store_dir: str | os.PathLike[str],
-                    dtype: str = DEFAULT_VLLM_DTYPE) -> dict[str, Any]:
+                    dtype: str = DEFAULT_VLLM_DTYPE, calibration_dir: str | os.PathLike[str] | None = None
+                    ) -> dict[str, Any]:
     """What a `vllm serve` you run yourself needs to serve behind this control plane: the
     `--kv-transfer-config` object (the connector on the same Redis and key namespace as the
-    planner's fingerprint) and the environment for in-engine repair."""
+    planner's fingerprint, reading published calibrations from `calibration_dir`, the control
+    plane's store directory: on another host, a shared mount of it) and the environment for
+    in-engine repair."""
     from daser_rag.kv.shared import default_namespace
     from daser_rag.model.files import ModelFiles
 
     ensure_converted(model)
     files = ModelFiles(model, dtype=dtype)
     kv = kv_transfer_dict(Path(store_dir), fingerprint=files.fingerprint, redis_url=redis_url,
-                          redis_namespace=default_namespace(files.fingerprint), codec=_codec(dtype))
+                          redis_namespace=default_namespace(files.fingerprint), codec=_codec(dtype),
+                          calibration_dir=calibration_dir)
     return {"model_dir": str(files.dir), "dtype": dtype, "kv_transfer_config": kv,
             "env": {"DASER_VLLM_BLEND": "1"}, "flags": ["--enable-prompt-tokens-details", "--dtype", dtype]}
 
@@ -112,7 +141,7 @@ def open_vllm_engine(
     files = ModelFiles(model, dtype=dtype)
     namespace = default_namespace(files.fingerprint)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    store = open_store(root / "control-plane", redis_url=redis_url, namespace=namespace, host_bytes=1 << 20)
+    store = open_store(control_plane_dir(root), redis_url=redis_url, namespace=namespace, host_bytes=1 << 20)
     processes: list[VllmProcess] = []
     all_urls = list(urls)
     try:
@@ -125,6 +154,7 @@ def open_vllm_engine(
                 port = free_port()
                 kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
                                       redis_namespace=namespace, codec=_codec(dtype),
+                                      calibration_dir=control_plane_dir(root),  # where the planner publishes
                                       host_bytes=instance_host_bytes or DEFAULT_INSTANCE_HOST_BYTES,
                                       # --prefetch-window 0: no PCR anywhere (nor a request's own on arrival)
                                       prefetch_max_requests=0 if prefetch_off else None)
@@ -139,7 +169,9 @@ def open_vllm_engine(
             for proc in processes:
                 log.info("vllm serve %s ready in %.0f s", proc.url, proc.wait_ready(start_timeout_s))
                 all_urls.append(proc.url)
-        engine = VllmEngine(files, store, all_urls, served_name=served_name, processes=processes, **engine_kw)
+        engine = VllmEngine(files, store, all_urls, served_name=served_name, processes=processes,
+                            calibration_dir=root, calibration_aliases=_calibration_aliases(model, dtype, engine_kw),
+                            **engine_kw)
     except BaseException:
         for proc in processes:
             proc.stop()
@@ -168,4 +200,4 @@ def open_vllm_engine(
     return engine
 
 
-__all__ = ["DEFAULT_VLLM_DTYPE", "ensure_converted", "instance_config", "open_vllm_engine"]
+__all__ = ["DEFAULT_VLLM_DTYPE", "control_plane_dir", "ensure_converted", "instance_config", "open_vllm_engine"]

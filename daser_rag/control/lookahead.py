@@ -80,11 +80,13 @@ class InstanceLookAhead:
         self._timer: threading.Thread | None = None
 
     def queued(self, request_id: str, keys: Sequence[str], tokens: int, path: str | None = None,
-               cached_tokens: int = 0) -> Reservation | None:
-        """Route the request now and, within the window, have its instance prefetch `keys`
-        (not where vLLM's prefix cache holds its whole ordered `path`: it loads nothing there)."""
+               cached_tokens: int = 0, prefetch: Sequence[str] | None = None) -> Reservation | None:
+        """Route the request now by its chunk `keys` and, within the window, have its instance
+        prefetch `prefetch` (default `keys`: the entries its plan loads, which differ where a
+        calibration's primer has re-positioned chunks load primed entries), not where vLLM's
+        prefix cache holds its whole ordered `path` (it loads nothing there)."""
         ordered = list(keys)
-        keys = list(dict.fromkeys(keys))
+        keys = list(dict.fromkeys(keys if prefetch is None else prefetch))
         try:
             inst, tokens = self.pool.acquire_work(ordered, tokens=tokens, path=path, cached_tokens=cached_tokens)
         except DaserError:

@@ -131,6 +131,35 @@ class Planner:
         return PrefillPlan(chunk.key, list(self.prompt.prefix_ids) + list(chunk.token_ids),
                            plan_params([(self.prefix_key(tenant), n_pre), (chunk.key, chunk.num_tokens)]))
 
+    def primed_key(self, key: str, calibration: Calibration) -> str:
+        """Store key of chunk `key` computed after `calibration`'s primer, not token-mapped: the
+        connector maps it as it loads it, as it does raw entries. The embedded engine stores
+        chunks under the same key for a primer-only calibration (`Calibration.primer_digest`)."""
+        from daser_rag.calibration.premap import mapped_key
+
+        return mapped_key(key, calibration.primer_digest())
+
+    def check_primer(self, calibration: Calibration) -> None:
+        """A primed chunk is computed in one vLLM request [system prefix, primer, chunk], which
+        must fit the model's window."""
+        need = len(self.prompt.prefix_ids) + len(calibration.primer_ids()) + self.chunk_tokens
+        if calibration.primer is not None and need > self.context_window:
+            raise InvalidInputError(
+                f"this calibration's {len(calibration.primer_ids())}-token primer, the system prefix and a "
+                f"{self.chunk_tokens}-token chunk take {need} positions, more than this model's window "
+                f"({self.context_window}): calibrate with fewer --primer-tokens or use smaller chunks")
+
+    def primed_prefill_plan(self, chunk: ResolvedChunk, calibration: Calibration, tenant: str) -> PrefillPlan:
+        """vLLM computes [system prefix, primer, chunk] and its connector saves the chunk's part under
+        `primed_key` (at the positions after the primer; the connector re-rotates it to where it is
+        placed) and the primer's part as a chunk entry of its own (exact, loaded next time)."""
+        primer = calibration.primer_ids()
+        n_pre = len(self.prompt.prefix_ids)
+        key = self.primed_key(chunk.key, calibration)
+        return PrefillPlan(key, list(self.prompt.prefix_ids) + primer + list(chunk.token_ids),
+                           plan_params([(self.prefix_key(tenant), n_pre), (self.key(primer, ""), len(primer)),
+                                        (key, chunk.num_tokens)]))
+
     # -- plans ------------------------------------------------------------------------------------
     def full(self, question: str, contexts: Sequence[ContextItem] | None, tenant: str) -> ReusePlan:
         """No reuse: the same prompt, computed in full (`use_cache=False`)."""
@@ -153,18 +182,21 @@ class Planner:
         is loaded exactly instead. vLLM's computation of a segment is saved (as the node of its
         path) only while everything before it was exact. Missing chunk entries come back as
         `prefill` plans. Writes the request's document refs (so invalidation reaches its KV).
-        `calibration` (scales, biases and a token map, no link tokens; docs/calibration.md): the
-        connector places every re-positioned segment it loads with it (a token map by the digest
-        the plan names, published in the shared store directory); the plan's cache salt names it. `ReusePlan.calibrated`
-        says whether it went into the plan (not when the whole context is exact).
+        `calibration` (scales, biases, a token map and a primer, no link tokens;
+        docs/calibration.md): the connector places every re-positioned segment it loads with it (a
+        token map by the digest the plan names, published in the shared store directory); with a
+        primer, re-positioned segments load the chunk's primed entry (`primed_key`; missing ones
+        come back as `primed_prefill_plan`s) while the exact run stays raw; the plan's cache salt
+        names it. `ReusePlan.calibrated` says whether it went into the plan (not when the whole
+        context is exact).
         """
         _check_question(question)
         if calibration is not None and calibration.link_tokens:
             raise InvalidInputError(f"this calibration has {calibration.link_tokens} link tokens, which cannot be "
                                     "placed inside vLLM (docs/calibration.md); calibrate with --link-tokens 0")
-        if calibration is not None and calibration.primer is not None:
-            raise InvalidInputError("this calibration has a primer: its chunks are stored primed, which the vLLM "
-                                    "connector does not load yet (docs/calibration.md); calibrate with --primer-tokens 0")
+        primed = calibration if calibration is not None and calibration.primer is not None else None
+        if primed is not None:
+            self.check_primer(primed)
         if (calibration is not None and calibration.kv_map is not None and recompute is not None
                 and recompute[0] > 0 and (recompute[2] if len(recompute) > 2 else "deviation") == "deviation"):
             raise InvalidInputError("the in-engine deviation selector cannot rank staleness under a token map (the "
@@ -193,6 +225,17 @@ class Planner:
                     store.add_derived(doc_ids, node, tenant)  # invalidating any document drops the node
             if exact_run and (j == 0 or (exact_nodes and store.contains(node))):
                 segs.append((node, c.num_tokens, node))
+            elif primed is not None:
+                # re-positioned under a primer: the chunk's entry computed after the primer
+                exact_run = False
+                key = self.primed_key(c.key, primed)
+                segs.append((key, c.num_tokens, node))
+                if c.doc_id is not None:
+                    store.add_derived([c.doc_id], key, tenant)  # invalidating the document drops it
+                if key not in seen and not store.contains(key):
+                    seen.add(key)
+                    prefill.append(self.primed_prefill_plan(c, primed, tenant))
+                continue
             else:
                 exact_run = False
                 segs.append((c.key, c.num_tokens, node))

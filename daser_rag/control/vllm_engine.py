@@ -43,7 +43,7 @@ from daser_rag.errors import ContextTooLongError, DaserError, InvalidInputError
 from daser_rag.kv.store import KVStore
 from daser_rag.model.files import ModelFiles
 from daser_rag.params import GenerationParams, check_recompute_ratio
-from daser_rag.types import Document, GenerationResult, IngestReport, Timings
+from daser_rag.types import Document, GenerationResult, IngestReport, ResolvedChunk, Timings
 
 log = logging.getLogger(__name__)
 
@@ -59,23 +59,23 @@ CONTROL_TOKEN = 0
 message from `kv_transfer_params`, and vLLM computes this one token)."""
 
 
-def vllm_calibration(value: Any, files: ModelFiles, store_root: Any) -> Any:
+def vllm_calibration(value: Any, files: ModelFiles, store_root: Any, aliases: Sequence[str] = ()) -> Any:
     """The engine's `calibration` option as what the connector can place (a CalibrationSet or
-    None). Link tokens cannot go into vLLM and primed chunk entries are not loaded by the connector
-    yet (docs/calibration.md): a calibration with either is an error when named, and skipped with a
-    warning when found by `auto` (`daser-rag calibrate` adds a primer by default, and a vLLM
-    deployment must still start)."""
+    None). Link tokens cannot go into vLLM (docs/calibration.md): a calibration with them is an
+    error when named, and skipped with a warning when found by `auto` (a vLLM deployment must still
+    start). Primers are carried: re-positioned chunks load entries vLLM computed after the primer
+    (control/planner.py `primed_prefill_plan`). `aliases`: the fingerprint daser's own engine
+    gives these weights (`model.loader.engine_fingerprint`), which files `daser-rag calibrate`
+    wrote carry: they are found by `auto` and accepted by path."""
     from daser_rag.calibration.adapter import CalibrationSet
     from daser_rag.calibration.storage import CalibrationFileError, resolve_calibration
 
-    loaded = resolve_calibration(value, files, files.fingerprint, store_root)
+    loaded = resolve_calibration(value, files, files.fingerprint, store_root, aliases)
     if loaded is None:
         return None
     usable = []
     for c in loaded.members:
-        why = ("link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens
-               else "a primer (the connector loads raw chunk entries, not primed ones; calibrate with "
-                    "--primer-tokens 0)" if c.primer is not None else "")
+        why = "link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens else ""
         if not why:
             usable.append(c)
         elif value == "auto":
@@ -99,12 +99,17 @@ class VllmEngine(StreamingEngine):
                  prefetch_window: int = settings.PREFETCH_WINDOW.default,
                  prefetch_ttl_s: float = settings.VLLM_PREFETCH_TTL.default,
                  processes: Sequence[VllmProcess] = (), pool_kw: dict[str, Any] | None = None,
-                 calibration: Any = settings.CALIBRATION.default) -> None:
+                 calibration: Any = settings.CALIBRATION.default, calibration_dir: Any = None,
+                 calibration_aliases: Sequence[str] = ()) -> None:
         self.files = files
         self._store = store
-        self.calibration = vllm_calibration(calibration, files, store.root)
+        # `auto` looks where `daser-rag calibrate` writes: the cache dir (the factory passes it;
+        # the store directory otherwise)
+        self.calibration = vllm_calibration(calibration, files, calibration_dir or store.root, calibration_aliases)
         """Scales for re-positioned KV, applied by the connector (docs/calibration.md), or None."""
         self.planner = Planner.from_files(files, store, chunk_tokens=chunk_tokens)
+        for c in self.calibration.members if self.calibration is not None else ():
+            self.planner.check_primer(c)  # fail at start-up, not on the first request
         self.pool = InstancePool(urls, make_router(router), **(pool_kw or {}))
         self.served_name = served_name
         self._model_name = model_name or files.name
@@ -342,8 +347,13 @@ class VllmEngine(StreamingEngine):
         """The ingestor's compute hook: one chunk through any available instance (retried)."""
         n_pre = len(self.planner.prompt.prefix_ids)
         pk = self.planner.prefix_key("")  # the prefix KV does not depend on the tenant
-        pf = PrefillPlan(key, list(self.planner.prompt.prefix_ids) + list(ids),
-                         plan_params([(pk, n_pre), (key, len(ids))]))
+        return self._compute(PrefillPlan(key, list(self.planner.prompt.prefix_ids) + list(ids),
+                                         plan_params([(pk, n_pre), (key, len(ids))])))
+
+    def _compute(self, pf: PrefillPlan) -> bool:
+        """One prefill plan through any available instance (retried); True when the shared store
+        holds its entry afterwards."""
+        key = pf.key
         tried: set[str] = set()
         while True:
             inst = self.pool.acquire([key], tried)
@@ -382,8 +392,35 @@ class VllmEngine(StreamingEngine):
         # the second pass found the pre-computed chunks stored; it computed only what the first missed
         report.reused_chunks, report.computed_chunks = (max(0, report.reused_chunks - done),
                                                         report.computed_chunks + done)
+        report.mapped_chunks = self._prime(docs, tenant, progress)
         report.seconds += time.perf_counter() - t0
         return report
+
+    def _prime(self, docs: Sequence[Document], tenant: str, progress: Progress) -> int:
+        """With a calibration that has a primer loaded, each chunk's primed entry too (what its
+        re-positioned placements load), registered under its document so invalidating or editing
+        it drops the entry; as the embedded engine primes at ingest. Returns how many the store
+        holds afterwards (stored before or computed now)."""
+        members = self.calibration.members if self.calibration is not None else ()
+        primers = {c.primer_digest(): c for c in members if c.primer is not None}
+        if not primers:
+            return 0
+        todo: dict[str, PrefillPlan] = {}
+        held = 0
+        for d in docs:
+            for text in self.split(d.text):
+                ids = self.planner.prompt.chunk_ids(text)
+                chunk = ResolvedChunk(text, d.doc_id, tuple(ids), self.planner.key(ids, tenant))
+                for cal in primers.values():
+                    key = self.planner.primed_key(chunk.key, cal)
+                    self._store.add_derived([d.doc_id], key, tenant)
+                    if key in todo:
+                        continue
+                    if self._store.contains(key):
+                        held += 1
+                    else:
+                        todo[key] = self.planner.primed_prefill_plan(chunk, cal, tenant)
+        return held + self._run_prefills(list(todo.values()), progress, "computing primed chunk KV on vLLM")
 
     def _compute_missing(self, todo: dict[str, list[int]], progress: Progress) -> int:
         """Have vLLM compute these chunks (key -> token ids), several at once (vLLM batches
@@ -391,6 +428,15 @@ class VllmEngine(StreamingEngine):
         done = 0
         with progress_bar(len(todo), progress, "precomputing chunk KV on vLLM") as step:
             for f in as_completed([self._prefills.submit(self._compute_chunk, ids, key) for key, ids in todo.items()]):
+                done += int(f.result())
+                step()
+        return done
+
+    def _run_prefills(self, plans: Sequence[PrefillPlan], progress: Progress, label: str) -> int:
+        """`plans` on the instances, several at once; how many entries the store holds after."""
+        done = 0
+        with progress_bar(len(plans), progress, label) as step:
+            for f in as_completed([self._prefills.submit(self._compute, pf) for pf in plans]):
                 done += int(f.result())
                 step()
         return done
@@ -430,7 +476,20 @@ class VllmEngine(StreamingEngine):
                                                                      if ok)) \
             + sum(c.num_tokens for c, ok in zip(chunks, stored) if not ok)
         keys = [c.key for c in chunks]
-        self.lookahead.queued(request_id, keys, tokens, path_id(keys), tokens - QUERY_TOKENS_GUESS)
+        self.lookahead.queued(request_id, keys, tokens, path_id(keys), tokens - QUERY_TOKENS_GUESS,
+                              prefetch=self._loaded_keys(chunks, tenant))
+
+    def _loaded_keys(self, chunks: Sequence[ResolvedChunk], tenant: str) -> list[str]:
+        """The entries a request at the engine's default share will load for `chunks`: with a
+        primer calibration for that share, every chunk after the first is placed re-positioned
+        from its primed entry (a stored prefix-tree node would be loaded instead; the prefetch
+        of a guess costs host RAM only)."""
+        from daser_rag.calibration.adapter import calibration_for_request
+
+        cal = calibration_for_request(self.calibration, None, float(self.recompute_ratio))
+        if cal is None or cal.primer is None:
+            return [c.key for c in chunks]
+        return [c.key if j == 0 else self.planner.primed_key(c.key, cal) for j, c in enumerate(chunks)]
 
     def started(self, request_id: str) -> None:
         self.lookahead.started(request_id)

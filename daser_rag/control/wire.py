@@ -127,6 +127,7 @@ def connector_extra_config(
     prefetch_max_requests: int | None = None,
     prefetch_max_bytes: int | None = None,
     prefetch_ttl_s: float | None = None,
+    calibration_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """`kv_connector_extra_config` for DaserKVConnector (also usable as JSON for `vllm serve`).
 
@@ -136,7 +137,9 @@ def connector_extra_config(
     same Redis; its key namespace is `redis_namespace`, by default derived from `fingerprint`
     exactly as daser's own processes derive it (`daser_rag.kv.shared.default_namespace`).
     `prefetch_*`: the bounds of the connector's prefetch pins (None: the settings table's defaults,
-    `vllm.prefetch_*`).
+    `vllm.prefetch_*`). `calibration_dir`: the store directory of the control plane, where it
+    publishes the calibrations its plans name by digest (`calibration/storage.py` `publish`;
+    None: `store_dir`, which must then be that directory or a copy of it).
     """
     out: dict[str, Any] = {"store_dir": str(store_dir), "save": save, "block_fallback": block_fallback,
                            "codec": codec, "host_bytes": int(host_bytes)}
@@ -149,6 +152,8 @@ def connector_extra_config(
         out["redis_url"] = redis_url
         if redis_namespace:
             out["redis_namespace"] = redis_namespace
+    if calibration_dir is not None:
+        out["calibration_dir"] = str(calibration_dir)
     for name, value in (("prefetch_max_requests", prefetch_max_requests), ("prefetch_max_bytes", prefetch_max_bytes),
                         ("prefetch_ttl_s", prefetch_ttl_s)):
         if value is not None:

@@ -156,6 +156,50 @@ def _save_converted(src: Path, model: Any, tokenizer: Any) -> None:
         pass  # a read-only cache dir just means slower loads next time
 
 
+def _sources(src: Path) -> tuple[list[Path], str, dict[str, Any]]:
+    """(the files whose bytes are the weights, the folder transformers loads from, its extra
+    arguments) for a GGUF file (its converted HF copy once there is one) or an HF directory."""
+    if src.is_file():
+        if src.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{src} is a file but not a .gguf model; pass a GGUF file or an HF directory")
+        converted = converted_gguf_dir(src)
+        if converted is not None:
+            return [src], str(converted), {}
+        return [src], str(src.parent), {"gguf_file": src.name}
+    if not (src / "config.json").is_file():
+        raise ModelLoadError(f"{src} is not an HF model directory (no config.json)")
+    return ([p for p in src.iterdir() if p.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"} and p.is_file()],
+            str(src), {})
+
+
+def _fingerprint(weight_files: list[Path], tokenizer: Any, dtype: torch.dtype) -> str:
+    fp = hashlib.blake2b(digest_size=16)
+    fp.update(_hash_files(weight_files).encode())
+    fp.update(_tokenizer_digest(tokenizer).encode())
+    fp.update(str(dtype).encode())
+    return fp.hexdigest()
+
+
+def engine_fingerprint(path: str | os.PathLike[str] | None, dtype: torch.dtype) -> str:
+    """The fingerprint `load_model(path, dtype=dtype)` gives, without loading the weights (the
+    tokenizer only). The vLLM control plane names the same weights by their served files
+    (`model/files.py`), so it uses this to find calibrations made by daser's own engine
+    (`daser-rag calibrate`), which carry this fingerprint."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    src = Path(path) if path is not None else default_model_path()
+    if not src.exists():
+        raise ModelLoadError(f"model path does not exist: {src}")
+    weight_files, root, kwargs = _sources(src)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, **kwargs)
+    except Exception as exc:  # transformers raises many types; name the path in one error
+        raise ModelLoadError(f"could not load the tokenizer of {src}: {type(exc).__name__}: {exc}") from exc
+    return _fingerprint(weight_files, tokenizer, dtype)
+
+
 def load_model(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -186,26 +230,7 @@ def load_model(
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
 
     try:
-        if src.is_file():
-            if src.suffix.lower() != ".gguf":
-                raise ModelLoadError(f"{src} is a file but not a .gguf model; pass a GGUF file or an HF directory")
-            weight_files = [src]
-            converted = converted_gguf_dir(src)
-            if converted is not None:
-                kwargs: dict[str, Any] = {}
-                root = str(converted)
-            else:
-                kwargs = {"gguf_file": src.name}
-                root = str(src.parent)
-        else:
-            if not (src / "config.json").is_file():
-                raise ModelLoadError(f"{src} is not an HF model directory (no config.json)")
-            kwargs = {}
-            root = str(src)
-            weight_files = [
-                p for p in src.iterdir()
-                if p.suffix in {".safetensors", ".bin", ".json", ".model", ".txt"} and p.is_file()
-            ]
+        weight_files, root, kwargs = _sources(src)
         tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(root, local_files_only=True, dtype=dtype, **kwargs)
     except ModelLoadError:
@@ -220,15 +245,11 @@ def load_model(
     for p in model.parameters():
         p.requires_grad_(False)
     spec = spec_from_config(model.config)
-    fp = hashlib.blake2b(digest_size=16)
-    fp.update(_hash_files(weight_files).encode())
-    fp.update(_tokenizer_digest(tokenizer).encode())
-    fp.update(str(dtype).encode())
     return LoadedModel(
         hf_model=model,
         tokenizer=tokenizer,
         spec=spec,
-        fingerprint=fp.hexdigest(),
+        fingerprint=_fingerprint(weight_files, tokenizer, dtype),
         source=str(src),
         device=dev,
         dtype=dtype,

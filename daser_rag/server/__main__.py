@@ -13,12 +13,13 @@ def run(args: argparse.Namespace) -> None:
     if getattr(args, "print_vllm_config", False):
         import json
 
-        from daser_rag.control.factory import instance_config
+        from daser_rag.control.factory import control_plane_dir, instance_config
 
         if not args.redis_url:
             raise SystemExit("--print-vllm-config needs --redis-url (the Redis the instances will share)")
         cfg = instance_config(args.model, redis_url=args.redis_url, dtype=args.vllm_dtype,
-                              store_dir=args.cache_dir or "/var/cache/daser-rag/vllm")
+                              store_dir=args.cache_dir or "/var/cache/daser-rag/vllm",
+                              calibration_dir=control_plane_dir(args.cache_dir))
         print(json.dumps(cfg, indent=2))
         return
     from daser_rag.server.app import serve

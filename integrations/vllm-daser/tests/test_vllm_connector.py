@@ -323,6 +323,52 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
         env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=with_links)
 
 
+def test_primed_full_reuse_equals_daser_primed_r0(env):
+    """A calibration with a primer (docs/calibration.md) inside vLLM: re-positioned chunks load
+    entries vLLM computed after [system prefix, primer] (the plan's prefill requests; the primer's
+    own part is saved once and loaded by the next ones), mapped by the connector as it loads them.
+    Same greedy tokens as daser's own calibrated r=0 (which computes its primed entries itself and
+    stores them mapped), and not those of the same map without the primer."""
+    import dataclasses
+
+    from daser_rag.calibration.adapter import Calibration, CalibrationSet
+
+    gen, d = env["gen"], env["docs"]
+    spec = gen.runner.spec
+    g = torch.Generator().manual_seed(11)
+    primer = torch.tensor(gen.prompt.chunk_ids(d["pyref:for"].text)[:64], dtype=torch.int64)
+    cal = Calibration(gen.fingerprint, 0.1 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                      0.1 * torch.randn(spec.num_layers, spec.num_kv_heads, generator=g),
+                      torch.zeros(0, spec.hidden_size),
+                      kv_map=0.02 * torch.randn(spec.num_layers, spec.num_kv_heads, 1 + 2 * spec.head_dim,
+                                                2 * spec.head_dim, generator=g), primer=primer)
+    ctx = [d["pyref:assert"], d["pyref:pass"], d["pyref:del"]]
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=cal)
+    n_pre = len(gen.prompt.prefix_ids)
+    primed = [w for w in r.prefill if len(w.prompt["prompt_token_ids"]) > n_pre + 64]
+    assert r.info["calibrated"] and len(primed) >= 2  # the re-positioned chunks, computed after the primer
+    cached = [run(env, w)[1] for w in r.prefill]
+    assert n_pre + 64 in cached  # the primer's part, saved by the first primed prefill, was loaded after
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=cal)
+    assert not r.prefill
+    toks, cached = run(env, r)
+    assert cached == r.context_tokens  # every context token loaded, only the question computed
+
+    def daser(calibration):
+        gen.calibration = CalibrationSet((calibration,))
+        try:
+            out = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
+        finally:
+            gen.calibration = None
+        assert out.calibrated
+        return list(out.token_ids)
+
+    ours = daser(cal)
+    n = min(len(toks), len(ours))
+    assert n >= 8 and list(toks[:n]) == ours[:n], (toks, ours)
+    assert daser(dataclasses.replace(cal, primer=None, meta={})) != ours  # the primer acts
+
+
 def test_full_reuse_without_prefills_computes_misses(env):
     """Chunks not stored: vLLM computes them (from the first miss on), output as full prefill;
     the first chunk, computed right after the exact system prefix, is saved for next time."""

@@ -179,6 +179,8 @@ class _Settings:
     prefetch_max_requests: int = VLLM_PREFETCH_MAX_REQUESTS.default
     prefetch_max_bytes: int = VLLM_PREFETCH_MAX_BYTES.default
     prefetch_ttl_s: float = VLLM_PREFETCH_TTL.default
+    calibration_dir: str = ""
+    """Where the control plane publishes the calibrations plans name by digest ("": `store_dir`)."""
 
     @classmethod
     def from_config(cls, vllm_config: VllmConfig) -> _Settings:
@@ -197,7 +199,8 @@ class _Settings:
                    str(get("redis_url", "") or ""), str(get("redis_namespace", "") or ""),
                    int(get("prefetch_max_requests", VLLM_PREFETCH_MAX_REQUESTS.default)),
                    int(get("prefetch_max_bytes", VLLM_PREFETCH_MAX_BYTES.default)),
-                   float(get("prefetch_ttl_s", VLLM_PREFETCH_TTL.default)))
+                   float(get("prefetch_ttl_s", VLLM_PREFETCH_TTL.default)),
+                   str(get("calibration_dir", "") or ""))
 
     def open_store(self, host_bytes: int) -> KVStore:
         if self.redis_url:
@@ -569,7 +572,7 @@ class DaserConnectorWorker:
         from daser_rag.calibration.storage import CalibrationFileError, load_published
 
         try:
-            cal = load_published(self.s.store_dir, digest, fingerprint=self.s.fingerprint,
+            cal = load_published(self.s.calibration_dir or self.s.store_dir, digest, fingerprint=self.s.fingerprint,
                                  layers=int(k_all.shape[0]), kv_heads=int(k_all.shape[1]), head_dim=int(k_all.shape[3]))
         except CalibrationFileError as exc:
             return f"plan's token map cannot be used: {exc}"

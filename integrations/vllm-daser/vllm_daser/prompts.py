@@ -149,8 +149,10 @@ class VllmRagPrompter:
         them, chosen by `selector`: "chunk_heads" (default: the first tokens of every chunk, no
         check pass; 2.19x vs vLLM prefix caching against 2.05x for deviation on the vllm_serve
         trace, docs/vllm.md) or "deviation" (CacheBlend, at `check_layer`), see blend.py.
-        `calibration` (a scales-only `Calibration`, docs/calibration.md): the connector scales the
-        re-positioned segments it loads, as daser's own fusion does.
+        `calibration` (a `Calibration` without link tokens, docs/calibration.md): the connector
+        places the re-positioned segments it loads with its scales, biases and token map, as
+        daser's own fusion does; with a primer they are the chunks' primed entries (missing ones
+        come back as `prefill` requests over [system prefix, primer, chunk]).
         """
         if selector not in IN_ENGINE_SELECTORS:
             raise InvalidInputError(f"in-engine selector must be one of {IN_ENGINE_SELECTORS}, got {selector!r}")
