@@ -274,3 +274,40 @@ def test_vllm_engine_ratio_uses_the_one_validator_and_refuses_auto():
         VllmEngine._check_ratio("auto")
     with pytest.raises(InvalidInputError, match="cannot run inside vLLM"):
         VllmEngine._check_selector("hybrid")
+
+
+def test_vllm_result_is_calibrated_only_when_re_positioned_kv_was_loaded(tmp_path):
+    """vLLM's count of loaded tokens decides what the result claims: a plan that carried a
+    calibration but loaded only its exact run (the connector claims no more when it cannot place
+    the rest) is not `calibrated`; one that loaded re-positioned KV is."""
+    import dataclasses
+
+    import torch
+
+    from daser_rag.calibration.adapter import Calibration
+    from daser_rag.control.vllm_engine import VllmEngine
+    from daser_rag.kv.store import KVStore
+    from daser_rag.params import GenerationParams
+    from daser_rag.types import Timings
+
+    files = ModelFiles(None, dtype="float32")
+    spec = files.spec
+    cal = Calibration(files.fingerprint, torch.zeros(spec.num_layers, spec.num_kv_heads),
+                      torch.zeros(spec.num_layers, spec.num_kv_heads), torch.zeros(0, spec.hidden_size), fit_share=0.15)
+    engine = VllmEngine(files, KVStore(tmp_path), ["http://127.0.0.1:9"], calibration=[cal])
+    try:
+        plan = engine.planner.reuse("Why?", ["First document text.", "Second document text."], tenant="",
+                                    calibration=dataclasses.replace(cal, meta={}))
+        assert plan.calibrated
+        exact = len(engine.planner.prompt.prefix_ids) + plan.chunks[0].num_tokens
+
+        def result(cached: int):
+            return engine._result(plan, GenerationParams(), "", [], "stop",
+                                  {"prompt_tokens_details": {"cached_tokens": cached}}, False, Timings())
+
+        only_exact = result(exact)
+        assert not only_exact.calibrated and only_exact.reused_tokens == 0 and only_exact.exact_tokens == exact
+        loaded = result(plan.context_tokens)
+        assert loaded.calibrated and loaded.reused_tokens == plan.context_tokens - exact
+    finally:
+        engine.close()

@@ -330,7 +330,7 @@ class VllmEngine(StreamingEngine):
             mode="blend" if reuse else "full",
             recompute_ratio=(float(rc.get("ratio", 0.0)) if repairs else 0.0) if reuse else 1.0, finish_reason=finish, timings=timings,
             chunk_keys=plan.chunk_keys, selector=str(rc.get("selector", "none")) if recomputed else "none",
-            calibrated=plan.calibrated and reuse)
+            calibrated=plan.calibrated and reuse and candidates > 0)  # only re-positioned KV is calibrated
 
     # -- chunk KV through vLLM -------------------------------------------------------------------------
     def _prefill_on(self, inst: InstanceState, pf: PrefillPlan) -> bool:

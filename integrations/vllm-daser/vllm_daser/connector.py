@@ -231,6 +231,8 @@ class DaserConnectorScheduler:
         self._releases: list[str] = []
         self._pids: dict[str, str] = {}  # vLLM request id -> the prefetch pin its entries are under
         self.worker_stats: list[dict[str, Any]] = []  # the latest the workers reported
+        self._maps_seen: set[str] = set()  # calibration digests found published (`_map_readable`)
+        self._maps_missing: set[str] = set()  # ... and found missing (warned once each)
 
     def control(self, request: Request) -> Control | None:
         try:
@@ -297,6 +299,10 @@ class DaserConnectorScheduler:
         self._pending.pop(request.request_id, None)
         tokens = list(request.prompt_token_ids or [])
         segments, _, plan = self.plan(tokens, request.kv_transfer_params, request.request_id)
+        if plan is not None and plan.token_map is not None and not self._map_readable(plan.token_map):
+            # the worker could not place the re-positioned segments, and vLLM would count the
+            # tokens it then computes as loaded: claim only the exact run, so the hit count is true
+            segments = segments[: save_limit(segments, len(segments))]
         n, end = stored_run(segments, self.store.contains, len(tokens) - 1)
         if end <= num_computed_tokens:
             return 0, False
@@ -310,6 +316,32 @@ class DaserConnectorScheduler:
         logger.debug("DaserKVConnector: %s external hit %d tokens (local %d)",
                      request.request_id, end - num_computed_tokens, num_computed_tokens)
         return end - num_computed_tokens, False
+
+    def _map_readable(self, digest: str) -> bool:
+        """Whether the calibration a plan names by `digest` is published where this instance's
+        workers read it (`calibration_dir`). Checked once per digest while present; a missing
+        file is logged once and asked again next time (it may be published meanwhile). A file
+        that exists but fails its checks still fails the load in the worker (then vLLM computes
+        those tokens, and its own count still reports them as loaded)."""
+        if digest in self._maps_seen:
+            return True
+        from daser_rag.calibration.storage import CalibrationFileError, published_path
+
+        try:
+            ok = published_path(self.s.calibration_dir or self.s.store_dir, digest).is_file()
+        except CalibrationFileError:
+            ok = False
+        for seen in (self._maps_seen, self._maps_missing):
+            if len(seen) >= 64:  # plans may name any digest: bounded
+                seen.clear()
+        if ok:
+            self._maps_seen.add(digest)
+        elif digest not in self._maps_missing:
+            self._maps_missing.add(digest)
+            logger.warning("DaserKVConnector: plans name calibration %s, which is not published in %s (the "
+                           "control plane's store directory: set calibration_dir); they load only their exact run",
+                           digest, self.s.calibration_dir or self.s.store_dir)
+        return ok
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -532,6 +564,9 @@ class DaserConnectorWorker:
         """Scale the re-positioned (stale) part of the loaded K/V in place, as daser's fusion does
         (daser_rag/blend/fusion.py `_LayerFiller`): per layer and KV head, never the exact run.
         Returns why not (then nothing is loaded and vLLM computes these tokens)."""
+        first = max(0, ld.exact_len - ld.start)
+        if first >= k_all.shape[2]:
+            return None  # only the exact run was loaded: nothing to place
         ks, vs, kb, vb = _plan_calibration(ld)
         if tuple(ks.shape) != tuple(k_all.shape[:2]):
             return f"plan's calibration scales are {tuple(ks.shape)}, this model's K/V {tuple(k_all.shape[:2])}"
@@ -546,7 +581,6 @@ class DaserConnectorWorker:
             if isinstance(got, str):
                 return got
             kv_map = got
-        first = max(0, ld.exact_len - ld.start)
         if first < k_all.shape[2]:
             cos = sin = None
             if kb is not None or kv_map is not None:
