@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "primer": {"scales": False, "biases": False, "link_tokens": 0, "token_map": False, **_PRIMED},
     "primer_map": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, "token_map_ridge": 1.0,
                    **_PRIMED},
+    # each reused chunk's K/V averaged over 4 primers (from 4 training prompts)
+    "primer4_map": {"scales": False, "biases": False, "link_tokens": 0, "token_map": True, "token_map_ridge": 1.0,
+                    **_PRIMED, "primers": 4},
     # fitted at the default repair (hybrid, r = 0.15): the student replays that selection
     "ape_r15": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R15},
     "both_r15": {"scales": True, "biases": False, "link_tokens": 4, "token_map": False, **_R15},
@@ -85,10 +88,10 @@ def train(out: Path, steps: int, train_prompts: int, held_out_prompts: int, seed
         for name in variants:
             opts = VARIANTS[name]
             cfg = CalibrationConfig(**{**base.__dict__, **opts})
-            share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "", cfg.primer_tokens)
+            share_key = (cfg.fit_share, cfg.fit_selector if cfg.fit_share else "", cfg.primer_tokens, cfg.primers)
             if share_key not in prepared:
                 # the same prompts at another share reuse the teacher; another primer prepares its own
-                first = next((p for k, p in prepared.items() if k[2] == cfg.primer_tokens), None)
+                first = next((p for k, p in prepared.items() if k[2:] == share_key[2:]), None)
                 with_map = any(VARIANTS[v].get("token_map", False) for v in variants)
                 prepared[share_key] = (prepare_split(gen, docs, cfg, log=print, token_map=with_map) if first is None
                                        else first.for_config(gen, cfg))

@@ -32,7 +32,7 @@ def test_primed_chunk_is_the_chunk_of_a_forward_over_prefix_primer_chunk(generat
     chunks, _ = _segments(gen)
     ids = gen.prompt.chunk_ids(chunks[1])
     primer = _primer(gen).tolist()
-    kv = gen.computer.compute_primed(ids, "k", primer)
+    kv = gen.computer.compute_primed(ids, "k", [primer])
     pre = len(gen.prompt.prefix_ids)
     assert kv.start_pos == pre + len(primer) and kv.num_tokens == len(ids)
     seq = torch.tensor(list(gen.prompt.prefix_ids) + primer + list(ids))
@@ -45,6 +45,71 @@ def test_primed_chunk_is_the_chunk_of_a_forward_over_prefix_primer_chunk(generat
     # and it differs from the chunk computed after the prefix alone (the point of a primer)
     plain = gen.computer.compute(ids, "p")
     assert (plain.values[-1] - kv.values[-1]).abs().max().item() > 1e-2
+
+
+def test_an_ensemble_of_primers_averages_the_chunks_kv(generator):
+    """Several primers (one length): the chunk's K/V are the mean of its computations after each,
+    at the positions past the primer; primers of different lengths are refused."""
+    gen = generator
+    chunks, _ = _segments(gen)
+    ids = gen.prompt.chunk_ids(chunks[1])
+    a = _primer(gen, 30).tolist()
+    b = gen.prompt.chunk_ids(chunks[2])[:30]
+    both = gen.computer.compute_primed(ids, "k", [a, b])
+    ka, kb = gen.computer.compute_primed(ids, "k", [a]), gen.computer.compute_primed(ids, "k", [b])
+    assert both.start_pos == ka.start_pos == len(gen.prompt.prefix_ids) + 30
+    assert (both.keys - (ka.keys + kb.keys) / 2).abs().max().item() < 1e-5
+    assert (both.values - (ka.values + kb.values) / 2).abs().max().item() < 1e-5
+    assert (both.values - ka.values).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="one length"):
+        gen.computer.compute_primed(ids, "k", [a, b[:20]])
+
+
+def test_ensemble_primers_in_files_keys_training_and_vllm(generator, tmp_path):
+    """A [K, P] primer round-trips, is named by its shape too (its entries never meet those of
+    one primer of the same ids), is chosen from K training prompts, and is refused where the vLLM
+    connector would have to average (the planner; named for the vLLM engine) or skipped (auto)."""
+    from daser_rag.calibration import storage
+    from daser_rag.calibration.storage import CalibrationFileError
+    from daser_rag.calibration.train import choose_primer
+    from daser_rag.control.planner import Planner
+    from daser_rag.control.vllm_engine import vllm_calibration
+    from daser_rag.errors import InvalidInputError
+    from daser_rag.model.files import ModelFiles
+
+    gen = generator
+    flat = _primer(gen, 40)
+    cal = _with_primer(_random_calibration(gen, link_tokens=0), flat.view(2, 20))
+    assert cal.primers() == [flat[:20].tolist(), flat[20:].tolist()]
+    back = storage.load_for(storage.save(cal, tmp_path / "k2.safetensors"), gen.runner, gen.fingerprint)
+    assert back.primers() == cal.primers() and back.digest() == cal.digest()
+    single = _with_primer(cal, flat)
+    assert single.map_digest() != cal.map_digest() and single.primer_digest() != cal.primer_digest()
+    with pytest.raises(ValueError, match="not one"):
+        cal.primer_ids()
+    nine = _with_primer(cal, flat[:36].view(9, 4))
+    with pytest.raises(ValueError, match="rows"):
+        nine.check_shape(gen.runner.spec.num_layers, gen.runner.spec.num_kv_heads, gen.runner.spec.hidden_size,
+                         gen.runner.spec.head_dim)
+
+    class Spec:
+        def __init__(self, chunks):
+            self.chunks = chunks
+
+    specs = [Spec(["Alpha text about bees. " * 10]), Spec(["Beta text on wasps. " * 3])]
+    rows = choose_primer(gen, specs, 64, 2)
+    assert len(rows) == 2 and len(rows[0]) == len(rows[1]) <= 64 and rows[0] != rows[1]
+    assert choose_primer(gen, specs, 64) == (tuple(gen.prompt.chunk_ids(specs[0].chunks[0])[:64]),)
+    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    with pytest.raises(InvalidInputError, match="2 primers"):
+        Planner.for_generator(gen).reuse("Q?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")], tenant=SHARED_TENANT,
+                                         calibration=cal)
+    files = ModelFiles(None, dtype="float32")
+    path = storage.save(dataclasses.replace(cal, fingerprint=files.fingerprint, fit_share=0.15),
+                        storage.default_path(tmp_path, files.fingerprint, 0.15))
+    with pytest.raises(CalibrationFileError, match="primers"):
+        vllm_calibration(str(path), files, tmp_path)
+    assert vllm_calibration("auto", files, tmp_path) is None
 
 
 @pytest.mark.parametrize("token_map", [False, True])
@@ -63,7 +128,7 @@ def test_fusion_places_primed_segments_and_refuses_raw_ones(generator, token_map
                               value_log_scale=torch.zeros_like(cal.value_log_scale))
     q = torch.tensor(gen.prompt.query_ids("What does the pass statement do?"))
     exact = segs[0].num_tokens + segs[1].num_tokens
-    primed = [gen.computer.compute_primed(gen.prompt.chunk_ids(c), s.key, cal.primer_ids())
+    primed = [gen.computer.compute_primed(gen.prompt.chunk_ids(c), s.key, cal.primers())
               for c, s in zip(chunks[1:], segs[2:])]
     stored = segs[:2] + [premap(p, cal, gen.runner.rope) for p in primed]
     cfg = BlendConfig(recompute_ratio=0.0)
@@ -121,8 +186,8 @@ def test_primer_file_roundtrip_and_refusals(generator, tmp_path):
     assert torch.equal(back.primer, cal.primer) and back.primer.dtype == torch.int64
     assert back.digest() == cal.digest() and back.map_digest() == cal.map_digest()
     vocab = gen.runner.spec.vocab_size
-    bad = {"float ids": cal.primer.float(), "2-d ids": cal.primer.view(1, -1), "empty": cal.primer[:0],
-           "outside the vocabulary": cal.primer + vocab}
+    bad = {"float ids": cal.primer.float(), "3-d ids": cal.primer.view(1, 1, -1), "empty": cal.primer[:0],
+           "outside the vocabulary": cal.primer + vocab, "9 primers": cal.primer[:36].view(9, 4)}
     for what, primer in bad.items():
         p = tmp_path / f"bad-{what}.safetensors"
         # the file's own header and checksum, its primer tensor swapped: only the primer's check can refuse it

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 INPUTS = {"--doc", "--text", "--full", "--stream", "--json", "--topics", "--print-vllm-config",
           # `daser-rag calibrate`'s run options and `ingest --calibrate` (daser_rag/calibration/command.py)
-          "--out", "--steps", "--link-tokens", "--scales", "--no-scales", "--biases", "--no-biases", "--token-map", "--no-token-map", "--token-map-ridge", "--primer-tokens", "--train-prompts", "--held-out-prompts",
+          "--out", "--steps", "--link-tokens", "--scales", "--no-scales", "--biases", "--no-biases", "--token-map", "--no-token-map", "--token-map-ridge", "--primer-tokens", "--primers", "--train-prompts", "--held-out-prompts",
           "--min-gain", "--seed", "--threads", "--calibrate", "--fit-share", "--fit-selector", "--answer-tokens"}
 """Per-invocation inputs and switches of single commands: not settings, so not in the table."""
 DEFERRED = {"blend.recompute_ratio", "blend.selector", "service.api_keys"}

@@ -28,7 +28,7 @@ def main() -> None:
             t0 = time.perf_counter()
             gen.computer.compute(ids, "raw")
             t1 = time.perf_counter()
-            gen.computer.compute_primed(ids, "primed", primer)
+            gen.computer.compute_primed(ids, "primed", [primer])
             t2 = time.perf_counter()
             plain.append(t1 - t0)
             primed.append(t2 - t1)

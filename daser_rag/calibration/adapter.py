@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from daser_rag.calibration import token_map
-from daser_rag.calibration.config import MAX_PRIMER_TOKENS
+from daser_rag.calibration.config import MAX_PRIMER_TOKENS, MAX_PRIMERS
 from daser_rag.model.rope import apply_rope
 
 VERSION = 1
@@ -116,8 +116,8 @@ class Calibration:
     """[layers, kv_heads, 1 + 2 head_dim, 2 head_dim]: the token map (`token_map.py`), applied
     before the scales and biases (None: none; in the digest only when present)."""
     primer: torch.Tensor | None = None
-    """[P] int64 token ids every reused chunk is computed after (None: none; in the digest only
-    when present). A token map fitted with a primer was fitted on primed KV, so it is only ever
+    """[P] int64 token ids every reused chunk is computed after, or [K, P]: K primers, the chunk's
+    K/V averaged over the K computations (None: none; in the digest only when present). A token map fitted with a primer was fitted on primed KV, so it is only ever
     applied to primed chunks (`prepares_chunks`, fusion checks)."""
     _memo: dict[str, tuple[tuple[Any, ...] | None, Any]] = field(default_factory=dict, init=False, repr=False,
                                                                    compare=False)
@@ -157,7 +157,19 @@ class Calibration:
         return self.kv_map is not None or self.primer is not None
 
     def primer_ids(self) -> list[int]:
-        return [] if self.primer is None else [int(i) for i in self.primer.tolist()]
+        """The one primer's ids (empty without one); a ValueError for an ensemble (`primers`)."""
+        rows = self.primers()
+        if len(rows) > 1:
+            raise ValueError(f"this calibration averages over {len(rows)} primers, not one")
+        return rows[0] if rows else []
+
+    def primers(self) -> list[list[int]]:
+        """The primers a reused chunk is computed after, its K/V averaged over them: one row for
+        a [P] primer, K for a [K, P] ensemble (empty without one)."""
+        if self.primer is None:
+            return []
+        rows = self.primer.tolist()
+        return [[int(i) for i in r] for r in (rows if self.primer.dim() == 2 else [rows])]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
@@ -229,6 +241,8 @@ class Calibration:
             else:
                 h.update(f"daser-primed-v1\0{self.fingerprint}\0".encode())
             if primer is not None:
+                if primer.dim() == 2:  # an ensemble: its shape too ([2, 256] is not [512] of the same ids)
+                    h.update(f"\0primers:{tuple(primer.shape)}".encode())
                 h.update(b"\0primer\0" + primer.detach().to(torch.int64).cpu().numpy().astype("<i8").tobytes())
             return h.hexdigest()
 
@@ -305,9 +319,10 @@ class Calibration:
                 raise ValueError(f"calibration tensor {name} has shape {got}, the model needs {shape}")
         if self.primer is not None:
             p = self.primer
-            if p.dim() != 1 or p.dtype != torch.int64 or not 1 <= int(p.shape[0]) <= MAX_PRIMER_TOKENS:
-                raise ValueError(f"calibration primer must be 1 to {MAX_PRIMER_TOKENS} int64 token ids, "
-                                 f"got {p.dtype} of shape {tuple(p.shape)}")
+            if (p.dim() not in (1, 2) or p.dtype != torch.int64 or not 1 <= int(p.shape[-1]) <= MAX_PRIMER_TOKENS
+                    or (p.dim() == 2 and not 1 <= int(p.shape[0]) <= MAX_PRIMERS)):
+                raise ValueError(f"calibration primer must be 1 to {MAX_PRIMER_TOKENS} int64 token ids, or 1 to "
+                                 f"{MAX_PRIMERS} rows of them, got {p.dtype} of shape {tuple(p.shape)}")
             if vocab is not None and (int(p.min()) < 0 or int(p.max()) >= vocab):
                 raise ValueError(f"calibration primer holds token ids outside this model's vocabulary [0, {vocab})")
         if self.link.dim() != 2 or (self.link_tokens and int(self.link.shape[1]) != hidden):
@@ -392,7 +407,8 @@ class CalibrationSet:
     def describe(self) -> str:
         return ", ".join(f"r={c.fit_share:g}" + (" with biases" if c.has_biases else "")
                          + (" with a token map" if c.kv_map is not None else "")
-                         + (f" with a {int(c.primer.shape[0])}-token primer" if c.primer is not None else "")
+                         + ("" if c.primer is None else f" with a {int(c.primer.shape[-1])}-token primer"
+                            if c.primer.dim() == 1 else f" with {int(c.primer.shape[0])} {int(c.primer.shape[-1])}-token primers")
                          + (f" {c.link_tokens} link tokens" if c.link_tokens else "")
                          for c in self.members)
 

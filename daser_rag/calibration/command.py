@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--primer-tokens", type=int, default=d.primer_tokens,
                    help="compute reused chunks after a primer of this many tokens from the training documents "
                         "(0: none; docs/calibration.md)")
+    p.add_argument("--primers", type=int, default=d.primers,
+                   help="average each reused chunk's K/V over this many primers (from as many training prompts; "
+                        "each costs one more chunk pass at index time; more than 1 is not carried on vLLM)")
     p.add_argument("--train-prompts", type=int, default=d.train_prompts)
     p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")
@@ -114,6 +117,7 @@ def run(args: argparse.Namespace, gen: Any, documents: Sequence[Document] | None
         cfg = CalibrationConfig(link_tokens=args.link_tokens, scales=args.scales, steps=args.steps,
                                 biases=args.biases, token_map=args.token_map,
                                 token_map_ridge=args.token_map_ridge, primer_tokens=args.primer_tokens,
+                                primers=args.primers,
                                 train_prompts=args.train_prompts, held_out_prompts=args.held_out_prompts,
                                 answer_tokens=args.answer_tokens, min_gain=args.min_gain, seed=args.seed,
                                 fit_share=args.fit_share, fit_selector=args.fit_selector)

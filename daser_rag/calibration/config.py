@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING
 from daser_rag.params import DEFAULT_RECOMPUTE_RATIO, DEFAULT_SELECTOR
 from daser_rag.settings import CALIBRATED_SELECTOR
 
+MAX_PRIMERS = 8
+"""The most primers a calibration may average a chunk over (each costs one more chunk pass at index
+time)."""
+
 MAX_PRIMER_TOKENS = 2048
 """The longest primer a calibration may carry (fitted here, checked on every file by `adapter.py`):
 more costs index time and measured no better (1,024 tokens: held-out KL 0.0286 against 0.0247 at 512)."""
@@ -49,6 +53,13 @@ class CalibrationConfig:
     the Language Reference: 0.2024 (none) -> 0.0516 (128 tokens) -> 0.0357 (512); with the token
     map fitted on primed KV 0.0704 -> 0.0331 -> 0.0247. A generic paragraph does much less
     (128 tokens: 0.1324 / 0.062): the primer should look like the documents served."""
+    primers: int = 1
+    """How many primers each reused chunk is computed after, its K/V averaged over them (the
+    first `primer_tokens` of as many training prompts' chunks). The mean over preceding texts is
+    the best fixed guess of a chunk's state when what precedes it is unknown: held-out r = 0 KL
+    on the Language Reference probe, with the map, 0.0247 (1 primer) -> 0.0169 (4), at 4x the
+    primed index-time cost (`benchmarks/probes/chunk_primer.py`, avg512). Not carried on vLLM
+    (its connector loads one entry per chunk)."""
     steps: int = 40
     batch: int = 4
     lr_scale: float = 0.05
@@ -90,6 +101,8 @@ class CalibrationConfig:
             raise ValueError("nothing to calibrate: scales, biases and token map off, no primer and no link tokens")
         if not 0 <= self.primer_tokens <= MAX_PRIMER_TOKENS:
             raise ValueError(f"primer_tokens must be in [0, {MAX_PRIMER_TOKENS}], got {self.primer_tokens}")
+        if not isinstance(self.primers, int) or not 1 <= self.primers <= MAX_PRIMERS:
+            raise ValueError(f"primers must be in [1, {MAX_PRIMERS}], got {self.primers!r}")
         if self.token_map_ridge < 0:
             raise ValueError(f"token_map_ridge must be >= 0, got {self.token_map_ridge}")
         if not 0.0 <= self.fit_share < 1.0:

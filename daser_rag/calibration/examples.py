@@ -56,7 +56,7 @@ class ReuseExample:
     context_ids: torch.Tensor | None = None  # [C] the context's token ids (needed when `selected` is not empty)
     selected: torch.Tensor | None = None  # sorted context positions recomputed at the fitted share
     spec: PromptSpec | None = None  # the prompt it was prepared from
-    primer: tuple[int, ...] = ()  # the primer its reused chunks were computed after (empty: none)
+    primer: tuple[tuple[int, ...], ...] = ()  # the primers its reused chunks were computed after (empty: none)
     baseline: ReuseExample | None = None
     """With a primer: the same prompt with chunks as the store holds them uncalibrated (computed
     after the system prefix alone), what the held-out check's "before" is measured on."""
@@ -148,10 +148,10 @@ def exact_length(segments: list[ChunkKV]) -> int:
     return segments[0].num_tokens + (segments[1].num_tokens if len(segments) > 1 else 0)
 
 
-def _segments(gen: Any, chunk_ids: list[list[int]], primer: Sequence[int] = ()) -> list[ChunkKV]:
+def _segments(gen: Any, chunk_ids: list[list[int]], primer: Sequence[Sequence[int]] = ()) -> list[ChunkKV]:
     """The system prefix and each chunk computed after it alone: what the store would hold; with
-    a primer, the chunks after the first (the exact one) computed after [prefix, primer], as a
-    calibration with that primer reads them (`premap.py`)."""
+    primers, the chunks after the first (the exact one) computed after [prefix, primer] (averaged
+    over the primers), as a calibration with them reads them (`premap.py`)."""
     prefix: ChunkKV = gen.computer.prefix()
     out = [prefix]
     for i, ids in enumerate(chunk_ids):
@@ -187,7 +187,7 @@ def _selection(gen: Any, segs: list[ChunkKV], q_ids: list[int], blend: BlendConf
 
 def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question_tokens: int = 4,
             blend: BlendConfig | None = None, token_map_stats: TokenMapStats | None = None,
-            primer: Sequence[int] = (), baseline: bool = False) -> ReuseExample:
+            primer: Sequence[Sequence[int]] = (), baseline: bool = False) -> ReuseExample:
     """The teacher's targets and the r = 0 buffer for one prompt; with `blend` (r > 0), also
     the positions that selection recomputes, for a student that repairs them as serving does;
     with `token_map_stats`, its reused tokens are added to the token map's regression; with a
@@ -199,7 +199,7 @@ def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question
     answer, logp, teacher = _teacher(gen, ctx_ids, q_ids, answer_tokens, loss_question_tokens)
     tail = torch.tensor(q_ids + answer[:-1], dtype=torch.long)
 
-    def example(p: Sequence[int], stats: TokenMapStats | None) -> ReuseExample:
+    def example(p: Sequence[Sequence[int]], stats: TokenMapStats | None) -> ReuseExample:
         segs = _segments(gen, chunk_ids, p)  # computed once: the buffer and the selection read the same KV
         keys, values, reused = _reuse_buffer(gen, segs)
         if stats is not None:
@@ -208,7 +208,8 @@ def prepare(gen: Any, spec: PromptSpec, *, answer_tokens: int = 8, loss_question
         # inference tensors cannot be saved for backward: plain copies
         return ReuseExample([k.clone() for k in keys], [v.clone() for v in values], reused.clone(), tail,
                             logp.clone(), answer, torch.tensor(ctx_ids, dtype=torch.long),
-                            None if selected is None else selected.clone(), spec, tuple(int(i) for i in p))
+                            None if selected is None else selected.clone(), spec,
+                            tuple(tuple(int(i) for i in r) for r in p))
 
     ex = example(primer, token_map_stats)
     if primer and baseline:

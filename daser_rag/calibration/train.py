@@ -103,8 +103,8 @@ class Prepared:
     seconds: float
     token_map: TokenMapStats | None = None
     """The token map's normal equations over the training prompts (None: not accumulated)."""
-    primer: tuple[int, ...] = ()
-    """The primer the prompts' reused chunks were computed after (empty: none)."""
+    primer: tuple[tuple[int, ...], ...] = ()
+    """The primers the prompts' reused chunks were computed after, averaged over (empty: none)."""
 
     def for_config(self, gen: Any, config: CalibrationConfig) -> Prepared:
         """The same prompts for a student fitted at `config`'s share (adds or drops the selection)."""
@@ -116,14 +116,16 @@ class Prepared:
                         self.seconds + time.perf_counter() - t0, self.token_map, self.primer)
 
 
-def choose_primer(gen: Any, specs: Sequence[Any], tokens: int) -> tuple[int, ...]:
-    """The first `tokens` tokens of the first training prompt's chunks, one after another: text
-    from the user's own documents (a generic paragraph measured far worse), and from training
-    documents only, so the held-out check stays honest."""
+def choose_primer(gen: Any, specs: Sequence[Any], tokens: int, count: int = 1) -> tuple[tuple[int, ...], ...]:
+    """`count` primers: the first `tokens` tokens of each of the first `count` training prompts'
+    chunks, one after another (cut to one length, so a chunk sits at the same positions after
+    each): text from the user's own documents (a generic paragraph measured far worse), and from
+    training documents only, so the held-out check stays honest."""
     if tokens <= 0 or not specs:
         return ()
-    ids = [int(t) for c in specs[0].chunks for t in gen.prompt.chunk_ids(c)]
-    return tuple(ids[:tokens])
+    rows = [[int(t) for c in sp.chunks for t in gen.prompt.chunk_ids(c)][:tokens] for sp in specs[:count]]
+    n = min(len(r) for r in rows)
+    return tuple(tuple(r[:n]) for r in rows)
 
 
 def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationConfig,
@@ -147,9 +149,10 @@ def prepare_split(gen: Any, documents: Sequence[Document], config: CalibrationCo
     spec = gen.runner.spec
     stats = (TokenMapStats.empty(spec.num_layers, spec.num_kv_heads, spec.head_dim)
              if (config.token_map if token_map is None else token_map) else None)
-    primer = choose_primer(gen, train_specs, config.primer_tokens)
+    primer = choose_primer(gen, train_specs, config.primer_tokens, config.primers)
     if primer:
-        say(f"reused chunks computed after a {len(primer)}-token primer from the training documents")
+        say(f"reused chunks computed after {len(primer)} x {len(primer[0])}-token primer(s) from the training "
+            "documents" + (" (K/V averaged)" if len(primer) > 1 else ""))
     train = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
                      blend=blend, token_map_stats=stats, primer=primer) for s in train_specs]
     held = [prepare(gen, s, answer_tokens=config.answer_tokens, loss_question_tokens=config.loss_question_tokens,
@@ -174,11 +177,13 @@ def fit(gen: Any, data: Prepared, config: CalibrationConfig,
     cal.fit_share = config.fit_share
     map_only: list[float] = []
     before = mean_kls(gen, [e.baseline or e for e in held], cal.without_link())  # what the store serves uncalibrated
-    primer = torch.tensor(data.primer, dtype=torch.int64) if data.primer else None
+    primer = None
+    if data.primer:  # one primer is stored [P] (the format older files have), an ensemble [K, P]
+        primer = torch.tensor(data.primer if len(data.primer) > 1 else data.primer[0], dtype=torch.int64)
     cal.primer = primer
     if primer is not None and not config.token_map:
         map_only = mean_kls(gen, held, cal.map_only())
-        say(f"{len(data.primer)}-token primer: held-out mean KL {sum(before) / len(before):.4f} -> "
+        say(f"{len(data.primer)} x {len(data.primer[0])}-token primer: held-out mean KL {sum(before) / len(before):.4f} -> "
             f"{sum(map_only) / len(map_only):.4f} (primer alone)")
     kv_map = None
     if config.token_map:

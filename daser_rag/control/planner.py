@@ -141,7 +141,12 @@ class Planner:
 
     def check_primer(self, calibration: Calibration) -> None:
         """A primed chunk is computed in one vLLM request [system prefix, primer, chunk], which
-        must fit the model's window."""
+        must fit the model's window; the connector loads one entry per chunk, so an ensemble of
+        primers (K/V averaged over several) is not carried."""
+        if len(calibration.primers()) > 1:
+            raise InvalidInputError(f"this calibration averages each chunk over {len(calibration.primers())} primers, "
+                                    "which the vLLM connector cannot load yet (one entry per chunk); calibrate with "
+                                    "--primers 1")
         need = len(self.prompt.prefix_ids) + len(calibration.primer_ids()) + self.chunk_tokens
         if calibration.primer is not None and need > self.context_window:
             raise InvalidInputError(

@@ -75,7 +75,9 @@ def vllm_calibration(value: Any, files: ModelFiles, store_root: Any, aliases: Se
         return None
     usable = []
     for c in loaded.members:
-        why = "link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens else ""
+        why = ("link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens
+               else f"{len(c.primers())} primers averaged over (the connector loads one entry per chunk; calibrate "
+                    "with --primers 1)" if len(c.primers()) > 1 else "")
         if not why:
             usable.append(c)
         elif value == "auto":

@@ -139,7 +139,7 @@ class SegmentAssembler:
         (invalidated with it); (the stored entry, raw was stored)."""
         if calibration.primer is not None:  # computed after the primer, not read from the raw entry
             t0 = time.perf_counter()
-            raw: ChunkKV | None = self.computer.compute_primed(chunk.token_ids, chunk.key, calibration.primer_ids())
+            raw: ChunkKV | None = self.computer.compute_primed(chunk.token_ids, chunk.key, calibration.primers())
             timings.precompute_s += time.perf_counter() - t0
             hit = False
         else:

@@ -6,6 +6,7 @@ computed once per generator and shared: a new tenant name costs no model memory.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
@@ -48,7 +49,7 @@ class ChunkComputer:
         self.prompt = prompt
         self.fingerprint = fingerprint
         self._prefix: ChunkKV | None = None
-        self._primed: tuple[tuple[int, ...], ChunkKV] | None = None
+        self._primed: dict[tuple[int, ...], ChunkKV] = {}  # primer ids -> its KV after the prefix
         self._lock = threading.Lock()
 
     def key(self, token_ids: Sequence[int], tenant: str) -> str:
@@ -78,22 +79,37 @@ class ChunkComputer:
         return extract(self.runner, cache, key, t, p, self.fingerprint)
 
     def primed_prefix(self, primer: Sequence[int]) -> ChunkKV:
-        """The primer's KV computed after the system prefix (the last primer's is kept: an engine
-        serves one)."""
+        """The primer's KV computed after the system prefix. Kept for the primers of the last
+        calibrations used (at most `MAX_PRIMERS` x 2: an engine serves one or two calibrations)."""
+        from daser_rag.calibration.config import MAX_PRIMERS
+
         ids = tuple(int(i) for i in primer)
         with self._lock:
-            if self._primed is not None and self._primed[0] == ids:
-                return self._primed[1]
+            if ids in self._primed:
+                return self._primed[ids]
         run = self.compute_after([self.prefix()], [ids], ["primer"])[0]
         with self._lock:
-            self._primed = (ids, run)
+            while len(self._primed) >= 2 * MAX_PRIMERS:
+                self._primed.pop(next(iter(self._primed)))
+            self._primed[ids] = run
         return run
 
-    def compute_primed(self, token_ids: Sequence[int], key: str, primer: Sequence[int]) -> ChunkKV:
+    def compute_primed(self, token_ids: Sequence[int], key: str, primers: Sequence[Sequence[int]]) -> ChunkKV:
         """Chunk KV computed after [system prefix, primer] (`calibration/adapter.py`, primer): at
         the positions it was computed at (`start_pos` past the primer), which fusion re-rotates
-        from like any chunk; the primer's own KV is not part of it."""
-        return self.compute_after([self.prefix(), self.primed_prefix(primer)], [token_ids], [key])[0]
+        from like any chunk; the primer's own KV is not part of it. With several primers (all of
+        one length, so the chunk sits at the same positions after each) the K/V are the mean of
+        the computations after each, in float32: the best fixed guess of the chunk's state when
+        what precedes it is unknown."""
+        if not primers or len({len(p) for p in primers}) != 1:
+            raise ValueError("compute_primed needs one or more primers of one length")
+        runs = [self.compute_after([self.prefix(), self.primed_prefix(p)], [token_ids], [key])[0] for p in primers]
+        if len(runs) == 1:
+            return runs[0]
+        first = runs[0]
+        keys = torch.stack([r.keys.float() for r in runs]).mean(0).to(first.keys.dtype)
+        values = torch.stack([r.values.float() for r in runs]).mean(0).to(first.values.dtype)
+        return dataclasses.replace(first, keys=keys, values=values)
 
     @torch.inference_mode()
     def compute_after(self, runs: Sequence[ChunkKV], pieces: Sequence[Sequence[int]],
