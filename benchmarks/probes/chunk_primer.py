@@ -12,6 +12,12 @@ document. Variants:
   genN      the primer is the first N tokens of a fixed generic paragraph, repeated (GENERIC below:
             no document of any corpus)
   ...all    (suffix) the first chunk is primed too, so it is no longer exact
+  mixN      the primer is N tokens made of the first N/4 tokens of 4 training documents (the first
+            chunks of 4 training prompts): several documents instead of one
+  avgN      the chunk is computed after AVG_K (4) different docN primers (the first chunks of as
+            many training prompts) and its K/V averaged: a chunk state that is no one document's
+  nearN     the primer is the first N tokens of the training document most like the chunk (cosine of
+            token counts): the document most likely to be retrieved with it
   prev      oracle: the primer is the chunk actually placed before it (pairwise caching; not
             available at index time, an upper bound on what one preceding chunk can give)
 
@@ -20,6 +26,7 @@ For each, the held-out r = 0 mean KL against full prefill, uncalibrated and with
 that variant's stale KV of the 16 training prompts (same prompts as kv_corrections.py).
 
     python -m benchmarks.probes.chunk_primer     # env: V=none,doc128,doc512,prev T=2 OUT=results/probes
+                                                 #      PRIMER_PROMPT=k: docN from training prompt k (0)
 """
 
 import json
@@ -52,8 +59,36 @@ def main() -> None:
     pre = len(pre_ids)
     # the training prompt's chunks one after another (its first chunk first, so doc128 and doc512 are
     # the beginning of one chunk), and the generic paragraph repeated
-    sources = {"doc": [t for c in data.train[0].spec.chunks for t in gen.prompt.chunk_ids(c)],
+    src = int(os.environ.get("PRIMER_PROMPT", "0"))  # which training prompt docN's primer comes from
+    sources = {"doc": [t for c in data.train[src].spec.chunks for t in gen.prompt.chunk_ids(c)],
                "gen": gen.prompt.chunk_ids(GENERIC) * 8}
+    n_avg = int(os.environ.get("AVG_K", "4"))  # how many primers avgN averages over
+    firsts = [gen.prompt.chunk_ids(e.spec.chunks[0]) for e in data.train[:max(4, n_avg)]]
+    train_docs = {c: gen.prompt.chunk_ids(c) for e in data.train for c in e.spec.chunks}
+    vocab = runner.vocab_size
+
+    def counts(ids):
+        v = torch.zeros(vocab)
+        v.index_add_(0, torch.tensor(list(ids)), torch.ones(len(ids)))
+        return v / v.norm()
+
+    doc_vecs = {c: counts(ids) for c, ids in train_docs.items()}
+
+    def primers(name, ids):
+        """The primers a chunk is computed after (their K/V averaged when more than one)."""
+        kind = name.rstrip("0123456789")
+        n = int(name[len(kind):])
+        if kind == "mix":
+            return [[t for f in firsts for t in f[: n // 4]]]
+        if kind == "avg":
+            return [f[:n] for f in firsts[:n_avg]]
+        if kind == "near":
+            q = counts(ids)
+            best = max((c for c in train_docs if c not in ex_chunks), key=lambda c: float(q @ doc_vecs[c]))
+            return [train_docs[best][:n]]
+        return [sources[kind][:n]]
+
+    ex_chunks: set = set()
 
     def chunk_spans(ex):
         out, o = [], pre
@@ -73,19 +108,25 @@ def main() -> None:
         ks = [k.clone() for k in ex.keys]
         vs = [v.clone() for v in ex.values]
         spans = chunk_spans(ex)
+        ex_chunks.clear()
+        ex_chunks.update(ex.spec.chunks)
         everything = variant.endswith("all")
         name = variant[:-3] if everything else variant
         for j, (o, ids) in enumerate(spans):
             if j == 0 and not everything:
                 continue  # the first chunk is exact: computed right after the prefix, at its place
-            primer = spans[j - 1][1] if name == "prev" else sources[name[:3]][: int(name[3:])]
-            seq = torch.tensor(pre_ids + list(primer) + list(ids))
-            cache = runner.new_cache(len(seq))
-            runner.forward(seq, 0, cache)
-            s, n = pre + len(primer), len(ids)
-            for i in range(L):
-                ks[i][:, o:o + n] = rerotate_keys(cache.keys[i][:, s:s + n], o - s, runner.inv_freq)
-                vs[i][:, o:o + n] = cache.values[i][:, s:s + n]
+            group = [spans[j - 1][1]] if name == "prev" else primers(name, ids)
+            n = len(ids)
+            for g, primer in enumerate(group):
+                seq = torch.tensor(pre_ids + list(primer) + list(ids))
+                cache = runner.new_cache(len(seq))
+                runner.forward(seq, 0, cache)
+                s = pre + len(primer)
+                for i in range(L):
+                    k = rerotate_keys(cache.keys[i][:, s:s + n], o - s, runner.inv_freq) / len(group)
+                    v = cache.values[i][:, s:s + n] / len(group)
+                    ks[i][:, o:o + n] = k if g == 0 else ks[i][:, o:o + n] + k
+                    vs[i][:, o:o + n] = v if g == 0 else vs[i][:, o:o + n] + v
         return ks, vs
 
     def rows(ex, variant):
@@ -160,7 +201,9 @@ def main() -> None:
               "sq deviation", round(res[variant]["kv_sq_deviation"]), "left by map",
               round(res[variant]["kv_error_left_by_map"], 3), round(time.time() - t0), "s", flush=True)
     os.makedirs(OUT, exist_ok=True)
-    with open(f"{OUT}/chunk_primer_{os.environ.get('V', 'default').replace(',', '_')}.json", "w") as f:
+    tag = (os.environ.get("V", "default").replace(",", "_") + (f"_p{src}" if src else "")
+           + (f"_k{n_avg}" if n_avg != 4 else ""))
+    with open(f"{OUT}/chunk_primer_{tag}.json", "w") as f:
         json.dump(res, f, indent=1)
 
 

@@ -39,7 +39,7 @@ def prepared(gen):
     path = f"{OUT}/prep_{SHARE}_{NTRAIN}.pt"
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
-    cfg = CalibrationConfig(train_prompts=NTRAIN, held_out_prompts=12, fit_share=SHARE, seed=0)
+    cfg = CalibrationConfig(train_prompts=NTRAIN, held_out_prompts=12, fit_share=SHARE, seed=0, primer_tokens=0)
     t0 = time.time()
     data = prepare_split(gen, training_documents(gen, "reference", 100, 0), cfg, log=print)
     os.makedirs(OUT, exist_ok=True)
