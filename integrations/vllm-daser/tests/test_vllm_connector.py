@@ -218,6 +218,20 @@ def _run_prefills(env, req: VllmRequest) -> None:
         assert cached == len(env["gen"].prompt.prefix_ids) or cached == 0
 
 
+def _daser_calibrated_r0(env, ctx, calibration):
+    """daser's own engine at r=0 on Q1 over `ctx`, with `calibration` (asserted to act)."""
+    from daser_rag.calibration.adapter import CalibrationSet
+
+    gen = env["gen"]
+    gen.calibration = CalibrationSet((calibration,))
+    try:
+        out = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
+    finally:
+        gen.calibration = None
+    assert out.calibrated
+    return out
+
+
 def _agree(a, b) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -256,7 +270,7 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     re-positioned segments it loads give daser's own calibrated r=0 greedy tokens, which differ from the
     uncalibrated ones; the plan's cache salt names the calibration, so its blocks never meet
     unscaled ones."""
-    from daser_rag.calibration.adapter import Calibration, CalibrationSet
+    from daser_rag.calibration.adapter import Calibration
 
     gen, d = env["gen"], env["docs"]
     spec = gen.runner.spec
@@ -275,12 +289,7 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
         """vLLM's greedy tokens for `req` equal daser's own calibrated r=0 ones; those returned."""
         toks, cached = run(env, req)
         assert cached == req.context_tokens
-        gen.calibration = CalibrationSet((calibration,))
-        try:
-            ours = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
-        finally:
-            gen.calibration = None
-        assert ours.calibrated
+        ours = _daser_calibrated_r0(env, ctx, calibration)
         n = min(len(toks), len(ours.token_ids))
         assert n >= 8 and list(toks[:n]) == list(ours.token_ids[:n]), (toks, ours.token_ids)
         return ours
@@ -340,7 +349,7 @@ def test_primed_full_reuse_equals_daser_primed_r0(env):
     stores them mapped), and not those of the same map without the primer."""
     import dataclasses
 
-    from daser_rag.calibration.adapter import Calibration, CalibrationSet
+    from daser_rag.calibration.adapter import Calibration
 
     gen, d = env["gen"], env["docs"]
     spec = gen.runner.spec
@@ -364,13 +373,7 @@ def test_primed_full_reuse_equals_daser_primed_r0(env):
     assert cached == r.context_tokens  # every context token loaded, only the question computed
 
     def daser(calibration):
-        gen.calibration = CalibrationSet((calibration,))
-        try:
-            out = gen.generate(Q1, ctx, recompute_ratio=0.0, max_new_tokens=MAX_TOKENS)
-        finally:
-            gen.calibration = None
-        assert out.calibrated
-        return list(out.token_ids)
+        return list(_daser_calibrated_r0(env, ctx, calibration).token_ids)
 
     ours = daser(cal)
     n = min(len(toks), len(ours))
