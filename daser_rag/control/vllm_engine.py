@@ -347,10 +347,14 @@ class VllmEngine(StreamingEngine):
 
     def _compute_chunk(self, ids: Sequence[int], key: str) -> bool:
         """The ingestor's compute hook: one chunk through any available instance (retried)."""
+        return self._compute(self._raw_plan(ids, key))
+
+    def _raw_plan(self, ids: Sequence[int], key: str) -> PrefillPlan:
+        """vLLM computes the chunk right after the system prefix and saves it under `key`."""
         n_pre = len(self.planner.prompt.prefix_ids)
         pk = self.planner.prefix_key("")  # the prefix KV does not depend on the tenant
-        return self._compute(PrefillPlan(key, list(self.planner.prompt.prefix_ids) + list(ids),
-                                         plan_params([(pk, n_pre), (key, len(ids))])))
+        return PrefillPlan(key, list(self.planner.prompt.prefix_ids) + list(ids),
+                           plan_params([(pk, n_pre), (key, len(ids))]))
 
     def _compute(self, pf: PrefillPlan) -> bool:
         """One prefill plan through any available instance (retried); True when the shared store
@@ -427,12 +431,8 @@ class VllmEngine(StreamingEngine):
     def _compute_missing(self, todo: dict[str, list[int]], progress: Progress) -> int:
         """Have vLLM compute these chunks (key -> token ids), several at once (vLLM batches
         them); progress counts chunks. Returns how many the shared store holds afterwards."""
-        done = 0
-        with progress_bar(len(todo), progress, "precomputing chunk KV on vLLM") as step:
-            for f in as_completed([self._prefills.submit(self._compute_chunk, ids, key) for key, ids in todo.items()]):
-                done += int(f.result())
-                step()
-        return done
+        return self._run_prefills([self._raw_plan(ids, key) for key, ids in todo.items()], progress,
+                                  "precomputing chunk KV on vLLM")
 
     def _run_prefills(self, plans: Sequence[PrefillPlan], progress: Progress, label: str) -> int:
         """`plans` on the instances, several at once; how many entries the store holds after."""
