@@ -101,9 +101,15 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
         cal.check_shape(layers, kv_heads, hidden, head_dim, vocab)
     except ValueError as e:
         raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
-    if made_for != fingerprint:
-        cal = dataclasses.replace(cal, fingerprint=fingerprint, meta={**cal.meta, "made_for": made_for})
-    return cal
+    return _named_for(cal, fingerprint)
+
+
+def _named_for(cal: Any, fingerprint: str) -> Any:
+    """`cal` under `fingerprint` (an alias of the fingerprint it was made for, checked by the
+    caller), the one it was made for kept in its meta."""
+    if cal.fingerprint == fingerprint:
+        return cal
+    return dataclasses.replace(cal, fingerprint=fingerprint, meta={**cal.meta, "made_for": cal.fingerprint})
 
 
 def load_for(path: str | Path, runner: Any, fingerprint: str, aliases: Sequence[str] = ()) -> Any:
@@ -206,8 +212,7 @@ def resolve_calibration(value: Any, runner: Any, fingerprint: str, cache_root: s
                               getattr(spec, "vocab_size", None))
             except ValueError as e:
                 raise CalibrationFileError(str(e)) from e
-        members = [c if c.fingerprint == fingerprint else dataclasses.replace(c, fingerprint=fingerprint, meta=dict(c.meta))
-                   for c in members]
+        members = [_named_for(c, fingerprint) for c in members]
     if not members:
         return None
     try:

@@ -141,7 +141,8 @@ def open_vllm_engine(
     files = ModelFiles(model, dtype=dtype)
     namespace = default_namespace(files.fingerprint)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    store = open_store(control_plane_dir(root), redis_url=redis_url, namespace=namespace, host_bytes=1 << 20)
+    published = control_plane_dir(root)  # the planner's store: where it publishes calibrations
+    store = open_store(published, redis_url=redis_url, namespace=namespace, host_bytes=1 << 20)
     processes: list[VllmProcess] = []
     all_urls = list(urls)
     try:
@@ -154,7 +155,7 @@ def open_vllm_engine(
                 port = free_port()
                 kv = kv_transfer_dict(root / f"vllm-{i}", fingerprint=files.fingerprint, redis_url=redis_url,
                                       redis_namespace=namespace, codec=_codec(dtype),
-                                      calibration_dir=control_plane_dir(root),  # where the planner publishes
+                                      calibration_dir=published,
                                       host_bytes=instance_host_bytes or DEFAULT_INSTANCE_HOST_BYTES,
                                       # --prefetch-window 0: no PCR anywhere (nor a request's own on arrival)
                                       prefetch_max_requests=0 if prefetch_off else None)

@@ -172,6 +172,16 @@ def _sources(src: Path) -> tuple[list[Path], str, dict[str, Any]]:
             str(src), {})
 
 
+def _offline_source(path: str | os.PathLike[str] | None) -> Path:
+    """The model path (None: the embedded default), checked to exist, with transformers kept offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    src = Path(path) if path is not None else default_model_path()
+    if not src.exists():
+        raise ModelLoadError(f"model path does not exist: {src}")
+    return src
+
+
 def _fingerprint(weight_files: list[Path], tokenizer: Any, dtype: torch.dtype) -> str:
     fp = hashlib.blake2b(digest_size=16)
     fp.update(_hash_files(weight_files).encode())
@@ -185,13 +195,9 @@ def engine_fingerprint(path: str | os.PathLike[str] | None, dtype: torch.dtype) 
     tokenizer only). The vLLM control plane names the same weights by their served files
     (`model/files.py`), so it uses this to find calibrations made by daser's own engine
     (`daser-rag calibrate`), which carry this fingerprint."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    src = _offline_source(path)
     from transformers import AutoTokenizer
 
-    src = Path(path) if path is not None else default_model_path()
-    if not src.exists():
-        raise ModelLoadError(f"model path does not exist: {src}")
     weight_files, root, kwargs = _sources(src)
     try:
         tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, **kwargs)
@@ -211,8 +217,7 @@ def load_model(
     fp32 is the CPU default because the exactness guarantees (r=1 == full prefill, exact
     prefix reuse) are stated at fp32; on CUDA the default is bf16.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    src = _offline_source(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -220,9 +225,6 @@ def load_model(
     cast(Callable[[], None], hf_logging.disable_progress_bar)()
     cast(Callable[[], None], hf_logging.set_verbosity_error)()
 
-    src = Path(path) if path is not None else default_model_path()
-    if not src.exists():
-        raise ModelLoadError(f"model path does not exist: {src}")
     dev = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu"
     )

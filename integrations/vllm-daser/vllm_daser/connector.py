@@ -182,6 +182,10 @@ class _Settings:
     calibration_dir: str = ""
     """Where the control plane publishes the calibrations plans name by digest ("": `store_dir`)."""
 
+    @property
+    def calibration_root(self) -> str:
+        return self.calibration_dir or self.store_dir
+
     @classmethod
     def from_config(cls, vllm_config: VllmConfig) -> _Settings:
         cfg = vllm_config.kv_transfer_config
@@ -328,7 +332,7 @@ class DaserConnectorScheduler:
         from daser_rag.calibration.storage import CalibrationFileError, published_path
 
         try:
-            ok = published_path(self.s.calibration_dir or self.s.store_dir, digest).is_file()
+            ok = published_path(self.s.calibration_root, digest).is_file()
         except CalibrationFileError:
             ok = False
         for seen in (self._maps_seen, self._maps_missing):
@@ -340,7 +344,7 @@ class DaserConnectorScheduler:
             self._maps_missing.add(digest)
             logger.warning("DaserKVConnector: plans name calibration %s, which is not published in %s (the "
                            "control plane's store directory: set calibration_dir); they load only their exact run",
-                           digest, self.s.calibration_dir or self.s.store_dir)
+                           digest, self.s.calibration_root)
         return ok
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -581,19 +585,18 @@ class DaserConnectorWorker:
             if isinstance(got, str):
                 return got
             kv_map = got
-        if first < k_all.shape[2]:
-            cos = sin = None
-            if kb is not None or kv_map is not None:
-                assert self.inv_freq is not None
-                pos = torch.arange(ld.start + first, ld.start + k_all.shape[2])
-                cos, sin = rope_cos_sin(pos, self.inv_freq, 1.0, torch.float32)
-            for i in range(k_all.shape[0]):  # what daser's fusion does (calibration/adapter.py place_kv), in fp32
-                k_pl, v_pl = place_kv(
-                    k_all[i, :, first:].float(), v_all[i, :, first:].float(), ks[i], vs[i],
-                    None if kb is None else kb[i], None if vb is None else vb[i],
-                    cos, sin, None if kv_map is None else kv_map[i])
-                k_all[i, :, first:], v_all[i, :, first:] = k_pl.to(k_all.dtype), v_pl.to(v_all.dtype)
-            self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
+        cos = sin = None
+        if kb is not None or kv_map is not None:
+            assert self.inv_freq is not None
+            pos = torch.arange(ld.start + first, ld.start + k_all.shape[2])
+            cos, sin = rope_cos_sin(pos, self.inv_freq, 1.0, torch.float32)
+        for i in range(k_all.shape[0]):  # what daser's fusion does (calibration/adapter.py place_kv), in fp32
+            k_pl, v_pl = place_kv(
+                k_all[i, :, first:].float(), v_all[i, :, first:].float(), ks[i], vs[i],
+                None if kb is None else kb[i], None if vb is None else vb[i],
+                cos, sin, None if kv_map is None else kv_map[i])
+            k_all[i, :, first:], v_all[i, :, first:] = k_pl.to(k_all.dtype), v_pl.to(v_all.dtype)
+        self.stats["calibrated_tokens"] = self.stats.get("calibrated_tokens", 0) + int(k_all.shape[2] - first)
         return None
 
     def _token_map(self, digest: str, k_all: torch.Tensor) -> torch.Tensor | str:
@@ -606,7 +609,7 @@ class DaserConnectorWorker:
         from daser_rag.calibration.storage import CalibrationFileError, load_published
 
         try:
-            cal = load_published(self.s.calibration_dir or self.s.store_dir, digest, fingerprint=self.s.fingerprint,
+            cal = load_published(self.s.calibration_root, digest, fingerprint=self.s.fingerprint,
                                  layers=int(k_all.shape[0]), kv_heads=int(k_all.shape[1]), head_dim=int(k_all.shape[3]))
         except CalibrationFileError as exc:
             return f"plan's token map cannot be used: {exc}"
