@@ -1,8 +1,8 @@
-"""A calibration with a primer (the default `daser-rag calibrate` writes) served by
+"""A calibration with an ensemble of primers (what `daser-rag calibrate` writes) served by
 `daser-rag serve --engine vllm`: the control plane finds it (`auto`, in the cache dir, named by
-daser's own engine's fingerprint of the model), has vLLM compute every chunk's
-primed entry at ingest, and vLLM's answers equal daser's own calibrated ones; editing a document
-re-primes it and the answer follows the new text. One spawned instance; its own module so the
+daser's own engine's fingerprint of the model), has vLLM compute every chunk after each primer
+at ingest and stores their mean, and vLLM's answers equal daser's own calibrated ones; editing
+a document re-primes it and the answer follows the new text. One spawned instance; its own module so the
 two-instance plane of test_control_plane_vllm.py is down before this one starts.
 """
 
@@ -38,7 +38,8 @@ def primed_plane(tmp_path_factory, lm):
                       torch.zeros(0, spec.hidden_size), fit_share=0.15,
                       kv_map=0.02 * torch.randn(spec.num_layers, spec.num_kv_heads, 1 + 2 * spec.head_dim,
                                                 2 * spec.head_dim, generator=g),
-                      primer=torch.tensor(gen.prompt.chunk_ids(ORCHARD + " " + COPPER)[:48], dtype=torch.int64))
+                      primer=torch.tensor(gen.prompt.chunk_ids(ORCHARD + " " + COPPER)[:48],
+                                          dtype=torch.int64).view(2, 24))  # an ensemble: 2 primers
     assert gen.fingerprint != files.fingerprint
     storage.save(cal, storage.default_path(base / "cache", gen.fingerprint, 0.15))
     with control_plane(base, spawn=1) as p:

@@ -67,14 +67,11 @@ def test_an_ensemble_of_primers_averages_the_chunks_kv(generator):
 
 def test_ensemble_primers_in_files_keys_training_and_vllm(generator, tmp_path):
     """A [K, P] primer round-trips, is named by its shape too (its entries never meet those of
-    one primer of the same ids), is chosen from K training prompts, and is refused where the vLLM
-    connector would have to average (the planner; named for the vLLM engine) or skipped (auto)."""
+    one primer of the same ids), is chosen from K training prompts, and is taken by the vLLM
+    engine (named or found by `auto`): the control plane averages it (next test)."""
     from daser_rag.calibration import storage
-    from daser_rag.calibration.storage import CalibrationFileError
     from daser_rag.calibration.train import choose_primer
-    from daser_rag.control.planner import Planner
     from daser_rag.control.vllm_engine import vllm_calibration
-    from daser_rag.errors import InvalidInputError
     from daser_rag.model.files import ModelFiles
 
     gen = generator
@@ -91,6 +88,11 @@ def test_ensemble_primers_in_files_keys_training_and_vllm(generator, tmp_path):
     with pytest.raises(ValueError, match="rows"):
         nine.check_shape(gen.runner.spec.num_layers, gen.runner.spec.num_kv_heads, gen.runner.spec.hidden_size,
                          gen.runner.spec.head_dim)
+    # each member is the one-primer calibration of its row: an ensemble shares their entries
+    members = cal.primer_members()
+    assert [m.primer_ids() for m in members] == cal.primers()
+    assert members[1].primer_digest() == _with_primer(cal, flat[20:], token_map=False).primer_digest()
+    assert single.primer_members() == [single] and _with_primer(cal, None).primer_members() == []
 
     class Spec:
         def __init__(self, chunks):
@@ -100,16 +102,63 @@ def test_ensemble_primers_in_files_keys_training_and_vllm(generator, tmp_path):
     rows = choose_primer(gen, specs, 64, 2)
     assert len(rows) == 2 and len(rows[0]) == len(rows[1]) <= 64 and rows[0] != rows[1]
     assert choose_primer(gen, specs, 64) == (tuple(gen.prompt.chunk_ids(specs[0].chunks[0])[:64]),)
-    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
-    with pytest.raises(InvalidInputError, match="2 primers"):
-        Planner.for_generator(gen).reuse("Q?", [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")], tenant=SHARED_TENANT,
-                                         calibration=cal)
     files = ModelFiles(None, dtype="float32")
     path = storage.save(dataclasses.replace(cal, fingerprint=files.fingerprint, fit_share=0.15),
                         storage.default_path(tmp_path, files.fingerprint, 0.15))
-    with pytest.raises(CalibrationFileError, match="primers"):
-        vllm_calibration(str(path), files, tmp_path)
-    assert vllm_calibration("auto", files, tmp_path) is None
+    named = vllm_calibration(str(path), files, tmp_path)
+    assert named is not None and named.members[0].primers() == cal.primers()
+    found = vllm_calibration("auto", files, tmp_path)
+    assert found is not None and len(found.members[0].primers()) == 2
+
+
+def test_planner_averages_a_primer_ensemble_as_the_embedded_engine_does(generator, caplog):
+    """On the vLLM path a re-positioned chunk under a primer ensemble loads the ensemble's entry
+    (the key the embedded engine stores its averaged entry under); a missing one is a plan of one
+    primed prefill per primer (each saved under its member's key) whose mean the control plane
+    stores: equal to the embedded engine's entry. Missing or mismatched parts make no entry."""
+    from daser_rag.control.ensemble import store_mean
+    from daser_rag.control.planner import Planner
+    from daser_rag.kv.chunk_kv import mean_kv
+
+    gen = generator
+    flat = _primer(gen, 40)
+    cal = _with_primer(_random_calibration(gen, link_tokens=0), flat.view(2, 20))
+    gen.add_documents([Document("a", "Alpha text about bees."), Document("b", "Beta text about wasps.")])
+    planner = Planner.for_generator(gen)
+    ctx = [ChunkRef(doc_id="a"), ChunkRef(doc_id="b")]
+    plan = planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal)
+    kb = plan.chunk_keys[1]
+    key = planner.primed_key(kb, cal)
+    assert plan.calibrated and [s[0] for s in plan.kv_transfer_params["daser"]["segments"]][2] == key
+    (pf,) = plan.prefill
+    members = cal.primer_members()
+    assert pf.key == key and not pf.prompt_ids and [p.key for p in pf.parts] == [
+        planner.primed_key(kb, m) for m in members]
+    chunk = plan.chunks[1]
+    for part, m in zip(pf.parts, members):  # each part is a one-primer prefill
+        assert part == planner.primed_prefill_plan(chunk, m, SHARED_TENANT) and not part.parts
+        assert part.prompt_ids == list(gen.prompt.prefix_ids) + m.primer_ids() + list(chunk.token_ids)
+    assert pf.compute_tokens == sum(len(p.prompt_ids) for p in pf.parts)
+    # what vLLM's connector would save for each part (daser's own computation of it)
+    ids = list(chunk.token_ids)
+    runs = [gen.computer.compute_primed(ids, p.key, [m.primer_ids()]) for p, m in zip(pf.parts, members)]
+    gen.store.put(runs[0])
+    with caplog.at_level("WARNING"):
+        assert not store_mean(gen.store, pf) and not gen.store.contains(key)
+    assert "1 of its 2 parts" in caplog.text
+    gen.store.put(dataclasses.replace(runs[1], start_pos=runs[1].start_pos + 1))  # not the same place
+    assert not store_mean(gen.store, pf) and not gen.store.contains(key)
+    gen.store.delete(runs[1].key)
+    gen.store.put(runs[1])
+    assert store_mean(gen.store, pf)
+    made = gen.store.get(key)
+    embedded = gen.computer.compute_primed(ids, key, cal.primers())
+    assert made.start_pos == embedded.start_pos == len(gen.prompt.prefix_ids) + 20
+    assert (made.keys - embedded.keys).abs().max().item() < 1e-4
+    assert (made.values - embedded.values).abs().max().item() < 1e-4
+    assert (made.values - runs[0].values).abs().max().item() > 1e-3  # the mean, not one part
+    assert torch.equal(mean_kv(runs, key).values, made.values)
+    assert not planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal).prefill
 
 
 @pytest.mark.parametrize("token_map", [False, True])

@@ -171,6 +171,17 @@ class Calibration:
         rows = self.primer.tolist()
         return [[int(i) for i in r] for r in (rows if self.primer.dim() == 2 else [rows])]
 
+    def primer_members(self) -> list[Calibration]:
+        """One single-primer calibration per primer row (`[self]` for one primer, none without):
+        the vLLM control plane computes a chunk after each member (keyed by the member's
+        `primer_digest`, so an ensemble shares entries with a one-primer calibration of the same
+        row) and stores their mean under this calibration's `primer_digest`."""
+        rows = self.primers()
+        if len(rows) <= 1:
+            return [self] if rows else []
+        return [dataclasses.replace(self, primer=torch.tensor(r, dtype=torch.int64), kv_map=None, meta={})
+                for r in rows]
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"key_log_scale": self.key_log_scale.detach().float().contiguous(),
                "value_log_scale": self.value_log_scale.detach().float().contiguous(),

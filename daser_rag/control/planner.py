@@ -39,11 +39,22 @@ MIN_QUESTION_ROOM = 64
 @dataclass(frozen=True)
 class PrefillPlan:
     """A request that makes vLLM compute one chunk right after the system prefix and save it
-    under `key` (max_tokens=1): how a chunk not stored yet gets its KV, at index or query time."""
+    under `key` (max_tokens=1): how a chunk not stored yet gets its KV, at index or query time.
+
+    With `parts` (a primer ensemble's entry) it is no request of its own: vLLM runs each part (the
+    chunk after one primer, saved under the part's key) and the control plane stores the mean of
+    their K/V under `key` (`kv.chunk_kv.mean_kv`, as daser's own engine makes it); `prompt_ids`
+    is then empty."""
 
     key: str
     prompt_ids: list[int]
     kv_transfer_params: dict[str, Any]
+    parts: tuple[PrefillPlan, ...] = ()
+
+    @property
+    def compute_tokens(self) -> int:
+        """Prompt tokens vLLM computes for it (the router's unit of work)."""
+        return len(self.prompt_ids) + sum(p.compute_tokens for p in self.parts)
 
 
 @dataclass
@@ -140,27 +151,28 @@ class Planner:
         return mapped_key(key, calibration.primer_digest())
 
     def check_primer(self, calibration: Calibration) -> None:
-        """A primed chunk is computed in one vLLM request [system prefix, primer, chunk], which
-        must fit the model's window; the connector loads one entry per chunk, so an ensemble of
-        primers (K/V averaged over several) is not carried."""
-        if len(calibration.primers()) > 1:
-            raise InvalidInputError(f"this calibration averages each chunk over {len(calibration.primers())} primers, "
-                                    "which the vLLM connector cannot load yet (one entry per chunk); calibrate with "
-                                    "--primers 1")
-        need = len(self.prompt.prefix_ids) + len(calibration.primer_ids()) + self.chunk_tokens
-        if calibration.primer is not None and need > self.context_window:
+        """A primed chunk is computed in one vLLM request [system prefix, primer, chunk] (one per
+        primer of an ensemble), which must fit the model's window."""
+        rows = calibration.primers()
+        need = len(self.prompt.prefix_ids) + (len(rows[0]) if rows else 0) + self.chunk_tokens
+        if rows and need > self.context_window:
             raise InvalidInputError(
-                f"this calibration's {len(calibration.primer_ids())}-token primer, the system prefix and a "
+                f"this calibration's {len(rows[0])}-token primer, the system prefix and a "
                 f"{self.chunk_tokens}-token chunk take {need} positions, more than this model's window "
                 f"({self.context_window}): calibrate with fewer --primer-tokens or use smaller chunks")
 
     def primed_prefill_plan(self, chunk: ResolvedChunk, calibration: Calibration, tenant: str) -> PrefillPlan:
         """vLLM computes [system prefix, primer, chunk] and its connector saves the chunk's part under
         `primed_key` (at the positions after the primer; the connector re-rotates it to where it is
-        placed) and the primer's part as a chunk entry of its own (exact, loaded next time)."""
+        placed) and the primer's part as a chunk entry of its own (exact, loaded next time). For a
+        primer ensemble: one such request per primer (`Calibration.primer_members`, each saved
+        under its member's key), averaged into `primed_key` by the control plane (`parts`)."""
+        key = self.primed_key(chunk.key, calibration)
+        members = calibration.primer_members()
+        if len(members) > 1:
+            return PrefillPlan(key, [], {}, tuple(self.primed_prefill_plan(chunk, m, tenant) for m in members))
         primer = calibration.primer_ids()
         n_pre = len(self.prompt.prefix_ids)
-        key = self.primed_key(chunk.key, calibration)
         return PrefillPlan(key, list(self.prompt.prefix_ids) + primer + list(chunk.token_ids),
                            plan_params([(self.prefix_key(tenant), n_pre), (self.key(primer, ""), len(primer)),
                                         (key, chunk.num_tokens)]))

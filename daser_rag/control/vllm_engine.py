@@ -28,6 +28,7 @@ from typing import Any
 from daser_rag import settings
 from daser_rag.api import ContextItem
 from daser_rag.blend.selectors import num_selected
+from daser_rag.control.ensemble import store_mean
 from daser_rag.control.lookahead import InstanceLookAhead
 from daser_rag.control.planner import MIN_QUESTION_ROOM, Planner, PrefillPlan, ReusePlan
 from daser_rag.control.pool import InstanceFailed, InstancePool
@@ -63,8 +64,9 @@ def vllm_calibration(value: Any, files: ModelFiles, store_root: Any, aliases: Se
     """The engine's `calibration` option as what the connector can place (a CalibrationSet or
     None). Link tokens cannot go into vLLM (docs/calibration.md): a calibration with them is an
     error when named, and skipped with a warning when found by `auto` (a vLLM deployment must still
-    start). Primers are carried: re-positioned chunks load entries vLLM computed after the primer
-    (control/planner.py `primed_prefill_plan`). `aliases`: the fingerprint daser's own engine
+    start). Primers are carried: re-positioned chunks load entries vLLM computed after the primer,
+    averaged by the control plane over an ensemble's primers (control/planner.py
+    `primed_prefill_plan`). `aliases`: the fingerprint daser's own engine
     gives these weights (`model.loader.engine_fingerprint`), which files `daser-rag calibrate`
     wrote carry: they are found by `auto` and accepted by path."""
     from daser_rag.calibration.adapter import CalibrationSet
@@ -75,15 +77,13 @@ def vllm_calibration(value: Any, files: ModelFiles, store_root: Any, aliases: Se
         return None
     usable = []
     for c in loaded.members:
-        why = ("link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)" if c.link_tokens
-               else f"{len(c.primers())} primers averaged over (the connector loads one entry per chunk; calibrate "
-                    "with --primers 1)" if len(c.primers()) > 1 else "")
-        if not why:
+        why = "link tokens (they cannot be placed inside vLLM; calibrate with --link-tokens 0)"
+        if not c.link_tokens:
             usable.append(c)
         elif value == "auto":
             log.warning("calibration fitted at r=%g skipped on the vLLM engine: it has %s", c.fit_share, why)
         else:
-            raise CalibrationFileError(f"a calibration with {why} cannot be used on the vLLM engine yet")
+            raise CalibrationFileError(f"a calibration with {why} cannot be used on the vLLM engine")
     return CalibrationSet(tuple(usable)) if usable else None
 
 
@@ -337,7 +337,13 @@ class VllmEngine(StreamingEngine):
     # -- chunk KV through vLLM -------------------------------------------------------------------------
     def _prefill_on(self, inst: InstanceState, pf: PrefillPlan) -> bool:
         """Have `inst` compute one chunk after the system prefix (its connector saves it); True
-        when the shared store holds it afterwards."""
+        when the shared store holds it afterwards. An ensemble entry (`pf.parts`): its parts not
+        stored yet, then their mean."""
+        if pf.parts:
+            for part in pf.parts:
+                if not self._store.contains(part.key):
+                    self._prefill_on(inst, part)
+            return store_mean(self._store, pf)
         body = {"model": self.served_name, "prompt": pf.prompt_ids, "max_tokens": 1, "temperature": 0.0,
                 "stream": True, "kv_transfer_params": pf.kv_transfer_params}
         for _ in self.pool.stream_completion(inst, body):
@@ -360,6 +366,8 @@ class VllmEngine(StreamingEngine):
         """One prefill plan through any available instance (retried); True when the shared store
         holds its entry afterwards."""
         key = pf.key
+        if pf.parts and all(self._store.contains(p.key) for p in pf.parts):
+            return store_mean(self._store, pf)  # no instance needed
         tried: set[str] = set()
         while True:
             inst = self.pool.acquire([key], tried)
@@ -426,7 +434,12 @@ class VllmEngine(StreamingEngine):
                         held += 1
                     else:
                         todo[key] = self.planner.primed_prefill_plan(chunk, cal, tenant)
-        return held + self._run_prefills(list(todo.values()), progress, "computing primed chunk KV on vLLM")
+        # an ensemble's parts first, all at once (vLLM batches them); then each mean
+        parts = {q.key: q for pf in todo.values() for q in pf.parts if not self._store.contains(q.key)}
+        if parts:
+            self._run_prefills(list(parts.values()), progress, "computing primed chunk KV on vLLM (per primer)")
+        return held + self._run_prefills(list(todo.values()), False if parts else progress,
+                                         "computing primed chunk KV on vLLM")
 
     def _compute_missing(self, todo: dict[str, list[int]], progress: Progress) -> int:
         """Have vLLM compute these chunks (key -> token ids), several at once (vLLM batches
@@ -503,7 +516,7 @@ class VllmEngine(StreamingEngine):
         """Prompt tokens vLLM computes for `plan` before its first token: the question, the repaired
         share of reused context, and chunks not stored yet (the router's unit of work)."""
         rc = ((plan.kv_transfer_params.get(PLAN_FIELD) or {}).get("recompute") or {}).get("ratio", 0.0)
-        fresh = sum(len(pf.prompt_ids) for pf in plan.prefill)
+        fresh = sum(pf.compute_tokens for pf in plan.prefill)
         reused = max(0, plan.context_tokens - len(self.planner.prompt.prefix_ids))
         if "segments" not in (plan.kv_transfer_params.get(PLAN_FIELD) or {}):
             return len(plan.prompt_ids)  # full prefill

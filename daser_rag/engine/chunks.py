@@ -6,13 +6,12 @@ computed once per generator and shared: a new tenant name costs no model memory.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
 
-from daser_rag.kv.chunk_kv import ChunkKV
+from daser_rag.kv.chunk_kv import ChunkKV, mean_kv
 from daser_rag.kv.keys import chunk_key, prefix_key
 from daser_rag.model.kv_cache import PositionalKVCache
 from daser_rag.model.runner import LayerRunner
@@ -103,13 +102,8 @@ class ChunkComputer:
         what precedes it is unknown."""
         if not primers or len({len(p) for p in primers}) != 1:
             raise ValueError("compute_primed needs one or more primers of one length")
-        runs = [self.compute_after([self.prefix(), self.primed_prefix(p)], [token_ids], [key])[0] for p in primers]
-        if len(runs) == 1:
-            return runs[0]
-        first = runs[0]
-        keys = torch.stack([r.keys.float() for r in runs]).mean(0).to(first.keys.dtype)
-        values = torch.stack([r.values.float() for r in runs]).mean(0).to(first.values.dtype)
-        return dataclasses.replace(first, keys=keys, values=values)
+        return mean_kv([self.compute_after([self.prefix(), self.primed_prefix(p)], [token_ids], [key])[0]
+                        for p in primers])
 
     @torch.inference_mode()
     def compute_after(self, runs: Sequence[ChunkKV], pieces: Sequence[Sequence[int]],

@@ -35,7 +35,7 @@ import torch
 
 from daser_rag.api import ContextItem
 from daser_rag.context import SHARED_TENANT
-from daser_rag.control.planner import Planner, ReusePlan
+from daser_rag.control.planner import Planner, PrefillPlan, ReusePlan
 from daser_rag.control.wire import PLAN_FIELD, connector_extra_config, kv_transfer_dict
 from daser_rag.errors import InvalidInputError
 from daser_rag.engine.generator import CacheAwareGenerator
@@ -81,6 +81,9 @@ class VllmRequest:
     info: dict[str, Any] = field(default_factory=dict)
     prefill: list[VllmRequest] = field(default_factory=list)
     """Requests to run first (max_tokens=1): they make vLLM compute and save missing chunks."""
+    ensembles: list[PrefillPlan] = field(default_factory=list)
+    """Primer-ensemble entries to make after `prefill` ran and before this request runs (the mean
+    of several of the prefill requests' chunks): `VllmRagPrompter.complete`."""
 
     def sampling_params(self, base: Any = None, **kwargs: Any) -> Any:
         """`base` (or SamplingParams(**kwargs)) with this request's kv_transfer_params added."""
@@ -126,9 +129,19 @@ class VllmRagPrompter:
         if plan.cache_salt is not None:
             prompt["cache_salt"] = plan.cache_salt
         n_pre = plan.context_tokens - sum(c.num_tokens for c in plan.chunks)
+        runs = [q for p in plan.prefill for q in (p.parts or (p,))]  # an ensemble's parts are requests
         prefill = [VllmRequest({"prompt_token_ids": p.prompt_ids}, p.kv_transfer_params, "prefill", n_pre)
-                   for p in plan.prefill]
-        return VllmRequest(prompt, plan.kv_transfer_params, mode, plan.context_tokens, prep_s, info, prefill)
+                   for p in runs]
+        return VllmRequest(prompt, plan.kv_transfer_params, mode, plan.context_tokens, prep_s, info, prefill,
+                           [p for p in plan.prefill if p.parts])
+
+    def complete(self, request: VllmRequest) -> int:
+        """After `request.prefill` ran: store its primer-ensemble entries (each the mean of its
+        parts, `daser_rag.control.ensemble`). Returns how many the store holds; one whose parts
+        vLLM did not save is left missing (a warning), and the request then computes that chunk."""
+        from daser_rag.control.ensemble import store_mean
+
+        return sum(store_mean(self.planner.store, pf) for pf in request.ensembles)
 
     def exact(self, question: str, contexts: Sequence[ContextItem] | None = None, *, tenant: str = SHARED_TENANT) -> VllmRequest:
         """Prefix-tree plan: exact reuse of whatever leading part of this chunk path is stored."""
@@ -152,7 +165,9 @@ class VllmRagPrompter:
         `calibration` (a `Calibration` without link tokens, docs/calibration.md): the connector
         places the re-positioned segments it loads with its scales, biases and token map, as
         daser's own fusion does; with a primer they are the chunks' primed entries (missing ones
-        come back as `prefill` requests over [system prefix, primer, chunk]).
+        come back as `prefill` requests over [system prefix, primer, chunk]). With a primer
+        ensemble those are one request per primer, and `complete(request)` must run after them
+        to store each chunk's mean (`VllmRequest.ensembles`).
         """
         if selector not in IN_ENGINE_SELECTORS:
             raise InvalidInputError(f"in-engine selector must be one of {IN_ENGINE_SELECTORS}, got {selector!r}")
