@@ -346,7 +346,9 @@ def test_primed_full_reuse_equals_daser_primed_r0(env):
     entries vLLM computed after [system prefix, primer] (the plan's prefill requests; the primer's
     own part is saved once and loaded by the next ones), mapped by the connector as it loads them.
     Same greedy tokens as daser's own calibrated r=0 (which computes its primed entries itself and
-    stores them mapped), and not those of the same map without the primer."""
+    stores them mapped), and not those of the same map without the primer. An ensemble of primers:
+    the prompter's prefills compute each part, `complete` stores the means, and vLLM then gives
+    daser's own tokens with that ensemble."""
     import dataclasses
 
     from daser_rag.calibration.adapter import Calibration
@@ -379,6 +381,20 @@ def test_primed_full_reuse_equals_daser_primed_r0(env):
     n = min(len(toks), len(ours))
     assert n >= 8 and list(toks[:n]) == ours[:n], (toks, ours)
     assert daser(dataclasses.replace(cal, primer=None, meta={})) != ours  # the primer acts
+    # an ensemble of two primers: one prefill per primer and chunk, then `complete` stores the means
+    two = dataclasses.replace(cal, primer=primer.view(2, 32), meta={})
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=two)
+    assert len(r.ensembles) >= 2 and len(r.prefill) == 2 * len(r.ensembles)
+    for w in r.prefill:
+        run(env, w)
+    assert env["p"].complete(r) == len(r.ensembles)
+    r = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=two)
+    assert not r.prefill and not r.ensembles
+    toks, cached = run(env, r)
+    assert cached == r.context_tokens
+    ours2 = daser(two)
+    n = min(len(toks), len(ours2))
+    assert n >= 8 and list(toks[:n]) == ours2[:n] and ours2 != ours, (toks, ours2)
 
 
 def test_full_reuse_without_prefills_computes_misses(env):
