@@ -58,6 +58,10 @@ def test_primer_calibration_through_vllm_equals_daser_and_follows_edits(primed_p
     assert r.status_code == 200, r.text
     rep = r.json()["report"]
     assert rep["chunks"] == 3 and rep["mapped_chunks"] == 3  # every chunk primed at ingest, by vLLM
+    # the adapters' path (/v1/chunks, add_chunks) primes at index time too
+    r = httpx.post(url + "/v1/chunks", json={"documents": [{"id": "note", "texts": [
+        "A short note on tide tables and their use by harbour pilots."]}]}, timeout=300)
+    assert r.status_code == 200 and r.json()["report"]["mapped"] == 1, r.text
     q = "Who built the Corran lighthouse?"
     refs = [{"id": "copper"}, {"id": "orchard"}, {"id": "light"}]
 

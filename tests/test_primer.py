@@ -387,3 +387,31 @@ def test_primer_lowers_held_out_kl_below_the_map_alone(lm, store):
     assert primed.accepted and primed.kl_after < 0.9 * plain.kl_after, (plain.kl_after, primed.kl_after)
     wins = sum(a < b for a, b in zip(primed.held_out_after, plain.held_out_after))
     assert wins >= 12, (plain.held_out_after, primed.held_out_after)
+
+
+def test_add_chunks_primes_at_index_time_as_add_documents_does(generator):
+    """The adapters' ingestion path (`add_chunks`: the LlamaIndex vector store, the service's
+    /v1/chunks) stores each chunk's primed (and mapped) entry at index time, as `add_documents`
+    does, so no request pays for it; the entries go with their document. Without a calibration
+    nothing more is made."""
+    from daser_rag.calibration.adapter import CalibrationSet
+    from daser_rag.calibration.premap import mapped_key
+
+    gen = generator
+    texts = ["Alpha text about bees and hives.", "Beta text about wasps and nests."]
+    plain = gen.add_chunks({"plain": ["Gamma text about ants."]})
+    assert plain.mapped == 0 and plain.computed == 1
+    cal = _with_primer(_random_calibration(gen, link_tokens=0), _primer(gen))
+    gen.calibration = CalibrationSet((cal,))
+    try:
+        rep = gen.add_chunks({"a": texts})
+        assert rep.mapped == 2 and rep.computed == 2
+        made = [mapped_key(k, cal.map_digest()) for k in rep.keys["a"]]
+        assert all(gen.store.contains(k) for k in made)
+        again = gen.add_chunks({"a": texts})
+        assert again.mapped == 0 and again.computed == 0  # stored: nothing made twice
+        assert gen.add_chunks({"b": ["Delta text."]}, precompute=False).mapped == 0
+    finally:
+        gen.calibration = None
+    gen.invalidate("a")
+    assert not any(gen.store.contains(k) for k in made)

@@ -124,7 +124,7 @@ class VllmEngine(StreamingEngine):
                                  compute=self._compute_chunk)
         self.chunks = ChunkIndex(self.planner, store, compute_missing=self._compute_missing,
                                  max_tokens=lambda: self.context_window - len(self.planner.prompt.prefix_ids)
-                                 - MIN_QUESTION_ROOM)
+                                 - MIN_QUESTION_ROOM, prepare=self._prime_chunks)
         self.instance_window: int | None = None
         """The smallest `--max-model-len` of the instances (set at start-up by the factory)."""
         self.self_check: dict[str, dict[str, Any]] = {}
@@ -393,47 +393,44 @@ class VllmEngine(StreamingEngine):
         if not precompute:
             return self.ingestor.add_documents(docs, tenant=tenant, progress=False, precompute=False)
         docs = check_documents(docs)
+        chunks = [ResolvedChunk(text, d.doc_id, tuple(ids), self.planner.key(ids, tenant))
+                  for d in docs for text in self.split(d.text) for ids in [self.planner.prompt.chunk_ids(text)]]
         todo: dict[str, list[int]] = {}
-        for d in docs:
-            for text in self.split(d.text):
-                ids = self.planner.prompt.chunk_ids(text)
-                key = self.planner.key(ids, tenant)
-                if key not in todo and not self._store.contains(key):
-                    todo[key] = ids
+        for c in chunks:
+            if c.key not in todo and not self._store.contains(c.key):
+                todo[c.key] = list(c.token_ids)
         t0 = time.perf_counter()
         done = self._compute_missing(todo, progress)
         report = self.ingestor.add_documents(docs, tenant=tenant, progress=False, precompute=True)
         # the second pass found the pre-computed chunks stored; it computed only what the first missed
         report.reused_chunks, report.computed_chunks = (max(0, report.reused_chunks - done),
                                                         report.computed_chunks + done)
-        report.mapped_chunks = self._prime(docs, tenant, progress)
+        report.mapped_chunks = self._prime_chunks(chunks, tenant, progress)
         report.seconds += time.perf_counter() - t0
         return report
 
-    def _prime(self, docs: Sequence[Document], tenant: str, progress: Progress) -> int:
+    def _prime_chunks(self, chunks: Sequence[ResolvedChunk], tenant: str, progress: Progress) -> int:
         """With a calibration that has a primer loaded, each chunk's primed entry too (what its
         re-positioned placements load), registered under its document so invalidating or editing
-        it drops the entry; as the embedded engine primes at ingest. Returns how many the store
-        holds afterwards (stored before or computed now)."""
+        it drops the entry; as the embedded engine primes at ingest (`add_documents` and
+        `add_chunks`). Returns how many the store holds afterwards (stored before or computed now)."""
         members = self.calibration.members if self.calibration is not None else ()
         primers = {c.primer_digest(): c for c in members if c.primer is not None}
         if not primers:
             return 0
         todo: dict[str, PrefillPlan] = {}
         held = 0
-        for d in docs:
-            for text in self.split(d.text):
-                ids = self.planner.prompt.chunk_ids(text)
-                chunk = ResolvedChunk(text, d.doc_id, tuple(ids), self.planner.key(ids, tenant))
-                for cal in primers.values():
-                    key = self.planner.primed_key(chunk.key, cal)
-                    self._store.add_derived([d.doc_id], key, tenant)
-                    if key in todo:
-                        continue
-                    if self._store.contains(key):
-                        held += 1
-                    else:
-                        todo[key] = self.planner.primed_prefill_plan(chunk, cal, tenant)
+        for chunk in chunks:
+            for cal in primers.values():
+                key = self.planner.primed_key(chunk.key, cal)
+                if chunk.doc_id is not None:
+                    self._store.add_derived([chunk.doc_id], key, tenant)
+                if key in todo:
+                    continue
+                if self._store.contains(key):
+                    held += 1
+                else:
+                    todo[key] = self.planner.primed_prefill_plan(chunk, cal, tenant)
         # an ensemble's parts first, all at once (vLLM batches them); then each mean
         parts = {q.key: q for pf in todo.values() for q in pf.parts if not self._store.contains(q.key)}
         if parts:

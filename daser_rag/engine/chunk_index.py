@@ -23,6 +23,7 @@ from daser_rag.errors import InvalidInputError
 from daser_rag.kv.keys import text_digest
 from daser_rag.prompt import PromptFormat
 from daser_rag.textcheck import check_document_text, check_text
+from daser_rag.types import ResolvedChunk
 
 if TYPE_CHECKING:
     from daser_rag.kv.store import KVStore
@@ -53,6 +54,9 @@ class ChunkReport:
     computed: int = 0
     reused: int = 0
     dropped: int = 0
+    mapped: int = 0
+    """Chunk entries made for the engine's calibration (primed and/or token-mapped) at index
+    time, as `IngestReport.mapped_chunks` counts them; 0 without a calibration that needs them."""
     seconds: float = 0.0
 
 
@@ -64,6 +68,9 @@ class _Keyer(Protocol):
 
 ComputeMissing = Callable[[dict[str, list[int]], ChunkProgress], int]
 """(key -> chunk token ids of every chunk to compute, progress) -> how many got stored."""
+PrepareChunks = Callable[[list[ResolvedChunk], str, ChunkProgress], int]
+"""(the chunks just added, tenant, progress) -> how many calibration entries (primed and/or
+token-mapped) were made for them: what `add_documents` does at index time, for `add_chunks`."""
 
 
 def compute_each(compute: Callable[[Sequence[int], str], bool]) -> ComputeMissing:
@@ -113,11 +120,12 @@ class ChunkIndex:
     less the system prefix and room for a question)."""
 
     def __init__(self, keyer: _Keyer, store: KVStore, *, max_tokens: Callable[[], int],
-                 compute_missing: ComputeMissing) -> None:
+                 compute_missing: ComputeMissing, prepare: PrepareChunks | None = None) -> None:
         self.keyer = keyer
         self.store = store
         self.max_tokens = max_tokens
         self.compute_missing = compute_missing
+        self.prepare = prepare
 
     def info(self, texts: Sequence[str], tenant: str) -> list[ChunkInfo]:
         if isinstance(texts, str):
@@ -179,6 +187,9 @@ class ChunkIndex:
                 report.dropped += len(self.store.replace_document_refs(doc_id, keys, tenant))
             else:
                 self.store.add_refs(doc_id, keys, tenant)
+        if precompute and self.prepare is not None:  # after the refs: entries made now are dropped with them
+            report.mapped = self.prepare([ResolvedChunk(text, doc_id, tuple(ids), key) for doc_id, rows in plan.items()
+                                          for text, (key, ids) in zip(chunks[doc_id], rows)], tenant, progress)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -199,4 +210,4 @@ class ChunkIndex:
         return [bool(self.store.contains(k)) for k in keys]
 
 
-__all__ = ["ChunkIndex", "ChunkInfo", "ChunkProgress", "ChunkReport", "compute_each", "progress_bar"]
+__all__ = ["ChunkIndex", "ChunkInfo", "ChunkProgress", "ChunkReport", "PrepareChunks", "compute_each", "progress_bar"]

@@ -94,7 +94,7 @@ class CacheAwareGenerator(StreamingEngine):
         self.ingestor = Ingestor(self.computer, store, self.lm.tokenizer, chunk_tokens)
         self.chunks = ChunkIndex(self.computer, store, compute_missing=compute_each(self.ingestor.compute),
                                  max_tokens=lambda: self.runner.max_positions - len(self.prompt.prefix_ids)
-                                 - MIN_QUESTION_ROOM)
+                                 - MIN_QUESTION_ROOM, prepare=self._prepare_chunks)
         tree, tree_mode = _prefix_tree(prefix_tree, prefix_tree_after)
         self.assembler = SegmentAssembler(self.runner, store, self.computer, prefix_tree=tree, layerwise=layerwise)
         self.lock = ModelLock()
@@ -225,26 +225,36 @@ class CacheAwareGenerator(StreamingEngine):
         docs = list(documents)
         with self.lock:
             report = self.ingestor.add_documents(docs, tenant=tenant, progress=progress, precompute=precompute)
-            primed = self.calibration is not None and any(c.primer is not None for c in self.calibration.members)
-            if precompute and (self.premap or primed):  # a primer is never applied per request
-                report.mapped_chunks = self.premap_contexts([ChunkRef(doc_id=d.doc_id) for d in docs], tenant=tenant)
+            if precompute and self._prepares_at_index():
+                report.mapped_chunks = self._premap(self.resolve([ChunkRef(doc_id=d.doc_id) for d in docs], tenant),
+                                                    tenant)
             return report
+
+    def _prepares_at_index(self) -> bool:
+        """With a calibration that has a primer (never applied per request), or a token map and
+        `premap`, chunks get their calibration entries at index time, so no request pays for them."""
+        members = self.calibration.members if self.calibration is not None else ()
+        return any(c.prepares_chunks for c in members) and (self.premap or any(c.primer is not None for c in members))
+
+    def _prepare_chunks(self, chunks: list[ResolvedChunk], tenant: str, progress: Any = False) -> int:
+        """`add_chunks`' index-time step (`ChunkIndex.prepare`), as `add_documents` has it."""
+        return self._premap(chunks, tenant) if self._prepares_at_index() else 0
 
     def premap_contexts(self, contexts: Sequence[ContextItem], *, tenant: str = SHARED_TENANT) -> int:
         """Store these contexts' chunks with each token map of the engine's calibration applied
         now (index time), instead of on their first reuse; returns how many entries were made.
         Chunks already mapped cost a `contains`. Nothing happens without a token map."""
+        with self.lock:
+            return self._premap(self.resolve(contexts, tenant), tenant)
+
+    def _premap(self, chunks: Sequence[ResolvedChunk], tenant: str) -> int:
         maps = {c.map_digest(): c for c in (self.calibration.members if self.calibration is not None else ())
                 if c.prepares_chunks}
-        if not maps:
-            return 0
         made = 0
-        with self.lock:
-            chunks = self.resolve(contexts, tenant)
-            timings = Timings()
-            for cal in maps.values():
-                for c in chunks:
-                    made += int(self.assembler.store_mapped(c, tenant, timings, cal))
+        timings = Timings()
+        for cal in maps.values():
+            for c in chunks:
+                made += int(self.assembler.store_mapped(c, tenant, timings, cal))
         return made
 
     def invalidate(self, doc_id: str, tenant: str = SHARED_TENANT) -> list[str]:

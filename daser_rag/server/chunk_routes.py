@@ -76,7 +76,7 @@ async def add_chunks(request: Request, caller: Caller = Depends(_caller)) -> dic
         report = svc.engine.add_chunks(chunks, tenant=tenant, precompute=req.precompute, replace=req.replace)
         return {"documents": [{"id": d, "keys": keys} for d, keys in report.keys.items()],
                 "report": {"chunks": report.chunks, "computed": report.computed, "reused": report.reused,
-                           "dropped": report.dropped, "seconds": report.seconds}}
+                           "dropped": report.dropped, "mapped": report.mapped, "seconds": report.seconds}}
 
     return await _admitted(request, svc, caller, svc.writes, tenant, [t for ts in chunks.values() for t in ts], work,
                            gate=True)

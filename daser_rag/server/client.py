@@ -307,6 +307,7 @@ class DaserClient:
                 report.computed += int(r["computed"])
                 report.reused += int(r["reused"])
                 report.dropped += int(r["dropped"])
+                report.mapped += int(r.get("mapped", 0))  # a service older than the field sends none
                 report.seconds += float(r["seconds"])
                 for _ in range(sum(len(t) for _, t in batch)):
                     step()
