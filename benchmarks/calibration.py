@@ -30,7 +30,7 @@ from typing import Any
 
 _R0 = {"fit_share": 0.0, "primer_tokens": 0}  # explicit: CalibrationConfig's default share is the engine's (0.15)
 _R15 = {"fit_share": 0.15, "fit_selector": "hybrid", "primer_tokens": 0}
-_PRIMED = {"fit_share": 0.0, "primer_tokens": 512}
+_PRIMED = {"fit_share": 0.0, "primer_tokens": 512, "primers": 1}  # explicit: the default is 4
 VARIANTS: dict[str, dict[str, Any]] = {
     # fitted for full reuse (r = 0)
     "ape": {"scales": True, "biases": False, "link_tokens": 0, "token_map": False, **_R0},

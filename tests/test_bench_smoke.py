@@ -235,3 +235,5 @@ def test_calibration_bench_variants_fit_the_regime_their_name_says():
         assert cfg.fit_share == (0.15 if name.endswith("_r15") else 0.0), name
         # likewise the primer (CalibrationConfig's default is 512): only the primer variants have one
         assert cfg.primer_tokens == (512 if name.startswith("primer") else 0), name
+        # and how many primers (the default is 4): one unless the name says otherwise
+        assert cfg.primers == (4 if name.startswith("primer4") else 1) or not cfg.primer_tokens, name

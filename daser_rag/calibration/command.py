@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(0: none; docs/calibration.md)")
     p.add_argument("--primers", type=int, default=d.primers,
                    help="average each reused chunk's K/V over this many primers (from as many training prompts; "
-                        "each costs one more chunk pass at index time; more than 1 is not carried on vLLM)")
+                        "each costs one more chunk pass at index time; 1 for the cheapest ingest)")
     p.add_argument("--train-prompts", type=int, default=d.train_prompts)
     p.add_argument("--held-out-prompts", type=int, default=d.held_out_prompts)
     p.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="teacher answer tokens in the loss")

@@ -53,13 +53,14 @@ class CalibrationConfig:
     the Language Reference: 0.2024 (none) -> 0.0516 (128 tokens) -> 0.0357 (512); with the token
     map fitted on primed KV 0.0704 -> 0.0331 -> 0.0247. A generic paragraph does much less
     (128 tokens: 0.1324 / 0.062): the primer should look like the documents served."""
-    primers: int = 1
+    primers: int = 4
     """How many primers each reused chunk is computed after, its K/V averaged over them (the
     first `primer_tokens` of as many training prompts' chunks). The mean over preceding texts is
     the best fixed guess of a chunk's state when what precedes it is unknown: held-out r = 0 KL
-    on the Language Reference probe, with the map, 0.0247 (1 primer) -> 0.0169 (4), at 4x the
-    primed index-time cost (`benchmarks/probes/chunk_primer.py`, avg512). Not carried on vLLM
-    (its connector loads one entry per chunk)."""
+    on the Language Reference probe, with the map, 0.0247 (1 primer) -> 0.0197 (2) -> 0.0169 (4),
+    at K times the primed index-time cost (`benchmarks/probes/chunk_primer.py`, avg512); on the
+    60-prompt held-out grid 4 primers beat 1 in every mode (docs/calibration.md). The vLLM
+    control plane averages them too (control/ensemble.py)."""
     steps: int = 40
     batch: int = 4
     lr_scale: float = 0.05
