@@ -151,6 +151,7 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
                 rows.append({"item": it["idx"], "variant": v, "mode": m.name, "full_ttft_s": ref.ttft_s,
                              "ttft_s": r.ttft_s, "steps": r.fidelity.total, "agree": r.fidelity.agree,
                              "kl_sum": r.fidelity.kl_sum, "identical": int(r.answer_ids == ref.answer_ids),
+                             "close_steps": r.fidelity.close, "close_agree": r.fidelity.close_agree,
                              "f1": token_f1(r.answer, ref.answer),
                              "correct": int(any(a.lower() in r.answer.lower() for a in it["answers"])),
                              "full_correct": int(any(a.lower() in ref.answer.lower() for a in it["answers"])),
@@ -184,6 +185,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, flo
                     "full_qa": statistics.mean(r["full_correct"] for r in rs),
                     "share": statistics.mean(r["share"] for r in rs),
                     "speedup": statistics.median(r["full_ttft_s"] / r["ttft_s"] for r in rs)}
+        if all("close_steps" in r for r in rs):  # runs before 2026-12-04 did not count them
+            close, close_agree = sum(r["close_steps"] for r in rs), sum(r["close_agree"] for r in rs)
+            agree = sum(r["agree"] for r in rs)
+            out[key].update(close_share=close / max(1, steps),
+                            top1_clear=(agree - close_agree) / max(1, steps - close),
+                            top1_close=close_agree / max(1, close),
+                            misses_at_close=(close - close_agree) / max(1, steps - agree))
     return out
 
 
@@ -199,7 +207,20 @@ def table(data: dict[str, Any]) -> str:
                              f"{x['f1']:.3f} | {x['qa']:.0%} | {x['speedup']:.1f}x |")
     n = max((x["prompts"] for x in s.values()), default=0)
     full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
-    return "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+    out = "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+    if s and all("close_share" in x for x in s.values()):
+        from daser_rag.evaluation import CLOSE_MARGIN
+
+        out += ("\n\nWhere top-1 disagrees: a step is close when full prefill's top two tokens are within "
+                f"{CLOSE_MARGIN} probability.\n\n| calibration | mode | close steps | top-1 at close steps | "
+                "top-1 elsewhere | disagreements at close steps |\n|---|---|---:|---:|---:|---:|")
+        for v in data["variants"]:
+            for m in data["modes"]:
+                x = s.get((v, m))
+                if x:
+                    out += (f"\n| {v} | {m} | {x['close_share']:.0%} | {x['top1_close']:.3f} | "
+                            f"{x['top1_clear']:.3f} | {x['misses_at_close']:.0%} |")
+    return out
 
 
 def plot(data: dict[str, Any], path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.prefix_cache import PrefixCache
 from daser_rag.engine.decode import decode_n_tokens
-from daser_rag.evaluation import Fidelity, kl_divergence
+from daser_rag.evaluation import Fidelity, is_close, kl_divergence
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,9 @@ class Harness:
             top = int(torch.argmax(steps[s]))
             f.total += 1
             f.agree += int(top == tok)
+            if is_close(ref.ref_logits[s]):
+                f.close += 1
+                f.close_agree += int(top == tok)
             if s == 0:
                 f.first_token_agree += int(top == tok)
             kls.append(kl_divergence(ref.ref_logits[s], steps[s]))

@@ -19,6 +19,18 @@ from daser_rag.engine.decode import decode_n_tokens
 from daser_rag.types import Document
 
 
+CLOSE_MARGIN = 0.1
+"""A step is *close* when full prefill's two most likely tokens are within this much probability:
+there a small change of the distribution flips top-1 while KL barely moves, which is why top-1
+agreement lags KL (counted by `Fidelity.close`)."""
+
+
+def is_close(ref_logits: torch.Tensor, margin: float = CLOSE_MARGIN) -> bool:
+    """Whether full prefill's top two next tokens are within `margin` probability."""
+    top = torch.softmax(ref_logits.float().reshape(-1), -1).topk(2).values
+    return float(top[0] - top[1]) < margin
+
+
 @dataclass
 class Fidelity:
     agree: int = 0
@@ -27,6 +39,10 @@ class Fidelity:
     first_token_agree: int = 0
     prompts: int = 0
     per_prompt_kl: list[float] = field(default_factory=list)
+    close: int = 0
+    """Steps where full prefill's top two tokens were within `CLOSE_MARGIN` (`is_close`)."""
+    close_agree: int = 0
+    """Of those, the steps whose top-1 agreed."""
 
     @property
     def top1(self) -> float:

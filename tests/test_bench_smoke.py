@@ -237,3 +237,25 @@ def test_calibration_bench_variants_fit_the_regime_their_name_says():
         assert cfg.primer_tokens == (512 if name.startswith("primer") else 0), name
         # and how many primers (the default is 4): one unless the name says otherwise
         assert cfg.primers == (4 if name.startswith("primer4") else 1) or not cfg.primer_tokens, name
+
+
+def test_calibration_bench_says_where_top1_disagrees():
+    """Close steps (full prefill's top two within CLOSE_MARGIN) are counted apart, so the report
+    says how much of the top-1 gap sits where full prefill itself hesitates."""
+    import torch
+
+    from benchmarks.calibration import summarize, table
+    from daser_rag.evaluation import is_close
+
+    assert is_close(torch.tensor([2.0, 1.9, -5.0])) and not is_close(torch.tensor([5.0, 1.0, -5.0]))
+    row = {"item": 0, "variant": "v", "mode": "m", "full_ttft_s": 1.0, "ttft_s": 0.5, "steps": 10, "agree": 8,
+           "kl_sum": 0.1, "identical": 0, "f1": 0.5, "correct": 0, "full_correct": 0, "share": 0.1,
+           "close_steps": 3, "close_agree": 1}
+    s = summarize([row])[("v", "m")]
+    assert s["close_share"] == 0.3 and s["top1_clear"] == 1.0 and abs(s["top1_close"] - 1 / 3) < 1e-9
+    assert s["misses_at_close"] == 1.0  # both disagreements were at close steps
+    text = table({"rows": [row], "variants": ["v"], "modes": ["m"]})
+    assert "| v | m | 30% | 0.333 | 1.000 | 100% |" in text
+    old = {k: v for k, v in row.items() if not k.startswith("close")}
+    assert "close_share" not in summarize([old])[("v", "m")] and "close steps" not in table(
+        {"rows": [old], "variants": ["v"], "modes": ["m"]})
