@@ -41,10 +41,21 @@ def save(cal: Any, path: str | Path) -> Path:
     meta = {"format": FORMAT, "version": str(VERSION), "fingerprint": cal.fingerprint, "checksum": cal.digest(),
             "chunk_side": "1" if cal.chunk_side else "0", "fit_share": repr(float(cal.fit_share)),
             "meta": json.dumps(cal.meta, default=str)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(cal.tensors(), str(tmp), metadata=meta)
-    tmp.replace(path)
+    tmp = _temp_name(path)
+    try:
+        save_file(cal.tensors(), str(tmp), metadata=meta)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _temp_name(path: Path) -> Path:
+    """A temp file beside `path` no other writer uses (several processes may publish one digest)."""
+    import os
+    import secrets
+
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidden: int,
@@ -53,6 +64,17 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
     fingerprints of the same weights (the vLLM control plane names them by their served files,
     daser's own engine, which `daser-rag calibrate` runs, by the loaded model): a file made for
     one is accepted and renamed to `fingerprint`, after its checksum is verified."""
+    cal = _read(path, fingerprint, aliases)
+    try:
+        cal.check_shape(layers, kv_heads, hidden, head_dim, vocab)
+    except ValueError as e:
+        raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
+    return _named_for(cal, fingerprint)
+
+
+def _read(path: str | Path, fingerprint: str, aliases: Sequence[str] = ()) -> Any:
+    """The calibration in `path` after every check that needs no model shapes: format, version,
+    made for `fingerprint` (or one of `aliases`), known tensors, checksum."""
     from safetensors import safe_open
 
     from daser_rag.calibration.adapter import VERSION, Calibration
@@ -97,11 +119,7 @@ def load(path: str | Path, *, fingerprint: str, layers: int, kv_heads: int, hidd
                       tensors.get("kv_map"), tensors.get("primer"))
     if cal.digest() != header.get("checksum"):
         raise CalibrationFileError(f"calibration file {str(path)!r} fails its checksum (changed or damaged)")
-    try:
-        cal.check_shape(layers, kv_heads, hidden, head_dim, vocab)
-    except ValueError as e:
-        raise CalibrationFileError(f"calibration file {str(path)!r}: {e}") from e
-    return _named_for(cal, fingerprint)
+    return cal
 
 
 def _named_for(cal: Any, fingerprint: str) -> Any:
@@ -130,19 +148,72 @@ def published_path(root: str | Path, digest: str) -> Path:
     return Path(root) / "calibration" / "by-digest" / f"{digest}.safetensors"
 
 
-def publish(cal: Any, root: str | Path) -> Path:
-    """Write `cal` to `published_path` unless a file with its checksum is already there."""
-    path = published_path(root, cal.digest())
-    if path.is_file():
-        from safetensors import safe_open
+def _remote_key(link: Any, digest: str) -> str:
+    return str(link.key("calibration", digest))
 
+
+def publish(cal: Any, root: str | Path, link: Any = None) -> Path:
+    """Write `cal` to `published_path` unless a file with its checksum is already there; with
+    `link` (the shared Redis, `kv.tiers.redis.RedisLink`) also store the file's bytes there, so
+    vLLM instances on other hosts fetch it (`read_published`) without a shared disk. The Redis
+    copy has no TTL, like the document index (a plan naming it must find it); it is one value per
+    calibration the control plane loads (a handful; about 6 MB each with a token map for
+    SmolLM2-135M). Redis away: logged, the local file still serves this host."""
+    path = published_path(root, cal.digest())
+    try:
+        if _read(path, cal.fingerprint).digest() != cal.digest():
+            raise CalibrationFileError("another calibration")
+    except CalibrationFileError:  # missing or damaged: (re)written
+        save(cal, path)
+    if link is not None:
+        data = path.read_bytes()
         try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("checksum") == cal.digest():
-                    return path
-        except Exception:  # noqa: BLE001 - a damaged file is rewritten below
-            pass
-    return save(cal, path)
+            link.run(lambda c: c.set(_remote_key(link, cal.digest()), data))
+        except DaserError as exc:
+            import logging
+
+            logging.getLogger(__name__).warning("calibration %s not published to Redis (%s): vLLM instances on "
+                                                "other hosts cannot read it until it is", cal.digest(), exc)
+    return path
+
+
+def read_published(root: str | Path, digest: str, *, fingerprint: str, link: Any = None) -> Any:
+    """The calibration a plan names by `digest`, verified (format, made for `fingerprint`,
+    checksum, digest) without model shapes: what a vLLM connector's scheduler checks before it
+    lets a plan claim re-positioned KV. A file missing or damaged in `root` is fetched from the
+    shared Redis (`link`, where `publish` put it), verified, and written atomically into `root`
+    for the workers; a damaged Redis copy is never written or used. CalibrationFileError says
+    why it cannot be had."""
+    path = published_path(root, digest)
+    try:
+        return _digest_checked(_read(path, fingerprint), digest)
+    except CalibrationFileError as local:
+        if link is None:
+            raise
+        try:
+            data = link.run(lambda c: c.get(_remote_key(link, digest)))
+        except DaserError as exc:
+            raise CalibrationFileError(f"{local}; and Redis could not be asked for it: {exc}") from exc
+        if data is None:
+            raise CalibrationFileError(f"{local}; nor is it published in Redis") from local
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_name(path)
+        try:
+            tmp.write_bytes(bytes(data))
+            try:
+                cal = _digest_checked(_read(tmp, fingerprint), digest)  # verified before it is put in place
+            except CalibrationFileError as exc:
+                raise CalibrationFileError(f"{local}; and its Redis copy is unusable: {exc}") from exc
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return cal
+
+
+def _digest_checked(cal: Any, digest: str) -> Any:
+    if cal.digest() != digest:
+        raise CalibrationFileError(f"published calibration {digest} holds another calibration ({cal.digest()})")
+    return cal
 
 
 def load_published(root: str | Path, digest: str, *, fingerprint: str, layers: int, kv_heads: int,
@@ -150,9 +221,7 @@ def load_published(root: str | Path, digest: str, *, fingerprint: str, layers: i
     """The calibration a plan names by `digest`, checked like `load` and against the digest."""
     cal = load(published_path(root, digest), fingerprint=fingerprint, layers=layers, kv_heads=kv_heads, hidden=0,
                head_dim=head_dim)
-    if cal.digest() != digest:
-        raise CalibrationFileError(f"published calibration {digest} holds another calibration ({cal.digest()})")
-    return cal
+    return _digest_checked(cal, digest)
 
 
 def _model_files(cache_root: str | Path, fingerprint: str) -> list[Path]:

@@ -280,7 +280,8 @@ class Planner:
 
     def _publish(self, cal: Calibration) -> str:
         """The digest a plan names for `cal`'s token map, after publishing the calibration in the
-        store directory the connectors share (once per digest and planner)."""
+        store directory and the shared Redis, where the connectors read it (once per digest and
+        planner)."""
         digest = cal.digest()
         if digest not in self._published:
             from daser_rag.calibration.storage import publish
@@ -288,7 +289,7 @@ class Planner:
             if self.store.root is None:
                 raise InvalidInputError("a calibration with a token map needs a store directory shared with the "
                                         "vLLM connectors (the map is published there, not sent in the plan)")
-            publish(cal, self.store.root)
+            publish(cal, self.store.root, getattr(self.store.remote, "link", None))  # Redis: for other hosts
             self._published.add(digest)
         return digest
 

@@ -324,16 +324,17 @@ def test_calibrated_full_reuse_equals_daser_calibrated_r0(env):
     raw = bytearray(path.read_bytes())
     raw[-9] ^= 0xFF
     path.write_bytes(bytes(raw))
-    toks, _ = run(env, ro)
-    assert toks == baseline(env, ro)  # refused by its checksum: vLLM recomputed the context (full prefill)
-    # a map this instance cannot read (not published where it looks): only the exact run is claimed,
-    # so vLLM's own count of loaded tokens says what happened (it would count a failed load as loaded)
+    toks, cached = run(env, ro)
+    first = len(gen.prompt.prefix_ids) + len(gen.prompt.chunk_ids(gen.split(ctx[0].text)[0]))
+    # refused by its checksum, on the scheduler side: only the exact run is claimed, so vLLM's own
+    # count of loaded tokens says what happened (a load failing later in the worker still counts)
+    assert cached == first < ro.context_tokens and toks == baseline(env, ro)
+    # a map this instance cannot read (not published where it looks): likewise
     gone = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(0, spec.hidden_size),
                        kv_map=0.25 * mapped.kv_map)
     rg = env["p"].reuse(Q1, ctx, exact_nodes=False, calibration=gone)
     published_path(gen.store.root, gone.digest()).unlink()
     toks, cached = run(env, rg)
-    first = len(gen.prompt.prefix_ids) + len(gen.prompt.chunk_ids(gen.split(ctx[0].text)[0]))
     assert cached == first < rg.context_tokens and toks == baseline(env, rg)
     # link tokens cannot be placed inside vLLM: a clear error, not a silently different calibration
     with_links = Calibration(gen.fingerprint, cal.key_log_scale, cal.value_log_scale, torch.zeros(2, spec.hidden_size))

@@ -322,30 +322,35 @@ class DaserConnectorScheduler:
         return end - num_computed_tokens, False
 
     def _map_readable(self, digest: str) -> bool:
-        """Whether the calibration a plan names by `digest` is published where this instance's
-        workers read it (`calibration_dir`). Checked once per digest while present; a missing
-        file is logged once and asked again next time (it may be published meanwhile). A file
-        that exists but fails its checks still fails the load in the worker (then vLLM computes
-        those tokens, and its own count still reports them as loaded)."""
+        """Whether the calibration a plan names by `digest` can be read where this instance's
+        workers read it (`calibration_dir`), verified (made for this model, checksum, digest):
+        a file missing or damaged there is fetched from the shared Redis, where the control plane
+        publishes it too (`storage.read_published`), so instances on other hosts need no shared
+        disk. Verified once per digest; one that cannot be had is logged once and asked again
+        next time (it may be published meanwhile), and its plans claim only their exact run, so
+        vLLM's count of loaded tokens stays true."""
         if digest in self._maps_seen:
             return True
-        from daser_rag.calibration.storage import CalibrationFileError, published_path
+        from daser_rag.calibration.storage import read_published
+        from daser_rag.errors import DaserError
 
+        why = ""
         try:
-            ok = published_path(self.s.calibration_root, digest).is_file()
-        except CalibrationFileError:
-            ok = False
+            read_published(self.s.calibration_root, digest, fingerprint=self.s.fingerprint,
+                           link=getattr(self.store.remote, "link", None))
+        except DaserError as exc:  # CalibrationFileError, or Redis away
+            why = str(exc)
         for seen in (self._maps_seen, self._maps_missing):
             if len(seen) >= 64:  # plans may name any digest: bounded
                 seen.clear()
-        if ok:
+        if not why:
             self._maps_seen.add(digest)
         elif digest not in self._maps_missing:
             self._maps_missing.add(digest)
-            logger.warning("DaserKVConnector: plans name calibration %s, which is not published in %s (the "
-                           "control plane's store directory: set calibration_dir); they load only their exact run",
-                           digest, self.s.calibration_root)
-        return ok
+            logger.warning("DaserKVConnector: plans name calibration %s, which cannot be read here (%s; the control "
+                           "plane publishes it in its store directory, set calibration_dir, and in Redis); they "
+                           "load only their exact run", digest, why)
+        return not why
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
