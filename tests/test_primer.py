@@ -115,7 +115,8 @@ def test_planner_averages_a_primer_ensemble_as_the_embedded_engine_does(generato
     """On the vLLM path a re-positioned chunk under a primer ensemble loads the ensemble's entry
     (the key the embedded engine stores its averaged entry under); a missing one is a plan of one
     primed prefill per primer (each saved under its member's key) whose mean the control plane
-    stores: equal to the embedded engine's entry. Missing or mismatched parts make no entry."""
+    stores: equal to the embedded engine's entry. Missing or mismatched parts make no entry; the
+    mean and its parts go with their document."""
     from daser_rag.control.ensemble import store_mean
     from daser_rag.control.planner import Planner
     from daser_rag.kv.chunk_kv import mean_kv
@@ -159,6 +160,10 @@ def test_planner_averages_a_primer_ensemble_as_the_embedded_engine_does(generato
     assert (made.values - runs[0].values).abs().max().item() > 1e-3  # the mean, not one part
     assert torch.equal(mean_kv(runs, key).values, made.values)
     assert not planner.reuse("Q?", ctx, tenant=SHARED_TENANT, calibration=cal).prefill
+    # the mean and its parts are registered under the chunk's document: invalidating it drops all
+    assert planner.primed_entries(kb, cal) == [key] + [p.key for p in pf.parts]
+    gen.invalidate("b")
+    assert not any(gen.store.contains(k) for k in planner.primed_entries(kb, cal))
 
 
 @pytest.mark.parametrize("token_map", [False, True])

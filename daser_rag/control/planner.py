@@ -150,6 +150,14 @@ class Planner:
 
         return mapped_key(key, calibration.primer_digest())
 
+    def primed_entries(self, key: str, calibration: Calibration) -> list[str]:
+        """Every store entry chunk `key` gets under `calibration`'s primer: `primed_key`, and for an
+        ensemble each member's entry it is averaged from. All are registered under the chunk's
+        document, so invalidating or editing it drops them."""
+        members = calibration.primer_members()
+        return [self.primed_key(key, calibration)] + ([self.primed_key(key, m) for m in members]
+                                                      if len(members) > 1 else [])
+
     def check_primer(self, calibration: Calibration) -> None:
         """A primed chunk is computed in one vLLM request [system prefix, primer, chunk] (one per
         primer of an ensemble), which must fit the model's window."""
@@ -248,7 +256,8 @@ class Planner:
                 key = self.primed_key(c.key, primed)
                 segs.append((key, c.num_tokens, node))
                 if c.doc_id is not None:
-                    store.add_derived([c.doc_id], key, tenant)  # invalidating the document drops it
+                    for k in self.primed_entries(c.key, primed):  # invalidating the document drops them
+                        store.add_derived([c.doc_id], k, tenant)
                 if key not in seen and not store.contains(key):
                     seen.add(key)
                     prefill.append(self.primed_prefill_plan(c, primed, tenant))

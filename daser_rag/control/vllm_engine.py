@@ -424,7 +424,8 @@ class VllmEngine(StreamingEngine):
             for cal in primers.values():
                 key = self.planner.primed_key(chunk.key, cal)
                 if chunk.doc_id is not None:
-                    self._store.add_derived([chunk.doc_id], key, tenant)
+                    for k in self.planner.primed_entries(chunk.key, cal):
+                        self._store.add_derived([chunk.doc_id], k, tenant)
                 if key in todo:
                     continue
                 if self._store.contains(key):
