@@ -383,7 +383,7 @@ def test_primer_lowers_held_out_kl_below_the_map_alone(lm, store):
     runs = {}
     for tokens in (0, 512):
         cfg = CalibrationConfig(train_prompts=12, held_out_prompts=20, chunks_per_document=1, fit_share=0.0,
-                                answer_tokens=8, primer_tokens=tokens)
+                                answer_tokens=8, primer_tokens=tokens, primers=1)  # one primer vs none
         runs[tokens] = calibrate(small, docs, cfg)
     plain, primed = runs[0], runs[512]
     assert primed.calibration.primer is not None and plain.calibration.primer is None
