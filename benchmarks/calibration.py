@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -148,7 +149,8 @@ def measure(cal_dir: Path, variants: list[str], modes_spec: str, n: int, positio
             for v, m in order[rot:] + order[:rot]:
                 gen.calibration = cals[v]
                 r = h.run(m, it["question"], it["chunks"], ref)
-                rows.append({"item": it["idx"], "variant": v, "mode": m.name, "full_ttft_s": ref.ttft_s,
+                rows.append({"item": it["idx"], "position": it["position"], "variant": v, "mode": m.name,
+                             "full_ttft_s": ref.ttft_s,
                              "ttft_s": r.ttft_s, "steps": r.fidelity.total, "agree": r.fidelity.agree,
                              "kl_sum": r.fidelity.kl_sum, "identical": int(r.answer_ids == ref.answer_ids),
                              "close_steps": r.fidelity.close, "close_agree": r.fidelity.close_agree,
@@ -195,6 +197,65 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, flo
     return out
 
 
+POSITIONS = ("first", "middle", "last")
+
+
+def row_position(row: dict[str, Any], workload: str = "stdlib") -> str:
+    """Where the answer document sat. Runs before 2026-12-05 did not record it: the held-out grid
+    cycles first / middle / last by item (`benchmarks.evalset`), and the QA trace puts it last."""
+    if "position" in row:
+        return str(row["position"])
+    return POSITIONS[row["item"] % 3] if workload == "stdlib" else "last"
+
+
+def by_position(data: dict[str, Any]) -> dict[str, dict[tuple[str, str], dict[str, float]]]:
+    """`summarize` per answer position (the issue's targets are stated for the answer document last)."""
+    workload = data.get("workload", "stdlib")
+    out = {p: summarize([r for r in data["rows"] if row_position(r, workload) == p]) for p in POSITIONS}
+    return {p: s for p, s in out.items() if s}
+
+
+def position_table(data: dict[str, Any]) -> str:
+    """Top-1 / mean KL by answer position; empty when the run has one position."""
+    per = by_position(data)
+    if len(per) < 2:
+        return ""
+    lines = ["| calibration | mode | " + " | ".join(per) + " |", "|---|---|" + "---|" * len(per)]
+    for v in data["variants"]:
+        for m in data["modes"]:
+            cells = [f"{s[(v, m)]['top1']:.3f} / {s[(v, m)]['mean_kl']:.4f}" if (v, m) in s else "-"
+                     for s in per.values()]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {v} | {m} | " + " | ".join(cells) + " |")
+    return "By answer position, top-1 / mean KL:\n\n" + "\n".join(lines)
+
+
+def readme_table(data: dict[str, Any]) -> str:
+    """The README's compact frontier: each mode without and with each calibration, over all prompts
+    and with the answer document last (where the issue states its targets)."""
+    s, last = summarize(data["rows"]), by_position(data).get("last", {})
+    cal = [v for v in data["variants"] if v != "none"]
+    head = ["mode", *(["none"] if "none" in data["variants"] else []), *cal]
+    command = re.sub(r"--shard \d+/(\d+)", r"--shard j/\1", data.get("command", "daser-rag bench calibration"))
+    command = re.sub(r" --json \S+", "", re.sub(r"--dir \S+", "--dir DIR", command))
+    joined = " (`--merge` joins the shards)" if "--shard" in command else ""
+    lines = [f"`{command}`{joined}. Each cell: mean KL vs full prefill / "
+             "top-1 agreement / TTFT speed-up (paired median); in brackets KL / top-1 with the answer document "
+             "last.", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in data["modes"]:
+        cells = []
+        for v in head[1:]:
+            x, y = s.get((v, m)), last.get((v, m))
+            cell = "-" if x is None else f"{x['mean_kl']:.4f} / {x['top1']:.3f} / {x['speedup']:.1f}x"
+            if x is not None and y is not None:
+                cell += f" ({y['mean_kl']:.4f} / {y['top1']:.3f})"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    n = max((x["prompts"] for x in s.values()), default=0)
+    full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
+    return "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+
+
 def table(data: dict[str, Any]) -> str:
     s = summarize(data["rows"])
     lines = ["| calibration | mode | top-1 | mean KL | greedy identical | token F1 | QA acc | speed-up |",
@@ -208,6 +269,8 @@ def table(data: dict[str, Any]) -> str:
     n = max((x["prompts"] for x in s.values()), default=0)
     full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
     out = "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+    if positions := position_table(data):
+        out += "\n\n" + positions
     if s and all("close_share" in x for x in s.values()):
         from daser_rag.evaluation import CLOSE_MARGIN
 
@@ -272,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="results/calibration/bench.json")
     ap.add_argument("--img", default="", help="frontier PNG (e.g. docs/img/calibration.png)")
     ap.add_argument("--render", default="", help="no run: report a saved JSON")
+    ap.add_argument("--readme", default="", help="also rewrite the README's compact frontier (marker readme-calibration)")
     ap.add_argument("--no-measure", action="store_true", help="with --train: train only")
     ap.add_argument("--premap", action=argparse.BooleanOptionalAction, default=True,
                     help="store chunks with a variant's token map applied at ingest (--no-premap: apply it per request)")
@@ -303,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table(data))
     if args.img:
         plot(data, Path(args.img))
+    if args.readme:
+        from benchmarks.markdown import replace_marked
+
+        replace_marked(Path(args.readme), "readme-calibration", readme_table(data))
     return 0
 
 

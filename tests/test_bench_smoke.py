@@ -6,6 +6,7 @@ Real model, real corpus, every mode; sizes are tiny so this stays well under a m
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,3 +260,30 @@ def test_calibration_bench_says_where_top1_disagrees():
     old = {k: v for k, v in row.items() if not k.startswith("close")}
     assert "close_share" not in summarize([old])[("v", "m")] and "close steps" not in table(
         {"rows": [old], "variants": ["v"], "modes": ["m"]})
+
+
+def test_calibration_bench_reports_by_answer_position_and_writes_the_readme_block(tmp_path: Path) -> None:
+    """The issue's targets are stated for the answer document last: the report and the README block
+    say it per position (recorded in new rows; older runs' items cycle first / middle / last)."""
+    from benchmarks.calibration import readme_table, row_position, table
+    from benchmarks.markdown import replace_marked
+
+    def row(item: int, variant: str, kl: float, **extra: object) -> dict[str, object]:
+        return {"item": item, "variant": variant, "mode": "daser r=0", "full_ttft_s": 1.0, "ttft_s": 0.1,
+                "steps": 10, "agree": 9, "kl_sum": kl, "identical": 0, "f1": 0.5, "correct": 0,
+                "full_correct": 0, "share": 0.0, **extra}
+
+    assert [row_position(row(i, "v", 0.0)) for i in range(4)] == ["first", "middle", "last", "first"]
+    assert row_position(row(0, "v", 0.0, position="last")) == "last"
+    assert row_position(row(0, "v", 0.0), "qa") == "last"
+    rows = [row(i, v, (i + 1) * (1.0 if v == "none" else 0.1)) for i in range(3) for v in ("none", "cal")]
+    data = {"rows": rows, "variants": ["none", "cal"], "modes": ["daser r=0"],
+            "command": "daser-rag bench calibration --dir /x/y -n 3 --shard 1/2 --json /x/z.json"}
+    assert "| cal | daser r=0 | 0.900 / 0.0100 | 0.900 / 0.0200 | 0.900 / 0.0300 |" in table(data)
+    block = readme_table(data)
+    assert "`daser-rag bench calibration --dir DIR -n 3 --shard j/2` (`--merge` joins the shards)" in block
+    assert "| daser r=0 | 0.2000 / 0.900 / 10.0x (0.3000 / 0.900) | 0.0200 / 0.900 / 10.0x (0.0300 / 0.900) |" in block
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- readme-calibration:begin -->\nold\n<!-- readme-calibration:end -->\nb\n")
+    replace_marked(readme, "readme-calibration", block)
+    assert "old" not in readme.read_text() and readme.read_text().endswith("b\n")
