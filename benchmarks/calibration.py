@@ -286,6 +286,10 @@ def table(data: dict[str, Any]) -> str:
     return out
 
 
+def _where(position: str) -> str:
+    return "first / middle / last" if position == "all" else position
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -300,7 +304,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for p in pts:
             ax.annotate(p[2].replace("daser ", ""), (p[0], p[1]), fontsize=6)
     ax.set(xlabel="TTFT speed-up over full prefill (paired median)", ylabel="mean KL vs full prefill",
-           yscale="log", title=(f"calibration on held-out stdlib docs (answer {data['position']})"
+           yscale="log", title=(f"calibration on held-out stdlib docs (answer {_where(data['position'])})"
                                 if data.get("workload", "stdlib") == "stdlib" else "calibration on the QA trace"))
     ax.grid(alpha=0.3)
     ax.legend()
