@@ -200,6 +200,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, flo
 POSITIONS = ("first", "middle", "last")
 
 
+def _footer(s: dict[tuple[str, str], dict[str, float]]) -> str:
+    """How many prompts, and how many of them full prefill itself gets right (the accuracy column's scale)."""
+    n = max((x["prompts"] for x in s.values()), default=0)
+    full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
+    return f"{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+
+
 def row_position(row: dict[str, Any], workload: str = "stdlib") -> str:
     """Where the answer document sat. Runs before 2026-12-05 did not record it: the held-out grid
     cycles first / middle / last by item (`benchmarks.evalset`), and the QA trace puts it last."""
@@ -251,9 +258,7 @@ def readme_table(data: dict[str, Any]) -> str:
                 cell += f" ({y['mean_kl']:.4f} / {y['top1']:.3f})"
             cells.append(cell)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    n = max((x["prompts"] for x in s.values()), default=0)
-    full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
-    return "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+    return "\n".join(lines) + "\n\n" + _footer(s)
 
 
 def table(data: dict[str, Any]) -> str:
@@ -266,9 +271,7 @@ def table(data: dict[str, Any]) -> str:
             if x:
                 lines.append(f"| {v} | {m} | {x['top1']:.3f} | {x['mean_kl']:.4f} | {x['identical']:.0%} | "
                              f"{x['f1']:.3f} | {x['qa']:.0%} | {x['speedup']:.1f}x |")
-    n = max((x["prompts"] for x in s.values()), default=0)
-    full_qa = next(iter(s.values()))["full_qa"] if s else 0.0
-    out = "\n".join(lines) + f"\n\n{n} prompts; full prefill answers {full_qa:.0%} of them correctly."
+    out = "\n".join(lines) + "\n\n" + _footer(s)
     if positions := position_table(data):
         out += "\n\n" + positions
     if s and all("close_share" in x for x in s.values()):
@@ -286,10 +289,6 @@ def table(data: dict[str, Any]) -> str:
     return out
 
 
-def _where(position: str) -> str:
-    return "first / middle / last" if position == "all" else position
-
-
 def plot(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -304,7 +303,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         for p in pts:
             ax.annotate(p[2].replace("daser ", ""), (p[0], p[1]), fontsize=6)
     ax.set(xlabel="TTFT speed-up over full prefill (paired median)", ylabel="mean KL vs full prefill",
-           yscale="log", title=(f"calibration on held-out stdlib docs (answer {_where(data['position'])})"
+           yscale="log", title=(f"calibration on held-out stdlib docs (answer {data['position'].replace('all', 'first / middle / last')})"
                                 if data.get("workload", "stdlib") == "stdlib" else "calibration on the QA trace"))
     ax.grid(alpha=0.3)
     ax.legend()
